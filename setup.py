@@ -1,0 +1,34 @@
+"""Packaging for unipt_scale; `kernels/` installs as `unipt_scale.kernels`."""
+from setuptools import setup
+
+setup(
+    name="unipt_scale",
+    version="0.1.0",
+    description="UniPT parallel side-network tuning of large frozen backbones, at cluster scale",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["unipt_scale", "unipt_scale.data", "unipt_scale.bench", "unipt_scale.kernels"],
+    package_dir={"unipt_scale": "unipt_scale", "unipt_scale.kernels": "kernels"},
+    package_data={"unipt_scale": ["configs/*.yaml"]},
+    install_requires=[
+        "torch>=2.4",
+        "deepspeed>=0.15",
+        "triton>=3.0",
+        "transformers>=4.45",
+        "accelerate>=0.34",
+        "webdataset>=0.2.90",
+        "safetensors>=0.4",
+        "ninja",
+        "pyyaml",
+        "tqdm",
+        "tensorboard",
+        "pillow",
+        "numpy",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "peft>=0.10"],
+        "lora": ["peft>=0.10"],
+    },
+    entry_points={"console_scripts": ["unipt=unipt_scale.cli:main"]},
+)

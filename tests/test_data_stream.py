@@ -389,3 +389,17 @@ def test_counts_after_the_last_batch_still_arrive(tmp_path):
         texts = [t for b in loader for t in b["text"]]
         assert texts == [f"text {i}" for i in range(6)]
         assert loader.counts()["skipped_missing_text"] == 1
+
+
+def test_open_clip_flat_index_gives_epoch_length(image_shards, tmp_path):
+    import shutil
+
+    names = json.loads((image_shards / "sizes.json").read_text())["splits"]["train"]["shards"][:3]
+    for n in names:
+        shutil.copy(image_shards / n, tmp_path / n)
+    (tmp_path / "sizes.json").write_text(json.dumps({n: 3 for n in names}))  # open_clip's layout
+    loader = make_loader(str(tmp_path / "train-{000000..000002}.tar"), batch_size=4, rank=0, world_size=1,
+                         fields=("image", "label"), image_size=8)
+    assert len(loader) == 3 and loader.num_samples == 9
+    assert sum(len(b["labels"]) for b in loader) == 9
+    assert stream.stream_classes(str(image_shards)) is None  # numeric labels in the CSV: no names recorded

@@ -65,25 +65,25 @@ class Source:
         return None if any(s is None for s in self.sizes) else sum(self.sizes)  # type: ignore[arg-type]
 
 
-_index_cache: dict[str, dict | None] = {}
+def read_index(directory: str | os.PathLike, cache: dict[str, dict | None] | None = None) -> dict | None:
+    """`sizes.json` of a shard directory: ours (format unipt_scale.shards/1) or open_clip's flat {name: n}.
 
-
-def read_index(directory: str | os.PathLike) -> dict | None:
-    """`sizes.json` of a shard directory: ours (format unipt_scale.shards/1) or open_clip's flat {name: n}."""
+    `cache` lives for one resolve call only: a process that rewrites shards must not see a stale index."""
     path = os.path.join(os.fspath(directory), INDEX_NAME)
-    if path in _index_cache:
-        return _index_cache[path]
+    if cache is not None and path in cache:
+        return cache[path]
     index = None
     if os.path.isfile(path):
         with open(path, encoding="utf-8") as f:
             raw = json.load(f)
         if isinstance(raw, dict) and isinstance(raw.get("shards"), dict):
             index = raw
-        elif isinstance(raw, dict) and all(isinstance(v, int) for v in raw.values()):
+        elif isinstance(raw, dict) and raw and all(isinstance(v, int) for v in raw.values()):
             index = {"shards": raw}
         else:
             raise ValueError(f"{path}: not a shard index")
-    _index_cache[path] = index
+    if cache is not None:
+        cache[path] = index
     return index
 
 
@@ -107,10 +107,10 @@ def _weight_suffix(item: str) -> tuple[str, float | None]:
     return (m.group(1), float(m.group(2))) if m else (item, None)
 
 
-def _expand_item(item: str, split: str) -> tuple[list[str], dict | None]:
+def _expand_item(item: str, split: str, cache: dict) -> tuple[list[str], dict | None]:
     """A directory (its index's `split` shards), a brace pattern, a glob, or a '::' list."""
     if os.path.isdir(item):
-        index = read_index(item)
+        index = read_index(item, cache)
         if index is None or "splits" not in index:
             raise FileNotFoundError(f"{item}: no {INDEX_NAME} from `unipt shards` (is the output incomplete?); "
                                     "pass shard paths or a brace pattern instead")
@@ -129,13 +129,13 @@ def _expand_item(item: str, split: str) -> tuple[list[str], dict | None]:
     return urls, None
 
 
-def _local_sizes(urls: Sequence[str]) -> tuple[list[int | None], tuple[str, ...] | None, list[str] | None]:
+def _local_sizes(urls: Sequence[str], cache: dict) -> tuple[list[int | None], tuple[str, ...] | None, list[str] | None]:
     sizes: list[int | None] = []
     fields: set[str] | None = None
     classes = None
     for u in urls:
         d, name = os.path.split(u)
-        index = read_index(d or ".") if "://" not in u else None
+        index = read_index(d or ".", cache) if "://" not in u else None
         sizes.append(None if index is None else index["shards"].get(name))
         if index is not None and "fields" in index:
             f = set(index["fields"])
@@ -165,12 +165,13 @@ def resolve_sources(spec: Any, split: str = "train") -> list[Source]:
         else:
             parsed.append(_weight_suffix(os.fspath(it)))
     weighted = any(w is not None for _, w in parsed)
+    cache: dict[str, dict | None] = {}
     groups: list[tuple[list[str], float]] = []
     for sub, w in parsed:
         sub = os.fspath(sub) if isinstance(sub, os.PathLike) else sub
         urls: list[str] = []
         for one in (_split_top_level(sub) if isinstance(sub, str) else list(sub)):
-            urls.extend(_expand_item(os.fspath(one), split)[0])
+            urls.extend(_expand_item(os.fspath(one), split, cache)[0])
         if weighted or not groups:
             groups.append((urls, 1.0 if w is None else w))
         else:
@@ -184,7 +185,7 @@ def resolve_sources(spec: Any, split: str = "train") -> list[Source]:
         for u in urls:
             if "://" not in u and not os.path.isfile(u):
                 raise FileNotFoundError(f"shard not found: {u}")
-        sizes, fields, classes = _local_sizes(urls)
+        sizes, fields, classes = _local_sizes(urls, cache)
         sources.append(Source(urls=urls, weight=w, sizes=sizes, fields=fields, classes=classes))
     return sources
 

@@ -39,8 +39,11 @@ def resolve_backend(backend: str, tensor: torch.Tensor) -> str:
 
 def grouped_projection(hidden_states: Sequence[torch.Tensor], weights, biases, norm_weights=None, norm_biases=None,
                        pre_activation: str = "none", norm: str = "layernorm", eps: float = 1e-5,
-                       backend: str = "auto") -> torch.Tensor:
-    """T_i = norm(W_i act(h_i) + b_i) for every tapped layer → (L, B, N, d)."""
+                       backend: str = "auto", recompute: bool = False) -> torch.Tensor:
+    """T_i = norm(W_i act(h_i) + b_i) for every tapped layer → (L, B, N, d).
+
+    recompute=True (fused/efficient paths) drops the saved pre-norm rows and rebuilds them in backward.
+    """
     _check_backend(backend)
     hs, ws, bs, nws, nbs = projection.validate(hidden_states, weights, biases, norm_weights, norm_biases,
                                                pre_activation, norm, eps)
@@ -50,7 +53,7 @@ def grouped_projection(hidden_states: Sequence[torch.Tensor], weights, biases, n
         return grouped_projection_reference(hs, ws, bs, nws or [None] * L, nbs or [None] * L,
                                             pre_activation=pre_activation, norm=norm, eps=eps)
     fn = projection.grouped_projection_triton if impl == "triton" else projection.grouped_projection_efficient
-    return fn(hs, ws, bs, nws, nbs, pre_activation=pre_activation, norm=norm, eps=eps)
+    return fn(hs, ws, bs, nws, nbs, pre_activation=pre_activation, norm=norm, eps=eps, recompute=recompute)
 
 
 def relu_l1_attention(query: torch.Tensor, keys: torch.Tensor, key_mask: Optional[torch.Tensor] = None,

@@ -7,8 +7,9 @@ GEMM epilogue when one tile spans the whole output row (d ≤ 256 on GPU); wider
 launch after the GEMM.
 
 Saved for backward: the hidden states and weights (held by the caller anyway), the stacked bias and LN
-weight (L·d) and the LN mean/rstd (L·B·N each). Neither relu(h) nor the pre-norm activations are kept:
-backward recomputes the pre-norm rows with the forward kernel, then
+weight (L·d), the LN mean/rstd (L·B·N each) and, by default, the pre-norm rows (L·B·N·d, what eager
+LayerNorm keeps too). relu(h) is never kept (eager keeps an L·B·N·D copy). With recompute=True the pre-norm
+rows are dropped as well and backward rebuilds them with the forward kernel (one more GEMM over h). Then
   1. a row-wise LayerNorm backward writes dy (and per-tile dγ, dβ partials),
   2. a grouped GEMM reduces dW_i = dy_iᵀ act(h_i) over the B·N rows (and db_i),
   3. a grouped GEMM writes dh_i = (dy_i W_i)·[h_i > 0] when the hidden states need gradients.
@@ -29,10 +30,10 @@ from ._utils import acc_dtype, check_triton_device, dot_policy, interpreting, ne
 # Triton kernels
 # ----------------------------------------------------------------------------------------------------------------
 @triton.jit
-def _proj_fwd_kernel(x_tab, w_tab, k_tab, sx_tab, sw_tab, bias_ptr, gamma_ptr, beta_ptr, y_ptr, mean_ptr, rstd_ptr,
-                     M, N, eps, row_blocks,
+def _proj_fwd_kernel(x_tab, w_tab, k_tab, sx_tab, sw_tab, bias_ptr, gamma_ptr, beta_ptr, y_ptr, pre_ptr,
+                     mean_ptr, rstd_ptr, M, N, eps, row_blocks,
                      XDT: tl.constexpr, WDT: tl.constexpr, RELU: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     FUSE_LN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     FUSE_LN: tl.constexpr, STORE_PRE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      CDT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
     pid = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -64,6 +65,9 @@ def _proj_fwd_kernel(x_tab, w_tab, k_tab, sx_tab, sw_tab, bias_ptr, gamma_ptr, b
     out_rows = g.to(tl.int64) * M + rows
     out_ptrs = y_ptr + out_rows[:, None] * N + cols[None, :]
     if FUSE_LN:
+        if STORE_PRE:
+            tl.store(pre_ptr + out_rows[:, None] * N + cols[None, :], acc.to(pre_ptr.dtype.element_ty),
+                     mask=row_ok[:, None] & col_ok[None, :])
         mean = tl.sum(tl.where(col_ok[None, :], acc, 0.0), axis=1) / N
         xc = tl.where(col_ok[None, :], acc - mean[:, None], 0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / N + eps)
@@ -254,8 +258,8 @@ def _policy(xs, ws):
 class _Meta:
     """Non-tensor arguments of one grouped projection call (which optional tensors were given, eps, tiles)."""
 
-    def __init__(self, L, relu, bias_given, layernorm, has_gamma, has_beta, eps, blocks):
-        self.L, self.relu, self.bias_given = L, relu, list(bias_given)
+    def __init__(self, L, relu, bias_given, layernorm, has_gamma, has_beta, eps, blocks, recompute=False):
+        self.L, self.relu, self.bias_given, self.recompute = L, relu, list(bias_given), recompute
         self.has_bias = any(self.bias_given)
         self.layernorm, self.has_gamma, self.has_beta = layernorm, has_gamma, has_beta
         self.eps, self.blocks = float(eps), blocks
@@ -315,8 +319,9 @@ class _Meta:
         return need_h, need_w, need_b, need_norm
 
 
-def _launch_gemm(xs, ws, bias, gamma, beta, out, mean, rstd, meta: _Meta, fuse_ln: bool, tiles):
-    """Grouped GEMM over all layers: out[g] = act(x_g) W_gᵀ + b_g, with the LayerNorm epilogue if fuse_ln."""
+def _launch_gemm(xs, ws, bias, gamma, beta, out, mean, rstd, meta: _Meta, fuse_ln: bool, tiles, pre=None):
+    """Grouped GEMM over all layers: out[g] = act(x_g) W_gᵀ + b_g, with the LayerNorm epilogue if fuse_ln
+    (which then also writes the pre-norm rows to `pre` when given)."""
     bm, bn, bk, warps = tiles
     M, N = out.shape[1], out.shape[2]
     dev = out.device
@@ -328,11 +333,11 @@ def _launch_gemm(xs, ws, bias, gamma, beta, out, mean, rstd, meta: _Meta, fuse_l
         _table((x.shape[1] for x in xs), dev), _table((x.stride(0) for x in xs), dev),
         _table((w.stride(0) for w in ws), dev),
         bias if bias is not None else dummy, gamma if gamma is not None else dummy,
-        beta if beta is not None else dummy, out,
+        beta if beta is not None else dummy, out, pre if pre is not None else dummy,
         mean if mean is not None else dummy, rstd if rstd is not None else dummy,
         M, N, meta.eps, row_blocks,
         XDT=tl_dtype(xs[0].dtype), WDT=tl_dtype(ws[0].dtype), RELU=meta.relu, HAS_BIAS=bias is not None,
-        FUSE_LN=fuse_ln, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, CDT=cdt, ACC=acc, PREC=prec, num_warps=warps)
+        FUSE_LN=fuse_ln, STORE_PRE=pre is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, CDT=cdt, ACC=acc, PREC=prec, num_warps=warps)
 
 
 class GroupedProjectionTriton(torch.autograd.Function):
@@ -351,7 +356,7 @@ class GroupedProjectionTriton(torch.autograd.Function):
         dev = hs[0].device
         bias, gamma, beta = meta.stacked(bs, gs, betas, N, at, dev)
         out = torch.empty((L, M, N), dtype=out_dtype, device=dev)
-        mean = rstd = None
+        mean = rstd = keep = None
         if meta.layernorm:
             mean = torch.empty((L, M), dtype=at, device=dev)
             rstd = torch.empty((L, M), dtype=at, device=dev)
@@ -359,9 +364,14 @@ class GroupedProjectionTriton(torch.autograd.Function):
             tiles = _fwd_blocks(N, meta.blocks)
             if meta.layernorm:
                 fuse = tiles[1] >= N
-                pre = out if fuse or out_dtype == at else torch.empty((L, M, N), dtype=at, device=dev)
-                _launch_gemm(xs, ws, bias, gamma, beta, pre, mean, rstd, meta, fuse, tiles)
-                if not fuse:
+                if not meta.recompute:
+                    keep = torch.empty((L, M, N), dtype=out_dtype, device=dev)
+                if fuse:
+                    _launch_gemm(xs, ws, bias, gamma, beta, out, mean, rstd, meta, True, tiles, pre=keep)
+                else:
+                    pre = keep if keep is not None else (
+                        out if out_dtype == at else torch.empty((L, M, N), dtype=at, device=dev))
+                    _launch_gemm(xs, ws, bias, None, None, pre, None, None, meta, False, tiles)
                     rows = _ln_rows(N)
                     _ln_fwd_rows_kernel[(triton.cdiv(L * M, rows),)](
                         pre, gamma, beta, out, mean, rstd, M, N, L * M, meta.eps,
@@ -369,7 +379,7 @@ class GroupedProjectionTriton(torch.autograd.Function):
             else:
                 _launch_gemm(xs, ws, bias, None, None, out, None, None, meta, False, tiles)
         ctx.meta = meta
-        ctx.save_for_backward(*hs, *ws, bias, gamma, mean, rstd)
+        ctx.save_for_backward(*hs, *ws, bias, gamma, mean, rstd, keep)
         return out.view(L, B, T, N)
 
     @staticmethod
@@ -379,7 +389,7 @@ class GroupedProjectionTriton(torch.autograd.Function):
         L = meta.L
         saved = ctx.saved_tensors
         hs, ws = list(saved[:L]), list(saved[L:2 * L])
-        bias, gamma, mean, rstd = saved[2 * L:]
+        bias, gamma, mean, rstd, keep = saved[2 * L:]
         xs = [_rows(h) for h in hs]
         M, N = xs[0].shape[0], ws[0].shape[0]
         dev = dout.device
@@ -389,16 +399,19 @@ class GroupedProjectionTriton(torch.autograd.Function):
         empty = M == 0 or N == 0
         dgamma = dbeta = None
         if meta.layernorm:
-            dy = torch.empty((L, M, N), dtype=at, device=dev)  # pre-norm rows first, then dy in place
+            dy = torch.empty((L, M, N), dtype=at, device=dev)
             if empty:
                 dgamma = dbeta = torch.zeros((L, N), dtype=at, device=dev)
             else:
-                _launch_gemm(xs, ws, bias, None, None, dy, None, None, meta, False, _fwd_blocks(N, meta.blocks))
+                pre = keep
+                if pre is None:  # recompute the pre-norm rows into dy; the LayerNorm backward then works in place
+                    _launch_gemm(xs, ws, bias, None, None, dy, None, None, meta, False, _fwd_blocks(N, meta.blocks))
+                    pre = dy
                 rows = _ln_rows(N)
                 rb = triton.cdiv(M, rows)
                 dg = torch.empty((L * rb, N), dtype=at, device=dev)
                 dbt = torch.empty((L * rb, N), dtype=at, device=dev)
-                _ln_bwd_rows_kernel[(L * rb,)](dy, dout, gamma, mean, rstd, dy, dg, dbt, M, N, rb,
+                _ln_bwd_rows_kernel[(L * rb,)](pre, dout, gamma, mean, rstd, dy, dg, dbt, M, N, rb,
                                                ROWS=rows, BLOCK_D=next_pow2(N), ACC=tl_dtype(at), num_warps=4)
                 dgamma, dbeta = dg.view(L, rb, N).sum(1), dbt.view(L, rb, N).sum(1)
         else:
@@ -476,19 +489,23 @@ class GroupedProjectionEfficient(torch.autograd.Function):
         out = torch.empty((L, M, N), dtype=out_dtype, device=dev)
         mean = torch.empty((L, M), dtype=at, device=dev) if meta.layernorm else None
         rstd = torch.empty((L, M), dtype=at, device=dev) if meta.layernorm else None
+        keep = (torch.empty((L, M, N), dtype=out_dtype, device=dev)
+                if meta.layernorm and not meta.recompute else None)
         for g in range(L):
             x = hs[g].reshape(M, -1)
             rc = _row_chunk(max(x.shape[1], N), chunk)
             for r0 in range(0, M, rc):
                 y = _pre_norm(x[r0:r0 + rc], ws[g], bias[g] if bias is not None else None, meta.relu, at)
                 if meta.layernorm:
+                    if keep is not None:
+                        keep[g, r0:r0 + rc] = y.to(out_dtype)
                     var, mu = torch.var_mean(y, dim=-1, unbiased=False)
                     rs = torch.rsqrt(var + meta.eps)
                     mean[g, r0:r0 + rc], rstd[g, r0:r0 + rc] = mu, rs
                     y = (y - mu[:, None]) * rs[:, None] * gamma[g] + beta[g]
                 out[g, r0:r0 + rc] = y.to(out_dtype)
         ctx.meta, ctx.chunk = meta, chunk
-        ctx.save_for_backward(*hs, *ws, bias, gamma, mean, rstd)
+        ctx.save_for_backward(*hs, *ws, bias, gamma, mean, rstd, keep)
         return out.view(L, B, T, N)
 
     @staticmethod
@@ -498,7 +515,7 @@ class GroupedProjectionEfficient(torch.autograd.Function):
         L = meta.L
         saved = ctx.saved_tensors
         hs, ws = list(saved[:L]), list(saved[L:2 * L])
-        bias, gamma, mean, rstd = saved[2 * L:]
+        bias, gamma, mean, rstd, keep = saved[2 * L:]
         M, N = hs[0].shape[0] * hs[0].shape[1], ws[0].shape[0]
         at = acc_dtype(torch.promote_types(hs[0].dtype, ws[0].dtype))
         dev = dout.device
@@ -517,7 +534,8 @@ class GroupedProjectionEfficient(torch.autograd.Function):
                 r1 = min(M, r0 + rc)
                 dt = dout[g, r0:r1].to(at)
                 if meta.layernorm:
-                    y = _pre_norm(x[r0:r1], ws[g], bias[g] if bias is not None else None, meta.relu, at)
+                    y = (keep[g, r0:r1].to(at) if keep is not None else
+                         _pre_norm(x[r0:r1], ws[g], bias[g] if bias is not None else None, meta.relu, at))
                     rs = rstd[g, r0:r1, None]
                     xhat = (y - mean[g, r0:r1, None]) * rs
                     dgamma[g] += (dt * xhat).sum(0)
@@ -609,20 +627,20 @@ def _flat_inputs(hs, ws, bs, nws, nbs):
 
 def grouped_projection_triton(hidden_states, weights, biases, norm_weights=None, norm_biases=None,
                               pre_activation: str = "none", norm: str = "layernorm", eps: float = 1e-5,
-                              blocks: Optional[dict] = None) -> torch.Tensor:
+                              recompute: bool = False, blocks: Optional[dict] = None) -> torch.Tensor:
     hs, ws, bs, nws, nbs = validate(hidden_states, weights, biases, norm_weights, norm_biases, pre_activation,
                                     norm, eps)
     check_triton_device(hs[0])
     meta = _Meta(len(hs), pre_activation == "relu", [b is not None for b in bs], norm == "layernorm",
-                 nws is not None, nbs is not None, eps, blocks)
+                 nws is not None, nbs is not None, eps, blocks, recompute)
     return GroupedProjectionTriton.apply(meta, *_flat_inputs(hs, ws, bs, nws, nbs))
 
 
 def grouped_projection_efficient(hidden_states, weights, biases, norm_weights=None, norm_biases=None,
                                  pre_activation: str = "none", norm: str = "layernorm", eps: float = 1e-5,
-                                 chunk: Optional[int] = None) -> torch.Tensor:
+                                 recompute: bool = False, chunk: Optional[int] = None) -> torch.Tensor:
     hs, ws, bs, nws, nbs = validate(hidden_states, weights, biases, norm_weights, norm_biases, pre_activation,
                                     norm, eps)
     meta = _Meta(len(hs), pre_activation == "relu", [b is not None for b in bs], norm == "layernorm",
-                 nws is not None, nbs is not None, eps, None)
+                 nws is not None, nbs is not None, eps, None, recompute)
     return GroupedProjectionEfficient.apply(meta, chunk, *_flat_inputs(hs, ws, bs, nws, nbs))

@@ -28,14 +28,17 @@ inputs (plus the rank-r intermediate) and the inputs of nonlinearities, norms an
 
 Activations of UniPT: the backbone runs under no-grad, so it keeps nothing for backward. What stays is
 (1) the tapped hidden states that feed the side network, L.B.N.D.P (L tapped layers of width D), kept alive
-by the side network's down-projections; (2) the side network's own saved tensors; and (3) one backbone
-layer's transient working set while the frozen forward runs (counted as that layer's full-fine-tuning saved
-set, an upper bound). The side network (d = mapping width, L' = L - 1 interacting layers) keeps per token:
-per tapped layer the LayerNorm input and the down-projected T_i (2.P.d + norm statistics); per interacting
-layer the merged features M_i (P.d); the output path (3.P.d); and for the cross attention either
-(reference backend) the key copy made by einsum (P.d) plus the two N x N tensors relu(S) and the
-L1-normalised weights (2.P.N) and the row sums, or (fused/efficient backend) only the per-row sums (fp32)
-and the attention output (P.d): O(N) per row instead of O(N^2).
+by the side network's down-projections, and then the larger of two phases that do not overlap: (2) the side
+network's own saved tensors, or (3) the frozen forward itself: the untapped hidden states it also returns
+(output_hidden_states) plus one layer's working set, counted as that layer's full-fine-tuning saved set (an
+upper bound). So activations = stored + max(side network, backbone forward).
+The side network (d = mapping width, L' = L - 1 interacting layers) keeps per token:
+per interacting layer the merged features M_i (P.d, kept by the confidence aggregation) and the output path
+(3.P.d: the fused features, the projection's LayerNorm input and the ReLU output). With the fused/efficient
+kernels (unipt.kernels auto|triton|efficient) that is all besides, per tapped layer, T_i (P.d) with fp32
+LayerNorm statistics and, per interacting layer, one fp32 row sum z: O(N) per row. The reference kernels
+also keep each LayerNorm input (P.d per tapped layer) and, per interacting layer, einsum's copy of the keys
+(P.d), relu(S) and the L1-normalised weights (2.P.N: the N x N part) and the row sums.
 
 Side-network parameters, per tower (VSE-infinity + residual layout): per tapped layer Linear(D_i -> d) +
 LayerNorm(d): D_i.d + 3d; projection Linear(d -> d) + LayerNorm(d): d^2 + 3d; gate Linear(d -> 1): d + 1;
@@ -198,11 +201,10 @@ class Model:
     name: str
     kind: str                    # encoder | decoder | encoder_decoder | dual | vision
     towers: tuple
-    extra_params: int = 0        # CLIP projections and logit scale
     notes: tuple = ()
 
     def params(self) -> int:
-        return sum(t.params() for t in self.towers) + self.extra_params
+        return sum(t.params() for t in self.towers)
 
 
 # ---- reading architectures -----------------------------------------------------------------------------------
@@ -295,8 +297,9 @@ def model_from_config(d: dict, name: str) -> Model:
     if mt == "clip_vision_model":
         return Model(name, "vision", (_clip_vision_tower(d),))
     text, vision = _clip_text_tower(d.get("text_config") or {}), _clip_vision_tower(d.get("vision_config") or {})
-    proj = d.get("projection_dim", 512)
-    return Model(name, "dual", (text, vision), extra_params=proj * (text.hidden + vision.hidden) + 1)
+    return Model(name, "dual", (text, vision),
+                 notes=("CLIP: the text and vision towers as the trainer loads them (backbone + image_backbone); "
+                        "the contrastive projections are not loaded",))
 
 
 def load_model(spec: str) -> Model:
@@ -487,8 +490,10 @@ def _tower_extras(t: Tower, n: int, method: str, o: Options) -> Dict[str, int]:
     return {"per_token": per_token, "per_sample": per_sample, "constant": constant}
 
 
-def tower_activations(t: Tower, method: str, o: Options) -> Dict[str, float]:
-    """Bytes for one sample (per_sample_*) and per forward (constant_*) of one tower under a method."""
+def tower_activations(t: Tower, method: str, o: Options) -> dict:
+    """Activation bytes of one tower: per sample (with its parts in `detail`) and per forward (`constant`).
+
+    UniPT's per-sample peak is stored + max(side network, backbone forward): the two phases do not overlap."""
     n = t.tokens(o.seq_len, o.image_size)
     P = o.P
     roles = frozenset(t.linears())
@@ -497,14 +502,22 @@ def tower_activations(t: Tower, method: str, o: Options) -> Dict[str, float]:
         L, Li = len(taps), len(taps) - 1
         d = mapping_dim(t.hidden, o.mapping_dim, o.reduction_factor)
         st = o.profile.ln_stats_bytes
-        side = L * (2 * P * d + st) + Li * P * d + 3 * P * d + st
+        side = Li * P * d + 3 * P * d + st  # merged M_i (kept by the aggregation); fused, projection, ReLU output
         if o.side_kernels == "reference":
-            side += Li * (P * d + 2 * P * n + 2 * P)
+            # per tap the LayerNorm input and T_i; per interacting layer einsum's key copy, relu(S), the weights and
+            # the row sums
+            side += L * (2 * P * d + st) + Li * (P * d + 2 * P * n + 2 * P)
         else:
-            side += Li * (4 + P * d)
-        transient = sum(layer_saved(t, n, roles, True, P, o.attention, o.profile).values())
-        return {"per_sample_stored_hidden_states": n * L * P * t.hidden, "per_sample_side_network": n * side,
-                "per_sample_backbone_transient": n * transient, "constant": 0}
+            # fused/efficient kernels: per tap T_i and fp32 mean/rstd (LayerNorm recomputed); per interacting layer
+            # the fp32 row sum z; one byte of key mask
+            side += L * (P * d + 8) + Li * 4 + 1
+        stored = n * L * P * t.hidden
+        # The frozen forward returns every hidden state (output_hidden_states), so while it runs the untapped ones
+        # live too, next to one layer's working set; the side network's saved set only exists after it.
+        forward = n * (t.layers + 1 - L) * P * t.hidden + n * sum(layer_saved(t, n, roles, True, P, o.attention,
+                                                                              o.profile).values())
+        detail = {"stored_hidden_states": stored, "side_network": n * side, "backbone_forward": forward}
+        return {"detail": detail, "per_sample": stored + max(n * side, forward), "constant": 0}
     if method == "full":
         layer = layer_saved(t, n, roles, True, P, o.attention, o.profile)
         first_fix = 0
@@ -522,8 +535,9 @@ def tower_activations(t: Tower, method: str, o: Options) -> Dict[str, float]:
         blocks = t.layers * P * t.hidden + per_layer
     else:
         blocks = t.layers * per_layer - first_fix
-    return {"per_sample_layers": n * blocks, "per_sample_other": n * ex["per_token"] + ex["per_sample"],
-            "constant": ex["constant"], "per_layer_per_token": per_layer}
+    detail = {"layers": n * blocks, "other": n * ex["per_token"] + ex["per_sample"]}
+    return {"detail": detail, "per_sample": sum(detail.values()), "constant": ex["constant"],
+            "per_layer_per_token": per_layer}
 
 
 # ---- the plan ---------------------------------------------------------------------------------------------------
@@ -567,11 +581,9 @@ def plan_method(model: Model, method: str, o: Options) -> dict:
     constant = 0.0
     for t in model.towers:
         a = tower_activations(t, method, o)
-        for k, v in a.items():
-            if k.startswith("per_sample"):
-                key = f"{t.name}.{k[len('per_sample_'):]}" if len(model.towers) > 1 else k[len("per_sample_"):]
-                acts[key] = v
-                per_sample += v
+        for k, v in a["detail"].items():
+            acts[f"{t.name}.{k}" if len(model.towers) > 1 else k] = v
+        per_sample += a["per_sample"]
         constant += a["constant"]
     parts["activations"] = o.batch * per_sample + constant
     parts["side_network"] = side
@@ -743,8 +755,8 @@ def format_plan(p: dict) -> str:
     if i["offload"] != "none":
         lines.append(f"{'host RAM / node, GiB':<24}" + "".join(f"{p[x]['cpu_offload_gib_per_node']:>12.1f}" for x in METHODS))
     lines.append("")
-    lines.append("UniPT activations: " + ", ".join(f"{k} {v:.2f}" for k, v in p["unipt"]["activation_detail_gib"].items())
-                 + " GiB")
+    lines.append("UniPT activations = stored hidden states + max(side network, backbone forward); GiB: "
+                 + ", ".join(f"{k} {v:.2f}" for k, v in p["unipt"]["activation_detail_gib"].items()))
     lines.append("16 B per trained parameter (half weight + half grad + fp32 master + 2 fp32 Adam moments); frozen "
                  "weights P B each. ZeRO-1 shards optimizer state, -2 + gradients, -3 + all weights (frozen too), "
                  "gathering one module at a time (the 'ZeRO-3 gather' row).")

@@ -9,15 +9,17 @@ WORDS = ["good", "bad", "great", "awful", "happy", "sad", "love", "hate", "fine"
          "the", "a", "is", "was", "very", "not", "day", "night"]
 
 
-def write_vocab(path: str) -> str:
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
-    with open(path, "w") as fh:
-        fh.write("\n".join(vocab) + "\n")
-    return path
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
+
+
+def tiny_tokenizer():
+    from transformers import BertTokenizerFast
+
+    return BertTokenizerFast(vocab={w: i for i, w in enumerate(VOCAB)}, do_lower_case=True)
 
 
 def tiny_bert_dir(root: str, hidden: int = 32, layers: int = 3, seed: int = 0) -> str:
-    from transformers import BertConfig, BertModel, BertTokenizerFast
+    from transformers import BertConfig, BertModel
 
     d = os.path.join(root, f"tiny-bert-{hidden}-{layers}")
     if os.path.isdir(d):
@@ -27,12 +29,12 @@ def tiny_bert_dir(root: str, hidden: int = 32, layers: int = 3, seed: int = 0) -
     cfg = BertConfig(vocab_size=len(WORDS) + 5, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
                      intermediate_size=hidden * 2, max_position_embeddings=64)
     BertModel(cfg).save_pretrained(d)
-    BertTokenizerFast(vocab_file=write_vocab(os.path.join(d, "vocab.txt")), do_lower_case=True).save_pretrained(d)
+    tiny_tokenizer().save_pretrained(d)
     return d
 
 
 def tiny_llama_dir(root: str, hidden: int = 32, layers: int = 2, seed: int = 0) -> str:
-    from transformers import LlamaConfig, LlamaModel, BertTokenizerFast
+    from transformers import LlamaConfig, LlamaModel
 
     d = os.path.join(root, f"tiny-llama-{hidden}-{layers}")
     if os.path.isdir(d):
@@ -43,7 +45,7 @@ def tiny_llama_dir(root: str, hidden: int = 32, layers: int = 2, seed: int = 0) 
                       num_key_value_heads=1, intermediate_size=hidden * 2, max_position_embeddings=64,
                       architectures=["LlamaForCausalLM"], pad_token_id=0)
     LlamaModel(cfg).save_pretrained(d)
-    BertTokenizerFast(vocab_file=write_vocab(os.path.join(d, "vocab.txt")), do_lower_case=True).save_pretrained(d)
+    tiny_tokenizer().save_pretrained(d)
     return d
 
 

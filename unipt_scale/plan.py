@@ -35,9 +35,10 @@ upper bound). So activations = stored + max(side network, backbone forward).
 The side network (d = mapping width, L' = L - 1 interacting layers) keeps per token:
 per interacting layer the merged features M_i (P.d, kept by the confidence aggregation) and the output path
 (3.P.d: the fused features, the projection's LayerNorm input and the ReLU output). With the fused/efficient
-kernels (unipt.kernels auto|triton|efficient) that is all besides, per tapped layer, T_i (P.d) with fp32
-LayerNorm statistics and, per interacting layer, one fp32 row sum z: O(N) per row. The reference kernels
-also keep each LayerNorm input (P.d per tapped layer) and, per interacting layer, einsum's copy of the keys
+kernels (unipt.kernels auto|triton|efficient) that is all besides, per tapped layer, T_i and the pre-norm
+rows (2.P.d; P.d when the projection kernel recomputes the rows, --side-recompute) with fp32 LayerNorm
+statistics and, per interacting layer, one fp32 row sum z: O(N) per row. The reference kernels keep per
+tapped layer the LayerNorm input and T_i (2.P.d) and, per interacting layer, einsum's copy of the keys
 (P.d), relu(S) and the L1-normalised weights (2.P.N: the N x N part) and the row sums.
 
 Side-network parameters, per tower (VSE-infinity + residual layout): per tapped layer Linear(D_i -> d) +
@@ -55,6 +56,7 @@ import argparse
 import json
 import os
 import sys
+import textwrap
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
@@ -446,6 +448,7 @@ class Options:
     reduction_factor: int = 2
     layers: object = "all"
     side_kernels: str = "efficient"
+    side_recompute: bool = False
     attention: str = "eager"
     activation_checkpointing: bool = False
     profile: SavedProfile = field(default=CUDA)
@@ -508,9 +511,9 @@ def tower_activations(t: Tower, method: str, o: Options) -> dict:
             # the row sums
             side += L * (2 * P * d + st) + Li * (P * d + 2 * P * n + 2 * P)
         else:
-            # fused/efficient kernels: per tap T_i and fp32 mean/rstd (LayerNorm recomputed); per interacting layer
-            # the fp32 row sum z; one byte of key mask
-            side += L * (P * d + 8) + Li * 4 + 1
+            # fused/efficient kernels: per tap T_i, fp32 mean/rstd and (unless the projection recomputes them) the
+            # pre-norm rows; per interacting layer the fp32 row sum z; one byte of key mask
+            side += L * ((1 if o.side_recompute else 2) * P * d + 8) + Li * 4 + 1
         stored = n * L * P * t.hidden
         # The frozen forward returns every hidden state (output_hidden_states), so while it runs the untapped ones
         # live too, next to one layer's working set; the side network's saved set only exists after it.
@@ -622,7 +625,11 @@ def plan(model: Model, o: Options) -> dict:
                               "intermediate": t.intermediate, "heads": t.heads, "kv_heads": t.kv_heads,
                               "tokens": t.tokens(o.seq_len, o.image_size), "params": t.params(),
                               "mapping_dim": mapping_dim(t.hidden, o.mapping_dim, o.reduction_factor),
-                              "tapped_layers": len(resolve_taps(o.layers, t.layers + 1))} for t in model.towers],
+                              "tapped_layers": len(resolve_taps(o.layers, t.layers + 1)),
+                              "full_layer_bytes_per_token": tower_activations(t, "full", o)["per_layer_per_token"],
+                              "korthikanti_bytes_per_token": 34 * t.hidden + 5 * t.heads * t.tokens(o.seq_len,
+                                                                                                      o.image_size)}
+                             for t in model.towers],
                   "notes": list(model.notes)},
         **{m: plan_method(model, m, o) for m in METHODS},
     }
@@ -634,7 +641,7 @@ def _inputs(model: Model, o: Options) -> dict:
             "seq_len": o.seq_len, "image_size": o.image_size, "zero_stage": o.zero_stage, "offload": o.offload,
             "dtype": o.dtype, "lora_rank": o.lora_rank, "lora_targets": o.lora_targets,
             "mapping_dim": o.mapping_dim, "reduction_factor": o.reduction_factor, "layers": o.layers,
-            "side_kernels": o.side_kernels, "attention": o.attention,
+            "side_kernels": o.side_kernels, "side_recompute": o.side_recompute, "attention": o.attention,
             "activation_checkpointing": o.activation_checkpointing}
 
 
@@ -665,6 +672,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", default="all", help="tapped hidden states: all | every:K | last:K | i,j,k")
     p.add_argument("--side-kernels", default="efficient",
                    help="efficient (fused/streaming cross attention, O(N) per row) | reference (N x N)")
+    p.add_argument("--side-recompute", action="store_true",
+                   help="the fused projection rebuilds its pre-norm rows in backward (kernels recompute=True)")
     p.add_argument("--attention", default="eager", help="eager (N x N scores kept) | flash (fused kernel)")
     p.add_argument("--activation-checkpointing", action="store_true",
                    help="full/LoRA: keep only each layer's input and recompute (no effect on UniPT's backbone)")
@@ -706,7 +715,8 @@ def options_from_args(args) -> Options:
                    reserve_gib=args.reserve_gib, zero_stage=args.zero_stage, offload=args.offload, dtype=args.dtype,
                    lora_rank=args.lora_rank, lora_targets=args.lora_targets, mapping_dim=args.mapping_dim,
                    reduction_factor=args.reduction_factor, layers=args.layers, side_kernels=args.side_kernels,
-                   attention=args.attention, activation_checkpointing=args.activation_checkpointing)
+                   side_recompute=args.side_recompute, attention=args.attention,
+                   activation_checkpointing=args.activation_checkpointing)
 
 
 def check_model(model: Model, o: Options) -> None:
@@ -732,34 +742,43 @@ def format_plan(p: dict) -> str:
     lines = [f"unipt plan: {m['name']} ({m['kind']}, {_fmt_params(m['params'])} parameters)"]
     for t in m["towers"]:
         lines.append(f"  {t['name']}: {t['layers']} layers, hidden {t['hidden']}, MLP {t['intermediate']}, "
-                     f"{t['heads']} heads ({t['kv_heads']} kv), {t['tokens']} tokens; side network d={t['mapping_dim']} "
-                     f"over {t['tapped_layers']} hidden states")
+                     f"{t['heads']} heads ({t['kv_heads']} kv), {t['tokens']} tokens; side network "
+                     f"d={t['mapping_dim']} over {t['tapped_layers']} hidden states")
     for note in m["notes"]:
         lines.append(f"  note: {note}")
     lines.append(f"cluster: {i['nodes']} node(s) x {i['gpus_per_node']} GPUs = {i['world_size']} ranks, "
                  f"{i['gpu_mem_gib']:g} GiB each ({i['gpu_mem_gib'] - i['reserve_gib']:g} usable)")
     lines.append(f"run: micro batch {i['batch_size']}/GPU, {i['dtype']}, ZeRO-{i['zero_stage']}, offload "
-                 f"{i['offload']}, attention {i['attention']}, side kernels {i['side_kernels']}, LoRA r={i['lora_rank']} "
-                 f"({i['lora_targets']}){', activation checkpointing' if i['activation_checkpointing'] else ''}")
-    rows = [("weights", "weights"), ("gradients", "gradients"), ("optimizer state", "optimizer"),
-            ("activations", "activations"), ("side network", "side_network"), ("ZeRO-3 gather", "zero3_gather")]
+                 f"{i['offload']}, attention {i['attention']}, side kernels {i['side_kernels']}, "
+                 f"LoRA r={i['lora_rank']} ({i['lora_targets']})"
+                 f"{', activation checkpointing' if i['activation_checkpointing'] else ''}")
+    def row(label, fmt, get):
+        lines.append(f"{label:<24}" + "".join(format(get(p[x]), fmt).rjust(12) for x in METHODS))
+
     lines.append("")
     lines.append(f"{'per GPU, GiB':<24}" + "".join(f"{x:>12}" for x in METHODS))
-    for label, key in rows:
-        lines.append(f"{label:<24}" + "".join(f"{p[x]['parts'][key]:>12.2f}" for x in METHODS))
-    lines.append(f"{'total':<24}" + "".join(f"{p[x]['per_gpu_gib']:>12.2f}" for x in METHODS))
-    lines.append(f"{'fits':<24}" + "".join(f"{'yes' if p[x]['fits'] else 'NO':>12}" for x in METHODS))
-    lines.append(f"{'largest batch / GPU':<24}" + "".join(f"{p[x]['max_batch_per_gpu']:>12d}" for x in METHODS))
-    lines.append(f"{'activations / sample':<24}" + "".join(f"{p[x]['activation_per_sample_gib']:>12.2f}" for x in METHODS))
-    lines.append(f"{'trained parameters':<24}" + "".join(f"{_fmt_params(p[x]['trained_params']):>12}" for x in METHODS))
+    for label, key in (("weights", "weights"), ("gradients", "gradients"), ("optimizer state", "optimizer"),
+                       ("activations", "activations"), ("side network", "side_network"),
+                       ("ZeRO-3 gather", "zero3_gather")):
+        row(label, ".2f", lambda r: r["parts"][key])
+    row("total", ".2f", lambda r: r["per_gpu_gib"])
+    row("fits", "s", lambda r: "yes" if r["fits"] else "NO")
+    row("largest batch / GPU", "d", lambda r: r["max_batch_per_gpu"])
+    row("activations / sample", ".2f", lambda r: r["activation_per_sample_gib"])
+    row("trained parameters", "s", lambda r: _fmt_params(r["trained_params"]))
     if i["offload"] != "none":
-        lines.append(f"{'host RAM / node, GiB':<24}" + "".join(f"{p[x]['cpu_offload_gib_per_node']:>12.1f}" for x in METHODS))
+        row("host RAM / node, GiB", ".1f", lambda r: r["cpu_offload_gib_per_node"])
+    for t in m["towers"]:
+        lines.append(f"{t['name']}: full fine-tuning keeps {t['full_layer_bytes_per_token']:,} B per token and layer "
+                     f"(Korthikanti's GPT-block 34h + 5aN: {t['korthikanti_bytes_per_token']:,} B)")
     lines.append("")
-    lines.append("UniPT activations = stored hidden states + max(side network, backbone forward); GiB: "
-                 + ", ".join(f"{k} {v:.2f}" for k, v in p["unipt"]["activation_detail_gib"].items()))
-    lines.append("16 B per trained parameter (half weight + half grad + fp32 master + 2 fp32 Adam moments); frozen "
-                 "weights P B each. ZeRO-1 shards optimizer state, -2 + gradients, -3 + all weights (frozen too), "
-                 "gathering one module at a time (the 'ZeRO-3 gather' row).")
+    notes = ["UniPT activations = stored hidden states + max(side network, backbone forward); GiB: "
+             + ", ".join(f"{k} {v:.2f}" for k, v in p["unipt"]["activation_detail_gib"].items()),
+             "16 B per trained parameter (half weight + half grad + fp32 master + 2 fp32 Adam moments); frozen "
+             "weights 2 B each in half precision. ZeRO-1 shards the optimizer state, ZeRO-2 also the gradients, "
+             "ZeRO-3 also every weight (the frozen backbone too) and gathers one module at a time (the 'ZeRO-3 "
+             "gather' row)."]
+    lines += [textwrap.fill(n, 116) for n in notes]
     return "\n".join(lines)
 
 
@@ -771,7 +790,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.json:
             parent = os.path.dirname(os.path.abspath(args.json))
             if not os.path.isdir(parent):
-                raise PlanError(f"--json {args.json}: directory {parent} does not exist; create it or pick another path")
+                raise PlanError(f"--json {args.json}: directory {parent} does not exist; create it or pick "
+                                "another path")
         model = load_model(args.model)
         check_model(model, o)
     except PlanError as e:

@@ -184,6 +184,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     _quiet_libraries()
+    # Commands that own their argument parsing get their arguments untouched (argparse's REMAINDER would
+    # refuse a leading option such as `unipt plan --help`).
+    delegated = {"plan": "unipt_scale.plan", "shards": "unipt_scale.data.shards"}
+    rest = [a for a in argv if not a.startswith("--local_rank") and not a.startswith("--local-rank")]
+    if rest and rest[0] in delegated:
+        return _delegate(delegated[rest[0]], rest[1:])
+    if len(rest) > 1 and rest[0] == "bench" and rest[1] in ("kernels", "data"):
+        return _delegate(f"unipt_scale.bench.{rest[1]}", rest[2:])
     parser = build_parser()
     if not argv:
         parser.print_help()

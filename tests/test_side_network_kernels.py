@@ -1,0 +1,87 @@
+"""The whole side network with the fused (Triton, CPU interpreter) and efficient kernels vs the reference ops."""
+import copy
+
+import pytest
+import torch
+
+from unipt_scale.config import UniPTConfig
+from unipt_scale.side_network import UniPTFeatureMapSideNetwork, UniPTSideNetwork
+
+pytestmark = pytest.mark.usefixtures("poison_empty")
+
+VARIANTS = {
+    "vse_infty": dict(),
+    "clip4clip": dict(down_activation="relu", down_norm="none", anchor="separate", anchor_pooling="first",
+                      add_identity=False, add_target_token=True, output="direct"),
+    "decoder_last": dict(anchor_pooling="last", add_target_token=True, residual=False, zero_init_up=False),
+}
+
+
+def _randomise(module):
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    return module
+
+
+def _with_backend(net, backend):
+    other = copy.deepcopy(net)
+    other.cfg = copy.deepcopy(net.cfg)
+    other.cfg.kernels = backend
+    return other
+
+
+def _compare(nets, run, dtype, tol):
+    outs, grads = {}, {}
+    for backend, net in nets.items():
+        y = run(net)
+        outs[backend] = y
+        loss = (y * torch.linspace(-1, 1, y.shape[-1], dtype=dtype)).square().sum()
+        grads[backend] = dict(zip([n for n, _ in net.named_parameters()],
+                                  torch.autograd.grad(loss, list(net.parameters()), allow_unused=True)))
+    ref = outs.pop("reference")
+    ref_g = grads.pop("reference")
+    for backend, y in outs.items():
+        assert torch.isfinite(y).all()
+        torch.testing.assert_close(y, ref, rtol=tol, atol=tol, msg=lambda m: f"{backend} output: {m}")
+        for name, g in grads[backend].items():
+            r = ref_g[name]
+            if r is None:
+                assert g is None or (g == 0).all(), f"{backend}: {name}"
+                continue
+            torch.testing.assert_close(g, r, rtol=tol, atol=tol * max(1.0, r.abs().max().item()),
+                                       msg=lambda m: f"{backend} grad {name}: {m}")
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-9), (torch.float32, 2e-4)])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("sizes", [(12, 12, 12), (5, 9, 12)])
+def test_token_side_network_backends_agree(variant, sizes, dtype, tol):
+    cfg = UniPTConfig(mapping_dim=8, kernels="reference", **VARIANTS[variant])
+    net = _randomise(UniPTSideNetwork(cfg, list(sizes), 12)).to(dtype)
+    nets = {b: _with_backend(net, b) for b in ("reference", "triton", "efficient")}
+    B, N = 3, 11
+    hs = [torch.randn(B, N, D, dtype=dtype) for D in sizes]  # frozen backbone: no grad
+    final = torch.randn(B, N, 12, dtype=dtype)
+    mask = torch.zeros(B, N, dtype=torch.long)
+    for b, n in enumerate((11, 6, 1)):
+        mask[b, :n] = 1
+    _compare(nets, lambda m: m(hs, mask, final), dtype, tol)
+
+
+def test_token_side_network_without_mask_and_auto():
+    cfg = UniPTConfig(mapping_dim=8, kernels="reference")
+    net = _randomise(UniPTSideNetwork(cfg, [10, 10], 10)).double()
+    nets = {b: _with_backend(net, b) for b in ("reference", "auto", "triton")}
+    hs = [torch.randn(2, 7, 10, dtype=torch.float64) for _ in range(2)]
+    final = torch.randn(2, 7, 10, dtype=torch.float64)
+    _compare(nets, lambda m: m(hs, None, final), torch.float64, 1e-9)
+
+
+@pytest.mark.parametrize("add_identity", [True, False])
+def test_feature_map_side_network_backends_agree(add_identity):
+    cfg = UniPTConfig(mapping_dim=6, kernels="reference", add_identity=add_identity)
+    net = _randomise(UniPTFeatureMapSideNetwork(cfg, [4, 6, 8], [(8, 8), (4, 4), (2, 2)])).double().eval()
+    nets = {b: _with_backend(net, b) for b in ("reference", "triton", "efficient")}
+    stages = [torch.randn(2, c, s, s, dtype=torch.float64) for c, s in ((4, 8), (6, 4), (8, 2))]
+    _compare(nets, lambda m: m(stages), torch.float64, 1e-9)

@@ -55,12 +55,12 @@ def _agg_fwd_kernel(a_ptr, mu_ptr, x_ptr, gw_ptr, gb_ptr, out_ptr, alpha_ptr,
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
     ok = (rows < N)[:, None] & (dims < D)[None, :]
-    offs = b * s_xb + rows[:, None] * s_xn + dims[None, :]
+    x_ptrs = x_ptr + b * s_xb + rows[:, None] * s_xn + dims[None, :]  # advanced one layer per iteration
     acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=ACC)
     for l in range(0, L):
         al = tl.sum(tl.where(lays == l, alpha, 0.0), axis=0)
-        x = tl.load(x_ptr + l * s_xl + offs, mask=ok, other=0.0).to(ACC)
-        acc += al * x
+        acc += al * tl.load(x_ptrs, mask=ok, other=0.0).to(ACC)
+        x_ptrs += s_xl
     tl.store(out_ptr + b * s_ob + rows[:, None] * s_on + dims[None, :], acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
@@ -74,13 +74,15 @@ def _agg_bwd_kernel(x_ptr, g_ptr, alpha_ptr, dx_ptr, part_ptr,
     dims = tl.arange(0, BLOCK_D)
     ok = (rows < N)[:, None] & (dims < D)[None, :]
     g = tl.load(g_ptr + b * s_gb + rows[:, None] * s_gn + dims[None, :], mask=ok, other=0.0).to(ACC)
-    x_offs = b * s_xb + rows[:, None] * s_xn + dims[None, :]
-    d_offs = b * s_db + rows[:, None] * s_dn + dims[None, :]
+    x_ptrs = x_ptr + b * s_xb + rows[:, None] * s_xn + dims[None, :]  # both advanced one layer per iteration
+    dx_ptrs = dx_ptr + b * s_db + rows[:, None] * s_dn + dims[None, :]
     for l in range(0, L):
         al = tl.load(alpha_ptr + l * B + b)
-        x = tl.load(x_ptr + l * s_xl + x_offs, mask=ok, other=0.0).to(ACC)
-        tl.store(dx_ptr + l * s_dl + d_offs, (al * g).to(dx_ptr.dtype.element_ty), mask=ok)
+        x = tl.load(x_ptrs, mask=ok, other=0.0).to(ACC)
+        tl.store(dx_ptrs, (al * g).to(dx_ptr.dtype.element_ty), mask=ok)
         tl.store(part_ptr + (b * NB + pid_n) * L + l, tl.sum(tl.sum(g * x, axis=1), axis=0))
+        x_ptrs += s_xl
+        dx_ptrs += s_dl
 
 
 @triton.jit

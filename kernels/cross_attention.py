@@ -82,13 +82,13 @@ def _attn_bwd_dq_kernel(q_ptr, k_ptr, m_ptr, do_ptr, z_ptr, dq_ptr, delta_ptr,
     tile_ok = row_ok[:, None] & dim_ok[None, :]
     q = tl.load(q_ptr + b * s_qb + rows[:, None] * s_qn + dims[None, :], mask=tile_ok, other=0.0).to(CDT)
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=ACC)
+    k_base = k_ptr + b * s_kb  # advanced by one layer per iteration: 64-bit pointers, no int32 l·stride product
+    do_base = do_ptr + b * s_dob
     for l in range(0, L):
-        do = tl.load(do_ptr + l * s_dol + b * s_dob + rows[:, None] * s_don + dims[None, :],
-                     mask=tile_ok, other=0.0).to(CDT)
+        do = tl.load(do_base + rows[:, None] * s_don + dims[None, :], mask=tile_ok, other=0.0).to(CDT)
         zrow = (l * B + b) * NQ + rows
         z = tl.load(z_ptr + zrow, mask=row_ok, other=1.0)
         c = 1.0 / tl.maximum(z, eps)
-        k_base = k_ptr + l * s_kl + b * s_kb
         # pass 1: δ_i = [z_i ≥ eps] c_i Σ_j p_ij (do_i·k_j), i.e. do_i·o_i without having saved o
         dsum = tl.zeros((BLOCK_M,), dtype=ACC)
         for start in range(0, NK, BLOCK_N):
@@ -117,6 +117,8 @@ def _attn_bwd_dq_kernel(q_ptr, k_ptr, m_ptr, do_ptr, z_ptr, dq_ptr, delta_ptr,
                 dv = tl.dot(do, tl.trans(k), input_precision=PREC, out_dtype=ACC)
                 ds = tl.where(col_ok[None, :] & (s > 0), c[:, None] * (dv - delta[:, None]), 0.0)
                 dq = tl.dot(ds.to(CDT), k, dq, input_precision=PREC, out_dtype=ACC)
+        k_base += s_kl
+        do_base += s_dol
     if COMPUTE_DQ:
         tl.store(dq_ptr + b * s_dqb + rows[:, None] * s_dqn + dims[None, :], dq.to(dq_ptr.dtype.element_ty),
                  mask=tile_ok)

@@ -226,12 +226,12 @@ def measure(op, shape_name, dtype, backend, device) -> Dict[str, Any]:
                 saved_extra_bytes_fused=extra_fused, saved_extra_bytes_reference=extra_ref)
 
 
-def time_gpu(op, shape_name, dtype) -> Dict[str, Optional[float]]:
+def time_gpu(op, shape_name, dtype, device="cuda") -> Dict[str, Optional[float]]:
     """fwd+bwd milliseconds of the fused kernels, eager torch and torch.compile of the reference."""
     import triton.testing
 
     L, B, N, D, d = SHAPES[shape_name]
-    params, call, ref, grad, _ = make_problem(op, L, B, N, D, d, dtype, "cuda")
+    params, call, ref, grad, _ = make_problem(op, L, B, N, D, d, dtype, device)
     res: Dict[str, Optional[float]] = {}
     runs = {"ms_fused": lambda: _grads(call("triton", params), params, grad),
             "ms_eager": lambda: _grads(ref(params), params, grad)}
@@ -245,13 +245,12 @@ def time_gpu(op, shape_name, dtype) -> Dict[str, Optional[float]]:
             res[key] = float(triton.testing.do_bench(fn, warmup=10, rep=50))
         except torch.cuda.OutOfMemoryError:
             res[key] = None
-            res.setdefault("note", "")
-            res["note"] += f"{key}: out of memory; "
-        except Exception as e:  # noqa: BLE001
+            res["note"] = res.get("note", "") + f"{key}: out of memory; "
+        except Exception as e:  # noqa: BLE001 - one failing column must not lose the others
             res[key] = None
-            res.setdefault("note", "")
-            res["note"] += f"{key}: {repr(e)[:160]}; "
-        torch.cuda.empty_cache()
+            res["note"] = res.get("note", "") + f"{key}: {repr(e)[:160]}; "
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     return res
 
 

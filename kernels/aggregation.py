@@ -219,10 +219,11 @@ class ConfidenceAggregateEfficient(torch.autograd.Function):
 
 def validate(anchor, layer_means, merged, gate_weight, gate_bias):
     """Shape checks with a fix in every message; casts everything to one floating dtype."""
-    for name, t, nd in (("anchor", anchor, 2), ("layer_means", layer_means, 3), ("merged", merged, 4)):
+    for name, t, layout in (("anchor", anchor, "(B, d)"), ("layer_means", layer_means, "(L, B, d)"),
+                            ("merged", merged, "(L, B, N, d)")):
+        nd = layout.count(",") + 1
         if not isinstance(t, torch.Tensor) or t.dim() != nd:
-            raise ValueError(f"{name} must be a {nd}-D tensor ({ {2: '(B, d)', 3: '(L, B, d)', 4: '(L, B, N, d)'}[nd] }), "
-                             f"got shape {tuple(getattr(t, 'shape', ()))}")
+            raise ValueError(f"{name} must be a {nd}-D tensor {layout}, got shape {tuple(getattr(t, 'shape', ()))}")
     L, B, N, D = merged.shape
     if tuple(anchor.shape) != (B, D):
         raise ValueError(f"anchor must be (B, d) = {(B, D)} to match merged {tuple(merged.shape)}, got "

@@ -16,7 +16,7 @@ rows are dropped as well and backward rebuilds them with the forward kernel (one
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import Optional
 
 import torch
 import triton
@@ -33,7 +33,8 @@ from ._utils import acc_dtype, check_triton_device, dot_policy, interpreting, ne
 def _proj_fwd_kernel(x_tab, w_tab, k_tab, sx_tab, sw_tab, bias_ptr, gamma_ptr, beta_ptr, y_ptr, pre_ptr,
                      mean_ptr, rstd_ptr, M, N, eps, row_blocks,
                      XDT: tl.constexpr, WDT: tl.constexpr, RELU: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     FUSE_LN: tl.constexpr, STORE_PRE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     FUSE_LN: tl.constexpr, STORE_PRE: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      CDT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
     pid = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -105,7 +106,7 @@ def _ln_fwd_rows_kernel(pre_ptr, gamma_ptr, beta_ptr, y_ptr, mean_ptr, rstd_ptr,
 @triton.jit
 def _ln_bwd_rows_kernel(pre_ptr, dout_ptr, gamma_ptr, mean_ptr, rstd_ptr, dy_ptr, dgamma_ptr, dbeta_ptr,
                         M, N, row_blocks, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
-    """dy = rstd (γ⊙dT − mean(γ⊙dT) − x̂ mean(γ⊙dT⊙x̂)); per-tile partial sums of dγ = Σ dT⊙x̂, dβ = Σ dT."""
+    """dy = rstd (γ⊙dT − mean(γ⊙dT) − x̂ mean(γ⊙dT⊙x̂)); per-tile partials of dγ = Σ dT⊙x̂, dβ = Σ dT."""
     pid = tl.program_id(0)
     g = pid // row_blocks
     rb = pid % row_blocks
@@ -337,7 +338,8 @@ def _launch_gemm(xs, ws, bias, gamma, beta, out, mean, rstd, meta: _Meta, fuse_l
         mean if mean is not None else dummy, rstd if rstd is not None else dummy,
         M, N, meta.eps, row_blocks,
         XDT=tl_dtype(xs[0].dtype), WDT=tl_dtype(ws[0].dtype), RELU=meta.relu, HAS_BIAS=bias is not None,
-        FUSE_LN=fuse_ln, STORE_PRE=pre is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, CDT=cdt, ACC=acc, PREC=prec, num_warps=warps)
+        FUSE_LN=fuse_ln, STORE_PRE=pre is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, CDT=cdt, ACC=acc,
+        PREC=prec, num_warps=warps)
 
 
 class _Saved:

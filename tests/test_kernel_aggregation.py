@@ -14,7 +14,7 @@ DEV = "cuda" if CUDA else "cpu"
 DTYPES = [
     torch.float32,
     torch.float16,
-    pytest.param(torch.bfloat16, marks=pytest.mark.skipif(not CUDA, reason="the interpreter's bf16 is wrong; CUDA only")),
+    pytest.param(torch.bfloat16, marks=pytest.mark.skipif(not CUDA, reason="interpreter bf16 is wrong; CUDA only")),
 ]
 TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 
@@ -79,7 +79,10 @@ def test_saturated_softmax_stays_finite(impl):
 @pytest.mark.parametrize("impl", ["triton", "efficient"])
 def test_gradcheck_fp64(impl):
     ts = [t.detach().double().requires_grad_() for t in make(3, 2, 5, 4, torch.float32)]
-    fn = (lambda *a: A.confidence_aggregate_triton(*a, block_n=16)) if impl == "triton" else A.confidence_aggregate_efficient
+    if impl == "triton":
+        fn = lambda *a: A.confidence_aggregate_triton(*a, block_n=16)  # noqa: E731
+    else:
+        fn = A.confidence_aggregate_efficient
     assert torch.autograd.gradcheck(fn, tuple(ts), eps=1e-6, atol=1e-7, fast_mode=impl == "triton")
 
 

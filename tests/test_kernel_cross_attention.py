@@ -14,7 +14,7 @@ DEV = "cuda" if CUDA else "cpu"
 DTYPES = [
     torch.float32,
     torch.float16,
-    pytest.param(torch.bfloat16, marks=pytest.mark.skipif(not CUDA, reason="the interpreter's bf16 is wrong; CUDA only")),
+    pytest.param(torch.bfloat16, marks=pytest.mark.skipif(not CUDA, reason="interpreter bf16 is wrong; CUDA only")),
 ]
 TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2, torch.float64: 1e-10}
 # small tiles so that 37 queries / 29 keys span several partial blocks
@@ -201,7 +201,8 @@ def test_auto_backend_on_cpu_is_efficient():
 
 @pytest.mark.parametrize("backend", ["auto", "triton", "efficient", "reference"])
 @pytest.mark.parametrize("args,match", [
-    (lambda: (torch.randn(2, 5, 8), torch.randn(3, 2, 6, 8), torch.ones(2, 5, dtype=torch.bool)), r"key_mask must have shape \(B, Nk\)"),
+    (lambda: (torch.randn(2, 5, 8), torch.randn(3, 2, 6, 8), torch.ones(2, 5, dtype=torch.bool)),
+     r"key_mask must have shape \(B, Nk\)"),
     (lambda: (torch.randn(2, 5, 8), torch.randn(3, 2, 6, 8), torch.ones(2, 6)), r"bool .*mask.bool\(\)"),
     (lambda: (torch.randn(2, 5, 8), torch.randn(3, 3, 6, 8), None), r"batch and feature width"),
     (lambda: (torch.randn(2, 5, 8), torch.randn(3, 2, 6, 4), None), r"batch and feature width"),

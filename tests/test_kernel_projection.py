@@ -14,7 +14,7 @@ DEV = "cuda" if CUDA else "cpu"
 DTYPES = [
     torch.float32,
     torch.float16,
-    pytest.param(torch.bfloat16, marks=pytest.mark.skipif(not CUDA, reason="the interpreter's bf16 is wrong; CUDA only")),
+    pytest.param(torch.bfloat16, marks=pytest.mark.skipif(not CUDA, reason="interpreter bf16 is wrong; CUDA only")),
 ]
 TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2, torch.float64: 1e-10}
 B, T, d = 2, 19, 24
@@ -40,7 +40,11 @@ def flat(hs, ws, bs, gs, be):
 
 
 def reference_fp64(hs, ws, bs, gs, be, act, norm, grad):
-    cast = lambda ts: None if ts is None else [None if t is None else t.detach().double().requires_grad_(t.requires_grad) for t in ts]  # noqa: E731
+    def cast(ts):
+        if ts is None:
+            return None
+        return [None if t is None else t.detach().double().requires_grad_(t.requires_grad) for t in ts]
+
     h2, w2, b2, g2, e2 = cast(hs), cast(ws), cast(bs), cast(gs), cast(be)
     L = len(hs)
     out = reference(h2, w2, b2, g2 or [None] * L, e2 or [None] * L, act, norm)

@@ -119,8 +119,8 @@ def roofline(op: str, L, B, N, D, d, dtype: torch.dtype) -> Dict[str, float]:
     elem = torch.finfo(dtype).bits // 8
     peak = H100_PEAK_TF32 if dtype == torch.float32 else H100_PEAK_16BIT
     c = cost_model(op, L, B, N, D, d, elem)
-    fused = _roof(c["flops_fwd_fused"], c["bytes_fwd_fused"], peak) + _roof(c["flops_bwd_fused"], c["bytes_bwd_fused"], peak)
-    eager = _roof(c["flops_fwd_eager"], c["bytes_fwd_eager"], peak) + _roof(c["flops_bwd_eager"], c["bytes_bwd_eager"], peak)
+    fused, eager = (sum(_roof(c[f"flops_{p}_{k}"], c[f"bytes_{p}_{k}"], peak) for p in ("fwd", "bwd"))
+                    for k in ("fused", "eager"))
     return dict(c, roofline_ms_fused=fused, roofline_ms_eager=eager, roofline_speedup=eager / fused,
                 roofline_peak_tflops=peak / 1e12)
 
@@ -150,7 +150,7 @@ def make_problem(op: str, L, B, N, D, d, dtype, device, seed: int = 0):
         hs = [rnd(B, N, Di, grad=False) for Di in Ds]  # frozen backbone
         ws = [rnd(d, Di, scale=Di ** -0.5) for Di in Ds]
         bs = [rnd(d, scale=0.1) for _ in Ds]
-        gs = [(1 + 0.1 * torch.randn(d, generator=g)).to(device=device, dtype=dtype).requires_grad_() for _ in Ds] if ln else None
+        gs = [rnd(d, scale=0.1).detach().add_(1).requires_grad_() for _ in Ds] if ln else None
         be = [rnd(d, scale=0.1) for _ in Ds] if ln else None
         params = ws + bs + (gs or []) + (be or [])
         act, norm = ("relu" if relu else "none"), ("layernorm" if ln else "none")
@@ -314,8 +314,8 @@ def _mib(v):
 
 
 HEADER = (f"{'op':16} {'shape':13} {'dtype':8} {'backend':21} {'fwd_err':>8} {'bwd_err':>8} {'saved':>10} "
-          f"{'ref saved':>9} {'ratio':>7} {'+own':>7} {'ref+own':>7} {'roof fused ms':>13} {'roof eager ms':>13} {'x':>5} {'ms fused':>8} "
-          f"{'ms eager':>8} {'ms compile':>10}")
+          f"{'ref saved':>9} {'ratio':>7} {'+own':>7} {'ref+own':>7} {'roof fused ms':>13} {'roof eager ms':>13} "
+          f"{'x':>5} {'ms fused':>8} {'ms eager':>8} {'ms compile':>10}")
 
 
 def _row(r) -> str:
@@ -323,7 +323,8 @@ def _row(r) -> str:
             f"{_fmt(r.get('fwd_max_abs_err'), '8.1e')} {_fmt(r.get('bwd_max_abs_err'), '8.1e')} "
             f"{_mib(r.get('saved_bytes_fused')):>10} {_mib(r.get('saved_bytes_reference')):>9} "
             f"{_fmt(r.get('saved_ratio'), '7.3f')} {_mib(r.get('saved_extra_bytes_fused')):>7} "
-            f"{_mib(r.get('saved_extra_bytes_reference')):>7} {r['roofline_ms_fused']:13.3f} {r['roofline_ms_eager']:13.3f} "
+            f"{_mib(r.get('saved_extra_bytes_reference')):>7} {r['roofline_ms_fused']:13.3f} "
+            f"{r['roofline_ms_eager']:13.3f} "
             f"{r['roofline_speedup']:5.2f} {_fmt(r.get('ms_fused'), '8.3f')} {_fmt(r.get('ms_eager'), '8.3f')} "
             f"{_fmt(r.get('ms_compile'), '10.3f')}")
 

@@ -225,7 +225,7 @@ def _table(values, device) -> torch.Tensor:
 def _rows(h: torch.Tensor) -> torch.Tensor:
     """(B, N, D) → (B·N, D) with unit stride along D, as a view whenever the layout allows."""
     x = h.reshape(-1, h.shape[-1])
-    return x if x.stride(-1) == 1 or x.shape[0] <= 1 else x.contiguous()
+    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 def _fwd_blocks(n: int, blocks: Optional[dict]):

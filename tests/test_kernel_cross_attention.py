@@ -221,3 +221,14 @@ def test_bad_backend_and_eps():
         K.relu_l1_attention(q, k, backend="cuda")
     with pytest.raises(ValueError, match="eps must be > 0"):
         K.relu_l1_attention(q, k, eps=0.0)
+
+
+def test_triton_on_cpu_without_interpreter_says_how_to_fix(monkeypatch):
+    from unipt_scale.kernels import _utils
+
+    monkeypatch.setattr(_utils, "interpreting", lambda: False)
+    q, k = torch.randn(1, 4, 16), torch.randn(1, 1, 4, 16)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1.*|backend='efficient'"):
+        K.relu_l1_attention(q, k, backend="triton")
+    if not CUDA:  # auto never picks Triton for CPU tensors
+        assert "Efficient" in type(K.relu_l1_attention(q.requires_grad_(), k).grad_fn).__name__

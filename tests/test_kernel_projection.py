@@ -186,3 +186,17 @@ def test_bad_input_raises_value_error(backend, mutate, match):
     with pytest.raises(ValueError, match=match):
         K.grouped_projection(a["hs"], a["ws"], a["bs"], a["gs"], a["be"], pre_activation=a["act"], norm=a["norm"],
                              backend=backend)
+
+
+@pytest.mark.parametrize("impl", ["triton", "efficient"])
+def test_strided_hidden_states(impl):
+    """Hidden states that are slices/transposes of bigger tensors (row stride ≠ D, or D not unit-stride)."""
+    base = torch.randn(B, T, 80)
+    hs = [base[..., 5:45], base[..., ::2][..., :24], torch.randn(T, B, 72).transpose(0, 1)]
+    ws = [torch.randn(d, h.shape[-1], requires_grad=True) for h in hs]
+    bs = [torch.randn(d, requires_grad=True) for _ in hs]
+    out = run_impl(impl, hs, ws, bs, None, None, "relu", "none")
+    r_out = reference(hs, ws, bs, None, None, "relu", "none")
+    torch.testing.assert_close(out, r_out, rtol=1e-5, atol=1e-5)
+    for g, r in zip(torch.autograd.grad(out.square().sum(), ws), torch.autograd.grad(r_out.square().sum(), ws)):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)

@@ -30,7 +30,6 @@ import re
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
@@ -510,13 +509,10 @@ class StreamDataset(torch.utils.data.IterableDataset):
 # --------------------------------------------------------------------------- planning and the loader
 
 
-def _deal(urls: Sequence[str], sizes: Sequence[int | None], seed_epoch: int | None, rank: int, world: int,
-          worker: int, nworkers: int) -> list[int | None]:
-    """Sizes of the shards one (rank, worker) reads in shard-split mode, in the order the pipeline uses."""
-    order = [d["url"] for d in wds.SimpleShardList(list(urls), seed=seed_epoch)]
-    pos = {u: i for i, u in enumerate(urls)}
-    mine = order[rank::world][worker::nworkers]
-    return [sizes[pos[u]] for u in mine]
+def _dealt_sizes(src: Source, seed_epoch: int | None) -> list[int]:
+    """Shard sizes in the order the pipeline deals them out (same SimpleShardList, same seed)."""
+    pos = {u: i for i, u in enumerate(src.urls)}
+    return [src.sizes[pos[d["url"]]] for d in wds.SimpleShardList(list(src.urls), seed=seed_epoch)]  # type: ignore
 
 
 def _batches(n: int, batch_size: int, drop_last: bool) -> int:
@@ -551,16 +547,17 @@ class StreamLoader:
         if any(s.total is None for s in cfg.sources):
             self.batches_per_rank = self.samples_per_rank = None  # type: ignore[assignment]
             return
+        dealt = [_dealt_sizes(src, make_seed(cfg.seed, cfg.epoch, si) if cfg.shuffle else None)
+                 if cfg.split_modes[si] == "shards" else None for si, src in enumerate(cfg.sources)]
         per_rank_b, per_rank_s = [], []
         for r in range(cfg.world_size):
             b = s_tot = 0
             for w in range(nw):
                 n = 0
                 for si, src in enumerate(cfg.sources):
-                    seed_epoch = make_seed(cfg.seed, cfg.epoch, si) if cfg.shuffle else None
-                    if cfg.split_modes[si] == "shards":
-                        n += sum(_deal(src.urls, src.sizes, seed_epoch, r, cfg.world_size, w, nw))  # type: ignore
-                    else:
+                    if dealt[si] is not None:  # shard split: wds.slice(rank) then wds.split_by_worker
+                        n += sum(dealt[si][r::cfg.world_size][w::nw])  # type: ignore[index]
+                    else:  # sample split: every k-th sample of the whole source
                         gid, total = r * nw + w, cfg.world_size * nw
                         n += max(0, -(-(src.total - gid) // total))  # type: ignore[operator]
                 b += _batches(n, cfg.batch_size, cfg.drop_last)

@@ -167,11 +167,14 @@ def test_bad_samples_are_skipped_or_converted_and_counted(tmp_path):
     out = tmp_path / "out"
     assert shards.main(["--source", "csv", "--input", str(csv_path), "--out", str(out), "--fractions", "1",
                         "--samples-per-shard", "3", "--quiet"]) == 0
+    index = json.loads((out / "sizes.json").read_text())
+    assert index["fields"] == ["image", "text", "label"]  # one caption missing does not drop the field
+    assert index["field_counts"]["text"] == len(specs) - 1
     truth = tar_truth(out)
     bad = {k for k, (cap, _) in truth.items() if cap in (None, "bad bytes", "truncated png")}
     assert len(bad) == 3
     loader = make_loader(str(out), batch_size=4, rank=0, world_size=1, num_workers=2, image_size=6,
-                         fields=("image", "text", "label"), return_keys=True)
+                         return_keys=True)
     got = {}
     for b in loader:
         for k, t, px in zip(b["keys"], b["text"], b["pixel_values"]):

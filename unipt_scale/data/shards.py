@@ -495,13 +495,16 @@ def write_shards(
                 log(f"staged {name}: {n} samples")
             split_info[split] = {"shards": names, "samples": len(idx)}
         total = sum(shards.values())
-        fields = []
-        if any(key_counts.get(e, 0) for e in IMAGE_EXTS) and sum(key_counts.get(e, 0) for e in IMAGE_EXTS) == total:
-            fields.append("image")
-        if total and key_counts.get("txt", 0) == total:
-            fields.append("text")
-        if total and key_counts.get("cls", 0) == total:
-            fields.append("label")
+        # A field most samples have is one the loader requires by default: the few samples without it
+        # (a missing caption) are then skipped and counted, instead of the field silently vanishing.
+        field_counts = {"image": sum(key_counts.get(e, 0) for e in IMAGE_EXTS), "text": key_counts.get("txt", 0),
+                        "label": key_counts.get("cls", 0)}
+        fields = [f for f, n in field_counts.items() if total and 2 * n > total]
+        for f, n in field_counts.items():
+            if 0 < n < total:
+                log(f"warning: {f} present in {n} of {total} samples" +
+                    ("; the loader will skip (and count) the others" if f in fields else
+                     "; the loader ignores it unless asked for it"))
         index = {
             "format": INDEX_FORMAT,
             "source": source,
@@ -511,6 +514,7 @@ def write_shards(
             "samples_per_shard": samples_per_shard,
             "total": total,
             "fields": fields,
+            "field_counts": field_counts,
             "keys": sorted(key_counts),
             "key_counts": dict(sorted(key_counts.items())),
             "classes": classes,

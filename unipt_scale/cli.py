@@ -76,7 +76,8 @@ def cmd_eval(args) -> int:
     model, cfg, meta = load_trained(args.checkpoint, args.overrides)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
-    data = build_data(cfg.data, tokenizer_of(model))
+    data = build_data(cfg.data, tokenizer_of(model), needs_image=cfg.task.kind == "retrieval",
+                      needs_labels=cfg.task.kind == "classification" or None)
     loader = {"val": data.val, "test": data.test, "train": data.train}[args.split]
     if loader is None:
         raise ConfigError(f"the {args.split} split is empty for this data config")

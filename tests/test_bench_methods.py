@@ -1,0 +1,172 @@
+"""`unipt bench methods`: the record it writes, and physical facts its numbers must obey on a tiny BERT.
+
+The facts checked are the ones the package's claims rest on: a frozen no-grad backbone leaves nothing of
+itself for backward, full fine-tuning trains every backbone weight, LoRA trains exactly r·(in+out) per
+adapted projection, AdamW keeps two fp32 moments per trained weight.
+"""
+import json
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from tiny_models import tiny_bert_dir, tiny_llama_dir
+from unipt_scale.backbone import load_backbone
+from unipt_scale.bench import methods as bench
+from unipt_scale.config import BackboneConfig, UniPTConfig
+from unipt_scale.model import UniPTEncoder
+
+B, N, C = 4, 16, 3
+R = 8
+FIELDS = {"step_ms_median", "step_ms_min", "step_ms_max", "step_ms", "trainable_params", "frozen_params",
+          "optimizer_bytes", "grad_bytes", "saved_bytes", "saved_bytes_with_params", "saved_bytes_backbone",
+          "cuda_max_allocated", "loss_first", "loss_last"}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return tiny_bert_dir(str(tmp_path_factory.mktemp("models")))
+
+
+@pytest.fixture(scope="module")
+def result(tiny, tmp_path_factory):
+    path = tmp_path_factory.mktemp("out") / "sub" / "methods.json"
+    rc = bench.main(["--backbone", tiny, "--batch", str(B), "--seq", str(N), "--steps", "2", "--warmup", "1",
+                     "--threads", "1", "--text", "synthetic", "--json", str(path)])
+    assert rc == 0
+    assert not list(path.parent.glob(".tmp-*"))  # the atomic write left no temporary behind
+    return json.loads(path.read_text())
+
+
+def _hf(tiny):
+    return load_backbone(BackboneConfig(path=tiny)).model
+
+
+def test_schema(result):
+    assert set(result) == {"config", "device", "methods", "ratios_vs_full", "ratios_vs_lora"}
+    cfg = result["config"]
+    assert (cfg["batch"], cfg["seq"], cfg["steps"], cfg["warmup"], cfg["threads"]) == (B, N, 2, 1, 1)
+    assert cfg["methods"] == list(bench.METHODS) and cfg["text"] == "synthetic"
+    assert cfg["lora_targets"] == ["query", "value"] and cfg["lora_r"] == R
+    assert 0 < cfg["real_token_fraction"] <= 1
+    assert result["device"].startswith("cuda" if torch.cuda.is_available() else "cpu")
+    assert set(result["methods"]) == set(bench.METHODS)
+    for name, m in result["methods"].items():
+        assert FIELDS <= set(m), (name, FIELDS - set(m))
+        assert len(m["step_ms"]) == 2 and m["step_ms_min"] <= m["step_ms_median"] <= m["step_ms_max"]
+        assert m["step_ms_min"] > 0
+        assert math.isfinite(m["loss_first"]) and math.isfinite(m["loss_last"])
+        assert (m["cuda_max_allocated"] is None) == (not torch.cuda.is_available())
+    assert set(result["ratios_vs_full"]) == set(result["ratios_vs_lora"]) == set(bench.METHODS)
+
+
+@pytest.mark.parametrize("base", ["full", "lora"])
+def test_ratios_are_the_records_divided(result, base):
+    ms = result["methods"]
+    for name, r in result[f"ratios_vs_{base}"].items():
+        assert set(r) == set(bench.RATIO_FIELDS)
+        for k, v in r.items():
+            if ms[name][k] is None:
+                assert v is None
+            else:
+                assert v == pytest.approx(ms[name][k] / ms[base][k], rel=1e-12), (name, k)
+        assert r["trainable_params"] is not None and r["step_ms_median"] is not None
+    assert all(v == pytest.approx(1.0) for v in result[f"ratios_vs_{base}"][base].values() if v is not None)
+
+
+def test_frozen_backbones_save_nothing_of_themselves(result):
+    ms = result["methods"]
+    # UniPT's and the probe's backbones run under no_grad: autograd keeps nothing from inside them
+    assert ms["unipt"]["saved_bytes_backbone"] == 0 and ms["linear_probe"]["saved_bytes_backbone"] == 0
+    # the trained backbones keep their activations, and that is most of what they save
+    for name in ("full", "lora"):
+        assert ms[name]["saved_bytes_backbone"] > 0.5 * ms[name]["saved_bytes"], name
+    assert ms["unipt"]["saved_bytes"] < ms["lora"]["saved_bytes"] < ms["full"]["saved_bytes"]
+    # the probe keeps only the head's input (B×D fp32, for the head's weight gradient) and the loss's
+    # log-softmax (B×C) — no backbone activation
+    D = 32
+    extra = ms["linear_probe"]["saved_bytes"] - B * D * 4
+    assert 0 <= extra <= B * C * 4 + 16, ms["linear_probe"]["saved_bytes"]
+    assert ms["linear_probe"]["saved_bytes"] < B * N * D * 4  # less than one hidden state
+
+
+def test_trainable_parameter_counts(result, tiny):
+    ms = result["methods"]
+    hf = _hf(tiny)
+    D = hf.config.hidden_size
+    head = D * C + C
+    assert ms["full"]["trainable_params"] == sum(p.numel() for p in hf.parameters()) + head
+    assert ms["full"]["frozen_params"] == 0
+    adapted = [m for n, m in hf.named_modules() if n.rsplit(".", 1)[-1] in ("query", "value")
+               and isinstance(m, nn.Linear)]
+    assert len(adapted) == 2 * hf.config.num_hidden_layers
+    lora = sum(R * (m.in_features + m.out_features) for m in adapted)
+    assert ms["lora"]["trainable_params"] == lora + head
+    enc = UniPTEncoder(load_backbone(BackboneConfig(path=tiny)), UniPTConfig())
+    side = list(enc.side.parameters())
+    assert ms["unipt"]["trainable_params"] == sum(p.numel() for p in side) + head
+    assert ms["linear_probe"]["trainable_params"] == head
+    # every method freezes or trains the same backbone: trainable + frozen is the same total, up to LoRA's adapters
+    total = ms["full"]["trainable_params"]
+    assert ms["linear_probe"]["trainable_params"] + ms["linear_probe"]["frozen_params"] == total
+    assert ms["unipt"]["trainable_params"] + ms["unipt"]["frozen_params"] == total + sum(p.numel() for p in side)
+    assert ms["lora"]["trainable_params"] + ms["lora"]["frozen_params"] == total + lora
+
+    # AdamW: two fp32 moments per trained weight plus a 4-byte step counter per tensor
+    tensors = {"unipt": len(side) + 2, "lora": 2 * len(adapted) + 2, "linear_probe": 2}
+    for name, n in tensors.items():
+        assert ms[name]["optimizer_bytes"] == 8 * ms[name]["trainable_params"] + 4 * n, name
+        assert ms[name]["grad_bytes"] == 4 * ms[name]["trainable_params"], name
+    # full: BERT's pooler is trainable but unused by mean pooling, so it gets no gradient and no AdamW state
+    pooler = sum(p.numel() for p in hf.pooler.parameters())
+    assert ms["full"]["grad_bytes"] == 4 * (ms["full"]["trainable_params"] - pooler)
+    assert ms["full"]["optimizer_bytes"] == 8 * (ms["full"]["trainable_params"] - pooler) + 4 * (
+        sum(1 for _ in hf.parameters()) - sum(1 for _ in hf.pooler.parameters()) + 2)
+
+
+def test_sequential_order_measures_the_same_memory(result, tiny, tmp_path):
+    path = tmp_path / "seq.json"
+    assert bench.main(["--backbone", tiny, "--batch", str(B), "--seq", str(N), "--steps", "1", "--warmup", "0",
+                       "--threads", "1", "--text", "synthetic", "--methods", "unipt,full", "--order", "sequential",
+                       "--json", str(path)]) == 0
+    seq = json.loads(path.read_text())
+    assert seq["config"]["order"] == "sequential" and seq["ratios_vs_lora"] == {}
+    for name in ("unipt", "full"):
+        for k in ("saved_bytes", "saved_bytes_backbone", "trainable_params", "optimizer_bytes", "grad_bytes"):
+            assert seq["methods"][name][k] == result["methods"][name][k], (name, k)
+
+
+def test_lora_targets_follow_the_architecture(tmp_path):
+    from transformers import AutoModel
+
+    llama = AutoModel.from_pretrained(tiny_llama_dir(str(tmp_path)))
+    assert bench.lora_targets_for(llama) == ["q_proj", "v_proj"]
+    assert bench.lora_targets_for(llama, ["k_proj"]) == ["k_proj"]
+    with pytest.raises(bench.BenchInputError, match="q_proj"):
+        bench.lora_targets_for(llama, ["query"])
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--methods", "unipt,prefix"], "choose from"),
+    (["--methods", "full,full"], "twice"),
+    (["--steps", "0"], "--steps must be >= 1"),
+    (["--batch", "-1"], "--batch must be >= 1"),
+    (["--threads", "0"], "--threads must be >= 1"),
+    (["--batch", "many"], "invalid int"),
+    (["--backbone", "/no/such/model"], "does not exist"),
+])
+def test_bad_input_exits_2(argv, says, capsys):
+    assert bench.main(argv) == 2
+    assert says in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, says", [
+    (["--seq", "65"], "--seq 64 or less"),
+    (["--lora-targets", "attn"], "--lora-targets ['attn']"),
+])
+def test_bad_input_for_this_backbone_exits_2(tiny, extra, says, capsys):
+    argv = ["--backbone", tiny, "--batch", "2", "--seq", "8", "--steps", "1", "--warmup", "0", "--threads", "1",
+            "--methods", "lora", "--text", "synthetic"]
+    assert bench.main(argv + extra) == 2
+    assert says in capsys.readouterr().err

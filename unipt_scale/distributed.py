@@ -106,8 +106,8 @@ def resolve_ds_config(cfg: RunConfig, world_size: int, cuda: bool) -> dict:
             gas = total // (micro * world_size)
         elif micro is None:
             micro = total // (gas * world_size)
-    micro = micro or cfg.data.batch_size
-    gas = gas or cfg.train.grad_accum
+    micro = cfg.data.batch_size if micro is None else micro
+    gas = cfg.train.grad_accum if gas is None else gas
     if micro < 1 or gas < 1 or (total is not None and total != micro * gas * world_size):
         raise ConfigError(f"{cfg.deepspeed.config}: train_batch_size={total} is not train_micro_batch_size_per_gpu "
                           f"({micro}) x gradient_accumulation_steps ({gas}) x world size ({world_size}); set "
@@ -117,30 +117,27 @@ def resolve_ds_config(cfg: RunConfig, world_size: int, cuda: bool) -> dict:
     ds["train_batch_size"] = micro * gas * world_size
     if _unset(ds.get("gradient_clipping")):
         ds["gradient_clipping"] = float(cfg.train.clip_norm)
-    for key, (section, name, value) in {"micro": ("data", "batch_size", micro),
-                                        "gas": ("train", "grad_accum", gas),
-                                        "clip": ("train", "clip_norm", float(ds["gradient_clipping"]))}.items():
+    for section, name, value in (("data", "batch_size", micro), ("train", "grad_accum", gas),
+                                 ("train", "clip_norm", float(ds["gradient_clipping"]))):
         sec = getattr(cfg, section)
         if getattr(sec, name) != value:
-            log.info("deepspeed config sets %s.%s = %s (run config had %s)", section, name, value, getattr(sec, name))
+            if int(os.environ.get("RANK", "0")) == 0:
+                log.warning("%s sets %s.%s = %s (the run config had %s)", cfg.deepspeed.config, section, name, value,
+                            getattr(sec, name))
             setattr(sec, name, value)
 
-    if not any(_enabled(ds.get(k)) for k in ("bf16", "fp16")) and "bf16" not in ds and "fp16" not in ds:
-        precision = cfg.train.precision
-        if precision == "auto":
-            precision = "bf16" if cuda else "fp32"
+    precision = cfg.train.precision
+    if precision == "auto":
+        precision = "bf16" if cuda else "fp32"
+    if "bf16" not in ds and "fp16" not in ds:
         if precision in ("bf16", "fp16"):
             ds[precision] = {"enabled": True}
     for k in ("bf16", "fp16"):
-        if k in ds and isinstance(ds[k], dict) and _unset(ds[k].get("enabled")):
-            ds[k]["enabled"] = False
+        if isinstance(ds.get(k), dict) and _unset(ds[k].get("enabled")):
+            ds[k]["enabled"] = precision == k
     ds.setdefault("steps_per_print", 10 ** 9)
     ds.setdefault("wall_clock_breakdown", False)
     return ds
-
-
-def _enabled(section) -> bool:
-    return isinstance(section, dict) and section.get("enabled") is True
 
 
 def _offloads_optimizer(ds: dict) -> bool:
@@ -159,15 +156,18 @@ def init_distributed(cfg: RunConfig) -> Tuple[int, int, torch.device]:
     import deepspeed
 
     cuda = _use_cuda()
-    if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ:
+    mpi = "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" in os.environ  # DeepSpeed's MPI launchers
+    if "RANK" not in os.environ and not mpi:
         os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if cuda and "LOCAL_RANK" in os.environ:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=mpi, verbose=False)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))  # MPI discovery sets it only now
     if cuda:
         torch.cuda.set_device(local_rank)
-    if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False, verbose=False)
     rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
 
@@ -382,7 +382,7 @@ class DeepSpeedEngine:
 
     def maybe_checkpoint(self, position: dict) -> None:
         """Called after every optimizer step: saves every deepspeed.checkpoint_every steps."""
-        self._last_position = copy.deepcopy(position)
+        self._last_position = _snapshot(position)
         every = self.cfg.deepspeed.checkpoint_every
         step = position["step"]
         if every and step % every == 0:
@@ -395,7 +395,7 @@ class DeepSpeedEngine:
     def finish(self, position: dict) -> None:
         """The end-of-run checkpoint, at the exact position of the last step (mid-epoch when max_steps stops)."""
         last = self._last_position if self._last_position and self._last_position["step"] == position["step"] \
-            else copy.deepcopy(position)
+            else _snapshot(position)
         if self._saved_step != last["step"]:
             self.save(last)
 
@@ -519,6 +519,11 @@ def _parameter_counts(model: nn.Module) -> Dict[str, int]:
         else:
             frozen += n
     return {"trainable_params": trainable, "frozen_params": frozen}
+
+
+def _snapshot(position: dict) -> dict:
+    """The position as it is now: the loop keeps appending to its history lists after handing them over."""
+    return {k: list(v) if isinstance(v, list) else v for k, v in position.items()}
 
 
 def _rng_state() -> dict:

@@ -4,11 +4,12 @@
 # A short run of the offline demo (MiniLM + tweets) on 2 CPU ranks of this machine through DeepSpeed's launcher
 # (gloo, ZeRO-3 by default: launch/ds_zero3.json). It checks a config end to end before a cluster run: the same
 # entry point, the same engine, the same checkpoints, only smaller. Extra KEY=VALUE overrides go to the trainer
-# (e.g. backbone.path=/models/small data.batch_size=8 --config RUN.yaml).
+# (e.g. backbone.path=/models/small train.lr=1e-3).
 #
 # Environment: PYTHON (python of the environment holding unipt_scale; default: python3 on PATH),
-# NPROC (ranks, 2), MASTER_PORT (a free port on 127.0.0.1 by default), STEPS (optimizer steps, 120),
-# BATCH (micro batch per rank, 16), TORCH_EXTENSIONS_DIR (DeepSpeed's compiled ops are cached there).
+# CONFIG (a run config YAML instead of the demo), NPROC (ranks, 2), STEPS (optimizer steps, 120),
+# BATCH (micro batch per rank, 16), MASTER_PORT (default: a free port on 127.0.0.1),
+# TORCH_EXTENSIONS_DIR (where DeepSpeed caches the CPU ops it compiles on first use).
 set -euo pipefail
 
 usage() {
@@ -20,7 +21,7 @@ usage() {
 OUT=$1
 shift
 DS_CONFIG=launch/ds_zero3.json
-if [[ $# -ge 1 && "$1" != *=* && "$1" != --* ]]; then
+if [[ $# -ge 1 && "$1" != *=* ]]; then
     DS_CONFIG=$1
     shift
 fi
@@ -40,7 +41,8 @@ export DS_ACCELERATOR=cpu                # the CPU rehearsal, even on a machine 
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}   # ranks share the cores
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$HOME/.cache/unipt_scale/torch_extensions}
-MASTER_PORT=${MASTER_PORT:-$("$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
+FREE_PORT='import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+MASTER_PORT=${MASTER_PORT:-$("$PYTHON" -c "$FREE_PORT")}
 
 OVERRIDES=(
     deepspeed.enabled=true
@@ -57,7 +59,7 @@ OVERRIDES=(
 start=$(date +%s)
 set -x
 "$PYTHON" -m deepspeed.launcher.runner --num_gpus "$NPROC" --master_addr 127.0.0.1 --master_port "$MASTER_PORT" \
-    --module unipt_scale.cli train --output-dir "$OUT" "${OVERRIDES[@]}" "$@"
+    --module unipt_scale.cli train ${CONFIG:+--config "$CONFIG"} --output-dir "$OUT" "${OVERRIDES[@]}" "$@"
 { set +x; } 2>/dev/null
 elapsed=$(( $(date +%s) - start ))
 

@@ -18,8 +18,10 @@ import torch
 from safetensors.torch import load_file
 
 from tiny_models import WORDS, tiny_bert_dir
+from unipt_scale.config import ConfigError, load_config
 
 pytest.importorskip("deepspeed")
+from unipt_scale.distributed import resolve_ds_config  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -33,8 +35,8 @@ WEIGHT_ATOL = 1e-4
 
 # No persistent (unpartitioned) small parameters, and no parameter kept gathered after its forward: the
 # tiny model is then split like a large one, and an export that forgot to gather would come out empty.
-ZERO = {"stage3_param_persistence_threshold": 0, "stage3_model_persistence_threshold": 0, "stage3_max_reuse_distance": 0,
-        "stage3_prefetch_bucket_size": 0}
+ZERO = {"stage3_param_persistence_threshold": 0, "stage3_model_persistence_threshold": 0,
+        "stage3_max_reuse_distance": 0, "stage3_prefetch_bucket_size": 0}
 STAGES = {
     # name: (DeepSpeed JSON, overrides that keep the global batch at GLOBAL_BATCH on 2 ranks)
     "zero1": ({"zero_optimization": {"stage": 1}}, ["data.batch_size=4"]),
@@ -69,7 +71,8 @@ def _run(name, cmd, env=None, expect_ok=True):
     try:
         proc = subprocess.run(cmd, cwd=REPO, env=env or _env(), capture_output=True, text=True, timeout=RUN_TIMEOUT)
     except subprocess.TimeoutExpired as err:
-        pytest.fail(f"{name} did not finish in {RUN_TIMEOUT} s:\n{(err.stdout or '')[-3000:]}{(err.stderr or '')[-3000:]}")
+        output = (err.stdout or "")[-3000:] + (err.stderr or "")[-3000:]
+        pytest.fail(f"{name} did not finish in {RUN_TIMEOUT} s:\n{output}")
     DURATIONS[name] = time.time() - t0
     if expect_ok and proc.returncode != 0:
         pytest.fail(f"{name} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
@@ -310,3 +313,46 @@ def test_export_reloads_with_unipt_eval_on_one_process(stage_run, tmp_path):
     assert evaluated["accuracy"] == pytest.approx(trained["accuracy"], abs=1e-6)
     assert evaluated["loss"] == pytest.approx(trained["loss"], abs=1e-5)
 
+
+
+def _ds_cfg(tmp_path, ds, *overrides):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(ds))
+    return load_config(None, ["deepspeed.enabled=true", f"deepspeed.config={path}", *overrides])
+
+
+def test_config_rule_fills_what_the_json_leaves_out(tmp_path):
+    cfg = _ds_cfg(tmp_path, {"zero_optimization": {"stage": 2}}, "data.batch_size=6", "train.grad_accum=3",
+                  "train.clip_norm=0.5")
+    ds = resolve_ds_config(cfg, world_size=4, cuda=False)
+    sizes = ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]
+    assert sizes == (6, 3, 72)
+    assert ds["gradient_clipping"] == 0.5 and ds["zero_optimization"]["stage"] == 2
+    assert "bf16" not in ds and "fp16" not in ds  # precision auto: fp32 on CPU ...
+    assert resolve_ds_config(cfg, world_size=4, cuda=True)["bf16"] == {"enabled": True}  # ... bf16 on CUDA
+    fp16 = _ds_cfg(tmp_path, {"fp16": {"enabled": "auto"}}, "train.precision=fp16")
+    assert resolve_ds_config(fp16, world_size=1, cuda=False)["fp16"]["enabled"] is True
+    assert resolve_ds_config(_ds_cfg(tmp_path, {}), 1, False)["zero_optimization"]["stage"] == 0
+
+
+def test_config_rule_json_values_win_and_are_written_back(tmp_path):
+    cfg = _ds_cfg(tmp_path, {"train_batch_size": 64, "gradient_accumulation_steps": 2, "gradient_clipping": 2.0,
+                             "train_micro_batch_size_per_gpu": "auto", "zero_optimization": {"stage": 1}},
+                  "data.batch_size=5", "deepspeed.zero_stage=3")
+    ds = resolve_ds_config(cfg, world_size=4, cuda=False)
+    assert ds["train_micro_batch_size_per_gpu"] == 8 and ds["zero_optimization"]["stage"] == 3
+    # The loaders, the step count and metrics.json then use what DeepSpeed uses.
+    assert (cfg.data.batch_size, cfg.train.grad_accum, cfg.train.clip_norm) == (8, 2, 2.0)
+
+
+@pytest.mark.parametrize("ds, says", [
+    ({"train_batch_size": 30, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2},
+     "train_batch_size"),
+    ({"scheduler": {"type": "WarmupLR"}}, "scheduler"),
+    ({"zero_optimization": {"stage": 4}}, "stage"),
+])
+def test_config_rule_refuses_what_cannot_run(tmp_path, ds, says):
+    with pytest.raises(ConfigError, match=says):
+        resolve_ds_config(_ds_cfg(tmp_path, ds), world_size=2, cuda=False)
+    with pytest.raises(ConfigError, match="does not exist"):
+        resolve_ds_config(load_config(None, ["deepspeed.config=/nonexistent/ds.json"]), world_size=1, cuda=False)

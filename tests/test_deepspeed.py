@@ -143,15 +143,21 @@ class StageRuns:
     """2-rank runs by ZeRO stage, started on first use and shared by every test of the module."""
 
     def __init__(self, ws):
-        self.ws, self.done = ws, {}
+        self.ws, self.done, self.failed = ws, {}, {}
 
     def __call__(self, name):
+        if name in self.failed:
+            pytest.fail(f"the 2-rank {name} run failed earlier in this module:\n{self.failed[name]}")
         if name not in self.done:
             out = str(self.ws["root"] / name)
             _, extra = STAGES[name]
-            _run(f"2 ranks, {name}", _deepspeed(os.path.join(HERE, "ds_train.py"), f"output_dir={out}",
-                                                *self.ws["common"], *extra, "deepspeed.enabled=true",
-                                                f"deepspeed.config={self.ws['root'] / (name + '.json')}"))
+            try:
+                _run(f"2 ranks, {name}", _deepspeed(os.path.join(HERE, "ds_train.py"), f"output_dir={out}",
+                                                    *self.ws["common"], *extra, "deepspeed.enabled=true",
+                                                    f"deepspeed.config={self.ws['root'] / (name + '.json')}"))
+            except pytest.fail.Exception as err:
+                self.failed[name] = str(err)[-2000:]
+                raise
             self.done[name] = out
         return self.done[name]
 

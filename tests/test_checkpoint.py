@@ -57,3 +57,17 @@ def test_failed_save_keeps_previous_checkpoint(model_and_cfg, tmp_path, monkeypa
 def test_not_a_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a unipt checkpoint"):
         read_checkpoint(str(tmp_path))
+
+
+def test_crash_between_renames_is_recovered(model_and_cfg, tmp_path):
+    """A crash after moving the old checkpoint aside and before moving the new one in loses nothing."""
+    model, cfg = model_and_cfg
+    target = tmp_path / "ckpt"
+    save_trained(trained_state_dict(model), cfg, str(target), {"num_classes": 3})
+    before = (target / WEIGHTS).read_bytes()
+    os.replace(target, tmp_path / ".ckpt.old-abc123")  # the state such a crash leaves
+    (tmp_path / ".ckpt.tmp-def456").mkdir()
+    (tmp_path / ".ckpt.tmp-def456" / WEIGHTS).write_bytes(b"half written")
+    read_checkpoint(str(target))
+    assert (target / WEIGHTS).read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]

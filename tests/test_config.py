@@ -36,6 +36,11 @@ def test_unknown_key_lists_valid_ones():
     ("task.kind=retrieval", "image_backbone"),
     ("data.source=csv", "data.path"),
     ("lr", "key=value"),
+    ("train.max_steps=-1", "out of range"),
+    ("train.log_every=0", "out of range"),
+    ("train.warmup_ratio=1.5", "out of range"),
+    ("unipt.eps=0", "out of range"),
+    ("deepspeed.resume=auto", "deepspeed.enabled=true"),
 ])
 def test_bad_values_name_the_problem(override, match):
     with pytest.raises(ConfigError, match=match):
@@ -53,7 +58,9 @@ def test_optional_section_from_overrides():
 
 
 def test_parse_overrides_types_and_help():
-    assert parse_overrides(["a.b=1", "a.c=[1, 2]", "d=null"]) == {"a": {"b": 1, "c": [1, 2]}, "d": None}
+    tree = parse_overrides(["a.b=1", "a.c=[1, 2]", "d=null"])
+    assert (tree["a"]["b"].parsed, tree["a"]["c"].parsed, tree["d"].parsed) == (1, [1, 2], None)
+    assert (tree["a"]["b"].raw, tree["a"]["c"].raw) == ("1", "[1, 2]")
     text = config_help()
     assert "unipt.layers" in text and "Tapped hidden states" in text
 
@@ -68,4 +75,10 @@ def test_shipped_configs_load():
     for p in paths:
         load_config(p)
     assert load_config(os.path.join(root, "tweets_minilm.yaml")).to_dict() == load_config(
-        overrides=["output_dir=runs/demo"]).to_dict(), "the written-out demo config is the embedded default"
+        overrides=[]).to_dict(), "the written-out demo config is the embedded default"
+
+
+def test_text_fields_keep_the_typed_text():
+    cfg = load_config(overrides=["data.text_column=no", "data.path=0123", "data.source=fashion-mnist"])
+    assert cfg.data.text_column == "no" and cfg.data.path == "0123"
+    assert cfg.data.source == "fashion_mnist", "the shard writer's spelling is accepted"

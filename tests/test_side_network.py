@@ -20,7 +20,7 @@ def l1norm(x, eps=1e-6):
     return x / x.abs().sum(-1, keepdim=True).clamp(min=eps)
 
 
-def paper_token_unipt(net: UniPTSideNetwork, hs, mask, final):
+def paper_token_unipt(net: UniPTSideNetwork, hs, mask, final, alphas=None):
     """UniPT for one batch, written from the equations: every sample, every layer, separately."""
     cfg = net.cfg
     outs = []
@@ -64,6 +64,8 @@ def paper_token_unipt(net: UniPTSideNetwork, hs, mask, final):
             mean_t = t[real].sum(0) / max(n_real, 1)
             scores.append((a * mean_t) @ net.gate.weight[0] + net.gate.bias[0])
         alpha = torch.softmax(torch.stack(scores), 0)
+        if alphas is not None:
+            alphas.append(alpha)
         Mx = sum(al * m for al, m in zip(alpha, merged))
         if cfg.output == "project":
             out = A + F.layer_norm(Mx @ net.proj.weight.T + net.proj.bias, Mx.shape[-1:], net.proj_norm.weight,
@@ -272,3 +274,19 @@ def test_feature_map_trains_and_starts_at_backbone_output():
     _randomise(net)
     net(stages).sum().backward()
     assert all(p.grad is not None for p in net.parameters())
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_reported_confidences_are_the_ones_forward_uses(variant):
+    cfg = UniPTConfig(mapping_dim=6, kernels="reference", **VARIANTS[variant])
+    net = _randomise(UniPTSideNetwork(cfg, [12, 12, 12], 12)).double()
+    hs, mask, final = _inputs(sizes=(12, 12, 12))
+    hs, final = [h.double() for h in hs], final.double()
+    alphas = []
+    paper_token_unipt(net, hs, mask, final, alphas)
+    torch.testing.assert_close(net.layer_confidences(hs, mask, final), torch.stack(alphas))
+
+
+def test_feature_map_refuses_token_only_options():
+    with pytest.raises(ConfigError, match="unipt.anchor"):
+        UniPTFeatureMapSideNetwork(UniPTConfig(anchor="separate"), [4, 4], [(4, 4), (2, 2)])

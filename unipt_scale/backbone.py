@@ -17,7 +17,9 @@ from unipt_scale.config import BackboneConfig, ConfigError
 
 DECODER_TYPES = {"llama", "mistral", "mixtral", "qwen2", "qwen3", "gpt2", "gpt_neox", "gptj", "phi", "phi3",
                  "gemma", "gemma2", "gemma3_text", "falcon", "opt", "bloom", "olmo", "olmo2", "smollm3", "granite"}
-VISION_TYPES = {"vit", "clip_vision_model", "siglip_vision_model", "dinov2", "deit", "beit", "swin", "convnext"}
+# ViT-like towers: every hidden state is (B, tokens, hidden_size). Hierarchical ones (Swin, ConvNeXt) change width
+# per stage; wrap them with wrap_module and the feature-map variant instead.
+VISION_TYPES = {"vit", "clip_vision_model", "siglip_vision_model", "dinov2", "deit", "beit"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

@@ -15,6 +15,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from unipt_scale.atomic import atomic_write_json, atomic_write_text, fsync_dir  # noqa: F401 (re-exported)
 from unipt_scale.config import RunConfig, load_config
 
 WEIGHTS = "trained.safetensors"
@@ -22,45 +23,31 @@ CONFIG = "config.yaml"
 META = "meta.json"
 
 
-def atomic_write_text(path: str, text: str) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_json(path: str, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
-
-
 def save_trained(state: Dict[str, torch.Tensor], cfg: RunConfig, directory: str, meta: Optional[dict] = None) -> str:
     """Write the trained weights + config + meta into `directory`, replacing any previous one atomically."""
     directory = os.path.abspath(directory)
     parent = os.path.dirname(directory)
     os.makedirs(parent, exist_ok=True)
+    recover(directory)
     tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(directory)}.tmp-")
     try:
         tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
         save_file(tensors, os.path.join(tmp, WEIGHTS), metadata={"format": "pt", "content": "unipt_scale trained"})
-        with open(os.path.join(tmp, CONFIG), "w", encoding="utf-8") as fh:
-            yaml.safe_dump(cfg.to_dict(), fh, sort_keys=False)
-        with open(os.path.join(tmp, META), "w", encoding="utf-8") as fh:
-            json.dump(meta or {}, fh, indent=2)
+        for name, text in ((CONFIG, yaml.safe_dump(cfg.to_dict(), sort_keys=False)),
+                           (META, json.dumps(meta or {}, indent=2))):
+            with open(os.path.join(tmp, name), "w", encoding="utf-8") as fh:
+                fh.write(text)
+        for name in (WEIGHTS, CONFIG, META):
+            with open(os.path.join(tmp, name), "rb") as fh:
+                os.fsync(fh.fileno())
+        fsync_dir(tmp)
         old = None
         if os.path.exists(directory):
             old = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(directory)}.old-")
             os.rmdir(old)
             os.replace(directory, old)
         os.replace(tmp, directory)
+        fsync_dir(parent)
         if old:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
@@ -69,7 +56,22 @@ def save_trained(state: Dict[str, torch.Tensor], cfg: RunConfig, directory: str,
     return directory
 
 
+def recover(directory: str) -> None:
+    """Finish what a crash interrupted: restore a moved-aside checkpoint and drop half-built ones."""
+    parent, base = os.path.dirname(os.path.abspath(directory)), os.path.basename(directory)
+    if not os.path.isdir(parent):
+        return
+    leftovers = sorted(n for n in os.listdir(parent) if n.startswith(f".{base}.old-") or n.startswith(f".{base}.tmp-"))
+    for name in leftovers:
+        path = os.path.join(parent, name)
+        if name.startswith(f".{base}.old-") and not os.path.exists(directory):
+            os.replace(path, directory)  # crashed between moving the old one aside and moving the new one in
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def read_checkpoint(directory: str, overrides=()) -> Tuple[RunConfig, Dict[str, torch.Tensor], dict]:
+    recover(directory)
     if not os.path.isfile(os.path.join(directory, WEIGHTS)):
         raise FileNotFoundError(f"{directory!r} is not a unipt checkpoint (no {WEIGHTS}); pass the directory that "
                                 "`unipt train` wrote as OUTPUT_DIR/checkpoint")

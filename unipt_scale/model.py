@@ -77,7 +77,7 @@ class ClassificationModel(nn.Module):
     def training_loss(self, batch):
         logits = self(batch)
         loss = F.cross_entropy(logits.float(), batch["labels"])
-        return loss, {"accuracy": (logits.argmax(-1) == batch["labels"]).float().mean().item()}
+        return loss, {"accuracy": (logits.argmax(-1) == batch["labels"]).float().mean().detach()}
 
     @torch.no_grad()
     def eval_step(self, batch):
@@ -133,7 +133,7 @@ class RetrievalModel(nn.Module):
         target = pos / pos.sum(1, keepdim=True)
         loss = 0.5 * (torch.sum(-target * F.log_softmax(logits, 1), 1).mean()
                       + torch.sum(-target.t() * F.log_softmax(logits.t(), 1), 1).mean())
-        return loss, {"temperature": (1.0 / scale).item()}
+        return loss, {"temperature": (1.0 / scale).detach()}
 
     @torch.no_grad()
     def eval_step(self, batch):

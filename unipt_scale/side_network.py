@@ -6,6 +6,8 @@ autograd history, so backward never enters the backbone.
 """
 from __future__ import annotations
 
+import dataclasses
+
 from typing import List, Optional, Sequence
 
 import torch
@@ -16,6 +18,13 @@ from unipt_scale import kernels
 from unipt_scale.config import ConfigError, UniPTConfig
 
 
+def _count(s: str, spec) -> int:
+    try:
+        return int(s.split(":", 1)[1])
+    except ValueError:
+        raise ConfigError(f"unipt.layers={spec!r}: K in every:K / last:K must be an integer") from None
+
+
 def resolve_layers(spec, num_hidden_states: int) -> List[int]:
     """Tapped hidden-state indices from `all`, `every:K`, `last:K` or an explicit list (negatives allowed)."""
     n = num_hidden_states
@@ -24,14 +33,13 @@ def resolve_layers(spec, num_hidden_states: int) -> List[int]:
         if s == "all":
             idx = list(range(n))
         elif s.startswith("every:"):
-            k = int(s.split(":", 1)[1])
+            k = _count(s, spec)
             if k < 1:
                 raise ConfigError("unipt.layers=every:K needs K >= 1")
             # Count back from the final layer so it is always tapped (it is the anchor).
             idx = sorted(range(n - 1, -1, -k))
         elif s.startswith("last:"):
-            k = int(s.split(":", 1)[1])
-            idx = list(range(max(0, n - k), n))
+            idx = list(range(max(0, n - _count(s, spec)), n))
         else:
             raise ConfigError(f"unipt.layers={spec!r}: use all, every:K, last:K or a list of indices")
     elif isinstance(spec, (list, tuple)):
@@ -126,6 +134,16 @@ class UniPTSideNetwork(nn.Module):
             pre_activation=self.cfg.down_activation, norm=self.cfg.down_norm,
             eps=norms[0].eps if norms is not None else 1e-5, backend=self.cfg.kernels)
 
+    def _anchor_and_targets(self, hidden_states, final):
+        """The anchor tokens A (B, N, d) and the stacked targets T_i (L', B, N, d)."""
+        t = self.project_layers(hidden_states)  # (L, B, N, d)
+        if self.cfg.anchor == "last_layer":
+            return t[-1], t[:-1]
+        if final is None:
+            raise ValueError("unipt.anchor=separate needs the backbone's final output")
+        x = final.to(t.dtype)
+        return self.anchor_proj(F.relu(x) if self.cfg.down_activation == "relu" else x), t
+
     def forward(self, hidden_states: Sequence[torch.Tensor], mask: Optional[torch.Tensor] = None,
                 final: Optional[torch.Tensor] = None) -> torch.Tensor:
         cfg = self.cfg
@@ -135,15 +153,7 @@ class UniPTSideNetwork(nn.Module):
         hidden_states = [h.to(dtype) for h in hidden_states]
         if mask is not None:
             mask = mask.bool()
-        t = self.project_layers(hidden_states)  # (L, B, N, d)
-        if cfg.anchor == "last_layer":
-            anchor_tokens, targets = t[-1], t[:-1]
-        else:
-            if final is None:
-                raise ValueError("unipt.anchor=separate needs the backbone's final output")
-            x = final.to(dtype)
-            anchor_tokens = self.anchor_proj(F.relu(x) if cfg.down_activation == "relu" else x)
-            targets = t
+        anchor_tokens, targets = self._anchor_and_targets(hidden_states, final)
         anchor_vec = pool_tokens(anchor_tokens, mask, cfg.anchor_pooling)  # (B, d)
         merged = kernels.relu_l1_attention(anchor_tokens, targets, mask, eps=cfg.eps, backend=cfg.kernels)
         if cfg.add_identity:
@@ -165,11 +175,9 @@ class UniPTSideNetwork(nn.Module):
     @torch.no_grad()
     def layer_confidences(self, hidden_states, mask=None, final=None) -> torch.Tensor:
         """α (B, L') per sample: how much each tapped layer contributes (for inspection)."""
-        t = self.project_layers([h.to(self.gate.weight.dtype) for h in hidden_states])
-        if self.cfg.anchor == "last_layer":
-            anchor_tokens, targets = t[-1], t[:-1]
-        else:
-            anchor_tokens, targets = self.anchor_proj(final.to(t.dtype)), t
+        if mask is not None:
+            mask = mask.bool()
+        anchor_tokens, targets = self._anchor_and_targets([h.to(self.gate.weight.dtype) for h in hidden_states], final)
         a = pool_tokens(anchor_tokens, mask, self.cfg.anchor_pooling)
         return kernels.confidence_weights(a, masked_mean(targets, mask), self.gate.weight, self.gate.bias)
 
@@ -194,6 +202,14 @@ class UniPTFeatureMapSideNetwork(nn.Module):
         super().__init__()
         if len(stage_channels) < 2:
             raise ConfigError("the feature-map UniPT needs at least 2 stages")
+        unsupported = {k: v for k, v in (("anchor", "last_layer"), ("output", "project"), ("add_target_token", False),
+                                         ("down_activation", "none"), ("anchor_pooling", "mean"))
+                       if getattr(cfg, k) != v}
+        if unsupported:
+            raise ConfigError(f"the feature-map (CNN) UniPT has one form (the paper's CNN adapter); "
+                              f"unset {', '.join(f'unipt.{k}' for k in unsupported)} for this backbone")
+        if cfg.down_norm == "layernorm":
+            cfg = dataclasses.replace(cfg, down_norm="batchnorm")  # the CNN adapter's norm is BatchNorm
         self.cfg = cfg
         self.stage_channels = list(stage_channels)
         self.stage_sizes = [tuple(s) for s in stage_sizes]
@@ -224,6 +240,9 @@ class UniPTFeatureMapSideNetwork(nn.Module):
         """Reduce stage i to the last stage's resolution, weighting positions inside each r×r patch."""
         r = self.ratios[i]
         h, w = stage.shape[-2:]
+        if h != r * last.shape[-2] or w != r * last.shape[-1]:
+            raise ValueError(f"stage {i} is {h}x{w} but the last stage is {tuple(last.shape[-2:])}: the image size "
+                             f"must keep the stage ratio {r} (use a multiple of the network's total stride)")
         guide = F.interpolate(self.identity[i](last), size=(h, w), mode="nearest") * stage
         scores = F.unfold(guide.sum(1, keepdim=True), kernel_size=r, stride=r)  # (B, r², P)
         p = torch.relu(scores)

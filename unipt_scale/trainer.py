@@ -197,8 +197,9 @@ def train(cfg: RunConfig) -> Dict:
                 break
         train_time += time.time() - t_epoch
         epoch += 1
-        if micro == 0 and not resumed:
-            raise RuntimeError("the training loader yielded no batch; check the data source and batch size")
+        if batches_in_epoch == 0:
+            raise RuntimeError("the training loader yielded no batch this epoch; check the data source and "
+                               "data.batch_size (batches drop their remainder)")
         if not done and not cfg.train.eval_every:
             val = evaluate(model, data.val, engine, "val")
             if val:

@@ -15,6 +15,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from unipt_scale.config import DataConfig
 from unipt_scale.data.sources import load_csv, split_records
+from unipt_scale.data.stream import tokenize_batch
 
 
 @dataclass
@@ -45,9 +46,7 @@ def text_collate(tokenizer, max_length: int):
         raise ValueError("text data needs a backbone with a tokenizer")
 
     def collate(rows: List[dict]) -> Dict[str, torch.Tensor]:
-        enc = tokenizer([r["text"] for r in rows], padding=True, truncation=True, max_length=max_length,
-                        return_tensors="pt")
-        batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        batch = tokenize_batch(tokenizer, [r["text"] for r in rows], max_length)
         if rows and rows[0].get("label") is not None:
             batch["labels"] = torch.tensor([r["label"] for r in rows], dtype=torch.long)
         return batch

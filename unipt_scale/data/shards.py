@@ -28,6 +28,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import webdataset as wds
 
+from unipt_scale.atomic import atomic_write_text, fsync_dir
+
 INDEX_NAME = "sizes.json"
 INDEX_FORMAT = "unipt_scale.shards/1"
 SPLITS = ("train", "val", "test")
@@ -379,29 +381,6 @@ def _sample(rec: Record, split: str, source: str, width: int) -> dict[str, Any]:
     return sample
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
 def _write_shard(path: Path, samples: Iterable[dict[str, Any]]) -> tuple[int, dict[str, int]]:
     """Write one complete tar; a fixed mtime makes a re-run byte-identical."""
     count, keys = 0, {}
@@ -524,13 +503,13 @@ def _commit(out: Path, staging: Path, shards: dict[str, int], index: dict[str, A
         except (OSError, ValueError, AttributeError):
             old_shards = []
         old_index.unlink()
-        _fsync_dir(out)
+        fsync_dir(out)
     for name in shards:
         os.replace(staging / name, out / name)
     for name in old_shards:
         if name not in shards and "/" not in name and (out / name).is_file():
             (out / name).unlink()
-    _fsync_dir(out)
+    fsync_dir(out)
     atomic_write_text(out / INDEX_NAME, json.dumps(index, indent=1, sort_keys=True) + "\n")
 
 

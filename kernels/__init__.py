@@ -29,11 +29,21 @@ def _check_backend(backend: str) -> str:
     return backend
 
 
-def resolve_backend(backend: str, tensor: torch.Tensor) -> str:
-    """The implementation a call will use: 'auto' becomes 'triton' for CUDA tensors, else 'efficient'."""
+# The attention kernels hold a whole row of d per tile; wider rows go to the chunked torch path under "auto"
+# until the kernels loop over d (a tile of 32 x 1024 fp32 accumulators already spills registers).
+MAX_FUSED_ATTENTION_DIM = 512
+
+
+def resolve_backend(backend: str, tensor: torch.Tensor, width: Optional[int] = None) -> str:
+    """The implementation a call will use: 'auto' becomes 'triton' for CUDA tensors, else 'efficient'.
+
+    `width` (the attention's d) keeps 'auto' off the fused kernel for rows wider than MAX_FUSED_ATTENTION_DIM.
+    """
     _check_backend(backend)
     if backend == "auto":
-        return "triton" if tensor.is_cuda else "efficient"
+        if not tensor.is_cuda or (width is not None and width > MAX_FUSED_ATTENTION_DIM):
+            return "efficient"
+        return "triton"
     return backend
 
 
@@ -61,7 +71,7 @@ def relu_l1_attention(query: torch.Tensor, keys: torch.Tensor, key_mask: Optiona
     """l1norm(relu(q kᵀ), padding keys zeroed) · k for every layer's keys → (L, B, Nq, d)."""
     _check_backend(backend)
     query, keys, mask = cross_attention.validate(query, keys, key_mask, eps)
-    impl = resolve_backend(backend, query)
+    impl = resolve_backend(backend, query, width=query.shape[-1])
     if impl == "reference":
         return relu_l1_attention_reference(query, keys, mask, eps)
     if impl == "triton":

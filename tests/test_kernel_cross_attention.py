@@ -232,3 +232,15 @@ def test_triton_on_cpu_without_interpreter_says_how_to_fix(monkeypatch):
         K.relu_l1_attention(q, k, backend="triton")
     if not CUDA:  # auto never picks Triton for CPU tensors
         assert "Efficient" in type(K.relu_l1_attention(q.requires_grad_(), k).grad_fn).__name__
+
+
+def test_auto_keeps_wide_rows_off_the_fused_kernel():
+    from unipt_scale.kernels import MAX_FUSED_ATTENTION_DIM, resolve_backend
+
+    class FakeCuda:
+        is_cuda = True
+
+    assert resolve_backend("auto", FakeCuda(), width=64) == "triton"
+    assert resolve_backend("auto", FakeCuda(), width=MAX_FUSED_ATTENTION_DIM + 1) == "efficient"
+    assert resolve_backend("triton", FakeCuda(), width=4096) == "triton", "an explicit choice is kept"
+    assert resolve_backend("auto", torch.zeros(1), width=64) == "efficient"

@@ -82,3 +82,10 @@ def test_text_fields_keep_the_typed_text():
     cfg = load_config(overrides=["data.text_column=no", "data.path=0123", "data.source=fashion-mnist"])
     assert cfg.data.text_column == "no" and cfg.data.path == "0123"
     assert cfg.data.source == "fashion_mnist", "the shard writer's spelling is accepted"
+
+
+def test_image_normalisation_pairs():
+    cfg = load_config(overrides=["data.image_mean=[0.5, 0.5, 0.5]", "data.image_std=[0.25, 0.25, 0.25]"])
+    assert cfg.data.image_std == [0.25, 0.25, 0.25]
+    with pytest.raises(ConfigError, match="same length"):
+        load_config(overrides=["data.image_mean=[0.5, 0.5, 0.5]"])

@@ -80,6 +80,8 @@ class DataConfig:
     seed: int = _f(0, "Split and shuffle seed.")
     max_length: int = _f(64, "Tokens per text (longer texts are truncated).")
     image_size: int = _f(64, "Images are resized to this square size.")
+    image_mean: list = _f([], "Per-channel mean for image normalisation (e.g. CLIP's); empty = scale to [-1, 1].")
+    image_std: list = _f([], "Per-channel std, with image_mean.")
     batch_size: int = _f(32, "Micro batch per process.")
     eval_batch_size: int = _f(128, "Batch for evaluation.")
     num_workers: int = _f(0, "DataLoader worker processes.")
@@ -291,6 +293,11 @@ def validate(cfg: RunConfig) -> None:
     split = cfg.data.split
     if len(split) != 3 or any(not isinstance(x, (int, float)) or x < 0 for x in split) or abs(sum(split) - 1) > 1e-6:
         raise ConfigError(f"data.split must be three non-negative fractions summing to 1, got {split}")
+    if len(cfg.data.image_mean) != len(cfg.data.image_std) or any(
+            not isinstance(x, (int, float)) for x in cfg.data.image_mean + cfg.data.image_std) or any(
+            x <= 0 for x in cfg.data.image_std):
+        raise ConfigError("data.image_mean and data.image_std must be number lists of the same length (std > 0), "
+                          "e.g. data.image_mean=[0.481,0.458,0.408] data.image_std=[0.269,0.261,0.276]")
     _choice("train.precision", cfg.train.precision, ("auto", "fp32", "bf16", "fp16"))
     for key in ("data.batch_size", "data.eval_batch_size", "train.grad_accum"):
         sec, name = key.split(".")

@@ -90,7 +90,8 @@ def build_stream_data(cfg: DataConfig, tokenizer=None, rank: int = 0, world_size
     if needs_labels is None:  # retrieval: labels mark extra positives when the shards have them
         needs_labels = bool(stream_classes(train_spec, "train"))
     fields = _fields(tokenizer, needs_image) + (["label"] if needs_labels else [])
-    common = dict(tokenizer=tokenizer, image_transform=ImageTransform(cfg.image_size), fields=fields,
+    common = dict(tokenizer=tokenizer, image_transform=ImageTransform(cfg.image_size, mean=cfg.image_mean or None,
+                                                                   std=cfg.image_std or None), fields=fields,
                   rank=rank, world_size=world_size, num_workers=cfg.num_workers, seed=cfg.seed,
                   max_length=cfg.max_length, image_size=cfg.image_size)
     # Several ranks sample shards with replacement (seeded by epoch and rank): every rank then takes the same

@@ -271,11 +271,6 @@ class ImageTransform:
         return t.div_(255.0).sub_(mean).div_(std)
 
 
-def default_image_transform(size: int = 224, mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                            resize: str = "crop") -> ImageTransform:
-    return ImageTransform(size, mean, std, resize)
-
-
 def tokenize_batch(tokenizer, texts: list[str], max_length: int | None) -> dict[str, torch.Tensor]:
     """Pad to the longest in the batch on the tokenizer's padding_side. Padding is done here so that
     tokenizers without a pad token (GPT-style) work without being mutated: pad id falls back to eos, then 0."""
@@ -604,8 +599,6 @@ class StreamLoader:
         out.setdefault("shard_errors", 0)
         return out
 
-    def reset_counts(self) -> None:
-        self._counts.clear()
 
 
 def make_loader(

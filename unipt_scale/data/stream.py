@@ -600,7 +600,6 @@ class StreamLoader:
         return out
 
 
-
 def make_loader(
     spec: Any,
     *,

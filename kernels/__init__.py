@@ -60,6 +60,7 @@ def grouped_projection(hidden_states: Sequence[torch.Tensor], weights, biases, n
     impl = resolve_backend(backend, hs[0])
     if impl == "reference":
         L = len(hs)
+        hs = [h.to(ws[0].dtype) for h in hs]  # the fused paths read mixed dtypes directly
         return grouped_projection_reference(hs, ws, bs, nws or [None] * L, nbs or [None] * L,
                                             pre_activation=pre_activation, norm=norm, eps=eps)
     fn = projection.grouped_projection_triton if impl == "triton" else projection.grouped_projection_efficient

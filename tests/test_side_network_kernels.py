@@ -85,3 +85,23 @@ def test_feature_map_side_network_backends_agree(add_identity):
     nets = {b: _with_backend(net, b) for b in ("reference", "triton", "efficient")}
     stages = [torch.randn(2, c, s, s, dtype=torch.float64) for c, s in ((4, 8), (6, 4), (8, 2))]
     _compare(nets, lambda m: m(stages), torch.float64, 1e-9)
+
+
+@pytest.mark.parametrize("backend", ["efficient", "triton"])
+def test_bf16_backbone_states_feed_an_fp32_side_network(backend):
+    """A bf16 backbone's states go in uncast; the result matches the reference on fp32 copies."""
+    from unipt_scale.config import UniPTConfig
+    from unipt_scale.side_network import UniPTSideNetwork
+
+    torch.manual_seed(0)
+    hs = [torch.randn(2, 5, 16).bfloat16() for _ in range(3)]
+    final = hs[-1]
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    nets = {}
+    for be in ("reference", backend):
+        torch.manual_seed(1)
+        nets[be] = UniPTSideNetwork(UniPTConfig(mapping_dim=8, zero_init_up=False, kernels=be), [16, 16, 16], 16)
+    want = nets["reference"](hs, mask, final)
+    got = nets[backend](hs, mask, final)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

@@ -150,7 +150,8 @@ class UniPTSideNetwork(nn.Module):
         if len(hidden_states) != len(self.hidden_sizes):
             raise ValueError(f"expected {len(self.hidden_sizes)} tapped hidden states, got {len(hidden_states)}")
         dtype = self.gate.weight.dtype
-        hidden_states = [h.to(dtype) for h in hidden_states]
+        # No up-front cast of the tapped states: the projection reads a bf16 backbone's states as they are
+        # (L fp32 copies of every hidden state would cost more than the side network itself).
         if mask is not None:
             mask = mask.bool()
         anchor_tokens, targets = self._anchor_and_targets(hidden_states, final)
@@ -177,7 +178,7 @@ class UniPTSideNetwork(nn.Module):
         """α (B, L') per sample: how much each tapped layer contributes (for inspection)."""
         if mask is not None:
             mask = mask.bool()
-        anchor_tokens, targets = self._anchor_and_targets([h.to(self.gate.weight.dtype) for h in hidden_states], final)
+        anchor_tokens, targets = self._anchor_and_targets(hidden_states, final)
         a = pool_tokens(anchor_tokens, mask, self.cfg.anchor_pooling)
         return kernels.confidence_weights(a, masked_mean(targets, mask), self.gate.weight, self.gate.bias)
 

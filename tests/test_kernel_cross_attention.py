@@ -7,15 +7,10 @@ from unipt_scale.bench.kernels import saved_tensor_bytes
 from unipt_scale.kernels import cross_attention as CA
 from unipt_scale.kernels.naive import relu_l1_attention_reference as reference
 
+from kernel_cases import CUDA, DEV, DTYPES
+
 pytestmark = pytest.mark.usefixtures("poison_empty")
 
-CUDA = torch.cuda.is_available()
-DEV = "cuda" if CUDA else "cpu"
-DTYPES = [
-    torch.float32,
-    torch.float16,
-    pytest.param(torch.bfloat16, marks=pytest.mark.skipif(not CUDA, reason="interpreter bf16 is wrong; CUDA only")),
-]
 TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2, torch.float64: 1e-10}
 # small tiles so that 37 queries / 29 keys span several partial blocks
 TRITON_SMALL = dict(block_m=16, block_n=16)

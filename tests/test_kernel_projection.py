@@ -7,15 +7,10 @@ from unipt_scale.bench.kernels import saved_tensor_bytes
 from unipt_scale.kernels import projection as P
 from unipt_scale.kernels.naive import grouped_projection_reference as reference
 
+from kernel_cases import CUDA, DEV, DTYPES
+
 pytestmark = pytest.mark.usefixtures("poison_empty")
 
-CUDA = torch.cuda.is_available()
-DEV = "cuda" if CUDA else "cpu"
-DTYPES = [
-    torch.float32,
-    torch.float16,
-    pytest.param(torch.bfloat16, marks=pytest.mark.skipif(not CUDA, reason="interpreter bf16 is wrong; CUDA only")),
-]
 TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2, torch.float64: 1e-10}
 B, T, d = 2, 19, 24
 WIDTHS = [40, 24, 72]  # different D_i per layer, none a multiple of the 16-wide tiles

@@ -7,7 +7,7 @@ from unipt_scale.bench.kernels import saved_tensor_bytes
 from unipt_scale.kernels import aggregation as A
 from unipt_scale.kernels.naive import confidence_aggregate_reference as reference
 
-from kernel_cases import CUDA, DEV, DTYPES
+from kernel_cases import DEV, DTYPES
 
 pytestmark = pytest.mark.usefixtures("poison_empty")
 

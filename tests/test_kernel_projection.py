@@ -7,7 +7,7 @@ from unipt_scale.bench.kernels import saved_tensor_bytes
 from unipt_scale.kernels import projection as P
 from unipt_scale.kernels.naive import grouped_projection_reference as reference
 
-from kernel_cases import CUDA, DEV, DTYPES
+from kernel_cases import DEV, DTYPES
 
 pytestmark = pytest.mark.usefixtures("poison_empty")
 

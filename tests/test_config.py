@@ -40,7 +40,11 @@ def test_unknown_key_lists_valid_ones():
     ("train.log_every=0", "out of range"),
     ("train.warmup_ratio=1.5", "out of range"),
     ("unipt.eps=0", "out of range"),
-    ("deepspeed.resume=auto", "deepspeed.enabled=true"),
+    ("deepspeed.resume=auto", "train.resume"),
+    ("deepspeed.checkpoint_every=5", "train.checkpoint_every"),
+    ("backbone.trust_remote_code=true", "--trust-remote-code"),
+    ("train.on_nonfinite=ignore", "choose one of"),
+    ("train.keep_checkpoints=0", "out of range"),
 ])
 def test_bad_values_name_the_problem(override, match):
     with pytest.raises(ConfigError, match=match):

@@ -21,7 +21,7 @@ from tiny_models import WORDS, tiny_bert_dir
 from unipt_scale.config import ConfigError, load_config
 
 pytest.importorskip("deepspeed")
-from unipt_scale.distributed import resolve_ds_config  # noqa: E402
+from unipt_scale.ds_config import resolve_ds_config  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -273,35 +273,33 @@ def test_two_nodes_on_localhost(ws, reference):
 
 
 def test_kill_and_resume_continues_the_same_history(ws):
-    """A 2-rank ZeRO-3 run (dropout on) dies after step 7; resumed from its step-6 checkpoint it ends exactly
-    where the uninterrupted run ends: same loss history, same weights."""
+    """A 2-rank ZeRO-3 run (dropout on) is killed (SIGKILL) after step 7; resumed from its step-6 checkpoint it
+    ends where the uninterrupted run ends: same loss history, same weights."""
     steps = 10
     args = [*ws["common"], f"train.max_steps={steps}", "task.dropout=0.2", "data.batch_size=4",
-            "deepspeed.enabled=true", f"deepspeed.config={ws['root'] / 'zero3.json'}", "deepspeed.checkpoint_every=3"]
+            "deepspeed.enabled=true", f"deepspeed.config={ws['root'] / 'zero3.json'}", "train.checkpoint_every=3"]
     full, crashed = str(ws["root"] / "uninterrupted"), str(ws["root"] / "crashed")
+    script = os.path.join(HERE, "ds_train.py")
 
-    def cli(out, *extra):
-        return _deepspeed("--module", "unipt_scale.cli", "train", "--output-dir", out, *args, *extra)
-
-    _run("resume: uninterrupted", cli(full))
-    env = _env()
-    env["UNIPT_FAIL_AT_STEP"] = "7"
-    dead = _run("resume: crash after step 7", cli(crashed), env=env, expect_ok=False)
+    _run("resume: uninterrupted", _deepspeed(script, f"output_dir={full}", *args))
+    dead = _run("resume: killed after step 7", _deepspeed(script, "--kill-after-step=7", f"output_dir={crashed}",
+                                                          *args), expect_ok=False)
     assert dead.returncode != 0
     assert not os.path.exists(os.path.join(crashed, "metrics.json"))
-    with open(os.path.join(crashed, "ds_ckpt", "latest")) as fh:
+    with open(os.path.join(crashed, "checkpoints", "latest")) as fh:
         assert fh.read().strip() == "step00000006"
-    _run("resume: resumed", cli(crashed, "deepspeed.resume=auto"))
+    _run("resume: resumed", _deepspeed(script, f"output_dir={crashed}", *args, "train.resume=auto"))
 
     resumed, uninterrupted = _metrics(crashed), _metrics(full)
     assert resumed["steps"] == uninterrupted["steps"] == steps
-    # Only steps 7..10 ran after the resume (4 steps x 4 samples x 2 ranks), not a silent restart.
-    assert resumed["samples_seen"] == (steps - 6) * 4 * 2 and uninterrupted["samples_seen"] == steps * 4 * 2
+    # Only steps 7..10 ran after the resume, not a silent restart; the sample count covers the whole run.
+    assert resumed["resumed_from_step"] == 6 and uninterrupted["resumed_from_step"] is None
+    assert resumed["samples_seen"] == uninterrupted["samples_seen"] == steps * 4 * 2
     assert [s for s, _ in resumed["train_loss"]] == list(range(1, steps + 1))
     torch.testing.assert_close(_losses(crashed), _losses(full), rtol=0, atol=1e-6)
     for k, v in _weights(full).items():
         torch.testing.assert_close(_weights(crashed)[k], v, rtol=0, atol=1e-6, msg=k)
-    with open(os.path.join(crashed, "ds_ckpt", "latest")) as fh:
+    with open(os.path.join(crashed, "checkpoints", "latest")) as fh:
         assert fh.read().strip() == f"step{steps:08d}"  # the end-of-run checkpoint
 
 
@@ -330,25 +328,28 @@ def _ds_cfg(tmp_path, ds, *overrides):
 def test_config_rule_fills_what_the_json_leaves_out(tmp_path):
     cfg = _ds_cfg(tmp_path, {"zero_optimization": {"stage": 2}}, "data.batch_size=6", "train.grad_accum=3",
                   "train.clip_norm=0.5")
-    ds = resolve_ds_config(cfg, world_size=4, cuda=False)
+    _, ds, _ = resolve_ds_config(cfg, world_size=4, cuda=False)
     sizes = ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]
     assert sizes == (6, 3, 72)
     assert ds["gradient_clipping"] == 0.5 and ds["zero_optimization"]["stage"] == 2
     assert "bf16" not in ds and "fp16" not in ds  # precision auto: fp32 on CPU ...
-    assert resolve_ds_config(cfg, world_size=4, cuda=True)["bf16"] == {"enabled": True}  # ... bf16 on CUDA
+    assert resolve_ds_config(cfg, world_size=4, cuda=True)[1]["bf16"] == {"enabled": True}  # ... bf16 on CUDA
     fp16 = _ds_cfg(tmp_path, {"fp16": {"enabled": "auto"}}, "train.precision=fp16")
-    assert resolve_ds_config(fp16, world_size=1, cuda=False)["fp16"]["enabled"] is True
-    assert resolve_ds_config(_ds_cfg(tmp_path, {}), 1, False)["zero_optimization"]["stage"] == 0
+    assert resolve_ds_config(fp16, world_size=1, cuda=False)[1]["fp16"]["enabled"] is True
+    assert resolve_ds_config(_ds_cfg(tmp_path, {}), 1, False)[1]["zero_optimization"]["stage"] == 0
 
 
-def test_config_rule_json_values_win_and_are_written_back(tmp_path):
+def test_config_rule_json_values_win_and_are_returned(tmp_path):
     cfg = _ds_cfg(tmp_path, {"train_batch_size": 64, "gradient_accumulation_steps": 2, "gradient_clipping": 2.0,
                              "train_micro_batch_size_per_gpu": "auto", "zero_optimization": {"stage": 1}},
                   "data.batch_size=5", "deepspeed.zero_stage=3")
-    ds = resolve_ds_config(cfg, world_size=4, cuda=False)
+    before = cfg.to_dict()
+    resolved, ds, notes = resolve_ds_config(cfg, world_size=4, cuda=False)
     assert ds["train_micro_batch_size_per_gpu"] == 8 and ds["zero_optimization"]["stage"] == 3
-    # The loaders, the step count and metrics.json then use what DeepSpeed uses.
-    assert (cfg.data.batch_size, cfg.train.grad_accum, cfg.train.clip_norm) == (8, 2, 2.0)
+    # The loaders, the step count and metrics.json then use what DeepSpeed uses ...
+    assert (resolved.data.batch_size, resolved.train.grad_accum, resolved.train.clip_norm) == (8, 2, 2.0)
+    assert any("data.batch_size = 8" in n for n in notes)
+    assert cfg.to_dict() == before, "... and the run config given is left as it was"
 
 
 @pytest.mark.parametrize("ds, says", [

@@ -33,6 +33,12 @@ def _config_args(p: argparse.ArgumentParser):
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.lr=1e-4")
 
 
+def _remote_code_arg(p: argparse.ArgumentParser):
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="let transformers import and run the Python code a model directory ships (auto_map); "
+                        "never enabled by a config or checkpoint file")
+
+
 def _load(args, extra=()) -> "RunConfig":  # noqa: F821
     overrides = list(args.overrides) + list(extra)
     if getattr(args, "output_dir", None):
@@ -50,7 +56,7 @@ def cmd_train(args) -> int:
         return 0
     from unipt_scale.trainer import train
 
-    metrics = train(cfg)
+    metrics = train(cfg, trust_remote_code=args.trust_remote_code)
     if metrics.get("world_size", 1) > 1 and int(os.environ.get("RANK", "0")) != 0:
         return 0
     print(f"wrote {os.path.join(cfg.output_dir, 'metrics.json')}")
@@ -64,26 +70,29 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _tokenizer(cfg, trust_remote_code: bool):
+    from unipt_scale.preprocessors import load_tokenizer
+
+    return load_tokenizer(cfg.backbone, trust_remote_code=trust_remote_code)
+
+
 def cmd_eval(args) -> int:
     import torch
 
-    from unipt_scale.checkpoint import atomic_write_json, load_trained
+    from unipt_scale.atomic import atomic_write_json
     from unipt_scale.data import build_data
-    from unipt_scale.engine import LocalEngine
-    from unipt_scale.model import tokenizer_of
+    from unipt_scale.export import load_trained
     from unipt_scale.trainer import evaluate
 
-    model, cfg, meta = load_trained(args.checkpoint, args.overrides)
+    model, cfg, meta = load_trained(args.checkpoint, args.overrides, trust_remote_code=args.trust_remote_code)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
-    data = build_data(cfg.data, tokenizer_of(model), needs_image=cfg.task.kind == "retrieval",
+    data = build_data(cfg.data, _tokenizer(cfg, args.trust_remote_code), needs_image=cfg.task.kind == "retrieval",
                       needs_labels=cfg.task.kind == "classification" or None)
     loader = {"val": data.val, "test": data.test, "train": data.train}[args.split]
     if loader is None:
         raise ConfigError(f"the {args.split} split is empty for this data config")
-    engine = LocalEngine.__new__(LocalEngine)  # evaluation needs only device + autocast
-    engine.device, engine.amp_dtype = device, None
-    metrics = evaluate(model, loader, engine, args.split)
+    metrics = evaluate(model, loader, None, args.split, device=device)
     print(json.dumps({args.split: metrics}, indent=2))
     if args.json:
         atomic_write_json(args.json, {args.split: metrics, "checkpoint": os.path.abspath(args.checkpoint)})
@@ -94,15 +103,14 @@ def cmd_predict(args) -> int:
     import torch
 
     from unipt_scale.data import text_collate
-    from unipt_scale.model import ClassificationModel, tokenizer_of
+    from unipt_scale.export import load_trained
+    from unipt_scale.model import ClassificationModel
 
-    from unipt_scale.checkpoint import load_trained
-
-    model, cfg, meta = load_trained(args.checkpoint)
+    model, cfg, meta = load_trained(args.checkpoint, trust_remote_code=args.trust_remote_code)
     if not isinstance(model, ClassificationModel):
         raise ConfigError("unipt predict serves classification checkpoints")
     texts = list(args.texts) or [line.rstrip("\n") for line in sys.stdin if line.strip()]
-    batch = text_collate(tokenizer_of(model), cfg.data.max_length)([{"text": t} for t in texts])
+    batch = text_collate(_tokenizer(cfg, args.trust_remote_code), cfg.data.max_length)([{"text": t} for t in texts])
     with torch.no_grad():
         probs = model(batch).softmax(-1)
     names = meta.get("label_names") or [str(i) for i in range(probs.shape[-1])]
@@ -112,8 +120,6 @@ def cmd_predict(args) -> int:
 
 
 def cmd_info(args) -> int:
-    import torch
-
     from unipt_scale.model import build_model, count_parameters
 
     cfg = _load(args)
@@ -122,7 +128,7 @@ def cmd_info(args) -> int:
         from unipt_scale.data import num_classes_of
 
         num_classes = num_classes_of(cfg.data)
-    model = build_model(cfg, num_classes=num_classes)
+    model = build_model(cfg, num_classes=num_classes, trust_remote_code=args.trust_remote_code)
     counts = count_parameters(model)
     side = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and ".side." in f".{n}")
     info = {**counts, "side_network_params": side, "head_params": counts["trainable_params"] - side,
@@ -131,7 +137,6 @@ def cmd_info(args) -> int:
     info["tapped_layers"] = [e.backbone.layer_indices for e in encoders]
     info["mapping_dim"] = [e.side.mapping_dim for e in encoders]
     print(json.dumps(info, indent=2))
-    del torch
     return 0
 
 
@@ -151,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     t.add_argument("--help-config", action="store_true", help="list every config key with its help")
     t.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    _remote_code_arg(t)
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="evaluate a checkpoint written by `unipt train`")
@@ -158,15 +164,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", default="test", choices=["val", "test", "train"])
     e.add_argument("--json", help="also write the metrics to this file")
     e.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. data.eval_batch_size=256")
+    _remote_code_arg(e)
     e.set_defaults(func=cmd_eval)
 
     r = sub.add_parser("predict", help="classify texts with a checkpoint (arguments, or one per line on stdin)")
     r.add_argument("--checkpoint", required=True)
     r.add_argument("texts", nargs="*")
+    _remote_code_arg(r)
     r.set_defaults(func=cmd_predict)
 
     i = sub.add_parser("info", help="trainable / frozen parameter counts of a config")
     _config_args(i)
+    _remote_code_arg(i)
     i.set_defaults(func=cmd_info)
 
     for name, module, helptext in (("plan", "unipt_scale.plan", "per-GPU memory plan: UniPT vs LoRA vs full"),
@@ -203,19 +212,28 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return args.func(args) or 0
     except ConfigError as err:
-        print(f"unipt: config error: {err}", file=sys.stderr)
+        print(f"unipt: config error: {_one_line(err)}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError) as err:
-        print(f"unipt: {err}", file=sys.stderr)
+    except (FileNotFoundError, NotADirectoryError, PermissionError, ValueError) as err:
+        print(f"unipt: {_one_line(err)}", file=sys.stderr)
         return 2
-    except Exception as err:  # a readable one-liner for the known load errors; full traceback otherwise
+    except Exception as err:  # a readable one-liner for the known errors; full traceback otherwise
         from unipt_scale.assets import AssetError
         from unipt_scale.backbone import BackboneLoadError
+        from unipt_scale.trainer import NonFiniteError
 
+        if isinstance(err, NonFiniteError):
+            print(f"unipt: {_one_line(err)}", file=sys.stderr)
+            return 3
         if isinstance(err, (BackboneLoadError, AssetError)):
-            print(f"unipt: {err}", file=sys.stderr)
+            print(f"unipt: {_one_line(err)}", file=sys.stderr)
             return 2
         raise
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip() or type(err).__name__
+    return " ".join(text.split())
 
 
 if __name__ == "__main__":

@@ -30,7 +30,6 @@ class BackboneConfig:
     kind: str = _f("auto", "auto | encoder | decoder | encoder_decoder (T5: its encoder is used) | vision.")
     dtype: str = _f("float32", "Dtype the frozen backbone runs in: float32 | bfloat16 | float16.")
     random_init: bool = _f(False, "Build the backbone from its config.json with random weights (tests, smoke runs).")
-    trust_remote_code: bool = _f(False, "Passed to transformers' from_pretrained.")
     padding_side: str = _f("auto", "auto (right padding) | left | right; decoders get positions from the mask, so both give the same states.")
 
 
@@ -107,6 +106,15 @@ class TrainConfig:
     num_threads: int = _f(0, "torch CPU threads (0 = torch default).")
     save: bool = _f(True, "Write the trained weights (side network + head) at the end.")
     tensorboard: bool = _f(True, "Write TensorBoard scalars under OUTPUT_DIR/tb.")
+    checkpoint_every: int = _f(0, "Write a resumable checkpoint under OUTPUT_DIR/checkpoints every N optimizer steps "
+                                  "(0 = none; the end of the run always writes OUTPUT_DIR/checkpoint).")
+    keep_checkpoints: int = _f(2, "Keep the newest K resumable checkpoints; older ones are deleted once a newer one "
+                                  "is complete.")
+    resume: str = _f("", "'' = start fresh; auto = continue from the newest complete checkpoint under "
+                         "OUTPUT_DIR/checkpoints (fresh start if there is none); or a checkpoint directory.")
+    on_nonfinite: str = _f("stop", "A non-finite loss or gradient: stop (exit non-zero, nothing non-finite is written) "
+                                   "| skip (drop that optimizer step; one host sync per step).")
+    max_nonfinite_steps: int = _f(10, "With on_nonfinite=skip: stop once this many steps were skipped.")
 
 
 @dataclass
@@ -114,8 +122,6 @@ class DeepSpeedConfig:
     enabled: bool = _f(False, "Train through DeepSpeed (ZeRO) instead of the single-process engine.")
     config: str = _f("", "DeepSpeed JSON config (see launch/); batch sizes are filled from data/train.")
     zero_stage: int = _f(-1, "Override the JSON's ZeRO stage (-1 = keep).")
-    checkpoint_every: int = _f(0, "Save a resumable DeepSpeed checkpoint every N steps (0 = only at the end).")
-    resume: str = _f("", "Resume from this DeepSpeed checkpoint directory ('auto' = OUTPUT_DIR/ds_ckpt if present).")
 
 
 @dataclass
@@ -192,11 +198,25 @@ def _coerce(value, tp, key):
     return value
 
 
+# Keys that existed once: a config that still sets one gets the key that replaced it, not a list of valid keys.
+MOVED_KEYS = {
+    "deepspeed.checkpoint_every": "it is train.checkpoint_every now (both engines checkpoint)",
+    "deepspeed.resume": "it is train.resume now (auto | a checkpoint directory; both engines resume)",
+    "backbone.trust_remote_code": "remote code is never enabled by a file; pass --trust-remote-code on the command "
+                                  "line of the run that should execute it",
+    "image_backbone.trust_remote_code": "remote code is never enabled by a file; pass --trust-remote-code on the "
+                                        "command line of the run that should execute it",
+}
+
+
 def _build(cls, data: dict, prefix: str):
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix or 'config'} must be a mapping, got {data!r}")
     hints = get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
+    for k in data:
+        if prefix + k in MOVED_KEYS:
+            raise ConfigError(f"{prefix + k} is no longer a config key: {MOVED_KEYS[prefix + k]}")
     unknown = [k for k in data if k not in names]
     if unknown:
         raise ConfigError(f"unknown key(s) {', '.join(prefix + k for k in unknown)}; valid keys here: "
@@ -233,7 +253,11 @@ def parse_overrides(items) -> dict:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not key=value (e.g. train.lr=1e-4)")
         key, raw = item.split("=", 1)
-        _set_path(tree, key.strip(), RawOverride(raw, yaml.safe_load(raw) if raw != "" else ""))
+        try:
+            parsed = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            parsed = raw  # not YAML: the typed text itself (string fields take it; others say what they need)
+        _set_path(tree, key.strip(), RawOverride(raw, parsed))
     return tree
 
 
@@ -251,7 +275,13 @@ def load_config(path: Optional[str] = None, overrides=(), base: Optional[dict] =
         if not os.path.isfile(path):
             raise ConfigError(f"config file {path!r} does not exist")
         with open(path, encoding="utf-8") as fh:
-            loaded = yaml.safe_load(fh) or {}
+            try:
+                loaded = yaml.safe_load(fh) or {}
+            except yaml.YAMLError as err:
+                where = getattr(err, "problem_mark", None)
+                at = f" (line {where.line + 1})" if where is not None else ""
+                raise ConfigError(f"config file {path!r} is not plain YAML{at}: {str(err).splitlines()[0]}; use "
+                                  "plain mappings, lists and scalars (no !tags)") from None
         tree = _merge(tree, loaded)
     tree = _merge(tree, parse_overrides(overrides))
     cfg = _build(RunConfig, tree, "")
@@ -314,10 +344,16 @@ def validate(cfg: RunConfig) -> None:
         if not ok:
             raise ConfigError(f"{key} is out of range (lr > 0, warmup_ratio in [0, 1], log_every >= 1, "
                               "max_steps/eval_every/clip_norm/weight_decay >= 0, eps > 0)")
-    ds = cfg.deepspeed
-    if not ds.enabled and (ds.resume or ds.checkpoint_every):
-        raise ConfigError("deepspeed.resume / deepspeed.checkpoint_every need deepspeed.enabled=true (resumable "
-                          "checkpoints are DeepSpeed's); the single-process engine saves only the trained weights")
+    _choice("train.on_nonfinite", t.on_nonfinite, ("stop", "skip"))
+    for key, ok in (("train.checkpoint_every", t.checkpoint_every >= 0), ("train.keep_checkpoints",
+                    t.keep_checkpoints >= 1), ("train.max_nonfinite_steps", t.max_nonfinite_steps >= 0)):
+        if not ok:
+            raise ConfigError(f"{key} is out of range (checkpoint_every >= 0, keep_checkpoints >= 1, "
+                              "max_nonfinite_steps >= 0)")
+    if t.on_nonfinite == "skip" and cfg.deepspeed.enabled:
+        raise ConfigError("train.on_nonfinite=skip runs on the single-process engine only; under DeepSpeed use "
+                          "train.on_nonfinite=stop with train.checkpoint_every and train.resume=auto (fp16 runs "
+                          "also get DeepSpeed's own loss-scale skipping)")
     if cfg.deepspeed.zero_stage not in (-1, 0, 1, 2, 3):
         raise ConfigError("deepspeed.zero_stage must be 0, 1, 2, 3 (or -1 to keep the JSON's)")
 

@@ -1,17 +1,23 @@
-"""The engine seam: what the training loop asks of an optimizer/precision/distribution backend.
+"""The engine interface: everything the training loop asks of an optimizer/precision/distribution backend.
 
-`LocalEngine` is the single-process engine; `unipt_scale.distributed.DeepSpeedEngine` implements the same
-methods on top of `deepspeed.initialize`, so the loop in trainer.py never branches on the backend.
+Two engines implement all of it: `LocalEngine` (one process) here and
+`unipt_scale.deepspeed_engine.DeepSpeedEngine` (ZeRO 0-3 on a process group). The loop never asks an engine
+what it can do; it calls these methods on either.
 """
 from __future__ import annotations
 
+import abc
 import contextlib
+import json
 import math
-from typing import Dict, List
+import os
+from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
+from safetensors.torch import load_file, save_file
 
+from unipt_scale.atomic import atomic_write_json
 from unipt_scale.config import TrainConfig
 
 
@@ -50,13 +56,116 @@ def autocast_dtype(precision: str, device: torch.device):
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-class LocalEngine:
+def trained_names(model: nn.Module) -> List[str]:
+    """State-dict keys of what is trained: everything but the frozen backbone (side networks, heads, buffers)."""
+    return [k for k in model.state_dict() if ".backbone." not in f".{k}."]
+
+
+class Engine(abc.ABC):
+    """What the trainer calls. Collective methods must be called by every rank."""
+
+    model: nn.Module
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    zero_stage: Optional[int] = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @abc.abstractmethod
+    def autocast(self):
+        """Context for forwards (mixed precision where the engine does it with autocast)."""
+
+    @abc.abstractmethod
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of one micro batch's loss (accumulation scaling is the engine's job)."""
+
+    @abc.abstractmethod
+    def at_boundary(self) -> bool:
+        """Whether the next step() closes an accumulation window (an optimizer update is due)."""
+
+    @abc.abstractmethod
+    def step(self, apply: bool = True) -> bool:
+        """After every micro batch. True when it closed an accumulation window; with apply=False the window's
+        gradients are dropped instead of applied (a skipped step: no update, no schedule advance)."""
+
+    @abc.abstractmethod
+    def grads_finite(self) -> bool:
+        """Whether every accumulated gradient is finite (collective; one host sync)."""
+
+    @abc.abstractmethod
+    def lr(self) -> float: ...
+
+    @abc.abstractmethod
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum of `tensor` over ranks, in place (collective)."""
+
+    @abc.abstractmethod
+    def gather(self, outputs: List[Dict]) -> List[Dict]:
+        """Every rank's eval outputs, in rank order, on every rank (collective)."""
+
+    @abc.abstractmethod
+    def lockstep(self, loader: Iterable) -> Iterator[Tuple[Dict, bool]]:
+        """(batch, real) pairs over an eval loader; engines with collective forwards keep ranks in step."""
+
+    @abc.abstractmethod
+    def barrier(self) -> None: ...
+
+    @abc.abstractmethod
+    def parameter_counts(self) -> Dict[str, int]: ...
+
+    @abc.abstractmethod
+    def trained_state_dict(self) -> Dict[str, torch.Tensor]:
+        """Full fp32 weights of what was trained (collective), the same whatever the engine and world size."""
+
+    @abc.abstractmethod
+    def trained_finite(self) -> bool:
+        """Whether every trained weight and optimizer state is finite (collective)."""
+
+    @abc.abstractmethod
+    def save_state(self, directory: str) -> None:
+        """Write this rank's resumable engine state (weights, optimizer, schedule, scaler) into `directory`
+        (collective; every rank writes into the same directory)."""
+
+    @abc.abstractmethod
+    def load_state(self, directory: str) -> None:
+        """Restore what save_state wrote (collective)."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release the backend (collective, once, before the process group goes)."""
+
+
+def _flatten_optimizer(state: dict) -> Tuple[Dict[str, torch.Tensor], dict]:
+    tensors, plain = {}, {}
+    for idx, per_param in state["state"].items():
+        for key, value in per_param.items():
+            if torch.is_tensor(value):
+                tensors[f"optim.{idx}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                plain[f"{idx}.{key}"] = value
+    return tensors, {"param_groups": state["param_groups"], "plain": plain}
+
+
+def _unflatten_optimizer(tensors: Dict[str, torch.Tensor], meta: dict) -> dict:
+    state: Dict[int, dict] = {}
+    for name, value in tensors.items():
+        if name.startswith("optim."):
+            _, idx, key = name.split(".", 2)
+            state.setdefault(int(idx), {})[key] = value
+    for name, value in meta["plain"].items():
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+class LocalEngine(Engine):
     """AdamW + warmup/cosine + accumulation + clipping + autocast on one process."""
 
-    rank = 0
-    world_size = 1
-    is_main = True
-    zero_stage = None
+    STATE_TENSORS = "engine.safetensors"
+    STATE_JSON = "engine.json"
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, total_steps: int, device: torch.device):
         self.model = model.to(device)
@@ -67,6 +176,7 @@ class LocalEngine:
             raise ValueError("the model has no trainable parameters")
         for g in groups:
             g.pop("names")
+        self._params = [p for g in groups for p in g["params"]]
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(total_steps, cfg.warmup_ratio))
         self.amp_dtype = autocast_dtype(cfg.precision, device)
@@ -83,38 +193,96 @@ class LocalEngine:
         loss = loss / self.cfg.grad_accum
         (self.scaler.scale(loss) if self.scaler else loss).backward()
 
-    def step(self) -> bool:
-        """Call after every micro batch; returns True when an optimizer step was taken."""
+    def at_boundary(self) -> bool:
+        return (self.micro_step + 1) % self.cfg.grad_accum == 0
+
+    def grads_finite(self) -> bool:
+        grads = [p.grad for p in self._params if p.grad is not None]
+        if not grads:
+            return True
+        return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+
+    def step(self, apply: bool = True) -> bool:
+        boundary = self.at_boundary()
         self.micro_step += 1
-        if self.micro_step % self.cfg.grad_accum:
+        if not boundary:
             return False
-        if self.scaler:
-            self.scaler.unscale_(self.optimizer)
-        if self.cfg.clip_norm > 0:
-            params = [p for g in self.optimizer.param_groups for p in g["params"]]
-            torch.nn.utils.clip_grad_norm_(params, self.cfg.clip_norm)
-        if self.scaler:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.scheduler.step()
+        if apply:
+            if self.scaler:
+                self.scaler.unscale_(self.optimizer)
+            if self.cfg.clip_norm > 0:
+                torch.nn.utils.clip_grad_norm_(self._params, self.cfg.clip_norm)
+            if self.scaler:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return True
 
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
 
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
     def gather(self, outputs):
         return outputs
 
-    def reduce_mean(self, value: float) -> float:
-        return value
+    def lockstep(self, loader):
+        for batch in loader:
+            yield batch, True
 
     def barrier(self):
         pass
 
-    def trained_state_dict(self):
-        from unipt_scale.model import trained_state_dict
+    def parameter_counts(self) -> Dict[str, int]:
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.model.parameters())
+        return {"trainable_params": trainable, "frozen_params": total - trainable}
 
-        return trained_state_dict(self.model)
+    def trained_state_dict(self) -> Dict[str, torch.Tensor]:
+        state = self.model.state_dict()
+        return {k: state[k].detach().cpu().clone() for k in trained_names(self.model)}
+
+    def trained_finite(self) -> bool:
+        names = set(trained_names(self.model))
+        tensors = [t for k, t in self.model.state_dict().items() if k in names and t.is_floating_point()]
+        tensors += [v for s in self.optimizer.state.values() for v in s.values()
+                    if torch.is_tensor(v) and v.is_floating_point()]
+        return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()) if tensors else True
+
+    # -- resumable state: tensors in safetensors, the rest JSON
+
+    def save_state(self, directory: str) -> None:
+        tensors = {f"model.{k}": v.contiguous() for k, v in self.trained_state_dict().items()}
+        opt_tensors, opt_meta = _flatten_optimizer(self.optimizer.state_dict())
+        tensors.update(opt_tensors)
+        sched = {k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"}
+        meta = {"optimizer": opt_meta, "scheduler": sched, "micro_step": self.micro_step,
+                "scaler": self.scaler.state_dict() if self.scaler else None}
+        save_file(tensors, os.path.join(directory, self.STATE_TENSORS))
+        atomic_write_json(os.path.join(directory, self.STATE_JSON), meta)
+
+    def load_state(self, directory: str) -> None:
+        tensors = load_file(os.path.join(directory, self.STATE_TENSORS))
+        with open(os.path.join(directory, self.STATE_JSON), encoding="utf-8") as fh:
+            meta = json.load(fh)
+        model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+        expected = set(trained_names(self.model))
+        if set(model_state) != expected:
+            raise ValueError(f"checkpoint {directory} holds other trained weights than this model "
+                             f"(missing {sorted(expected - set(model_state))[:3]}, unexpected "
+                             f"{sorted(set(model_state) - expected)[:3]}); resume with the config it was written with")
+        self.model.load_state_dict(model_state, strict=False)
+        self.optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
+        sched = dict(meta["scheduler"])
+        sched["lr_lambdas"] = [None] * len(self.optimizer.param_groups)
+        self.scheduler.load_state_dict(sched)
+        if self.scaler and meta.get("scaler"):
+            self.scaler.load_state_dict(meta["scaler"])
+        self.micro_step = int(meta["micro_step"])
+
+    def close(self) -> None:
+        pass

@@ -160,15 +160,19 @@ class RetrievalModel(nn.Module):
         return metrics
 
 
-def build_model(cfg: RunConfig, num_classes: int = 0) -> nn.Module:
-    """The task model a config describes, with its backbones loaded and frozen."""
+def build_model(cfg: RunConfig, num_classes: int = 0, trust_remote_code: bool = False) -> nn.Module:
+    """The task model a config describes, with its backbones loaded and frozen. Remote code runs only when the
+    person running the command asked for it (`--trust-remote-code`), never because a file says so."""
     if cfg.task.kind == "classification":
         n = cfg.task.num_classes or num_classes
-        encoder = UniPTEncoder(load_backbone(cfg.backbone), cfg.unipt)
+        if n < 2:
+            raise ConfigError(f"classification needs at least 2 classes, got {n}; check the data "
+                              "(data.source, data.path, data.label_column) or set task.num_classes")
+        encoder = UniPTEncoder(load_backbone(cfg.backbone, trust_remote_code=trust_remote_code), cfg.unipt)
         return ClassificationModel(encoder, n, cfg.task.dropout)
     if cfg.task.kind == "retrieval":
-        image = UniPTEncoder(load_backbone(cfg.image_backbone), cfg.unipt)
-        text = UniPTEncoder(load_backbone(cfg.backbone), cfg.unipt)
+        image = UniPTEncoder(load_backbone(cfg.image_backbone, trust_remote_code=trust_remote_code), cfg.unipt)
+        text = UniPTEncoder(load_backbone(cfg.backbone, trust_remote_code=trust_remote_code), cfg.unipt)
         return RetrievalModel(image, text, cfg.task.embed_dim, cfg.task.init_temperature)
     raise ConfigError(f"unknown task.kind {cfg.task.kind!r}")
 

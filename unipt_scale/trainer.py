@@ -1,23 +1,47 @@
-"""The one training loop. Backends plug in through the engine seam (engine.py); data through data/."""
+"""The one trainer: explicit state, one engine interface, one checkpoint manager.
+
+Set-up reads in one direction: config → process group and DeepSpeed config (resolved once) → preprocessors
+(tokenizer from the backbone path, no weights) → data (which knows its classes) → model → engine → checkpoint
+manager and resume → loop. `train(cfg)` runs it and always tears down in a fixed order.
+"""
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import random
 import time
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from unipt_scale.checkpoint import atomic_write_json, save_trained
+from unipt_scale.atomic import atomic_write_json
+from unipt_scale.checkpoint import CheckpointManager
 from unipt_scale.config import RunConfig
-from unipt_scale.data import build_data, num_classes_of
-from unipt_scale.engine import LocalEngine
-from unipt_scale.model import build_model, count_parameters, tokenizer_of
+from unipt_scale.distributed import DistContext, broadcast_object, init_process_group, shutdown_process_group, \
+    single_process
+from unipt_scale.engine import Engine, LocalEngine
+from unipt_scale.export import CHECKPOINT, METRICS, commit_outputs, recover_outputs
+from unipt_scale.train_state import TrainState, capture_rng, finite_or_none, restore_rng
 
 log = logging.getLogger("unipt_scale")
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced a non-finite loss or weight; nothing non-finite was written."""
+
+
+class Callback:
+    """Hooks into the loop (progress reporting, tests that stop a run at a chosen point)."""
+
+    def on_step_end(self, trainer: "Trainer") -> None:
+        pass
+
+    def on_checkpoint(self, trainer: "Trainer", path: str) -> None:
+        pass
 
 
 def seed_everything(seed: int) -> None:
@@ -33,28 +57,6 @@ def seed_everything(seed: int) -> None:
 
 def to_device(batch: Dict, device: torch.device) -> Dict:
     return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
-
-
-def evaluate(model, loader, engine, desc: str = "eval") -> Optional[Dict[str, float]]:
-    """Run eval_step over a loader (each rank its part) and compute metrics on the gathered outputs."""
-    if loader is None:
-        return None
-    was_training = model.training
-    model.eval()
-    outputs = []
-    # An engine whose forwards are collective (ZeRO-3) keeps the ranks in step, with stand-in batches (real=False).
-    batches = engine.lockstep(loader) if hasattr(engine, "lockstep") else ((b, True) for b in loader)
-    with torch.no_grad(), engine.autocast():
-        for batch, real in tqdm(batches, total=_length(loader), desc=desc, leave=False, disable=not engine.is_main):
-            out = model.eval_step(to_device(batch, engine.device))
-            if real:
-                outputs.append(out)
-    if _rank_sharded(loader):
-        outputs = engine.gather(outputs)  # each rank saw its part; otherwise every rank already saw it all
-    model.train(was_training)
-    if not outputs:
-        return None
-    return model.eval_metrics(outputs)
 
 
 def _rank_sharded(loader) -> bool:
@@ -80,170 +82,401 @@ def _length(loader) -> Optional[int]:
         return None
 
 
-def _make_engine(cfg: RunConfig, model, total_steps: int, device):
-    if cfg.deepspeed.enabled:
-        from unipt_scale.distributed import DeepSpeedEngine
+def evaluate(model, loader, engine: Optional[Engine], desc: str = "eval",
+             device: Optional[torch.device] = None) -> Optional[Dict[str, float]]:
+    """eval_step over a loader, metrics on the outputs. With an engine each rank runs its part (in lockstep
+    where forwards are collective) and the outputs are gathered; without one it is a plain loop on `device`."""
+    if loader is None:
+        return None
+    was_training = model.training
+    model.eval()
+    outputs = []
+    pairs = engine.lockstep(loader) if engine is not None else ((b, True) for b in loader)
+    device = engine.device if engine is not None else (device or torch.device("cpu"))
+    main = engine.is_main if engine is not None else True
+    autocast = engine.autocast() if engine is not None else contextlib.nullcontext()
+    with torch.no_grad(), autocast:
+        for batch, real in tqdm(pairs, total=_length(loader), desc=desc, leave=False, disable=not main):
+            out = model.eval_step(to_device(batch, device))
+            if real:
+                outputs.append(out)
+    if engine is not None and _rank_sharded(loader):
+        outputs = engine.gather(outputs)
+    model.train(was_training)
+    if not outputs:
+        return None
+    return model.eval_metrics(outputs)
 
-        return DeepSpeedEngine(model, cfg, total_steps)
-    return LocalEngine(model, cfg.train, total_steps, device)
 
+class _Cursor:
+    """The train loader at a position inside an epoch. Loaders with state_dict/load_state_dict seek; any other
+    iterable is fast-forwarded by counting batches (the fallback)."""
 
-def _distributed_context(cfg: RunConfig):
-    """(rank, world_size, device) before the model is built; DeepSpeed runs set up the process group first."""
-    if cfg.deepspeed.enabled:
-        from unipt_scale.distributed import init_distributed
+    def __init__(self, loader):
+        self.loader = loader
+        self.seeks = hasattr(loader, "state_dict") and hasattr(loader, "load_state_dict")
+        self._skip = self._count = 0
 
-        return init_distributed(cfg)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return 0, 1, device
+    def start(self, epoch: int, position: dict) -> None:
+        if hasattr(self.loader, "set_epoch"):
+            self.loader.set_epoch(epoch)
+        elif hasattr(getattr(self.loader, "sampler", None), "set_epoch"):
+            self.loader.sampler.set_epoch(epoch)
+        self._count = int(position.get("batches", 0)) if not self.seeks else 0
+        self._skip = self._count
+        if self.seeks and position:
+            self.loader.load_state_dict(position)
 
-
-def train(cfg: RunConfig) -> Dict:
-    """Train per `cfg`; writes OUTPUT_DIR/metrics.json (and checkpoint/, tb/) and returns the metrics."""
-    start = time.time()
-    if cfg.train.num_threads > 0:
-        torch.set_num_threads(cfg.train.num_threads)
-    seed_everything(cfg.train.seed)
-    rank, world_size, device = _distributed_context(cfg)
-    is_main = rank == 0
-    out_dir = cfg.output_dir
-    if is_main:
-        os.makedirs(out_dir, exist_ok=True)
-
-    num_classes = num_classes_of(cfg.data) if cfg.task.kind == "classification" and not cfg.task.num_classes else 0
-    model = build_model(cfg, num_classes=num_classes)
-    data = build_data(cfg.data, tokenizer_of(model), rank=rank, world_size=world_size,
-                      needs_image=cfg.task.kind == "retrieval", needs_labels=cfg.task.kind == "classification" or None)
-    steps_per_epoch = max(1, data.train_batches // cfg.train.grad_accum)
-    total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
-    engine = _make_engine(cfg, model, total_steps, device)
-    model = engine.model
-    counts = engine.parameter_counts() if hasattr(engine, "parameter_counts") else count_parameters(model)
-    if is_main:
-        log.info("trainable %s / frozen %s parameters; %d steps (%d per epoch), world size %d",
-                 f"{counts['trainable_params']:,}", f"{counts['frozen_params']:,}", total_steps, steps_per_epoch,
-                 world_size)
-
-    tb = None
-    if is_main and cfg.train.tensorboard:
-        from torch.utils.tensorboard import SummaryWriter
-
-        tb = SummaryWriter(os.path.join(out_dir, "tb"))
-
-    train_loss, val_history = [], []
-    step, micro, samples, window, window_n = 0, 0, 0, 0.0, 0
-    train_time = 0.0
-    epoch, skip_batches = 0, 0
-    resumed = engine.resume_state() if hasattr(engine, "resume_state") else None
-    if resumed:
-        # Continue exactly where the checkpoint stopped: same step, same epoch, same position in the data order.
-        step, epoch = resumed["step"], resumed["epoch"]
-        skip_batches = resumed.get("batches_in_epoch", 0)
-        train_loss = [list(x) for x in resumed.get("train_loss", [])]
-        val_history = list(resumed.get("val_history", []))
-        window, window_n = resumed.get("window", (0.0, 0))
-    model.train()
-    bar = tqdm(total=total_steps, initial=step, desc="train", disable=not is_main)
-    done = step >= total_steps
-    while not done:
-        if hasattr(data.train, "set_epoch"):
-            data.train.set_epoch(epoch)
-        elif hasattr(getattr(data.train, "sampler", None), "set_epoch"):
-            data.train.sampler.set_epoch(epoch)
-        t_epoch = time.time()
-        batches_in_epoch = 0
-        for batch in data.train:
-            batches_in_epoch += 1
-            if skip_batches:
-                skip_batches -= 1
-                if not skip_batches and hasattr(engine, "data_position_reached"):
-                    engine.data_position_reached()  # random streams continue from the checkpoint's point
+    def __iter__(self):
+        for batch in self.loader:
+            if self._skip:
+                self._skip -= 1
                 continue
-            batch = to_device(batch, device)
-            with engine.autocast():
-                loss, _stats = model.training_loss(batch)
-            engine.backward(loss)
-            window += loss.item()
-            window_n += 1
-            micro += 1
-            samples += len(next(iter(v for v in batch.values() if torch.is_tensor(v))))
-            if not engine.step():
-                continue
-            step += 1
-            bar.update(1)
-            if step % cfg.train.log_every == 0 or step == total_steps:
-                mean_loss = engine.reduce_mean(window / max(window_n, 1))
-                train_loss.append([step, mean_loss])
-                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{engine.lr():.2e}")
-                if tb:
-                    tb.add_scalar("train/loss", mean_loss, step)
-                    tb.add_scalar("train/lr", engine.lr(), step)
-                window, window_n = 0.0, 0
-            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total_steps:
-                train_time += time.time() - t_epoch
-                val = evaluate(model, data.val, engine, "val")
-                t_epoch = time.time()
-                if val:
-                    val_history.append({"step": step, **val})
-                    if tb:
-                        for k, v in val.items():
-                            tb.add_scalar(f"val/{k}", v, step)
-            if hasattr(engine, "maybe_checkpoint"):
-                engine.maybe_checkpoint({"step": step, "epoch": epoch, "batches_in_epoch": batches_in_epoch,
-                                         "train_loss": train_loss, "val_history": val_history,
-                                         "window": (window, window_n)})
-            if step >= total_steps:
-                done = True
-                break
-        train_time += time.time() - t_epoch
-        epoch += 1
-        if batches_in_epoch == 0:
-            raise RuntimeError("the training loader yielded no batch this epoch; check the data source and "
-                               "data.batch_size (batches drop their remainder)")
-        if not done and not cfg.train.eval_every:
-            val = evaluate(model, data.val, engine, "val")
-            if val:
-                val_history.append({"step": step, "epoch": epoch, **val})
-    bar.close()
+            self._count += 1
+            yield batch
 
-    val = evaluate(model, data.val, engine, "val")
-    if val:
-        val_history.append({"step": step, **val})
-    test = evaluate(model, data.test, engine, "test")
-    if tb:
-        for name, m in (("val", val), ("test", test)):
-            for k, v in (m or {}).items():
-                tb.add_scalar(f"{name}/{k}", v, step)
-        tb.close()
+    def position(self) -> dict:
+        return self.loader.state_dict() if self.seeks else {"batches": self._count}
 
-    meta = {"num_classes": getattr(model, "num_classes", 0), "label_names": data.label_names, "step": step}
-    if cfg.train.save:
-        state = engine.trained_state_dict()  # collective under ZeRO-3: every rank takes part
-        if is_main:
-            save_trained(state, cfg, os.path.join(out_dir, "checkpoint"), meta)
-    if hasattr(engine, "finish"):
-        engine.finish({"step": step, "epoch": epoch, "batches_in_epoch": 0, "train_loss": train_loss,
-                       "val_history": val_history})
-    stats = dict(data.stats)
-    if data.skip_counts is not None:
-        stats.update(data.skip_counts())
-    metrics = {
-        "config": cfg.to_dict(),
-        "train_loss": train_loss,
-        "val": val,
-        "val_history": val_history,
-        "test": test,
-        **counts,
-        "steps": step,
-        "epochs_run": epoch,
-        "samples_seen": samples * world_size,
-        "train_samples_per_second": samples * world_size / max(train_time, 1e-9),
-        "wall_time_s": time.time() - start,
-        "world_size": world_size,
-        "zero_stage": engine.zero_stage,
-        "data": stats,
-    }
-    if is_main:
-        atomic_write_json(os.path.join(out_dir, "metrics.json"), metrics)
-    engine.barrier()
-    return metrics
+
+class Trainer:
+    """One training run. `run()` returns the metrics; the state lives in `self.state` (a TrainState)."""
+
+    def __init__(self, cfg: RunConfig, callbacks: Sequence[Callback] = (), trust_remote_code: bool = False):
+        self.cfg = cfg
+        self.callbacks = list(callbacks)
+        self.trust_remote_code = trust_remote_code
+        self.state = TrainState()
+        self.dist: Optional[DistContext] = None
+        self.engine: Optional[Engine] = None
+        self.tb = None
+        self.last_checkpoint: Optional[str] = None
+        self.resumed_from_step: Optional[int] = None
+
+    # ------------------------------------------------------------------------------------------- set-up
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        self.start_time = time.time()
+        if cfg.train.num_threads > 0:
+            torch.set_num_threads(cfg.train.num_threads)
+        ds_config = None
+        if cfg.deepspeed.enabled:
+            from unipt_scale.deepspeed_engine import prepare_model_loading
+            from unipt_scale.distributed import use_cuda
+            from unipt_scale.ds_config import resolve_ds_config
+
+            self.dist = init_process_group()
+            cfg, ds_config, notes = resolve_ds_config(cfg, self.dist.world_size, use_cuda())
+            if self.dist.is_main:
+                for note in notes:
+                    log.warning("%s", note)
+            prepare_model_loading(ds_config)
+            self.cfg = cfg
+        else:
+            self.dist = single_process()
+        seed_everything(cfg.train.seed)
+        if self.dist.is_main:
+            os.makedirs(cfg.output_dir, exist_ok=True)
+            recover_outputs(cfg.output_dir)
+
+        from unipt_scale.data import build_data
+        from unipt_scale.model import build_model
+        from unipt_scale.preprocessors import load_tokenizer
+
+        tokenizer = load_tokenizer(cfg.backbone, trust_remote_code=self.trust_remote_code)
+        kind = cfg.task.kind
+        self.data = build_data(cfg.data, tokenizer, rank=self.dist.rank, world_size=self.dist.world_size,
+                               needs_image=kind == "retrieval", needs_labels=kind == "classification" or None)
+        num_classes = cfg.task.num_classes or self.data.num_classes
+        model = build_model(cfg, num_classes=num_classes, trust_remote_code=self.trust_remote_code)
+        self.steps_per_epoch = max(1, self.data.train_batches // cfg.train.grad_accum)
+        self.total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * self.steps_per_epoch))
+        if ds_config is not None:
+            from unipt_scale.deepspeed_engine import DeepSpeedEngine
+
+            self.engine = DeepSpeedEngine(model, cfg, ds_config, self.total_steps, self.dist)
+            if self.engine.zero_stage == 3:
+                self.engine.write_partition_report(cfg.output_dir)
+        else:
+            self.engine = LocalEngine(model, cfg.train, self.total_steps, self.dist.device)
+        self.model = self.engine.model
+        self.counts = self.engine.parameter_counts()
+        self.manager = CheckpointManager(cfg.output_dir, self.dist.rank, self.dist.world_size, cfg.to_dict(),
+                                         cfg.train.keep_checkpoints, barrier=self.engine.barrier)
+        self._pending_rng = None
+        if cfg.train.resume:
+            self._resume(cfg.train.resume)
+        if self.dist.is_main:
+            log.info("trainable %s / frozen %s parameters; %d steps (%d per epoch), world size %d",
+                     f"{self.counts['trainable_params']:,}", f"{self.counts['frozen_params']:,}", self.total_steps,
+                     self.steps_per_epoch, self.dist.world_size)
+            if cfg.train.tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(os.path.join(cfg.output_dir, "tb"))
+
+    # ------------------------------------------------------------------------------------ checkpoints
+
+    def _rank_files(self) -> tuple:
+        return f"rank{self.dist.rank}.json", f"rank{self.dist.rank}.safetensors"
+
+    def _write_checkpoint(self, directory: str) -> None:
+        meta, tensors = capture_rng()
+        js, st = self._rank_files()
+        save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(directory, st))
+        atomic_write_json(os.path.join(directory, js), {"state": self.state.to_json(), "rng": meta})
+        self.engine.save_state(directory)
+
+    def save_checkpoint(self) -> str:
+        """A resumable checkpoint at the current step (collective). Refuses to write non-finite state."""
+        self._check_finite(weights=True)
+        self.state.data_position = self._cursor.position()
+        self.state.window_sum, self.state.window_count = (float(x) for x in self._window.tolist())
+        path = self.manager.save(self.state.step, self._write_checkpoint)
+        self.last_checkpoint = path
+        if self.dist.is_main:
+            log.info("checkpoint %s", path)
+        for cb in self.callbacks:
+            cb.on_checkpoint(self, path)
+        return path
+
+    def _resume(self, spec: str) -> None:
+        found, notes = (self.manager.find(spec) if self.dist.is_main else (None, []))
+        found, notes = broadcast_object((found, notes))
+        for note in notes:
+            if self.dist.is_main:
+                log.warning("resume: %s", note)
+        if found is None:
+            if self.dist.is_main:
+                log.info("train.resume=%s: no checkpoint under %s yet, starting fresh", spec, self.manager.root)
+            return
+        js, st = self._rank_files()
+        import json
+
+        with open(os.path.join(found, js), encoding="utf-8") as fh:
+            saved = json.load(fh)
+        self.state = TrainState.from_json(saved["state"])
+        self._pending_rng = (saved["rng"], load_file(os.path.join(found, st)))
+        self.engine.load_state(found)
+        self.last_checkpoint = found
+        self.resumed_from_step = self.state.step
+        if self.dist.is_main:
+            log.info("resumed from %s at step %d (epoch %d)", found, self.state.step, self.state.epoch)
+
+    # ---------------------------------------------------------------------------------------- non-finite
+
+    def _check_finite(self, weights: bool = False) -> None:
+        """One host sync: the device-side flag of the first non-finite micro batch (and, for a checkpoint or
+        export, the trained weights and optimizer state)."""
+        bad = self.engine.all_reduce_sum((self._bad_step >= 0).to(torch.float64).reshape(1))
+        first = int(self._bad_step.item()) if bool(bad.item()) else -1
+        finite = not bool(bad.item()) and (not weights or self.engine.trained_finite())
+        if finite:
+            return
+        where = f"at step {first}" if first >= 0 else f"by step {self.state.step}"
+        last = self.last_checkpoint or "none (set train.checkpoint_every=N to keep some)"
+        raise NonFiniteError(f"non-finite loss or weights {where}; stopped without writing them. Last good "
+                             f"checkpoint: {last}. Lower train.lr, check the data, or set train.on_nonfinite=skip")
+
+    # ---------------------------------------------------------------------------------------------- loop
+
+    def _log_loss(self) -> None:
+        self._check_finite()
+        window = self.engine.all_reduce_sum(self._window.clone())
+        total, count = window.tolist()
+        mean = total / count if count else None
+        self.state.train_loss.append([self.state.step, finite_or_none(mean)])
+        self._window.zero_()
+        if mean is not None:
+            self.bar.set_postfix(loss=f"{mean:.4f}", lr=f"{self.engine.lr():.2e}")
+            if self.tb:
+                self.tb.add_scalar("train/loss", mean, self.state.step)
+                self.tb.add_scalar("train/lr", self.engine.lr(), self.state.step)
+
+    def _validate(self, **extra) -> None:
+        val = evaluate(self.model, self.data.val, self.engine, "val")
+        if val:
+            self.state.val_history.append({"step": self.state.step, **extra, **val})
+            if self.tb:
+                for k, v in val.items():
+                    self.tb.add_scalar(f"val/{k}", v, self.state.step)
+
+    def _train_micro(self, batch) -> bool:
+        """Forward + backward of one micro batch; True when it closed an optimizer step that was applied."""
+        if self._pending_rng is not None:
+            restore_rng(*self._pending_rng)  # the streams continue exactly where the checkpoint left them
+            self._pending_rng = None
+        batch = to_device(batch, self.engine.device)
+        with self.engine.autocast():
+            loss, _stats = self.model.training_loss(batch)
+        self.engine.backward(loss)
+        value = loss.detach().to(torch.float64)
+        self._step_window += torch.stack([value, torch.ones_like(value)])
+        first = torch.tensor(self.state.step + 1, device=self._bad_step.device)
+        if self.cfg.train.on_nonfinite == "stop":
+            self._bad_step.copy_(torch.where((self._bad_step < 0) & ~torch.isfinite(value), first, self._bad_step))
+        self.state.samples += len(next(iter(v for v in batch.values() if torch.is_tensor(v))))
+        apply = True
+        if self.cfg.train.on_nonfinite == "skip" and self.engine.at_boundary():
+            apply = bool(torch.isfinite(self._step_window[0])) and self.engine.grads_finite()  # one sync per step
+        stepped = self.engine.step(apply=apply)
+        if stepped:
+            if apply:
+                self._window += self._step_window
+            else:
+                self.state.skipped_steps += 1
+                log.warning("step %d: non-finite loss or gradient, step skipped (%d so far)", self.state.step + 1,
+                            self.state.skipped_steps)
+                if self.state.skipped_steps > self.cfg.train.max_nonfinite_steps:
+                    raise NonFiniteError(f"{self.state.skipped_steps} steps skipped for non-finite values (more "
+                                         f"than train.max_nonfinite_steps={self.cfg.train.max_nonfinite_steps}); "
+                                         f"last good checkpoint: {self.last_checkpoint or 'none'}. Lower train.lr "
+                                         "or check the data")
+            self._step_window.zero_()
+        return stepped and apply
+
+    def fit(self) -> None:
+        cfg, st = self.cfg, self.state
+        device = self.engine.device
+        self._window = torch.tensor([st.window_sum, float(st.window_count)], dtype=torch.float64, device=device)
+        self._step_window = torch.zeros(2, dtype=torch.float64, device=device)
+        self._bad_step = torch.tensor(-1, dtype=torch.int64, device=device)
+        self._cursor = _Cursor(self.data.train)
+        self.model.train()
+        self.bar = tqdm(total=self.total_steps, initial=st.step, desc="train", disable=not self.dist.is_main)
+        every = cfg.train.checkpoint_every
+        while st.step < self.total_steps:
+            t0 = time.time()
+            self._cursor.start(st.epoch, st.data_position)
+            fed = bool(st.data_position)
+            finished = True
+            for batch in self._cursor:
+                fed = True
+                if not self._train_micro(batch):
+                    continue
+                st.step += 1
+                self.bar.update(1)
+                if st.step % cfg.train.log_every == 0 or st.step == self.total_steps:
+                    self._log_loss()
+                if cfg.train.eval_every and st.step % cfg.train.eval_every == 0 and st.step < self.total_steps:
+                    st.train_time_s += time.time() - t0
+                    self._validate()
+                    t0 = time.time()
+                if every and st.step % every == 0:
+                    st.train_time_s += time.time() - t0
+                    self.save_checkpoint()
+                    t0 = time.time()
+                for cb in self.callbacks:
+                    cb.on_step_end(self)
+                if st.step >= self.total_steps:
+                    finished = False
+                    break
+            st.train_time_s += time.time() - t0
+            if not fed:
+                raise RuntimeError("the training loader yielded no batch this epoch; check the data source and "
+                                   "data.batch_size (batches drop their remainder)")
+            if finished:  # the epoch ran out: on to the next one
+                st.epoch += 1
+                st.data_position = {}
+                if st.step < self.total_steps and not cfg.train.eval_every:
+                    self._validate(epoch=st.epoch)
+        self.bar.close()
+        if every and (self.last_checkpoint is None or not self.last_checkpoint.endswith(f"{st.step:08d}")):
+            self.save_checkpoint()  # a resumed finished run goes straight to evaluation and export
+        self._check_finite(weights=True)
+
+    def finish(self) -> Dict:
+        """Final evaluation, then metrics.json and checkpoint/ committed as a pair (rank 0)."""
+        cfg, st = self.cfg, self.state
+        self._validate()
+        val = st.val_history[-1] if st.val_history and st.val_history[-1]["step"] == st.step else None
+        val = {k: v for k, v in val.items() if k != "step"} if val else None
+        test = evaluate(self.model, self.data.test, self.engine, "test")
+        if self.tb:
+            for k, v in (test or {}).items():
+                self.tb.add_scalar(f"test/{k}", v, st.step)
+        state = self.engine.trained_state_dict() if cfg.train.save else None  # collective under ZeRO-3
+        metrics = self._metrics(val, test, status="completed")
+        if self.dist.is_main:
+            meta = {"num_classes": getattr(self.model, "num_classes", 0), "label_names": self.data.label_names,
+                    "step": st.step}
+            commit_outputs(cfg.output_dir, metrics, state, cfg, meta)
+        self.engine.barrier()
+        return metrics
+
+    def _metrics(self, val, test, status: str, reason: str = "") -> Dict:
+        st, ws = self.state, self.dist.world_size
+        stats = dict(self.data.stats)
+        if self.data.skip_counts is not None:
+            stats.update(self.data.skip_counts())
+        metrics = {
+            "status": status,
+            "config": self.cfg.to_dict(),
+            "train_loss": st.train_loss,
+            "val": val,
+            "val_history": st.val_history,
+            "test": test,
+            **self.counts,
+            "steps": st.step,
+            "epochs_run": st.epoch,
+            "skipped_steps": st.skipped_steps,
+            "samples_seen": st.samples * ws,
+            "train_samples_per_second": st.samples * ws / max(st.train_time_s, 1e-9),
+            "wall_time_s": time.time() - self.start_time,
+            "world_size": ws,
+            "zero_stage": self.engine.zero_stage,
+            "resumable_checkpoint": self.last_checkpoint,
+            "resumed_from_step": self.resumed_from_step,
+            "data": stats,
+        }
+        if reason:
+            metrics["reason"] = reason
+        return _strict(metrics)
+
+    def write_stopped(self, reason: str) -> None:
+        """A stopped run's metrics (strict JSON). They never replace a finished run's pair: when the directory
+        already holds one, they go to metrics.stopped.json beside it."""
+        if not self.dist.is_main or self.engine is None:
+            return
+        metrics = self._metrics(None, None, status="stopped", reason=reason)
+        out = self.cfg.output_dir
+        has_pair = os.path.isdir(os.path.join(out, CHECKPOINT))
+        atomic_write_json(os.path.join(out, "metrics.stopped.json" if has_pair else METRICS), metrics)
+
+    def close(self) -> None:
+        """Tear down in a fixed order: writers, the engine, then the process group."""
+        if getattr(self, "bar", None) is not None:
+            self.bar.close()
+        if self.tb:
+            self.tb.close()
+            self.tb = None
+        if self.engine is not None:
+            self.engine.close()
+        if self.cfg.deepspeed.enabled:
+            shutdown_process_group()
+
+
+def _strict(obj):
+    """Non-finite floats become None, so metrics.json is strict JSON."""
+    if isinstance(obj, float):
+        return finite_or_none(obj)
+    if isinstance(obj, dict):
+        return {k: _strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strict(v) for v in obj]
+    return obj
+
+
+def train(cfg: RunConfig, callbacks: Sequence[Callback] = (), trust_remote_code: bool = False) -> Dict:
+    """Train per `cfg`; writes OUTPUT_DIR/metrics.json and checkpoint/ (and checkpoints/, tb/); returns metrics."""
+    trainer = Trainer(cfg, callbacks, trust_remote_code)
+    try:
+        trainer.setup()
+        trainer.fit()
+        return trainer.finish()
+    except NonFiniteError as err:
+        trainer.write_stopped(str(err))
+        raise
+    finally:
+        trainer.close()

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from unipt_scale.model import ClassificationModel, UniPTEncoder, count_parameters  # noqa: I001
 from unipt_scale.backbone import BackboneLoadError, HFBackbone, load_backbone
 from unipt_scale.bench.kernels import saved_tensor_bytes
-from unipt_scale.checkpoint import atomic_write_json
+from unipt_scale.atomic import atomic_write_json
 from unipt_scale.config import BackboneConfig, ConfigError, TrainConfig, UniPTConfig
 from unipt_scale.engine import autocast_dtype, param_groups
 from unipt_scale.side_network import masked_mean

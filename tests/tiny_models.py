@@ -62,3 +62,78 @@ def tiny_vit_dir(root: str, hidden: int = 32, layers: int = 2, image_size: int =
                     image_size=image_size, patch_size=4, num_channels=channels)
     ViTModel(cfg, add_pooling_layer=False).save_pretrained(d)
     return d
+
+
+def _save_dir(root: str, name: str, build, tokenizer=None) -> str:
+    """Build (seeded) and save a model directory once; `build()` returns the model to save."""
+    d = os.path.join(root, name)
+    if os.path.isdir(d):
+        return d
+    build().save_pretrained(d)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(d)
+    return d
+
+
+def _t5_config(hidden: int, layers: int):
+    from transformers import T5Config
+
+    return T5Config(vocab_size=len(VOCAB), d_model=hidden, d_kv=hidden // 4, d_ff=hidden * 2, num_layers=layers,
+                    num_heads=2, decoder_start_token_id=0, pad_token_id=0)
+
+
+def tiny_t5_dir(root: str, hidden: int = 32, layers: int = 2, seed: int = 0, encoder_only: bool = False) -> str:
+    """A full T5ForConditionalGeneration checkpoint (the format of t5-base / t5-3b), or T5EncoderModel's."""
+    from transformers import T5EncoderModel, T5ForConditionalGeneration
+
+    def build():
+        torch.manual_seed(seed)
+        cls = T5EncoderModel if encoder_only else T5ForConditionalGeneration
+        return cls(_t5_config(hidden, layers))
+
+    return _save_dir(root, f"tiny-t5{'-encoder' if encoder_only else ''}-{hidden}-{layers}", build, tiny_tokenizer())
+
+
+def tiny_bart_dir(root: str, hidden: int = 32, layers: int = 2, seed: int = 0) -> str:
+    """A full BartForConditionalGeneration checkpoint (model.encoder.*, model.decoder.*, model.shared.*)."""
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    def build():
+        torch.manual_seed(seed)
+        return BartForConditionalGeneration(BartConfig(
+            vocab_size=len(VOCAB), d_model=hidden, encoder_layers=layers, decoder_layers=layers,
+            encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=hidden * 2,
+            decoder_ffn_dim=hidden * 2, max_position_embeddings=64, pad_token_id=0, bos_token_id=2, eos_token_id=3,
+            decoder_start_token_id=3, forced_eos_token_id=3))
+
+    return _save_dir(root, f"tiny-bart-{hidden}-{layers}", build, tiny_tokenizer())
+
+
+# RoBERTa's pad id is 1 and its positions start at pad id + 1: the same words with [PAD] at id 1.
+ROBERTA_VOCAB = ["[UNK]", "[PAD]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
+
+
+def tiny_roberta_dir(root: str, hidden: int = 32, layers: int = 2, seed: int = 0) -> str:
+    from transformers import BertTokenizerFast, RobertaConfig, RobertaModel
+
+    def build():
+        torch.manual_seed(seed)
+        return RobertaModel(RobertaConfig(
+            vocab_size=len(ROBERTA_VOCAB), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
+            intermediate_size=hidden * 2, max_position_embeddings=64 + 2, pad_token_id=1, bos_token_id=2,
+            eos_token_id=3), add_pooling_layer=False)
+
+    tok = BertTokenizerFast(vocab={w: i for i, w in enumerate(ROBERTA_VOCAB)}, do_lower_case=True)
+    return _save_dir(root, f"tiny-roberta-{hidden}-{layers}", build, tok)
+
+
+def tiny_swin_dir(root: str, embed_dim: int = 8, image_size: int = 32) -> str:
+    """A hierarchical vision tower: every stage halves the tokens and doubles the width."""
+    from transformers import SwinConfig, SwinModel
+
+    def build():
+        torch.manual_seed(0)
+        return SwinModel(SwinConfig(image_size=image_size, patch_size=4, num_channels=3, embed_dim=embed_dim,
+                                    depths=[1, 1], num_heads=[1, 2], window_size=2))
+
+    return _save_dir(root, f"tiny-swin-{embed_dim}-{image_size}", build)

@@ -42,6 +42,12 @@ BUILTIN_MODELS = {"all-MiniLM-L6-v2": minilm_path}
 BUILTIN_MODULES = {"efficientnet-lite0": efficientnet_lite0}
 # The last block of each resolution of EfficientNet-Lite0 (strides 2, 4, 8, 16, 32).
 EFFICIENTNET_LITE0_STAGES = ["_blocks.0", "_blocks.2", "_blocks.4", "_blocks.10", "_blocks.15"]
+# What the hooked builtins look like, so configs are checked before their weights load: the hooked stages, their
+# channels, and their (H, W) on the square probe input the backbone is built with.
+BUILTIN_MODULE_SPECS = {
+    "efficientnet-lite0": {"stages": EFFICIENTNET_LITE0_STAGES, "channels": [16, 24, 40, 112, 320],
+                           "probe_size": 64, "stage_sizes": [(32, 32), (16, 16), (8, 8), (4, 4), (2, 2)]},
+}
 
 
 def resolve_builtin(path: str) -> str:

@@ -2,29 +2,47 @@
 
 The backbone always runs in eval mode under `torch.no_grad()`: its hidden states reach the side network as
 plain tensors with no autograd history, so nothing inside it is kept for backward and it never gets gradients.
+
+`inspect_backbone` reads only config.json (or a builtin's static table) so that a config that cannot run fails
+before any weights load; `load_backbone` runs the same checks first.
 """
 from __future__ import annotations
 
+import importlib
+import inspect
+import json
 import os
-from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
-from unipt_scale.assets import (BUILTIN_MODULES, EFFICIENTNET_LITE0_STAGES, AssetError, resolve_builtin)
-from unipt_scale.config import BackboneConfig, ConfigError
+from unipt_scale.assets import (BUILTIN_MODULES, BUILTIN_MODULE_SPECS, EFFICIENTNET_LITE0_STAGES, AssetError,
+                                resolve_builtin)
+from unipt_scale.config import BackboneConfig, ConfigError, UniPTConfig
 
 DECODER_TYPES = {"llama", "mistral", "mixtral", "qwen2", "qwen3", "gpt2", "gpt_neox", "gptj", "phi", "phi3",
                  "gemma", "gemma2", "gemma3_text", "falcon", "opt", "bloom", "olmo", "olmo2", "smollm3", "granite"}
 # ViT-like towers: every hidden state is (B, tokens, hidden_size). Hierarchical ones (Swin, ConvNeXt) change width
 # per stage; wrap them with wrap_module and the feature-map variant instead.
 VISION_TYPES = {"vit", "clip_vision_model", "siglip_vision_model", "dinov2", "deit", "beit"}
+# Vision towers whose stages change token count and width: token UniPT cannot read them (see _check_not_hierarchical).
+HIERARCHICAL_VISION_TYPES = {"swin", "swinv2", "donut-swin", "maskformer-swin", "convnext", "convnextv2", "focalnet",
+                             "hiera", "pvt", "pvt_v2", "nat", "dinat", "resnet", "regnet", "bit", "efficientnet",
+                             "mobilenet_v1", "mobilenet_v2", "mobilevit", "mobilevitv2", "levit", "poolformer",
+                             "van", "cvt", "segformer", "textnet", "timm_wrapper"}
+# Encoders whose attention uses only relative positions: left padding shifts nothing, no position_ids needed.
+RELATIVE_POSITION_TYPES = {"t5", "mt5", "umt5", "longt5", "switch_transformers"}
+# Encoder-decoders whose checkpoints hold the encoder under (model.)encoder.* with its token embedding as
+# (model.)shared.*: their bare encoder class loads alone, the decoder is never built.
+BART_LIKE_TYPES = {"bart", "mbart", "pegasus", "plbart", "blenderbot", "blenderbot-small", "m2m_100"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+REMOTE_CODE_FLAG = "--trust-remote-code"
 
 
 class BackboneLoadError(RuntimeError):
-    pass
+    """A backbone that cannot be read (missing files, custom code not allowed); the message says the fix."""
 
 
 @dataclass
@@ -34,16 +52,30 @@ class BackboneOutput:
     final: torch.Tensor  # the backbone's own output that UniPT's residual adds to
 
 
-ENCODER_DECODER_TYPES = {"t5", "mt5", "umt5", "longt5", "bart", "mbart", "pegasus"}
+@dataclass
+class BackboneSpec:
+    """What a backbone looks like, known before its weights load (from config.json or a builtin's table)."""
+
+    kind: str  # encoder | decoder | encoder_decoder | vision
+    num_hidden_states: int
+    hidden_sizes: List[int]  # width of every hidden state (channels for feature maps)
+    out_dim: int  # width of the backbone's own output
+    is_feature_map: bool = False
+    stage_sizes: List[Tuple[int, int]] = field(default_factory=list)  # feature maps: (H, W) at the probe input
+    model_type: str = ""
+    path: str = ""  # the resolved model directory or hub id ("" for builtin modules)
+    hf_config: Any = field(default=None, repr=False, compare=False)
+
+
+ENCODER_DECODER_TYPES = {"pegasus", "bigbird_pegasus", "led", "marian"} | RELATIVE_POSITION_TYPES | BART_LIKE_TYPES
 
 
 def detect_kind(config) -> str:
-    # An encoder-only T5 checkpoint (T5EncoderModel) says is_encoder_decoder=False, yet AutoModel builds the
-    # full T5Model for it; the model type decides.
+    # An encoder-only T5 checkpoint (T5EncoderModel) says is_encoder_decoder=False; the model type decides.
     if getattr(config, "is_encoder_decoder", False) or getattr(config, "model_type", "") in ENCODER_DECODER_TYPES:
         return "encoder_decoder"
     mt = getattr(config, "model_type", "")
-    if mt in VISION_TYPES:
+    if mt in VISION_TYPES or _is_hierarchical_vision(config):
         return "vision"
     archs = getattr(config, "architectures", None) or []
     if mt in DECODER_TYPES or any(a.endswith("ForCausalLM") for a in archs):
@@ -102,9 +134,11 @@ class HFBackbone(FrozenBackbone):
         self.kind = kind
         self.tokenizer = tokenizer
         self.name = name
-        cfg = model.config
-        self.hidden_size = getattr(cfg, "hidden_size", None) or getattr(cfg, "d_model")
-        self._num_layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "num_layers")
+        self.hidden_size, self._num_layers = _width_and_depth(model.config, kind, name)
+        # Encoders that take position_ids get them from the mask, so left padding shifts no absolute position;
+        # RoBERTa-style embeddings count positions from padding_idx + 1.
+        self._positions_from_mask = kind in ("encoder", "encoder_decoder") and _takes_position_ids(model)
+        self._position_offset = _position_offset(model)
         self.tap(range(self.num_hidden_states))
 
     @property
@@ -130,6 +164,10 @@ class HFBackbone(FrozenBackbone):
         if attn is None:
             attn = torch.ones_like(ids)
         kwargs = dict(input_ids=ids, attention_mask=attn)
+        if self._positions_from_mask:
+            # Real tokens count 0, 1, … (+ offset) from their first one; padding gets the offset's pad position.
+            counted = attn.long().cumsum(-1) * attn.long()
+            kwargs["position_ids"] = (counted + self._position_offset - 1).clamp(min=0)
         if self.kind == "decoder":
             # Positions from the mask make left and right padding give the same states to real tokens.
             kwargs["position_ids"] = (attn.long().cumsum(-1) - 1).clamp(min=0)
@@ -267,43 +305,254 @@ class HookedBackbone(FrozenBackbone):
         return BackboneOutput(outs, None, outs[-1])
 
 
-def _load_hf(cfg: BackboneConfig, path: str):
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
+# --------------------------------------------------------------------------- reading config.json alone
+
+def _is_hierarchical_vision(config) -> bool:
+    """Stages of different width/token count: Swin, ConvNeXt, ResNet, … (their configs carry per-stage lists)."""
+    mt = getattr(config, "model_type", "")
+    return mt in HIERARCHICAL_VISION_TYPES or isinstance(getattr(config, "depths", None), (list, tuple))
+
+
+def _width_and_depth(config, kind: str, path: str = "") -> Tuple[int, int]:
+    """(hidden width, number of blocks) of the part UniPT reads: the encoder of an encoder-decoder."""
+    width = getattr(config, "hidden_size", None) or getattr(config, "d_model", None)
+    if kind == "encoder_decoder":
+        depth = (getattr(config, "encoder_layers", None) or getattr(config, "num_layers", None)
+                 or getattr(config, "num_hidden_layers", None))
+    else:
+        depth = getattr(config, "num_hidden_layers", None) or getattr(config, "num_layers", None)
+    if not isinstance(width, int) or not isinstance(depth, int):
+        raise BackboneLoadError(f"config.json of {path or 'the backbone'} ({getattr(config, 'model_type', '?')}) "
+                                "names no hidden_size/d_model and num_hidden_layers; point backbone.path at the "
+                                "text or vision tower itself (e.g. a CLIPTextModel / CLIPVisionModel directory)")
+    return width, depth
+
+
+def _takes_position_ids(model_or_class) -> bool:
+    try:
+        return "position_ids" in inspect.signature(model_or_class.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _position_offset(model: nn.Module) -> int:
+    """RoBERTa-style position embeddings (padding_idx set) count real tokens from padding_idx + 1; others from 0."""
+    for name, m in model.named_modules():
+        if name.rsplit(".", 1)[-1] == "position_embeddings" and isinstance(m, nn.Embedding):
+            return 0 if m.padding_idx is None else int(m.padding_idx) + 1
+    return 0
+
+
+def _native_types() -> set:
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    return set(CONFIG_MAPPING.keys())
+
+
+def _custom_code_error(path: str, what: str) -> BackboneLoadError:
+    return BackboneLoadError(f"{path!r} needs custom Python code ({what}) that transformers does not ship; it is "
+                             f"only run when you pass {REMOTE_CODE_FLAG} on the command line (review the code "
+                             "first), or use a model transformers supports natively")
+
+
+def _read_hf_config(path: str, trust_remote_code: bool):
+    """config.json as a transformers config, never importing a model directory's own Python unless allowed."""
+    from transformers import AutoConfig, PretrainedConfig
 
     local = os.path.isdir(path)
     try:
-        hf_config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
-    except (OSError, ValueError) as err:
+        raw, _ = PretrainedConfig.get_config_dict(path)
+        if not trust_remote_code and raw.get("auto_map") and raw.get("model_type") not in _native_types():
+            raise _custom_code_error(path, f"config.json has auto_map for model_type {raw.get('model_type')!r}")
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as err:
+        msg = str(err).splitlines()[0] if str(err) else ""
+        if "trust_remote_code" in str(err):
+            raise _custom_code_error(path, msg) from None
         hint = (f"{path!r} is not a readable model directory (it needs config.json)" if local else
                 f"could not load {path!r}: no network to a model hub here, and it is not in the local cache")
         raise BackboneLoadError(f"{hint}. Download the model on a machine with network "
                                 f"(e.g. `hf download {path} --local-dir DIR`) and pass backbone.path=DIR. "
-                                f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
-    kind = cfg.kind if cfg.kind != "auto" else detect_kind(hf_config)
-    dtype = DTYPES[cfg.dtype]
-    if cfg.random_init:
-        model = AutoModel.from_config(hf_config, trust_remote_code=cfg.trust_remote_code, dtype=dtype)
-    else:
+                                f"({type(err).__name__}: {msg})") from None
+
+
+def _resolve_path(cfg: BackboneConfig) -> Tuple[str, Optional[str]]:
+    """(model directory or hub id, builtin module name or None); missing paths fail here with the fix."""
+    path = cfg.path
+    if not path:
+        raise ConfigError("backbone.path is empty; give a local model directory or builtin:all-MiniLM-L6-v2")
+    if path.startswith("builtin:") and path.split(":", 1)[1] in BUILTIN_MODULES:
+        return "", path.split(":", 1)[1]
+    if path.startswith("builtin:"):
         try:
-            model = AutoModel.from_pretrained(path, config=hf_config, dtype=dtype,
-                                              trust_remote_code=cfg.trust_remote_code)
-        except OSError as err:
-            raise BackboneLoadError(f"{path!r} has a config but its weights could not be loaded ({err}). Point "
-                                    "backbone.path at a directory holding the model's weights, or set "
-                                    "backbone.random_init=true for a smoke run.") from None
+            return resolve_builtin(path), None
+        except AssetError as err:
+            raise BackboneLoadError(str(err)) from None
+    if path.startswith(("/", ".", "~")) and not os.path.isdir(os.path.expanduser(path)):
+        raise BackboneLoadError(f"backbone.path={path!r} does not exist; pass a directory holding config.json")
+    return os.path.expanduser(path), None
+
+
+def _check_not_hierarchical(config, path: str) -> None:
+    if _is_hierarchical_vision(config):
+        raise ConfigError(f"backbone.path={path!r} is a hierarchical vision tower ({config.model_type}: its stages "
+                          "change token count and width), which token UniPT cannot read; load it yourself and pass "
+                          "it through unipt_scale.backbone.wrap_module(model, stage_names, example_input) with "
+                          "stages whose outputs are (B, C, H, W) feature maps, for the feature-map UniPT")
+
+
+def _check_padding_side(padding_side: str, kind: str, model_type: str, model_or_class, path: str) -> None:
+    """Left padding moves every real token of an absolute-position encoder unless positions come from the mask."""
+    if padding_side != "left" or kind not in ("encoder", "encoder_decoder") or model_or_class is None:
+        return
+    if model_type in RELATIVE_POSITION_TYPES or _takes_position_ids(model_or_class):
+        return
+    raise ConfigError(f"backbone.padding_side=left: the {model_type} encoder at {path!r} takes no position_ids, so "
+                      "left padding would shift its absolute positions; use backbone.padding_side=right (or auto)")
+
+
+def _encoder_class(hf_config):
+    """(class, key_mapping) that loads only an encoder-decoder's encoder, or (None, None) where none is known."""
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+    try:
+        full = MODEL_MAPPING[type(hf_config)]
+    except KeyError:
+        return None, None
+    module = importlib.import_module(full.__module__)
+    stem = full.__name__[:-len("Model")] if full.__name__.endswith("Model") else full.__name__
+    encoder_model = getattr(module, f"{stem}EncoderModel", None)  # T5 family: same key layout as the full model
+    if encoder_model is not None:
+        return encoder_model, None
+    if hf_config.model_type in BART_LIKE_TYPES and getattr(module, f"{stem}Encoder", None) is not None:
+        # Full checkpoints say model.encoder.* / model.shared.* (BartModel: encoder.* / shared.*).
+        return getattr(module, f"{stem}Encoder"), {r"^(model\.)?encoder\.": "", r"^(model\.)?shared\.": "embed_tokens."}
+    return None, None
+
+
+def _model_class(hf_config, kind: str):
+    """The class load_backbone will build, without building it (None for custom code it cannot name)."""
     if kind == "encoder_decoder":
-        model = model.get_encoder()
-        model.config = hf_config
-    tokenizer = None
-    if kind != "vision":
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
-        except (OSError, ValueError) as err:
-            raise BackboneLoadError(f"no tokenizer could be loaded from {path!r} ({err}); the directory needs the "
-                                    "tokenizer files saved next to the model") from None
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-        tokenizer.padding_side = "right" if cfg.padding_side == "auto" else cfg.padding_side
+        cls, _ = _encoder_class(hf_config)
+        if cls is not None:
+            return cls
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+    try:
+        return MODEL_MAPPING[type(hf_config)]
+    except KeyError:
+        return None
+
+
+def inspect_backbone(cfg: BackboneConfig, trust_remote_code: bool = False) -> BackboneSpec:
+    """The backbone's shape from config.json alone (or a builtin's table): fails fast, loads no weights."""
+    path, builtin = _resolve_path(cfg)
+    if builtin is not None:
+        table = BUILTIN_MODULE_SPECS[builtin]
+        channels = list(table["channels"])
+        return BackboneSpec(kind="vision", num_hidden_states=len(channels), hidden_sizes=channels,
+                            out_dim=channels[-1], is_feature_map=True,
+                            stage_sizes=[tuple(s) for s in table["stage_sizes"]], model_type=builtin)
+    hf_config = _read_hf_config(path, trust_remote_code)
+    model_type = getattr(hf_config, "model_type", "")
+    _check_not_hierarchical(hf_config, path)
+    kind = cfg.kind if cfg.kind != "auto" else detect_kind(hf_config)
+    width, depth = _width_and_depth(hf_config, kind, path)
+    _check_padding_side(cfg.padding_side, kind, model_type, _model_class(hf_config, kind), path)
+    return BackboneSpec(kind=kind, num_hidden_states=depth + 1, hidden_sizes=[width] * (depth + 1), out_dim=width,
+                        model_type=model_type, path=path, hf_config=hf_config)
+
+
+def validate_side_network(spec: BackboneSpec, unipt_cfg: UniPTConfig) -> List[int]:
+    """Check a UniPT config against a backbone before anything heavy is built; returns the tapped indices."""
+    from unipt_scale.side_network import UniPTFeatureMapSideNetwork, UniPTSideNetwork, resolve_layers
+
+    n = spec.num_hidden_states
+    layers = resolve_layers(unipt_cfg.layers, n)
+    sizes = [spec.hidden_sizes[i] for i in layers]
+    width = sizes[-1] if spec.is_feature_map else spec.out_dim  # what the side network's d is taken from
+    what = "last tapped stage's channels" if spec.is_feature_map else "backbone's output width"
+    if unipt_cfg.mapping_dim is not None and not 1 <= unipt_cfg.mapping_dim <= width:
+        raise ConfigError(f"unipt.mapping_dim={unipt_cfg.mapping_dim} is out of range for this backbone: use "
+                          f"1..{width} (the {what}), or null for {width} // unipt.reduction_factor")
+    if unipt_cfg.mapping_dim is None and not 1 <= unipt_cfg.reduction_factor <= width:
+        raise ConfigError(f"unipt.reduction_factor={unipt_cfg.reduction_factor} leaves no side-network width: use "
+                          f"1..{width} (the {what}), or set unipt.mapping_dim")
+    if spec.is_feature_map:
+        if len(layers) < 2:
+            raise ConfigError(f"unipt.layers={unipt_cfg.layers!r} taps {len(layers)} stage; the feature-map UniPT "
+                              f"needs at least 2 of the stages 0..{n - 1}")
+        if len(spec.stage_sizes) == n:
+            hl, wl = spec.stage_sizes[layers[-1]]
+            for i in layers[:-1]:
+                h, w = spec.stage_sizes[i]
+                if h % hl or w % wl or h // hl != w // wl:
+                    raise ConfigError(f"unipt.layers={unipt_cfg.layers!r}: stage {i} ({h}x{w}) is not an integer "
+                                      f"multiple of the last tapped stage {layers[-1]} ({hl}x{wl}); tap stages among "
+                                      f"0..{n - 1} whose resolutions divide evenly")
+    # The side network's own checks (anchor needs 2 layers, options the CNN form lacks, …), on the meta device:
+    # nothing is allocated, whatever the widths.
+    with torch.device("meta"):
+        if spec.is_feature_map:
+            stage_sizes = [spec.stage_sizes[i] for i in layers] if len(spec.stage_sizes) == n else [(1, 1)] * len(layers)
+            UniPTFeatureMapSideNetwork(unipt_cfg, sizes, stage_sizes)
+        else:
+            UniPTSideNetwork(unipt_cfg, sizes, spec.out_dim)
+    return layers
+
+
+# --------------------------------------------------------------------------- loading
+
+def _from_pretrained(cls, path: str, dtype, trust_remote_code: bool, key_mapping=None, strict: bool = False):
+    """from_pretrained with one-line errors; `strict`: every weight must come from the checkpoint (used where
+    keys are remapped to load an encoder alone, so a layout it does not fit fails instead of staying random)."""
+    kwargs = dict(dtype=dtype, output_loading_info=True)
+    if trust_remote_code:
+        kwargs["trust_remote_code"] = True
+    if key_mapping:
+        kwargs["key_mapping"] = key_mapping
+    try:
+        model, info = cls.from_pretrained(path, **kwargs)
+    except OSError as err:
+        raise BackboneLoadError(f"{path!r} has a config but its weights could not be loaded ({err}). Point "
+                                "backbone.path at a directory holding the model's weights, or set "
+                                "backbone.random_init=true for a smoke run.") from None
+    except ValueError as err:
+        if "trust_remote_code" in str(err):
+            raise _custom_code_error(path, str(err).splitlines()[0]) from None
+        raise
+    missing = sorted(info.get("missing_keys", ())) if strict else []
+    if missing:
+        raise BackboneLoadError(f"{path!r}: the checkpoint lacks {len(missing)} weight(s) of {cls.__name__} (e.g. "
+                                f"{missing[:3]}), which would stay random; point backbone.path at the full "
+                                "checkpoint of this model")
+    return model
+
+
+def _load_hf(cfg: BackboneConfig, spec: BackboneSpec, trust_remote_code: bool) -> "HFBackbone":
+    from transformers import AutoModel
+
+    from unipt_scale.preprocessors import load_tokenizer
+
+    path, hf_config, kind = spec.path, spec.hf_config, spec.kind
+    dtype = DTYPES[cfg.dtype]
+    remote = dict(trust_remote_code=True) if trust_remote_code else {}
+    encoder_cls, key_mapping = _encoder_class(hf_config) if kind == "encoder_decoder" else (None, None)
+    if encoder_cls is not None:
+        # Only the encoder is built and read; it keeps its own config (attention implementation included).
+        if cfg.random_init:
+            model = encoder_cls._from_config(hf_config, dtype=dtype)
+        else:
+            model = _from_pretrained(encoder_cls, path, dtype, False, key_mapping, strict=True)
+    else:
+        if cfg.random_init:
+            model = AutoModel.from_config(hf_config, dtype=dtype, **remote)
+        else:
+            model = _from_pretrained(AutoModel, path, dtype, trust_remote_code)
+        if kind == "encoder_decoder":
+            model = model.get_encoder()  # its own config: replacing it with the full model's drops the mask
+    _check_padding_side(cfg.padding_side, kind, spec.model_type, model, path)
+    tokenizer = load_tokenizer(cfg, trust_remote_code) if kind != "vision" else None
     return HFBackbone(model, kind, tokenizer, name=path)
 
 
@@ -313,27 +562,25 @@ def _load_builtin_module(cfg: BackboneConfig, name: str) -> FrozenBackbone:
     except AssetError as err:
         raise BackboneLoadError(str(err)) from None
     module = module.to(DTYPES[cfg.dtype])
-    stages = EFFICIENTNET_LITE0_STAGES
-    bb = HookedBackbone(module, stages, torch.zeros(1, 3, 64, 64))
+    table = BUILTIN_MODULE_SPECS[name]
+    bb = HookedBackbone(module, table["stages"], torch.zeros(1, 3, table["probe_size"], table["probe_size"]))
     bb.name = f"builtin:{name}"
     return bb
 
 
-def load_backbone(cfg: BackboneConfig) -> FrozenBackbone:
-    """The one way to load a backbone: builtin:NAME, a local directory, or a hub id (cache only when offline)."""
-    path = cfg.path
-    if not path:
-        raise ConfigError("backbone.path is empty; give a local model directory or builtin:all-MiniLM-L6-v2")
-    if path.startswith("builtin:") and path.split(":", 1)[1] in BUILTIN_MODULES:
-        return _load_builtin_module(cfg, path.split(":", 1)[1])
-    if path.startswith("builtin:"):
-        try:
-            path = resolve_builtin(path)
-        except AssetError as err:
-            raise BackboneLoadError(str(err)) from None
-    elif path.startswith(("/", ".", "~")) and not os.path.isdir(os.path.expanduser(path)):
-        raise BackboneLoadError(f"backbone.path={path!r} does not exist; pass a directory holding config.json")
-    return _load_hf(cfg, os.path.expanduser(path))
+def load_backbone(cfg: BackboneConfig, trust_remote_code: bool = False,
+                  unipt_cfg: Optional[UniPTConfig] = None) -> FrozenBackbone:
+    """The one way to load a backbone: builtin:NAME, a local directory, or a hub id (cache only when offline).
+
+    `trust_remote_code` comes from the command line only (a config file never enables custom code). With
+    `unipt_cfg`, the side network's config is checked against config.json before any weights load.
+    """
+    spec = inspect_backbone(cfg, trust_remote_code)
+    if unipt_cfg is not None:
+        validate_side_network(spec, unipt_cfg)
+    if spec.path == "":
+        return _load_builtin_module(cfg, cfg.path.split(":", 1)[1])
+    return _load_hf(cfg, spec, trust_remote_code)
 
 
 def wrap_module(model: nn.Module, layer_names: Sequence[str], example_input: torch.Tensor, **kw) -> HookedBackbone:

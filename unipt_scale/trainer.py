@@ -11,6 +11,8 @@ import logging
 import math
 import os
 import random
+import shutil
+import tempfile
 import time
 from typing import Dict, List, Optional, Sequence
 
@@ -20,7 +22,7 @@ from tqdm.auto import tqdm
 
 from unipt_scale.atomic import atomic_write_json
 from unipt_scale.checkpoint import CheckpointManager
-from unipt_scale.config import RunConfig
+from unipt_scale.config import ConfigError, RunConfig
 from unipt_scale.distributed import DistContext, broadcast_object, init_process_group, shutdown_process_group, \
     single_process
 from unipt_scale.engine import Engine, LocalEngine
@@ -152,12 +154,16 @@ class Trainer:
         self.tb = None
         self.last_checkpoint: Optional[str] = None
         self.resumed_from_step: Optional[int] = None
+        self._created_output = False
 
     # ------------------------------------------------------------------------------------------- set-up
 
     def setup(self) -> None:
         cfg = self.cfg
         self.start_time = time.time()
+        # Everything that can be checked without weights or data fails here, in a second, with one line.
+        check_output_dir(cfg.output_dir)
+        check_backbones(cfg, self.trust_remote_code)
         if cfg.train.num_threads > 0:
             torch.set_num_threads(cfg.train.num_threads)
         ds_config = None
@@ -177,6 +183,7 @@ class Trainer:
             self.dist = single_process()
         seed_everything(cfg.train.seed)
         if self.dist.is_main:
+            self._created_output = not os.path.isdir(cfg.output_dir)
             os.makedirs(cfg.output_dir, exist_ok=True)
             recover_outputs(cfg.output_dir)
 
@@ -188,6 +195,10 @@ class Trainer:
         kind = cfg.task.kind
         self.data = build_data(cfg.data, tokenizer, rank=self.dist.rank, world_size=self.dist.world_size,
                                needs_image=kind == "retrieval", needs_labels=kind == "classification" or None)
+        if self.data.train_batches < 1:
+            raise ConfigError(f"the training data gives no full batch of data.batch_size={cfg.data.batch_size} on "
+                              f"each of {self.dist.world_size} rank(s) (batches drop their remainder); use more "
+                              "data (data.limit_train, data.split) or a smaller data.batch_size")
         num_classes = cfg.task.num_classes or self.data.num_classes
         model = build_model(cfg, num_classes=num_classes, trust_remote_code=self.trust_remote_code)
         self.steps_per_epoch = max(1, self.data.train_batches // cfg.train.grad_accum)
@@ -444,8 +455,9 @@ class Trainer:
         has_pair = os.path.isdir(os.path.join(out, CHECKPOINT))
         atomic_write_json(os.path.join(out, "metrics.stopped.json" if has_pair else METRICS), metrics)
 
-    def close(self) -> None:
-        """Tear down in a fixed order: writers, the engine, then the process group."""
+    def close(self, failed: bool = False) -> None:
+        """Tear down in a fixed order: writers, the engine, then the process group. A run that failed before it
+        wrote anything of value leaves no output directory it created behind."""
         if getattr(self, "bar", None) is not None:
             self.bar.close()
         if self.tb:
@@ -453,8 +465,41 @@ class Trainer:
             self.tb = None
         if self.engine is not None:
             self.engine.close()
-        if self.cfg.deepspeed.enabled:
+        if self.cfg.deepspeed.enabled and self.dist is not None:
             shutdown_process_group()
+        out = self.cfg.output_dir
+        valuable = (METRICS, CHECKPOINT, "checkpoints", "metrics.stopped.json")
+        if failed and self._created_output and os.path.isdir(out) and not any(
+                os.path.exists(os.path.join(out, n)) for n in valuable):
+            shutil.rmtree(out, ignore_errors=True)
+
+
+def check_output_dir(path: str) -> None:
+    """The output directory is a directory (or can be created) and writable: checked before any heavy work."""
+    path = os.path.abspath(os.path.expanduser(path))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"output_dir={path!r} is a file; pass a directory (it is created when missing)")
+    probe = path
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise ConfigError(f"output_dir={path!r} cannot be created: {probe!r} is a file; pass another directory")
+    try:
+        fd, name = tempfile.mkstemp(dir=probe, prefix=".unipt-write-check-")
+        os.close(fd)
+        os.unlink(name)
+    except OSError as err:
+        raise ConfigError(f"output_dir={path!r} is not writable ({err.strerror} in {probe}); pass a directory you can "
+                          "write to") from None
+
+
+def check_backbones(cfg: RunConfig, trust_remote_code: bool) -> None:
+    """Backbone shapes from config.json alone, against the UniPT settings, before any weights load."""
+    from unipt_scale.backbone import inspect_backbone, validate_side_network
+
+    for backbone in (cfg.backbone, cfg.image_backbone):
+        if backbone is not None:
+            validate_side_network(inspect_backbone(backbone, trust_remote_code), cfg.unipt)
 
 
 def _strict(obj):
@@ -471,12 +516,15 @@ def _strict(obj):
 def train(cfg: RunConfig, callbacks: Sequence[Callback] = (), trust_remote_code: bool = False) -> Dict:
     """Train per `cfg`; writes OUTPUT_DIR/metrics.json and checkpoint/ (and checkpoints/, tb/); returns metrics."""
     trainer = Trainer(cfg, callbacks, trust_remote_code)
+    failed = True
     try:
         trainer.setup()
         trainer.fit()
-        return trainer.finish()
+        metrics = trainer.finish()
+        failed = False
+        return metrics
     except NonFiniteError as err:
         trainer.write_stopped(str(err))
         raise
     finally:
-        trainer.close()
+        trainer.close(failed)

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from tiny_models import tiny_bert_dir, tiny_llama_dir, tiny_vit_dir
+from tiny_models import tiny_bart_dir, tiny_bert_dir, tiny_llama_dir, tiny_t5_dir, tiny_vit_dir
 from unipt_scale.backbone import BackboneLoadError, load_backbone, wrap_module
 from unipt_scale.config import BackboneConfig, UniPTConfig
 from unipt_scale.model import ClassificationModel, UniPTEncoder
@@ -141,24 +141,12 @@ def test_builtin_minilm_loads_offline():
     assert bb.num_hidden_states == 7 and bb.out_dim == 384
 
 
-def _t5_dir(root):
-    import os
-
-    from transformers import T5Config, T5EncoderModel
-
-    from tiny_models import tiny_tokenizer
-
-    d = os.path.join(root, "tiny-t5")
-    if not os.path.isdir(d):
-        T5EncoderModel(T5Config(vocab_size=60, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=2)).save_pretrained(d)
-        tiny_tokenizer().save_pretrained(d)
-    return d
-
-
-@pytest.mark.parametrize("name", ["bert", "llama", "vit", "t5"])
+@pytest.mark.parametrize("name", ["bert", "llama", "vit", "t5", "t5_encoder", "bart"])
 def test_only_tapped_states_are_captured_and_they_match(models, name, tmp_path):
     """Hooks on the block list give exactly transformers' hidden states (checked on the first batch)."""
-    path = _t5_dir(str(tmp_path)) if name == "t5" else models[name]
+    root = str(tmp_path)
+    path = {"t5": lambda: tiny_t5_dir(root), "t5_encoder": lambda: tiny_t5_dir(root, encoder_only=True),
+            "bart": lambda: tiny_bart_dir(root)}.get(name, lambda: models[name])()
     bb = load_backbone(BackboneConfig(path=path))
     batch = ({"pixel_values": torch.randn(2, 1, 16, 16)} if name == "vit"
              else _text_batch(bb.tokenizer, ["good movie", "the food was very bad"]))

@@ -134,6 +134,7 @@ class HFBackbone(FrozenBackbone):
         self.kind = kind
         self.tokenizer = tokenizer
         self.name = name
+        _check_not_hierarchical(model.config, name)  # fails here, not at the first forward
         self.hidden_size, self._num_layers = _width_and_depth(model.config, kind, name)
         # Encoders that take position_ids get them from the mask, so left padding shifts no absolute position;
         # RoBERTa-style embeddings count positions from padding_idx + 1.
@@ -494,8 +495,8 @@ def validate_side_network(spec: BackboneSpec, unipt_cfg: UniPTConfig) -> List[in
     # nothing is allocated, whatever the widths.
     with torch.device("meta"):
         if spec.is_feature_map:
-            stage_sizes = [spec.stage_sizes[i] for i in layers] if len(spec.stage_sizes) == n else [(1, 1)] * len(layers)
-            UniPTFeatureMapSideNetwork(unipt_cfg, sizes, stage_sizes)
+            known = len(spec.stage_sizes) == n
+            UniPTFeatureMapSideNetwork(unipt_cfg, sizes, [spec.stage_sizes[i] if known else (1, 1) for i in layers])
         else:
             UniPTSideNetwork(unipt_cfg, sizes, spec.out_dim)
     return layers

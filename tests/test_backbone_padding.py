@@ -85,9 +85,25 @@ def test_bart_right_padding_matches_and_left_is_refused_before_loading(dirs, mon
 
 
 @pytest.mark.parametrize("name", ["t5", "t5_encoder", "bart"])
-def test_encoder_decoder_loads_only_the_encoder_with_its_own_config(dirs, name):
+def test_encoder_decoder_loads_only_the_encoder_with_its_own_config(dirs, name, monkeypatch):
     """Full checkpoints give the encoder alone: no decoder built, its own config (the mask needs it)."""
-    bb = load_backbone(BackboneConfig(path=dirs[name]))
+    from transformers.models.bart import modeling_bart
+    from transformers.models.t5 import modeling_t5
+
+    def no_decoder(*a, **k):
+        raise AssertionError("a decoder was built")
+
+    t5_stack_init = modeling_t5.T5Stack.__init__
+
+    def t5_stack(self, config, *a, **k):
+        if config.is_decoder:
+            no_decoder()
+        t5_stack_init(self, config, *a, **k)
+
+    with monkeypatch.context() as m:
+        m.setattr(modeling_bart.BartDecoder, "__init__", no_decoder)
+        m.setattr(modeling_t5.T5Stack, "__init__", t5_stack)
+        bb = load_backbone(BackboneConfig(path=dirs[name]))
     assert bb.kind == "encoder_decoder"
     assert type(bb.model).__name__ == {"bart": "BartEncoder"}.get(name, "T5EncoderModel")
     assert not any("decoder" in n for n, _ in bb.model.named_modules())

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -18,8 +17,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from unipt_scale.assets import (BUILTIN_MODULES, BUILTIN_MODULE_SPECS, EFFICIENTNET_LITE0_STAGES, AssetError,
-                                resolve_builtin)
+from unipt_scale.assets import BUILTIN_MODULE_SPECS, BUILTIN_MODULES, AssetError, resolve_builtin
 from unipt_scale.config import BackboneConfig, ConfigError, UniPTConfig
 
 DECODER_TYPES = {"llama", "mistral", "mixtral", "qwen2", "qwen3", "gpt2", "gpt_neox", "gptj", "phi", "phi3",
@@ -504,10 +502,11 @@ def validate_side_network(spec: BackboneSpec, unipt_cfg: UniPTConfig) -> List[in
 
 # --------------------------------------------------------------------------- loading
 
-def _from_pretrained(cls, path: str, dtype, trust_remote_code: bool, key_mapping=None, strict: bool = False):
+def _from_pretrained(cls, path: str, hf_config, dtype, trust_remote_code: bool, key_mapping=None,
+                     strict: bool = False):
     """from_pretrained with one-line errors; `strict`: every weight must come from the checkpoint (used where
     keys are remapped to load an encoder alone, so a layout it does not fit fails instead of staying random)."""
-    kwargs = dict(dtype=dtype, output_loading_info=True)
+    kwargs = dict(config=hf_config, dtype=dtype, output_loading_info=True)
     if trust_remote_code:
         kwargs["trust_remote_code"] = True
     if key_mapping:
@@ -544,12 +543,12 @@ def _load_hf(cfg: BackboneConfig, spec: BackboneSpec, trust_remote_code: bool) -
         if cfg.random_init:
             model = encoder_cls._from_config(hf_config, dtype=dtype)
         else:
-            model = _from_pretrained(encoder_cls, path, dtype, False, key_mapping, strict=True)
+            model = _from_pretrained(encoder_cls, path, hf_config, dtype, False, key_mapping, strict=True)
     else:
         if cfg.random_init:
             model = AutoModel.from_config(hf_config, dtype=dtype, **remote)
         else:
-            model = _from_pretrained(AutoModel, path, dtype, trust_remote_code)
+            model = _from_pretrained(AutoModel, path, hf_config, dtype, trust_remote_code)
         if kind == "encoder_decoder":
             model = model.get_encoder()  # its own config: replacing it with the full model's drops the mask
     _check_padding_side(cfg.padding_side, kind, spec.model_type, model, path)

@@ -56,6 +56,16 @@ def test_tokenizer_loads_from_a_directory_without_weights(tmp_path, no_weights):
     assert load_tokenizer(BackboneConfig(path=d, padding_side="left")).padding_side == "left"
 
 
+def test_the_same_directory_without_weights_fails_only_for_the_model(tmp_path):
+    from unipt_scale.backbone import BackboneLoadError
+
+    d = _without_weights(tiny_bert_dir(str(tmp_path)), str(tmp_path / "bert-no-weights"))
+    with pytest.raises(BackboneLoadError, match=r"weights could not be loaded .*backbone.random_init=true") as err:
+        load_backbone(BackboneConfig(path=d))
+    assert "\n" not in str(err.value)
+    assert load_backbone(BackboneConfig(path=d, random_init=True)).num_hidden_states == 4
+
+
 def test_pad_token_falls_back_to_eos(tmp_path, no_weights):
     tok = load_tokenizer(BackboneConfig(path=_eos_only_tokenizer_dir(str(tmp_path))))
     assert tok.pad_token == "[SEP]" and tok.pad_token_id == VOCAB.index("[SEP]")

@@ -514,7 +514,8 @@ def _from_pretrained(cls, path: str, hf_config, dtype, trust_remote_code: bool, 
     try:
         model, info = cls.from_pretrained(path, **kwargs)
     except OSError as err:
-        raise BackboneLoadError(f"{path!r} has a config but its weights could not be loaded ({err}). Point "
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise BackboneLoadError(f"{path!r} has a config but its weights could not be loaded ({first}). Point "
                                 "backbone.path at a directory holding the model's weights, or set "
                                 "backbone.random_init=true for a smoke run.") from None
     except ValueError as err:

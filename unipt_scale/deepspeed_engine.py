@@ -25,11 +25,13 @@ log = logging.getLogger("unipt_scale")
 
 DS_SUBDIR = "deepspeed"
 DS_TAG = "state"
-# What DeepSpeed's own checkpoint files may reference besides tensors and containers. Anything else found in
-# them is refused before DeepSpeed unpickles them (a crafted file must not run code on resume).
-_DS_SAFE_PREFIXES = ("torch.", "collections.OrderedDict", "deepspeed.runtime.zero.config.ZeroStageEnum",
-                     "deepspeed.utils.tensor_fragment", "deepspeed.checkpoint.constants", "builtins.set",
-                     "_codecs.encode", "numpy.core.multiarray._reconstruct", "numpy.dtype", "numpy.ndarray")
+# What DeepSpeed's own checkpoint files reference besides tensors and containers (found by scanning the files of
+# ZeRO 0-3, offload, bf16 and fp16 runs). Anything else is refused before DeepSpeed unpickles them: a crafted file
+# in an output directory must not run code on resume. These are plain data classes and an enum.
+_DS_PICKLE_GLOBALS = {"deepspeed.runtime.fp16.loss_scaler.LossScaler",
+                      "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+                      "deepspeed.runtime.zero.config.ZeroStageEnum",
+                      "deepspeed.utils.tensor_fragment.fragment_address"}
 
 # transformers reads the ZeRO-3 config through a weak reference while it builds models: keep it alive.
 _HF_DS_CONFIG = None
@@ -313,7 +315,7 @@ def refuse_unsafe_pickles(directory: str) -> None:
         except Exception as err:  # not a torch zip file at all
             raise ValueError(f"{path} is not a DeepSpeed checkpoint file ({type(err).__name__}); the checkpoint "
                              "is damaged: resume from another one") from None
-        bad = [g for g in unsafe if not g.startswith(_DS_SAFE_PREFIXES)]
+        bad = [g for g in unsafe if g not in _DS_PICKLE_GLOBALS]
         if bad:
             raise ValueError(f"{path} references {bad[:3]}, which a DeepSpeed checkpoint never holds; refusing to "
                              "load it (it could run code)")

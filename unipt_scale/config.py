@@ -30,7 +30,9 @@ class BackboneConfig:
     kind: str = _f("auto", "auto | encoder | decoder | encoder_decoder (T5: its encoder is used) | vision.")
     dtype: str = _f("float32", "Dtype the frozen backbone runs in: float32 | bfloat16 | float16.")
     random_init: bool = _f(False, "Build the backbone from its config.json with random weights (tests, smoke runs).")
-    padding_side: str = _f("auto", "auto (right padding) | left | right; decoders get positions from the mask, so both give the same states.")
+    padding_side: str = _f("auto", "auto (right padding) | left | right. Decoders and encoders that take position_ids "
+                                   "get positions from the mask, so both give the same states; left is refused for "
+                                   "encoders that cannot (the BART family).")
 
 
 @dataclass
@@ -87,6 +89,8 @@ class DataConfig:
     limit_train: int = _f(0, "Use at most this many training samples (0 = all).")
     limit_eval: int = _f(0, "Use at most this many val/test samples (0 = all).")
     cache_dir: str = _f("", "Where derived data (e.g. the demo's shards) is cached; default ~/.cache/unipt_scale.")
+    max_lost_fraction: float = _f(0.01, "Fail the run when more than this share of a pass's indexed samples could "
+                                        "not be read (corrupt or truncated shards); 0 = any loss fails, 1 = never.")
 
 
 @dataclass
@@ -340,7 +344,8 @@ def validate(cfg: RunConfig) -> None:
                     ("train.eval_every", t.eval_every >= 0), ("train.lr", t.lr > 0),
                     ("train.warmup_ratio", 0 <= t.warmup_ratio <= 1), ("train.clip_norm", t.clip_norm >= 0),
                     ("train.weight_decay", t.weight_decay >= 0), ("unipt.eps", u.eps > 0),
-                    ("train.head_lr", t.head_lr is None or t.head_lr > 0)):
+                    ("train.head_lr", t.head_lr is None or t.head_lr > 0),
+                    ("data.max_lost_fraction", 0 <= cfg.data.max_lost_fraction <= 1)):
         if not ok:
             raise ConfigError(f"{key} is out of range (lr > 0, warmup_ratio in [0, 1], log_every >= 1, "
                               "max_steps/eval_every/clip_norm/weight_decay >= 0, eps > 0)")

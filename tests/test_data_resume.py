@@ -121,6 +121,40 @@ def test_stream_resume_is_bit_exact(image_shards, tokenizer, case):
     assert [b["keys"] for b in nxt] != [b["keys"] for b in full]  # a new epoch reshuffles
 
 
+@pytest.mark.parametrize("resampled", [False, True])
+def test_resume_mixed_sources_and_split_samples(image_shards, resampled):
+    """Weighted sources (the mix's draw counter is part of the position) and too few shards (every worker
+    walks every shard and takes every k-th sample)."""
+    two = str(image_shards / "train-{000000..000001}.tar")
+    rest = str(image_shards / "train-{000002..000007}.tar")
+    specs = {"mixed": f"{two}@1,{rest}@3"}
+    if not resampled:
+        specs["few"] = two
+    for name, spec in specs.items():
+        def make():
+            # exact mode: the 2-shard source is split by sample (4 workers in all); resampling needs no split
+            with pytest.warns(UserWarning, match="splitting by sample") if not resampled else _nothing():
+                return make_loader(spec, batch_size=1, image_size=4, fields=("image", "label"), num_workers=2,
+                                   resampled=resampled, shuffle_buffer=3, return_keys=True, rank=1, world_size=2,
+                                   seed=9)
+
+        ref = make()
+        full = list(ref)
+        assert len(full) >= 3, name
+        for k in (1, len(full) // 2, len(full) - 1):
+            got, loader = resumed_from(make, 0, k)
+            same(got, full[k:])
+            assert loader.counts() == ref.counts()
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
 def test_limited_loader_resume(image_shards):
     def make():
         return LimitedLoader(make_loader(str(image_shards), batch_size=2, image_size=4, fields=("image", "label"),

@@ -323,11 +323,19 @@ def test_dead_runs_generation_is_removed_and_rerun_replaces(tmp_path, image_csv)
     assert run("--source", "csv", "--input", image_csv, "--out", out, "--samples-per-shard", 1, "--fractions", "1") == 0
     assert len(json.loads((out / "sizes.json").read_text())["shards"]) == 7
     versions = tmp_path / ".out.unipt"
-    dead = versions / "g-999999999-0-0"  # a killed run's generation (that pid cannot exist)
+    host = shards._owner().split("-", 1)[1]
+    dead = versions / f"g-999999999-{host}-0-0"  # a killed run's generation (that pid cannot exist here)
     dead.mkdir()
     (dead / "train-000000.tar").write_bytes(b"partial")
+    elsewhere = versions / "g-12-otherhost-0-0"  # another host's run (a shared file system): not ours to judge
+    elsewhere.mkdir()
+    stale = versions / "g-13-otherhost-0-0"  # ... unless it has not changed for more than a day
+    stale.mkdir()
+    os.utime(stale, (0, 0))
     (out / "notes.md").write_text("user file, not ours")
     assert run("--source", "csv", "--input", image_csv, "--out", out, "--samples-per-shard", 4, "--fractions", "1") == 0
+    assert elsewhere.is_dir() and not stale.exists() and not dead.exists()
+    elsewhere.rmdir()
     index = json.loads((out / "sizes.json").read_text())
     assert sorted(os.listdir(out)) == sorted(list(index["shards"]) + ["sizes.json", "notes.md"])
     assert (out / "notes.md").read_text() == "user file, not ours"

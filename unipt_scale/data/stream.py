@@ -922,8 +922,10 @@ class StreamLoader:
             return
         if final:
             total = sum(sum(w["pos"]) for w in pos["workers"])
+        elif self.dataset.cfg.resampled:
+            return  # a resampled pass's length in samples is known only at its end
         else:
-            total = self.num_samples  # the pass is certain to fail once this many are lost
+            total = self.num_samples  # exact mode: the pass is certain to fail once this many are lost
         if not total or lost <= f * total:
             return
         worst = sorted(pos["pass_counts"].get("lost_by_shard", {}).items(), key=lambda kv: -kv[1])[:3]

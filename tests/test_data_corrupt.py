@@ -228,3 +228,12 @@ def test_undecodable_image_and_flipped_image_header(tmp_path):
     assert {k: v for k, v in c.items() if k.startswith("skipped_")} == skipped
     assert c["lost_by_shard"] == lost and c["shard_errors"] == 1
     assert c["samples"] + c["skipped"] + c["lost"] == index["total"]
+
+
+def test_resampling_empty_shards_fails_instead_of_hanging(tmp_path):
+    for i in range(3):
+        tarfile.open(tmp_path / f"e-{i}.tar", "w").close()  # valid tars without members, and no sizes.json
+    loader = make_loader(str(tmp_path / "e-{0..2}.tar"), batch_size=2, rank=0, world_size=1, fields=("text",),
+                         resampled=True, samples_per_epoch=10)
+    with pytest.raises(RuntimeError, match="empty shards in a row"):
+        list(loader)

@@ -551,7 +551,7 @@ class StreamDataset(torch.utils.data.IterableDataset):
         target = offset + start * stride  # index of the next slot to take in the concatenated sequence
         base = 0  # index of the current group's first slot
         try:
-            for g, group in enumerate(_groups(seq, size_of, min_group)):
+            for g, group in enumerate(_groups(seq, size_of, min_group, max_empty=max(100, 10 * len(src.urls)))):
                 lens = [size_of(u) for u in group]
                 n = sum(lens)
                 for u in [u for u in readers if u not in group]:
@@ -741,14 +741,20 @@ class StreamDataset(torch.utils.data.IterableDataset):
                 c.close()
 
 
-def _groups(seq: Iterator[int], size_of: Callable[[int], int], min_samples: int) -> Iterator[list[int]]:
-    """Consecutive shards of `seq` in groups of at least `min_samples` samples (0: one shard per group)."""
+def _groups(seq: Iterator[int], size_of: Callable[[int], int], min_samples: int,
+            max_empty: int = 10_000) -> Iterator[list[int]]:
+    """Consecutive shards of `seq` in groups of at least `min_samples` samples (0: one shard per group).
+    `max_empty` empty shards in a row end an endless (resampled) sequence with an error instead of a hang."""
     cur: list[int] = []
-    acc = 0
+    acc = empty = 0
     for u in seq:
+        n = size_of(u)
+        empty = empty + 1 if n == 0 else 0
+        if empty > max_empty:
+            raise RuntimeError(f"data: {empty} empty shards in a row; the source holds no samples")
         cur.append(u)
-        acc += size_of(u)
-        if acc >= min_samples:
+        acc += n
+        if acc >= max(min_samples, 1):
             yield cur
             cur, acc = [], 0
     if cur:

@@ -12,9 +12,10 @@ Position. Every batch carries, beside its counters (COUNTS_KEY), its worker's po
 consumed per source, draws made, batches made. The loader keeps the latest per worker; `state_dict()` is that
 plus the round-robin pointer (torch's DataLoader takes batches from its workers in a fixed cyclic order). On
 `load_state_dict` + `__iter__` each worker starts at its own position: groups wholly consumed are skipped from
-the index sizes without opening their shards, and inside the current group the consumed samples are skipped by
-index: nothing consumed is read, decoded, tokenised or collated. Shards without sizes (no sizes.json) must be
-opened and their headers scanned to find the position: the one fallback.
+the index sizes without opening their shards; the current group's shards are opened and their tar headers
+scanned (as every read does), and the consumed samples in it are skipped by index: nothing consumed is read,
+decoded, tokenised or collated. Shards without sizes (no sizes.json) must be opened and their headers scanned
+even when wholly consumed, to learn where the position falls: the one fallback.
 
 Damage. Each shard's sample count is compared with its size in sizes.json: samples that cannot be found (a
 truncated shard, a damaged header) are *lost* and counted per shard (`lost`, `lost_by_shard`); found samples

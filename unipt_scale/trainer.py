@@ -189,12 +189,16 @@ class Trainer:
 
         from unipt_scale.data import build_data
         from unipt_scale.model import build_model
-        from unipt_scale.preprocessors import load_tokenizer
+        from unipt_scale.preprocessors import load_image_transform, load_tokenizer
 
         tokenizer = load_tokenizer(cfg.backbone, trust_remote_code=self.trust_remote_code)
         kind = cfg.task.kind
+        vision = cfg.image_backbone or (cfg.backbone if tokenizer is None else None)
+        image_transform = load_image_transform(vision, cfg.data.image_size, trust_remote_code=self.trust_remote_code) \
+            if vision is not None else None
         self.data = build_data(cfg.data, tokenizer, rank=self.dist.rank, world_size=self.dist.world_size,
-                               needs_image=kind == "retrieval", needs_labels=kind == "classification" or None)
+                               needs_image=kind == "retrieval", needs_labels=kind == "classification" or None,
+                               image_transform=image_transform)
         if self.data.train_batches < 1:
             raise ConfigError(f"the training data gives no full batch of data.batch_size={cfg.data.batch_size} on "
                               f"each of {self.dist.world_size} rank(s) (batches drop their remainder); use more "
@@ -357,7 +361,9 @@ class Trainer:
         self.model.train()
         self.bar = tqdm(total=self.total_steps, initial=st.step, desc="train", disable=not self.dist.is_main)
         every = cfg.train.checkpoint_every
-        while st.step < self.total_steps:
+        # train.epochs counts passes: a pass over damaged shards ends early, and is not topped up by another.
+        max_epochs = math.ceil(cfg.train.epochs) if not cfg.train.max_steps else None
+        while st.step < self.total_steps and (max_epochs is None or st.epoch < max_epochs):
             t0 = time.time()
             self._cursor.start(st.epoch, st.data_position)
             fed = bool(st.data_position)
@@ -390,7 +396,8 @@ class Trainer:
             if finished:  # the epoch ran out: on to the next one
                 st.epoch += 1
                 st.data_position = {}
-                if st.step < self.total_steps and not cfg.train.eval_every:
+                more = st.step < self.total_steps and (max_epochs is None or st.epoch < max_epochs)
+                if more and not cfg.train.eval_every:
                     self._validate(epoch=st.epoch)
         self.bar.close()
         if every and (self.last_checkpoint is None or not self.last_checkpoint.endswith(f"{st.step:08d}")):

@@ -47,7 +47,36 @@ def _yaml_tag(ws, tmp_path):
     return path
 
 
+def _shards_without_index(ws, tmp_path):
+    d = tmp_path / "shards"
+    d.mkdir()
+    (d / "train-000000.tar").write_bytes(b"\0" * 1024)
+    return ["train", "--output-dir", str(tmp_path / "o"), *ws["common"][:1], "data.source=shards", f"data.path={d}",
+            *ws["common"][3:]]
+
+
+def _non_tar_in_index(ws, tmp_path):
+    d = tmp_path / "shards"
+    d.mkdir()
+    (d / "train-000000.tar").write_text("this is not a tar file, it only has the name of one\n" * 40)
+    index = {"format": "unipt_scale.shards/1", "fields": ["text", "label"], "classes": ["a", "b"],
+             "shards": {"train-000000.tar": 10},
+             "splits": {"train": {"shards": ["train-000000.tar"], "samples": 10}}}
+    (d / "sizes.json").write_text(json.dumps(index))
+    return ["train", "--output-dir", str(tmp_path / "o"), *ws["common"][:1], "data.source=shards", f"data.path={d}",
+            *ws["common"][3:]]
+
+
+def _glob_of_non_tars(ws, tmp_path):
+    (tmp_path / "notes-0.txt").write_text("x")
+    return ["train", "--output-dir", str(tmp_path / "o"), *ws["common"][:1], "data.source=shards",
+            f"data.train_shards={tmp_path}/notes-*", *ws["common"][3:]]
+
+
 CASES = {
+    "shards without sizes.json": (_shards_without_index, "sizes.json"),
+    "a non-tar listed in sizes.json": (_non_tar_in_index, "train-000000.tar"),
+    "a glob matching no tar": (_glob_of_non_tars, "data.train_shards"),
     "output dir is a file": (lambda ws, t: (t / "f").write_text("x") and
                              ["train", "--output-dir", str(t / "f"), *ws["common"]], "is a file"),
     "output dir under a file": (lambda ws, t: (t / "f").write_text("x") and

@@ -59,6 +59,24 @@ class UniPTConfig:
                               "efficient | reference.")
 
 
+# The methods one trainer runs, and each one's learning rate when train.lr is unset (see TrainConfig.lr).
+METHODS = ("unipt", "lora", "full", "linear_probe")
+DEFAULT_LR = {"unipt": 5e-4, "lora": 5e-4, "full": 3e-5, "linear_probe": 1e-3}
+
+
+@dataclass
+class LoRAConfig:
+    r: int = _f(8, "method=lora: adapter rank.")
+    alpha: int = _f(16, "method=lora: scaling numerator; the adapted weight is W + (alpha / r) B A.")
+    dropout: float = _f(0.0, "method=lora: dropout on the adapter branch's input while training (peft's "
+                             "lora_dropout; the backbone's own dropout stays off).")
+    targets: Any = _f("auto", "method=lora: modules to adapt. auto = the architecture's attention query/value "
+                              "projections (BERT/RoBERTa/ViT query,value; Llama/Mistral/Qwen/CLIP q_proj,v_proj; "
+                              "T5/MPNet q,v; DistilBERT q_lin,v_lin; GPT-2 c_attn; GPT-NeoX/Falcon "
+                              "query_key_value), or for a conv backbone its ungrouped Conv2d layers; or a list of "
+                              "module names, each matched as peft does (the full name or its trailing part).")
+
+
 @dataclass
 class TaskConfig:
     kind: str = _f("classification", "classification | retrieval.")
@@ -81,7 +99,8 @@ class DataConfig:
     seed: int = _f(0, "Split and shuffle seed.")
     max_length: int = _f(64, "Tokens per text (longer texts are truncated).")
     image_size: int = _f(64, "Images are resized to this square size.")
-    image_mean: list = _f([], "Per-channel mean for image normalisation (e.g. CLIP's); empty = scale to [-1, 1].")
+    image_mean: list = _f([], "Per-channel mean for image normalisation of backbones without an image processor "
+                              "of their own (a model directory's preprocessor_config.json wins); empty = [-1, 1].")
     image_std: list = _f([], "Per-channel std, with image_mean.")
     batch_size: int = _f(32, "Micro batch per process.")
     eval_batch_size: int = _f(128, "Batch for evaluation.")
@@ -95,7 +114,13 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    lr: float = _f(5e-4, "Peak learning rate (AdamW).")
+    lr: Optional[float] = _f(None, "Peak learning rate (AdamW). Unset: the method's own default, resolved when the "
+                                   "config loads (metrics.json records the value used): unipt 5e-4 (the demo's "
+                                   "rate; only a small, freshly initialised side network moves), lora 5e-4 (the "
+                                   "LoRA paper's RoBERTa-base GLUE rates, 4e-4..5e-4: zero-initialised low-rank "
+                                   "updates), full 3e-5 (BERT fine-tuning's 2e-5..5e-5: larger steps wreck the "
+                                   "pretrained weights), linear_probe 1e-3 (one linear layer on fixed features, "
+                                   "a convex problem that takes larger steps).")
     head_lr: Optional[float] = _f(None, "Learning rate of the task head; default = lr.")
     weight_decay: float = _f(0.01, "AdamW weight decay (not applied to biases and norms).")
     epochs: float = _f(1.0, "Passes over the training data (fractions allowed).")
@@ -130,9 +155,15 @@ class DeepSpeedConfig:
 
 @dataclass
 class RunConfig:
+    method: str = _f("unipt", "What is trained: unipt (a side network on the frozen backbone's layers, unipt.*) | "
+                              "lora (peft LoRA adapters inside the backbone, lora.*) | full (every backbone "
+                              "weight) | linear_probe (frozen backbone, the head alone). Every method trains the "
+                              "same head on the pooled final hidden state (unipt.pooling) with the same data, "
+                              "optimizer and schedule; the backbone's own dropout is off in all of them.")
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     image_backbone: Optional[BackboneConfig] = field(default=None, metadata={"help": "Retrieval: the image tower."})
     unipt: UniPTConfig = field(default_factory=UniPTConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -298,7 +329,35 @@ def _choice(key, value, options):
         raise ConfigError(f"{key}={value!r} is not valid; choose one of {', '.join(map(str, options))}")
 
 
+def _validate_method(cfg: RunConfig) -> None:
+    """method, lora.* and the per-method learning rate (resolved here, so the recorded config holds it)."""
+    _choice("method", cfg.method, METHODS)
+    if cfg.train.lr is None:
+        cfg.train.lr = DEFAULT_LR[cfg.method]
+    lo = cfg.lora
+    if lo.r < 1 or lo.alpha <= 0 or not 0 <= lo.dropout < 1:
+        raise ConfigError(f"lora.r={lo.r}, lora.alpha={lo.alpha}, lora.dropout={lo.dropout}: need r >= 1, "
+                          "alpha > 0 and dropout in [0, 1)")
+    targets = lo.targets
+    if isinstance(targets, str) and targets.strip() != "auto":
+        targets = [t.strip() for t in targets.split(",")]
+    if isinstance(targets, str):
+        targets = "auto"
+    elif not isinstance(targets, list) or not targets or not all(isinstance(t, str) and t for t in targets):
+        raise ConfigError(f"lora.targets={lo.targets!r}: use auto or a list of module names, e.g. "
+                          "lora.targets=[query,value]")
+    lo.targets = targets
+    if cfg.method == "full" and not cfg.deepspeed.enabled:
+        for key, bb in (("backbone", cfg.backbone), ("image_backbone", cfg.image_backbone)):
+            if bb is not None and bb.dtype != "float32":
+                raise ConfigError(f"method=full trains the backbone's own weights, and {key}.dtype={bb.dtype} "
+                                  "would keep them and AdamW's updates in that precision on one process; use "
+                                  f"{key}.dtype=float32 with train.precision=bf16 (autocast), or DeepSpeed with "
+                                  "bf16 (fp32 master weights)")
+
+
 def validate(cfg: RunConfig) -> None:
+    _validate_method(cfg)
     u = cfg.unipt
     _choice("unipt.down_activation", u.down_activation, ("none", "relu"))
     _choice("unipt.down_norm", u.down_norm, ("layernorm", "batchnorm", "none"))

@@ -1,7 +1,7 @@
-"""A frozen backbone with its UniPT side network, and the task models built on it.
+"""Encoders (UniPT here, the other methods in unipt_scale.methods) and the task models built on them.
 
-A task model exposes four methods the trainer uses: `training_loss(batch)`, `eval_step(batch)`,
-`eval_metrics(outputs)` and nothing else; adding a task is one class plus one entry in TASKS.
+A task model exposes what the trainer uses: `training_loss(batch)`, `eval_step(batch)`, `eval_metrics(outputs)`
+and `trained_state_keys()`, the one rule for what a method trains and what its checkpoint holds.
 """
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from unipt_scale.backbone import FrozenBackbone, load_backbone
-from unipt_scale.config import ConfigError, RunConfig, UniPTConfig
+from unipt_scale.config import ConfigError, LoRAConfig, RunConfig, UniPTConfig
+from unipt_scale.methods import BackboneEncoder, resolve_pooling, trainable_for
 from unipt_scale.side_network import (UniPTFeatureMapSideNetwork, UniPTSideNetwork, pool_tokens,
                                       resolve_layers)
 
@@ -32,12 +33,7 @@ class UniPTEncoder(nn.Module):
         else:
             self.side = UniPTSideNetwork(cfg, backbone.hidden_sizes, backbone.out_dim)
         self.out_dim = backbone.out_dim
-        pooling = cfg.pooling
-        if pooling == "auto":
-            pooling = {"decoder": "last", "vision": "first"}.get(backbone.kind, "mean")
-            if backbone.is_feature_map:
-                pooling = "mean"
-        self.pooling = pooling
+        self.pooling = resolve_pooling(cfg.pooling, backbone)
 
     def forward(self, batch: Dict[str, torch.Tensor]):
         out = self.backbone(batch)
@@ -49,10 +45,66 @@ class UniPTEncoder(nn.Module):
         tokens, mask = self(batch)
         return pool_tokens(tokens, mask, self.pooling)
 
+    def trained_state_keys(self) -> List[str]:
+        """The side network, with its buffers (e.g. BatchNorm statistics); never the frozen backbone."""
+        return [k for k in self.state_dict() if k.startswith("side.")]
+
+
+def build_encoder(backbone: FrozenBackbone, method: str = "unipt", unipt: Optional[UniPTConfig] = None,
+                  lora: Optional[LoRAConfig] = None, what: str = "the backbone") -> nn.Module:
+    """The encoder a method puts on a loaded backbone (any FrozenBackbone, wrap_module's included)."""
+    unipt = unipt or UniPTConfig()
+    if method == "unipt":
+        return UniPTEncoder(backbone, unipt)
+    return BackboneEncoder(backbone, trainable_for(method), lora, pooling=unipt.pooling, what=what)
+
+
+def _generic_trained_keys(model: nn.Module) -> List[str]:
+    """For modules without the rule: parameters that require grad, and the buffers of modules that own one."""
+    keys = []
+    for mod_name, mod in model.named_modules():
+        own = list(mod.named_parameters(recurse=False))
+        trained = any(p.requires_grad for _, p in own)
+        prefix = f"{mod_name}." if mod_name else ""
+        keys += [prefix + n for n, p in own if p.requires_grad]
+        if trained:
+            keys += [prefix + n for n, b in mod.named_buffers(recurse=False) if b is not None
+                     and n not in mod._non_persistent_buffers_set]
+    state = model.state_dict()
+    wanted = set(keys)
+    return [k for k in state if k in wanted]
+
+
+def trained_state_keys(model: nn.Module) -> List[str]:
+    """State-dict keys of what the model's method trains — exactly what checkpoints hold and reload.
+
+    The task models' rule: each encoder's own trained keys (UniPT: its side network; lora: the adapters; full:
+    the whole backbone; linear_probe: nothing) plus everything outside the encoders (the task head)."""
+    rule = getattr(model, "trained_state_keys", None)
+    return list(rule()) if callable(rule) else _generic_trained_keys(model)
+
+
+def _task_trained_keys(model: nn.Module, encoders: Dict[str, nn.Module]) -> List[str]:
+    own = {f"{name}.{k}" for name, enc in encoders.items() for k in enc.trained_state_keys()}
+    return [k for k in model.state_dict() if k.split(".", 1)[0] not in encoders or k in own]
+
+
+def check_trained_rule(model: nn.Module) -> None:
+    """The parameters in the trained keys are exactly those that require grad: anything trained is saved, and
+    nothing frozen is (a mismatch would give other logits after a reload)."""
+    keys = set(trained_state_keys(model))
+    named = list(model.named_parameters(remove_duplicate=False))
+    saved = {n for n, _ in named if n in keys}
+    grads = {n for n, p in named if p.requires_grad}
+    if saved != grads:
+        raise RuntimeError(f"the trained-state rule disagrees with requires_grad: trained but not saved "
+                           f"{sorted(grads - saved)[:3]}, saved but frozen {sorted(saved - grads)[:3]}")
+
 
 def trained_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
-    """Everything but the frozen backbone: the side network(s), heads, and their buffers (e.g. BN statistics)."""
-    return {k: v for k, v in model.state_dict().items() if ".backbone." not in f".{k}."}
+    """What the model's method trains (see trained_state_keys), as the checkpoint holds it."""
+    state = model.state_dict()
+    return {k: state[k] for k in trained_state_keys(model)}
 
 
 def count_parameters(model: nn.Module) -> Dict[str, int]:
@@ -62,7 +114,9 @@ def count_parameters(model: nn.Module) -> Dict[str, int]:
 
 
 class ClassificationModel(nn.Module):
-    def __init__(self, encoder: UniPTEncoder, num_classes: int, dropout: float = 0.1):
+    """Encoder (any method's) → pooled feature → dropout → Linear."""
+
+    def __init__(self, encoder: nn.Module, num_classes: int, dropout: float = 0.1):
         super().__init__()
         if num_classes < 2:
             raise ConfigError(f"classification needs at least 2 classes, got {num_classes}")
@@ -73,6 +127,9 @@ class ClassificationModel(nn.Module):
 
     def forward(self, batch) -> torch.Tensor:
         return self.classifier(self.dropout(self.encoder.embed(batch)))
+
+    def trained_state_keys(self) -> List[str]:
+        return _task_trained_keys(self, {"encoder": self.encoder})
 
     def training_loss(self, batch):
         logits = self(batch)
@@ -104,9 +161,10 @@ def recall_at_k(sim: torch.Tensor, positives: torch.Tensor, ks=(1, 5, 10)) -> Di
 
 
 class RetrievalModel(nn.Module):
-    """Dual encoder (image tower, text tower, each with its own UniPT) trained with symmetric InfoNCE."""
+    """Dual encoder (image tower, text tower, each with its own encoder of the method) trained with symmetric
+    InfoNCE."""
 
-    def __init__(self, image_encoder: UniPTEncoder, text_encoder: UniPTEncoder, embed_dim: int,
+    def __init__(self, image_encoder: nn.Module, text_encoder: nn.Module, embed_dim: int,
                  init_temperature: float = 0.07):
         super().__init__()
         self.image_encoder = image_encoder
@@ -114,6 +172,9 @@ class RetrievalModel(nn.Module):
         self.image_proj = nn.Linear(image_encoder.out_dim, embed_dim)
         self.text_proj = nn.Linear(text_encoder.out_dim, embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
+
+    def trained_state_keys(self) -> List[str]:
+        return _task_trained_keys(self, {"image_encoder": self.image_encoder, "text_encoder": self.text_encoder})
 
     def embed_images(self, batch):
         return F.normalize(self.image_proj(self.image_encoder.embed(batch)).float(), dim=-1)
@@ -161,20 +222,30 @@ class RetrievalModel(nn.Module):
 
 
 def build_model(cfg: RunConfig, num_classes: int = 0, trust_remote_code: bool = False) -> nn.Module:
-    """The task model a config describes, with its backbones loaded and frozen. Remote code runs only when the
-    person running the command asked for it (`--trust-remote-code`), never because a file says so."""
+    """The task model a config describes, with its backbones loaded and set up for `cfg.method` (frozen for
+    unipt and linear_probe, adapters for lora, trainable for full). Remote code runs only when the person running
+    the command asked for it (`--trust-remote-code`), never because a file says so."""
+    # The UniPT settings are checked against the backbone only where a side network is built.
+    side_cfg = cfg.unipt if cfg.method == "unipt" else None
+
+    def encoder(bb_cfg, what):
+        bb = load_backbone(bb_cfg, trust_remote_code, side_cfg)
+        return build_encoder(bb, cfg.method, cfg.unipt, cfg.lora, what=f"{what} ({bb_cfg.path})")
+
     if cfg.task.kind == "classification":
         n = cfg.task.num_classes or num_classes
         if n < 2:
             raise ConfigError(f"classification needs at least 2 classes, got {n}; check the data "
                               "(data.source, data.path, data.label_column) or set task.num_classes")
-        encoder = UniPTEncoder(load_backbone(cfg.backbone, trust_remote_code, cfg.unipt), cfg.unipt)
-        return ClassificationModel(encoder, n, cfg.task.dropout)
-    if cfg.task.kind == "retrieval":
-        image = UniPTEncoder(load_backbone(cfg.image_backbone, trust_remote_code, cfg.unipt), cfg.unipt)
-        text = UniPTEncoder(load_backbone(cfg.backbone, trust_remote_code, cfg.unipt), cfg.unipt)
-        return RetrievalModel(image, text, cfg.task.embed_dim, cfg.task.init_temperature)
-    raise ConfigError(f"unknown task.kind {cfg.task.kind!r}")
+        model = ClassificationModel(encoder(cfg.backbone, "the backbone"), n, cfg.task.dropout)
+    elif cfg.task.kind == "retrieval":
+        image = encoder(cfg.image_backbone, "the image tower")
+        text = encoder(cfg.backbone, "the text tower")
+        model = RetrievalModel(image, text, cfg.task.embed_dim, cfg.task.init_temperature)
+    else:
+        raise ConfigError(f"unknown task.kind {cfg.task.kind!r}")
+    check_trained_rule(model)
+    return model
 
 
 def tokenizer_of(model: nn.Module):

@@ -1,7 +1,7 @@
 """DeepSpeed ZeRO behind the engine interface (engine.Engine).
 
-The backbone is frozen and runs under no_grad, so DeepSpeed only ever optimises the side network and the
-heads: `deepspeed.initialize` gets those parameters alone. Under ZeRO-3 the frozen backbone is partitioned as
+`deepspeed.initialize` gets the parameters the method trains (engine.trained_names: for UniPT the side network
+and the heads, the backbone then frozen under no_grad; LoRA adapters; everything for full fine-tuning). Under ZeRO-3 the frozen backbone is partitioned as
 well (built inside transformers' DeepSpeed integration, so no rank ever holds it whole: see
 `prepare_model_loading`) and gathered layer by layer by ZeRO-3's forward hooks. The DeepSpeed config comes
 resolved from ds_config.resolve_ds_config.
@@ -88,10 +88,6 @@ class _ModelView:
         return getattr(self._task, name)
 
 
-def _is_trained(name: str) -> bool:
-    return ".backbone." not in f".{name}."
-
-
 def deepspeed_gathered(params):
     import deepspeed
 
@@ -112,6 +108,7 @@ class DeepSpeedEngine(Engine):
         self.zero_stage = ds_config["zero_optimization"]["stage"]
         self.task = model
         self._counts = _parameter_counts(model)
+        self._trained = set(trained_names(model))  # the method's rule; fixed once the model is built
 
         t = cfg.train
         groups = param_groups(model, t.weight_decay, t.lr, t.head_lr)
@@ -238,7 +235,7 @@ class DeepSpeedEngine(Engine):
         """This rank's shards of the trained weights, their fp32 masters and the optimizer state, reduced."""
         local = []
         for name, p in self.task.named_parameters():
-            if _is_trained(name):
+            if name in self._trained:
                 shard = getattr(p, "ds_tensor", None)
                 local.append(shard if shard is not None else p.data)
         inner = getattr(self.optimizer, "optimizer", self.optimizer)
@@ -278,7 +275,7 @@ class DeepSpeedEngine(Engine):
         stage3_param_persistence_threshold) is kept whole on every rank and counts in full."""
         out = {}
         for name, p in self.task.named_parameters():
-            part = "trained" if _is_trained(name) else "backbone"
+            part = "trained" if name in self._trained else "backbone"
             full = int(getattr(p, "ds_numel", p.numel()))
             persistent = bool(getattr(p, "ds_persist", False))
             shard = getattr(p, "ds_tensor", None)

@@ -22,13 +22,14 @@ from unipt_scale.config import TrainConfig
 
 
 def param_groups(model: nn.Module, weight_decay: float, lr: float, head_lr=None) -> List[Dict]:
-    """AdamW groups: no decay on biases, norms and scalars; the task head may get its own learning rate."""
+    """AdamW groups: no decay on biases, norms and scalars; the task head (whatever lies outside the side network
+    and the backbone, where LoRA adapters and fully trained weights live) may get its own learning rate."""
     groups: Dict[tuple, Dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         no_decay = p.ndim < 2 or name.endswith(".bias") or "norm" in name.lower() or "logit_scale" in name
-        is_head = not (".side." in f".{name}")
+        is_head = ".side." not in f".{name}" and ".backbone." not in f".{name}"
         glr = head_lr if (is_head and head_lr) else lr
         key = (no_decay, glr)
         g = groups.setdefault(key, {"params": [], "weight_decay": 0.0 if no_decay else weight_decay, "lr": glr,
@@ -57,8 +58,12 @@ def autocast_dtype(precision: str, device: torch.device):
 
 
 def trained_names(model: nn.Module) -> List[str]:
-    """State-dict keys of what is trained: everything but the frozen backbone (side networks, heads, buffers)."""
-    return [k for k in model.state_dict() if ".backbone." not in f".{k}."]
+    """State-dict keys of what the model's method trains, by the model's own rule (model.trained_state_keys:
+    UniPT side network + head, LoRA adapters + head, the head alone, or everything for full fine-tuning).
+    Engines save, check and export exactly these."""
+    from unipt_scale.model import trained_state_keys
+
+    return trained_state_keys(model)
 
 
 class Engine(abc.ABC):

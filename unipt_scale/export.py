@@ -1,8 +1,9 @@
 """The run's outputs: the trained weights (OUTPUT_DIR/checkpoint/) and OUTPUT_DIR/metrics.json, as a pair.
 
-`checkpoint/` holds only what was trained (side network, heads) in safetensors, the run config and meta.json
-(label names, the weights' sha256, verified on load). The backbone is referenced through backbone.path, never
-copied. The two outputs are committed together through a staged directory with a redo marker: a crash at any
+`checkpoint/` holds exactly what the run's method trained (model.trained_state_keys: UniPT's side network and
+heads, LoRA's adapters and heads, a probe's head, or the whole model for full fine-tuning) in safetensors, the
+run config (method included) and meta.json (label names, the weights' sha256, verified on load). Other than for
+full fine-tuning, the backbone is referenced through backbone.path, never copied. The two outputs are committed together through a staged directory with a redo marker: a crash at any
 instant leaves either the previous run's pair or the new one (finished by `recover_outputs` on the next read),
 never one run's checkpoint beside another run's metrics.
 """
@@ -203,12 +204,13 @@ def read_checkpoint(directory: str, overrides=()) -> Tuple[RunConfig, Dict[str, 
 
 
 def load_trained(directory: str, overrides=(), device: str = "cpu", trust_remote_code: bool = False):
-    """Rebuild the model a checkpoint was trained as and load its trained weights; returns (model, cfg, meta)."""
-    from unipt_scale.model import build_model, trained_state_dict
+    """Rebuild the model a checkpoint was trained as (its config's method included) and load exactly the keys
+    that method trains; returns (model, cfg, meta)."""
+    from unipt_scale.model import build_model, trained_state_keys
 
     cfg, state, meta = read_checkpoint(directory, overrides)
     model = build_model(cfg, num_classes=meta.get("num_classes", 0), trust_remote_code=trust_remote_code)
-    expected = set(trained_state_dict(model))
+    expected = set(trained_state_keys(model))
     missing, unexpected = expected - set(state), set(state) - expected
     if missing or unexpected:
         raise ExportError(f"checkpoint {directory} does not match its config: missing {sorted(missing)[:5]}, "

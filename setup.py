@@ -18,6 +18,7 @@ setup(
         "accelerate>=0.34",
         "webdataset>=1.0",
         "safetensors>=0.4",
+        "peft>=0.21",  # method=lora (LoRA adapters through peft.inject_adapter_in_model)
         "ninja",
         "pyyaml",
         "tqdm",
@@ -26,8 +27,7 @@ setup(
         "numpy",
     ],
     extras_require={
-        "test": ["pytest>=7", "peft>=0.10"],
-        "lora": ["peft>=0.10"],
+        "test": ["pytest>=7"],
     },
     entry_points={"console_scripts": ["unipt=unipt_scale.cli:main"]},
 )

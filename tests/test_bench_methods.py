@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from tiny_models import tiny_bert_dir, tiny_llama_dir
+from tiny_models import tiny_bert_dir
 from unipt_scale.backbone import load_backbone
 from unipt_scale.bench import methods as bench
 from unipt_scale.config import BackboneConfig, UniPTConfig
@@ -137,14 +137,21 @@ def test_sequential_order_measures_the_same_memory(result, tiny, tmp_path):
             assert seq["methods"][name][k] == result["methods"][name][k], (name, k)
 
 
-def test_lora_targets_follow_the_architecture(tmp_path):
-    from transformers import AutoModel
+def test_models_are_the_trainers(tiny):
+    """Every method is built by model.build_model from the run config the trainer would get."""
+    from unipt_scale.methods import BackboneEncoder
+    from unipt_scale.model import ClassificationModel
 
-    llama = AutoModel.from_pretrained(tiny_llama_dir(str(tmp_path)))
-    assert bench.lora_targets_for(llama) == ["q_proj", "v_proj"]
-    assert bench.lora_targets_for(llama, ["k_proj"]) == ["k_proj"]
-    with pytest.raises(bench.BenchInputError, match="q_proj"):
-        bench.lora_targets_for(llama, ["query"])
+    for name in bench.METHODS:
+        torch.manual_seed(0)
+        model, _, notes = bench.build_method(name, tiny, R, 16, None)
+        assert isinstance(model, ClassificationModel) and model.num_classes == C
+        enc = model.encoder
+        assert isinstance(enc, UniPTEncoder if name == "unipt" else BackboneEncoder), name
+        if name == "lora":
+            assert notes == {"lora_targets": ["query", "value"]}
+        cfg = bench.method_config(name, tiny)
+        assert cfg.method == name and cfg.train.lr == bench.DEFAULT_LR[name]
 
 
 @pytest.mark.parametrize("argv, says", [
@@ -163,7 +170,7 @@ def test_bad_input_exits_2(argv, says, capsys):
 
 @pytest.mark.parametrize("extra, says", [
     (["--seq", "65"], "--seq 64 or less"),
-    (["--lora-targets", "attn"], "--lora-targets ['attn']"),
+    (["--lora-targets", "attn"], "--lora-targets ['attn'] match no module"),
 ])
 def test_bad_input_for_this_backbone_exits_2(tiny, extra, says, capsys):
     argv = ["--backbone", tiny, "--batch", "2", "--seq", "8", "--steps", "1", "--warmup", "0", "--threads", "1",

@@ -1,19 +1,20 @@
 """`unipt bench methods`: UniPT against full fine-tuning, LoRA and a linear probe on one backbone, in one run.
 
 The package claims that UniPT trains faster and in less memory than fine-tuning the backbone. This measures
-it on the same backbone, batch and tokens for every method, with the same AdamW and loss:
+it on the same backbone, batch and tokens for every method, with the same AdamW and loss, on exactly the task
+models the trainer trains: each is `model.build_model` of a run config with `method=` that method, so
 
-- unipt:        ClassificationModel(UniPTEncoder(backbone, UniPTConfig())) exactly as the trainer builds it;
-- linear_probe: frozen backbone under no_grad, masked mean of the last hidden state, dropout, Linear;
-- lora:         peft LoRA (r=8, alpha=16 on the attention query/value projections) in the backbone, same head;
+- unipt:        ClassificationModel(UniPTEncoder(backbone, UniPTConfig()));
+- linear_probe: frozen backbone under no_grad, pooled final hidden state, dropout, Linear;
+- lora:         peft LoRA (lora.r, lora.alpha; the attention query/value projections) in the backbone, same head;
 - full:         every backbone parameter trainable, same head.
 
 Per method: median training-step time (zero_grad + forward + loss + backward + AdamW step) after warm-up,
 bytes autograd keeps for backward in one forward (distinct storages; parameters and the batch excluded, they
 are held anyway), the part of them saved inside the backbone's own forward, trainable parameters, gradient
 bytes, AdamW state bytes after a step, and on CUDA the per-step torch.cuda.max_memory_allocated.
-Backbones that are trained (full, lora) run in train mode (their dropout on), as a fine-tune would; frozen
-ones (unipt, linear_probe) in eval mode, as the package runs them.
+Every backbone runs in eval mode (its own dropout off), as the trainer runs it for every method (see
+unipt_scale.methods); AdamW takes each method's default learning rate (config.DEFAULT_LR).
 
 On CPU the methods are stepped round-robin (one step of each in turn), so a change of machine load during
 the run falls on every method alike rather than on whichever ran last; on CUDA they run one after another, so
@@ -36,20 +37,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # model first: it imports unipt_scale.kernels, so bench.kernels below does not pick the Triton interpreter.
-from unipt_scale.model import ClassificationModel, UniPTEncoder, count_parameters  # noqa: I001
+from unipt_scale.model import build_model, count_parameters  # noqa: I001
 from unipt_scale.backbone import BackboneLoadError, HFBackbone, load_backbone
 from unipt_scale.bench.kernels import saved_tensor_bytes
 from unipt_scale.atomic import atomic_write_json
-from unipt_scale.config import BackboneConfig, ConfigError, TrainConfig, UniPTConfig
+from unipt_scale.config import (DEFAULT_LR, BackboneConfig, ConfigError, LoRAConfig, RunConfig, TaskConfig,
+                                TrainConfig, validate)
 from unipt_scale.engine import autocast_dtype, param_groups
-from unipt_scale.side_network import masked_mean
+from unipt_scale.methods import resolve_lora_targets
 
 METHODS = ("unipt", "linear_probe", "lora", "full")
 NUM_CLASSES = 3
-# First candidate whose module names all occur in the backbone: BERT-likes, Llama/Qwen/Mistral, DistilBERT,
-# T5/MPNet, GPT-2 (fused qkv), GPT-NeoX/Falcon, ViT-likes with a fused qkv.
-LORA_TARGET_CANDIDATES = (("query", "value"), ("q_proj", "v_proj"), ("q_lin", "v_lin"), ("q", "v"),
-                          ("c_attn",), ("query_key_value",), ("qkv",))
 RATIO_FIELDS = ("step_ms_median", "saved_bytes", "trainable_params", "optimizer_bytes", "grad_bytes",
                 "cuda_max_allocated")
 SYNTHETIC_WORDS = ("the a this that my our new old good bad great awful happy sad love hate fine okay movie food "
@@ -61,67 +59,9 @@ class BenchInputError(ValueError):
     """An argument the benchmark cannot run with; the message names the fix."""
 
 
-class PooledClassifier(nn.Module):
-    """The baselines' task model: backbone → masked mean of the last hidden state → dropout → Linear.
-
-    Same pooling, dropout and head as UniPT's ClassificationModel, so the methods differ only in what of the
-    backbone is trained."""
-
-    def __init__(self, model: nn.Module, kind: str, out_dim: int, num_classes: int, frozen: bool,
-                 dropout: float = 0.1):
-        super().__init__()
-        self.model = model
-        self.kind = kind
-        self.frozen = frozen
-        self.dropout = nn.Dropout(dropout)
-        self.classifier = nn.Linear(out_dim, num_classes)
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if self.frozen:  # a frozen backbone is a fixed function: no dropout in it
-            self.model.eval()
-        return self
-
-    def encode(self, batch: Dict[str, torch.Tensor]):
-        ids, attn = batch["input_ids"], batch["attention_mask"]
-        kwargs = dict(input_ids=ids, attention_mask=attn)
-        if self.kind == "decoder":  # as HFBackbone: positions from the mask, no KV cache
-            kwargs.update(position_ids=(attn.long().cumsum(-1) - 1).clamp(min=0), use_cache=False)
-        if self.frozen:
-            with torch.no_grad():
-                return self.model(**kwargs).last_hidden_state
-        return self.model(**kwargs).last_hidden_state
-
-    def forward(self, batch):
-        pooled = masked_mean(self.encode(batch), batch["attention_mask"].bool())
-        return self.classifier(self.dropout(pooled))
-
-
 # --------------------------------------------------------------------------------------------------------------
 # Building the methods
 # --------------------------------------------------------------------------------------------------------------
-def _leaf_names(model: nn.Module) -> set:
-    return {name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name}
-
-
-def lora_targets_for(model: nn.Module, given: Optional[List[str]] = None) -> List[str]:
-    """The module names LoRA adapts: `given` if every name exists, else the first known query/value pair."""
-    leaves = _leaf_names(model)
-    if given:
-        missing = [t for t in given if t not in leaves]
-        if missing:
-            linears = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
-            raise BenchInputError(f"--lora-targets {missing} name no module of this backbone; its Linear layers "
-                                  f"are named {linears[:20]}")
-        return list(given)
-    for cand in LORA_TARGET_CANDIDATES:
-        if all(c in leaves for c in cand):
-            return list(cand)
-    linears = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
-    raise BenchInputError(f"no known attention projection names in this backbone; pass --lora-targets NAME,NAME "
-                          f"from its Linear layers {linears[:20]}")
-
-
 def _load(path: str) -> HFBackbone:
     bb = load_backbone(BackboneConfig(path=path))
     if not isinstance(bb, HFBackbone) or bb.tokenizer is None:
@@ -130,29 +70,28 @@ def _load(path: str) -> HFBackbone:
     return bb
 
 
+def method_config(name: str, path: str, lora_r: int = 8, lora_alpha: int = 16,
+                  lora_targets: Optional[List[str]] = None) -> RunConfig:
+    """The run config the trainer would get for `method=name` on this backbone (validated, learning rate
+    resolved to the method's default)."""
+    cfg = RunConfig(method=name, backbone=BackboneConfig(path=path), task=TaskConfig(num_classes=NUM_CLASSES),
+                    lora=LoRAConfig(r=lora_r, alpha=lora_alpha, targets=list(lora_targets) if lora_targets else "auto"))
+    validate(cfg)
+    return cfg
+
+
 def build_method(name: str, path: str, lora_r: int, lora_alpha: int,
                  lora_targets: Optional[List[str]]) -> tuple:
-    """(task model, the call that runs just its backbone the way training does, notes) for one method."""
-    bb = _load(path)
+    """(task model, the call that runs just its backbone the way training does, notes) for one method, built by
+    model.build_model exactly as the trainer builds it."""
+    if name not in METHODS:
+        raise BenchInputError(f"unknown method {name!r}")
+    model = build_model(method_config(name, path, lora_r, lora_alpha, lora_targets))
+    enc = model.encoder
     if name == "unipt":
-        model = ClassificationModel(UniPTEncoder(bb, UniPTConfig()), NUM_CLASSES)
-        return model, (lambda batch: model.encoder.backbone(batch)), {}
-    hf = bb.model  # the transformers model, unwrapped from the frozen backbone
-    if name == "linear_probe":
-        model = PooledClassifier(hf, bb.kind, bb.out_dim, NUM_CLASSES, frozen=True)
-        return model, model.encode, {}
-    if name == "full":
-        hf.requires_grad_(True)
-        model = PooledClassifier(hf, bb.kind, bb.out_dim, NUM_CLASSES, frozen=False)
-        return model, model.encode, {}
-    if name == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        targets = lora_targets_for(hf, lora_targets)
-        cfg = LoraConfig(r=lora_r, lora_alpha=lora_alpha, target_modules=targets, lora_dropout=0.0, bias="none")
-        model = PooledClassifier(get_peft_model(hf, cfg), bb.kind, bb.out_dim, NUM_CLASSES, frozen=False)
-        return model, model.encode, {"lora_targets": targets}
-    raise BenchInputError(f"unknown method {name!r}")
+        return model, (lambda batch: enc.backbone(batch)), {}
+    notes = {"lora_targets": enc.lora_targets} if name == "lora" else {}
+    return model, enc, notes
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -214,10 +153,11 @@ class Runner:
         self.device = device
         self.amp_dtype = amp_dtype
         model.train()
-        groups = param_groups(model, TrainConfig.weight_decay, TrainConfig.lr)
+        lr = DEFAULT_LR[name]
+        groups = param_groups(model, TrainConfig.weight_decay, lr)
         for g in groups:
             g.pop("names")
-        self.optimizer = torch.optim.AdamW(groups, lr=TrainConfig.lr, betas=(0.9, 0.999), eps=1e-8)
+        self.optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8)
         self.times: List[float] = []
         self.cuda_peaks: List[int] = []
         self.losses: List[float] = []
@@ -383,6 +323,8 @@ def run(args, methods: List[str], log=print) -> dict:
     targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()] if args.lora_targets else None
 
     probe = _load(args.backbone)
+    if "lora" in methods:  # the flag's own name in the one line, before any model is built
+        targets = resolve_lora_targets(probe.model, targets or "auto", key="--lora-targets")
     max_pos = getattr(probe.model.config, "max_position_embeddings", None)
     if max_pos and args.seq > max_pos:
         raise BenchInputError(f"--seq {args.seq} exceeds the backbone's {max_pos} positions; use --seq {max_pos} "
@@ -430,8 +372,9 @@ def run(args, methods: List[str], log=print) -> dict:
                   num_classes=NUM_CLASSES, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
                   lora_targets=records.get("lora", {}).get("lora_targets", targets),
                   precision=str(amp_dtype or "float32").replace("torch.", ""), order=order,
-                  optimizer="AdamW (trainer's param groups, lr/weight decay from TrainConfig defaults)",
-                  backbone_train_mode={"unipt": False, "linear_probe": False, "lora": True, "full": True},
+                  optimizer="AdamW (trainer's param groups, each method's default lr, TrainConfig's weight decay)",
+                  lr={name: DEFAULT_LR[name] for name in methods},
+                  backbone_train_mode={name: False for name in METHODS},
                   torch=torch.__version__, host=platform.node() or "host", wall_s=wall,
                   loadavg_start=list(load_start) if load_start else None,
                   loadavg_end=list(load_end) if load_end else None)

@@ -59,29 +59,16 @@ def build_encoder(backbone: FrozenBackbone, method: str = "unipt", unipt: Option
     return BackboneEncoder(backbone, trainable_for(method), lora, pooling=unipt.pooling, what=what)
 
 
-def _generic_trained_keys(model: nn.Module) -> List[str]:
-    """For modules without the rule: parameters that require grad, and the buffers of modules that own one."""
-    keys = []
-    for mod_name, mod in model.named_modules():
-        own = list(mod.named_parameters(recurse=False))
-        trained = any(p.requires_grad for _, p in own)
-        prefix = f"{mod_name}." if mod_name else ""
-        keys += [prefix + n for n, p in own if p.requires_grad]
-        if trained:
-            keys += [prefix + n for n, b in mod.named_buffers(recurse=False) if b is not None
-                     and n not in mod._non_persistent_buffers_set]
-    state = model.state_dict()
-    wanted = set(keys)
-    return [k for k in state if k in wanted]
-
-
 def trained_state_keys(model: nn.Module) -> List[str]:
     """State-dict keys of what the model's method trains — exactly what checkpoints hold and reload.
 
     The task models' rule: each encoder's own trained keys (UniPT: its side network; lora: the adapters; full:
     the whole backbone; linear_probe: nothing) plus everything outside the encoders (the task head)."""
     rule = getattr(model, "trained_state_keys", None)
-    return list(rule()) if callable(rule) else _generic_trained_keys(model)
+    if not callable(rule):
+        raise TypeError(f"{type(model).__name__} has no trained_state_keys(): a task model says which of its "
+                        "state-dict keys its method trains (see ClassificationModel)")
+    return list(rule())
 
 
 def _task_trained_keys(model: nn.Module, encoders: Dict[str, nn.Module]) -> List[str]:

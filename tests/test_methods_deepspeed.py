@@ -55,7 +55,8 @@ def _run(name, cmd):
     try:
         proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=RUN_TIMEOUT)
     except subprocess.TimeoutExpired as err:
-        pytest.fail(f"{name} did not finish in {RUN_TIMEOUT} s:\n{(err.stdout or '')[-3000:]}{(err.stderr or '')[-3000:]}")
+        output = (err.stdout or "")[-3000:] + (err.stderr or "")[-3000:]
+        pytest.fail(f"{name} did not finish in {RUN_TIMEOUT} s:\n{output}")
     if proc.returncode != 0:
         pytest.fail(f"{name} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
 

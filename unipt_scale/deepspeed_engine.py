@@ -1,10 +1,10 @@
 """DeepSpeed ZeRO behind the engine interface (engine.Engine).
 
 `deepspeed.initialize` gets the parameters the method trains (engine.trained_names: for UniPT the side network
-and the heads, the backbone then frozen under no_grad; LoRA adapters; everything for full fine-tuning). Under ZeRO-3 the frozen backbone is partitioned as
-well (built inside transformers' DeepSpeed integration, so no rank ever holds it whole: see
-`prepare_model_loading`) and gathered layer by layer by ZeRO-3's forward hooks. The DeepSpeed config comes
-resolved from ds_config.resolve_ds_config.
+and the heads, the backbone then frozen under no_grad; LoRA adapters; everything for full fine-tuning). Under
+ZeRO-3 the backbone is partitioned as well (built inside transformers' DeepSpeed integration, so no rank ever
+holds it whole: see `prepare_model_loading`) and gathered layer by layer by ZeRO-3's forward hooks. The
+DeepSpeed config comes resolved from ds_config.resolve_ds_config.
 """
 from __future__ import annotations
 

@@ -3,9 +3,10 @@
 `checkpoint/` holds exactly what the run's method trained (model.trained_state_keys: UniPT's side network and
 heads, LoRA's adapters and heads, a probe's head, or the whole model for full fine-tuning) in safetensors, the
 run config (method included) and meta.json (label names, the weights' sha256, verified on load). Other than for
-full fine-tuning, the backbone is referenced through backbone.path, never copied. The two outputs are committed together through a staged directory with a redo marker: a crash at any
-instant leaves either the previous run's pair or the new one (finished by `recover_outputs` on the next read),
-never one run's checkpoint beside another run's metrics.
+full fine-tuning, the backbone is referenced through backbone.path, never copied. The two outputs are committed
+together through a staged directory with a redo marker: a crash at any instant leaves either the previous run's
+pair or the new one (finished by `recover_outputs` on the next read), never one run's checkpoint beside another
+run's metrics.
 """
 from __future__ import annotations
 

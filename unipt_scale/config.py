@@ -133,7 +133,7 @@ class TrainConfig:
     log_every: int = _f(10, "Record the training loss every N optimizer steps.")
     seed: int = _f(0, "Seed for the side network's init and dropout (data order: data.seed).")
     num_threads: int = _f(0, "torch CPU threads (0 = torch default).")
-    save: bool = _f(True, "Write the trained weights (side network + head) at the end.")
+    save: bool = _f(True, "Write the trained weights (what the method trains, see method) at the end.")
     tensorboard: bool = _f(True, "Write TensorBoard scalars under OUTPUT_DIR/tb.")
     checkpoint_every: int = _f(0, "Write a resumable checkpoint under OUTPUT_DIR/checkpoints every N optimizer steps "
                                   "(0 = none; the end of the run always writes OUTPUT_DIR/checkpoint).")

@@ -3,8 +3,16 @@
 backend: "auto" (fused Triton on CUDA tensors, the memory-efficient torch path elsewhere), "triton" (forces the
 Triton kernels; on CPU only under TRITON_INTERPRET=1, set before this package is imported), "efficient"
 (torch, chunked recomputation with the fused path's saved-state contract), "reference" (the plain equations
-in naive.py). Every backend validates its inputs the same way, so a bad call fails with one ValueError that
-names the problem whichever backend runs.
+in naive.py). The ops below validate their inputs once, before choosing a backend, so a bad call fails with one
+ValueError that names the problem whichever backend would run; the backends take validated inputs.
+
+Nothing here reads or sets TRITON_INTERPRET: whether the Triton kernels were built for the interpreter is
+decided by the environment of the process that first imports this package.
+
+Causal form (decoder LLMs, shared/unipt-equations.md): `relu_l1_attention(..., causal=True)` lets query row i
+read keys j ≤ i + Nk − Nq only; `prefix_mean` gives the prefix means the causal gate uses; and
+`confidence_aggregate` with a (B, N, d) anchor and (L, B, N, d) layer means takes one softmax over layers per
+position.
 """
 from __future__ import annotations
 
@@ -13,10 +21,12 @@ from typing import Optional, Sequence
 import torch
 
 from . import aggregation, cross_attention, projection
+from ._utils import check_triton_device
 from .naive import (
     confidence_aggregate_reference,
     confidence_weights_reference,
     grouped_projection_reference,
+    prefix_mean_reference,
     relu_l1_attention_reference,
 )
 
@@ -63,36 +73,74 @@ def grouped_projection(hidden_states: Sequence[torch.Tensor], weights, biases, n
         hs = [h.to(ws[0].dtype) for h in hs]  # the fused paths read mixed dtypes directly
         return grouped_projection_reference(hs, ws, bs, nws or [None] * L, nbs or [None] * L,
                                             pre_activation=pre_activation, norm=norm, eps=eps)
-    fn = projection.grouped_projection_triton if impl == "triton" else projection.grouped_projection_efficient
+    if impl == "triton":
+        check_triton_device(hs[0])
+        fn = projection.grouped_projection_triton
+    else:
+        fn = projection.grouped_projection_efficient
     return fn(hs, ws, bs, nws, nbs, pre_activation=pre_activation, norm=norm, eps=eps, recompute=recompute)
 
 
 def relu_l1_attention(query: torch.Tensor, keys: torch.Tensor, key_mask: Optional[torch.Tensor] = None,
-                      eps: float = 1e-6, backend: str = "auto") -> torch.Tensor:
-    """l1norm(relu(q kᵀ), padding keys zeroed) · k for every layer's keys → (L, B, Nq, d)."""
+                      eps: float = 1e-6, backend: str = "auto", *, causal: bool = False) -> torch.Tensor:
+    """l1norm(relu(q kᵀ), padding keys zeroed) · k for every layer's keys → (L, B, Nq, d).
+
+    query (B, Nq, d), keys (L, B, Nk, d) (also the values), key_mask (B, Nk) bool/0-1 or None.
+    causal=True: query row i reads only keys j ≤ i + Nk − Nq (Nq = Nk: j ≤ i), the L1 normaliser and its eps
+    clamp over those keys; the fused and chunked paths skip the key blocks above the diagonal.
+    """
     _check_backend(backend)
-    query, keys, mask = cross_attention.validate(query, keys, key_mask, eps)
+    query, keys, mask = cross_attention.validate(query, keys, key_mask, eps, causal)
     impl = resolve_backend(backend, query, width=query.shape[-1])
     if impl == "reference":
-        return relu_l1_attention_reference(query, keys, mask, eps)
+        return relu_l1_attention_reference(query, keys, mask, eps, causal)
     if impl == "triton":
-        return cross_attention.relu_l1_attention_triton(query, keys, mask, eps)
-    return cross_attention.relu_l1_attention_efficient(query, keys, mask, eps)
+        check_triton_device(query, keys)
+        return cross_attention.relu_l1_attention_triton(query, keys, mask, eps, causal)
+    return cross_attention.relu_l1_attention_efficient(query, keys, mask, eps, causal)
 
 
 def confidence_aggregate(anchor, layer_means, merged, gate_weight, gate_bias, backend: str = "auto") -> torch.Tensor:
-    """Σ_i softmax_i(g(a ⊙ mean_i)) M_i → (B, N, d)."""
+    """Σ_i softmax_i(g(a ⊙ mean_i)) M_i → (B, N, d).
+
+    anchor (B, d) with layer_means (L, B, d): one α per sequence (the paper's form).
+    anchor (B, N, d) with layer_means (L, B, N, d): one α per position — the causal form, where both are prefix
+    means (see `prefix_mean`). merged is (L, B, N, d) either way.
+    """
     _check_backend(backend)
-    args = aggregation.validate(anchor, layer_means, merged, gate_weight, gate_bias)
+    *args, per_position = aggregation.validate(anchor, layer_means, merged, gate_weight, gate_bias)
     impl = resolve_backend(backend, args[2])
     if impl == "reference":
         return confidence_aggregate_reference(*args)
     if impl == "triton":
-        return aggregation.confidence_aggregate_triton(*args)
-    return aggregation.confidence_aggregate_efficient(*args)
+        check_triton_device(args[2])
+        return aggregation.confidence_aggregate_triton(*args, per_position=per_position)
+    return aggregation.confidence_aggregate_efficient(*args, per_position=per_position)
 
 
-confidence_weights = confidence_weights_reference
+def confidence_weights(anchor, layer_means, gate_weight, gate_bias) -> torch.Tensor:
+    """The per-layer confidences α: (B, L) for a (B, d) anchor, (B, N, L) per position for a (B, N, d) one."""
+    per_position = isinstance(anchor, torch.Tensor) and anchor.dim() == 3
+    probe = layer_means  # stands in for merged in the shared checks (only its shape is read)
+    if not per_position and isinstance(layer_means, torch.Tensor) and layer_means.dim() == 3:
+        probe = layer_means.unsqueeze(2)
+    anchor, layer_means, _, gate_weight, gate_bias, _ = aggregation.validate(anchor, layer_means, probe, gate_weight,
+                                                                             gate_bias)
+    return confidence_weights_reference(anchor, layer_means, gate_weight, gate_bias)
 
-__all__ = ["BACKENDS", "resolve_backend", "grouped_projection", "relu_l1_attention", "confidence_aggregate",
-           "confidence_weights"]
+
+def prefix_mean(x: torch.Tensor, mask: Optional[torch.Tensor] = None, backend: str = "auto") -> torch.Tensor:
+    """Causal masked mean over the token axis: out_t = Σ_{s≤t} m_s x_s / max(Σ_{s≤t} m_s, 1).
+
+    x (..., B, N, d), mask (B, N) or None. The anchor and layer means of the causal gate (per-position
+    `confidence_aggregate`). Non-reference backends sum 16-bit inputs in fp32.
+    """
+    _check_backend(backend)
+    x, mask = aggregation.validate_prefix_mean(x, mask)
+    if backend == "reference":
+        return prefix_mean_reference(x, mask)
+    return aggregation.prefix_mean_efficient(x, mask)
+
+
+__all__ = ["BACKENDS", "MAX_FUSED_ATTENTION_DIM", "resolve_backend", "grouped_projection", "relu_l1_attention",
+           "confidence_aggregate", "confidence_weights", "prefix_mean"]

@@ -34,23 +34,40 @@ def grouped_projection_reference(
     return torch.stack(out, 0)
 
 
+def causal_visibility(nq: int, nk: int, device=None) -> torch.Tensor:
+    """(Nq, Nk) bool: query row i sees key j when j ≤ i + Nk − Nq (bottom-right aligned; Nq = Nk: j ≤ i)."""
+    rows = torch.arange(nq, device=device)[:, None]
+    return torch.arange(nk, device=device)[None, :] <= rows + (nk - nq)
+
+
 def relu_l1_attention_reference(
     query: torch.Tensor,
     keys: torch.Tensor,
     key_mask: Optional[torch.Tensor] = None,
     eps: float = 1e-6,
+    causal: bool = False,
 ) -> torch.Tensor:
     """o = l1norm(relu(q kᵀ) with padding keys zeroed) · k, for every layer's keys.
 
     query (B, Nq, d) is shared by all layers; keys (L, B, Nk, d) are also the values (UniPT uses v = k).
+    causal: query row i reads only keys j ≤ i + Nk − Nq (the L1 normaliser and its eps clamp over those keys).
     """
     scores = torch.einsum("bqd,lbkd->lbqk", query, keys)
-    if key_mask is not None:
-        scores = scores * key_mask[None, :, None, :].to(scores.dtype)
+    keep = key_mask.bool()[:, None, :] if key_mask is not None else None  # (B, 1, Nk)
+    if causal:
+        vis = causal_visibility(query.shape[1], keys.shape[2], query.device)[None]
+        keep = vis if keep is None else keep & vis
+    if keep is not None:
+        scores = scores * keep[None].to(scores.dtype)
     p = torch.relu(scores)
     z = p.sum(-1, keepdim=True)
     weights = p / z.clamp(min=eps)
     return torch.einsum("lbqk,lbkd->lbqd", weights, keys)
+
+
+def _gate_softmax(anchor, layer_means, gate_weight, gate_bias) -> torch.Tensor:
+    scores = F.linear(anchor[None] * layer_means, gate_weight.reshape(1, -1), gate_bias.reshape(1))
+    return torch.softmax(scores.squeeze(-1), dim=0)  # (L, B) per sequence or (L, B, N) per position
 
 
 def confidence_aggregate_reference(
@@ -62,14 +79,28 @@ def confidence_aggregate_reference(
 ) -> torch.Tensor:
     """M = Σ_i softmax_i(g(a ⊙ mean_i)) M_i with g = Linear(d→1) shared over layers.
 
-    anchor (B, d), layer_means (L, B, d), merged (L, B, N, d) → (B, N, d).
+    Per sequence: anchor (B, d), layer_means (L, B, d) — one α per sample.
+    Per position (the causal form): anchor (B, N, d) and layer_means (L, B, N, d) hold prefix means, and α is
+    one softmax over layers per position. merged (L, B, N, d) → (B, N, d) either way.
     """
-    scores = F.linear(anchor[None] * layer_means, gate_weight.reshape(1, -1), gate_bias.reshape(1))  # (L, B, 1)
-    alpha = torch.softmax(scores.squeeze(-1), dim=0)  # (L, B)
-    return (alpha[:, :, None, None] * merged).sum(0)
+    alpha = _gate_softmax(anchor, layer_means, gate_weight, gate_bias)
+    if alpha.dim() == 2:
+        alpha = alpha[:, :, None]
+    return (alpha[..., None] * merged).sum(0)
 
 
 def confidence_weights_reference(anchor, layer_means, gate_weight, gate_bias) -> torch.Tensor:
-    """The per-layer confidences α (B, L), for inspection and logging."""
-    scores = F.linear(anchor[None] * layer_means, gate_weight.reshape(1, -1), gate_bias.reshape(1))
-    return torch.softmax(scores.squeeze(-1), dim=0).transpose(0, 1)
+    """The per-layer confidences α, (B, L) per sequence or (B, N, L) per position, for inspection and logging."""
+    return _gate_softmax(anchor, layer_means, gate_weight, gate_bias).movedim(0, -1)
+
+
+def prefix_mean_reference(x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Causal masked mean over the token axis (-2): out_t = Σ_{s≤t} m_s x_s / max(Σ_{s≤t} m_s, 1).
+
+    x (..., B, N, d), mask (B, N) or None (every token real).
+    """
+    if mask is None:
+        m = torch.ones(x.shape[-2], 1, dtype=x.dtype, device=x.device)
+    else:
+        m = mask.to(x.dtype).unsqueeze(-1)
+    return (x * m).cumsum(-2) / m.cumsum(-2).clamp(min=1.0)

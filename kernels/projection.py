@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from ._utils import acc_dtype, check_triton_device, dot_policy, interpreting, next_pow2, same_device, tl_dtype
+from ._utils import acc_dtype, dot_policy, interpreting, next_pow2, same_device, tl_dtype
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -651,9 +651,8 @@ def _flat_inputs(hs, ws, bs, nws, nbs):
 def grouped_projection_triton(hidden_states, weights, biases, norm_weights=None, norm_biases=None,
                               pre_activation: str = "none", norm: str = "layernorm", eps: float = 1e-5,
                               recompute: bool = False, blocks: Optional[dict] = None) -> torch.Tensor:
-    hs, ws, bs, nws, nbs = validate(hidden_states, weights, biases, norm_weights, norm_biases, pre_activation,
-                                    norm, eps)
-    check_triton_device(hs[0])
+    """The fused kernels (CUDA tensors, or the CPU interpreter); inputs as `validate` returns them."""
+    hs, ws, bs, nws, nbs = hidden_states, weights, biases, norm_weights, norm_biases
     meta = _Meta(len(hs), pre_activation == "relu", [b is not None for b in bs], norm == "layernorm",
                  nws is not None, nbs is not None, eps, blocks, recompute)
     return GroupedProjectionTriton.apply(meta, *_flat_inputs(hs, ws, bs, nws, nbs))
@@ -662,8 +661,8 @@ def grouped_projection_triton(hidden_states, weights, biases, norm_weights=None,
 def grouped_projection_efficient(hidden_states, weights, biases, norm_weights=None, norm_biases=None,
                                  pre_activation: str = "none", norm: str = "layernorm", eps: float = 1e-5,
                                  recompute: bool = False, chunk: Optional[int] = None) -> torch.Tensor:
-    hs, ws, bs, nws, nbs = validate(hidden_states, weights, biases, norm_weights, norm_biases, pre_activation,
-                                    norm, eps)
+    """The row-chunked torch path; inputs as `validate` returns them."""
+    hs, ws, bs, nws, nbs = hidden_states, weights, biases, norm_weights, norm_biases
     meta = _Meta(len(hs), pre_activation == "relu", [b is not None for b in bs], norm == "layernorm",
                  nws is not None, nbs is not None, eps, None, recompute)
     return GroupedProjectionEfficient.apply(meta, chunk, *_flat_inputs(hs, ws, bs, nws, nbs))

@@ -10,6 +10,18 @@ reference (triton.testing.do_bench). Without a GPU this says so: the efficient t
 shapes small enough for CPU, the Triton kernels run in Triton's CPU interpreter on the tiny shape, and every
 shape gets the analytic columns.
 
+Causal ops (decoder LLMs): `cross_attention_causal` (keys j ≤ i only) and `aggregation_causal` (one softmax
+over layers per position, prefix-mean gate). Their roofline counts the tiles the causal kernels visit (key
+blocks above the diagonal are skipped) and reports causal_flop_ratio = causal / non-causal fused FLOPs; the
+eager reference computes the whole N×N scores and masks them, so its FLOPs do not drop. The `dec-*` shapes are
+decoder LLM sizes (N = 2048, 4096; d = 64 … 512), analytic only on CPU; `dec-proxy` is the shape CPU measures
+them on.
+
+The Triton interpreter: without a GPU, `main()` (this command's entry point) sets TRITON_INTERPRET=1 for its
+process before it first imports unipt_scale.kernels (unless the variable is already set), so the kernels also
+run on CPU; importing this module changes nothing, and when the kernels were already imported without the
+interpreter the run says so and skips them.
+
 Eager traffic model (per element of the L·B·Nq·Nk score tensor, reference code): forward 9 passes (einsum
 write, mask multiply r+w, relu r+w, row-sum read, divide r+w, second einsum read); backward 14. The fused
 model counts each operand once (k re-reads per query block are assumed to hit L2).
@@ -26,13 +38,40 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
-if not torch.cuda.is_available() and "unipt_scale.kernels" not in sys.modules:
-    # Without a GPU the Triton kernels can only run in the CPU interpreter, chosen before they are defined.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from unipt_scale import kernels as K  # noqa: E402
-from unipt_scale.kernels import naive  # noqa: E402
-from unipt_scale.kernels._utils import interpreting  # noqa: E402
+def _kernels():
+    """unipt_scale.kernels, imported on first use (so importing this module never decides the Triton mode)."""
+    import unipt_scale.kernels as K
+
+    return K
+
+
+def _naive():
+    from unipt_scale.kernels import naive
+
+    return naive
+
+
+def interpreting() -> bool:
+    """Whether the kernels, once imported, run in Triton's CPU interpreter."""
+    from unipt_scale.kernels._utils import interpreting as _interpreting
+
+    return _interpreting()
+
+
+def import_kernels_for_this_machine(log=print) -> bool:
+    """Import unipt_scale.kernels, built for Triton's CPU interpreter when there is no GPU, and say whether
+    they interpret. Without a GPU, and when neither the kernels were imported nor TRITON_INTERPRET was given,
+    this sets TRITON_INTERPRET=1 for the rest of the process (Triton also reads it at launch time, so it cannot
+    be restored). Called by `main()`, this command's entry point; importing this module never does it."""
+    if ("unipt_scale.kernels" not in sys.modules and not torch.cuda.is_available()
+            and "TRITON_INTERPRET" not in os.environ):
+        os.environ["TRITON_INTERPRET"] = "1"
+        log("No GPU: running the Triton kernels in Triton's CPU interpreter (set TRITON_INTERPRET=1 for this run; "
+            "export TRITON_INTERPRET=0 to skip them).")
+    _kernels()
+    return interpreting()
+
 
 H100_PEAK_16BIT = 989e12
 H100_PEAK_TF32 = 494.5e12
@@ -48,9 +87,21 @@ SHAPES: Dict[str, tuple] = {
     "llm-n2048": (32, 1, 2048, 4096, 512),
     "llm-n4096": (32, 1, 4096, 4096, 512),
     "llm-n4096-b8": (32, 8, 4096, 4096, 512),
+    # decoder LLMs for the causal ops (every:2 taps of a 32-block, 4096-wide model; side width d = 64 … 512)
+    "dec-proxy": (4, 2, 320, 256, 64),
+    "dec-n2048-d64": (16, 1, 2048, 4096, 64),
+    "dec-n2048-d128": (16, 1, 2048, 4096, 128),
+    "dec-n2048-d256": (16, 1, 2048, 4096, 256),
+    "dec-n2048-d512": (16, 1, 2048, 4096, 512),
+    "dec-n4096-d64": (16, 1, 4096, 4096, 64),
+    "dec-n4096-d128": (16, 1, 4096, 4096, 128),
+    "dec-n4096-d256": (16, 1, 4096, 4096, 256),
+    "dec-n4096-d512": (16, 1, 4096, 4096, 512),
 }
-QUICK_SHAPES = ("tiny", "llm-n4096")
-OPS = ("projection", "projection_relu", "cross_attention", "aggregation")
+QUICK_SHAPES = ("tiny", "dec-proxy", "llm-n4096", "dec-n4096-d128")
+OPS = ("projection", "projection_relu", "cross_attention", "cross_attention_causal", "aggregation",
+       "aggregation_causal")
+CAUSAL_OPS = ("cross_attention_causal", "aggregation_causal")
 # CPU measures a shape only if its largest reference tensor stays under this many elements.
 CPU_MAX_ELEMENTS = 1 << 25
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -98,38 +149,79 @@ def cost_model(op: str, L: int, B: int, N: int, D: int, d: int, elem: int) -> Di
         return dict(flops_fwd_fused=f_fwd, flops_fwd_eager=f_fwd, flops_bwd_fused=f_fwd, flops_bwd_eager=f_fwd,
                     bytes_fwd_fused=fused_fwd, bytes_fwd_eager=eager_fwd,
                     bytes_bwd_fused=fused_bwd, bytes_bwd_eager=eager_bwd)
-    if op == "cross_attention":
+    if op in ("cross_attention", "cross_attention_causal"):
         n2 = float(L * B * N * N)
         q, k, o, z = B * N * d * elem, L * B * N * d * elem, L * B * N * d * elem, L * B * N * 4
-        return dict(flops_fwd_fused=4 * n2 * d, flops_fwd_eager=4 * n2 * d,
-                    flops_bwd_fused=18 * n2 * d, flops_bwd_eager=8 * n2 * d,
-                    bytes_fwd_fused=q + k + o + z, bytes_fwd_eager=q + 2 * k + o + 9 * n2 * elem,
+        # fused FLOPs per score element: forward 2 dots (q kᵀ, p k); backward the dq kernel's 2 + 3 dots and
+        # the dk kernel's 4. Causal: each pass only over the tiles it visits.
+        f_fwd, f_dq, f_dk = 1.0, 1.0, 1.0
+        mask_fwd = mask_bwd = 0.0
+        if op == "cross_attention_causal":
+            frac = causal_fractions(N, d)
+            f_fwd, f_dq, f_dk = frac["fwd"], frac["fwd"], frac["dk"]
+            # the reference multiplies the scores by a (B, N, N) mask built per call: bool + cast + read fwd,
+            # read again in backward
+            mask_fwd, mask_bwd = B * N * N * (1.0 + 2 * elem), B * N * N * float(elem)
+        return dict(flops_fwd_fused=4 * n2 * d * f_fwd, flops_fwd_eager=4 * n2 * d,
+                    flops_bwd_fused=(10 * f_dq + 8 * f_dk) * n2 * d, flops_bwd_eager=8 * n2 * d,
+                    bytes_fwd_fused=q + k + o + z, bytes_fwd_eager=q + 2 * k + o + 9 * n2 * elem + mask_fwd,
                     bytes_bwd_fused=2 * q + 2 * k + 2 * o + 2 * z + 2 * z + q + k,
-                    bytes_bwd_eager=2 * q + 2 * k + o + q + k + 14 * n2 * elem)
+                    bytes_bwd_eager=2 * q + 2 * k + o + q + k + 14 * n2 * elem + mask_bwd)
     if op == "aggregation":
         X, Y = L * B * N * d * elem, B * N * d * elem
         return dict(flops_fwd_fused=2.0 * X / elem, flops_fwd_eager=2.0 * X / elem,
                     flops_bwd_fused=3.0 * X / elem, flops_bwd_eager=3.0 * X / elem,
                     bytes_fwd_fused=X + Y, bytes_fwd_eager=3 * X + Y,
                     bytes_bwd_fused=2 * X + Y, bytes_bwd_eager=4 * X + Y)
+    if op == "aggregation_causal":
+        # per position: the gate reads the (L, B, N, d) prefix means as well as the merged features.
+        # Fused forward: scores (2 flops/elem) + weighted sum (2); backward: scores twice (4), dα (2), dM (1),
+        # Σ dscore μ (2), dμ (1). Bytes: fused reads μ and M once forward; backward μ twice, M once, writes dM
+        # and dμ (+ the (L, B, N) dα scratch). Eager materialises a ⊙ μ, α ⊙ M and their gradients.
+        X, Y, S = L * B * N * d * elem, B * N * d * elem, L * B * N * 4
+        e = X / elem
+        return dict(flops_fwd_fused=4.0 * e, flops_fwd_eager=4.0 * e,
+                    flops_bwd_fused=10.0 * e, flops_bwd_eager=8.0 * e,
+                    bytes_fwd_fused=2 * X + 2 * Y + B * N * 4, bytes_fwd_eager=6 * X + 2 * Y + 2 * S,
+                    bytes_bwd_fused=5 * X + 3 * Y + 2 * S, bytes_bwd_eager=11 * X + 3 * Y + 3 * S)
     raise ValueError(f"unknown op {op!r}")
+
+
+def causal_fractions(N: int, d: int) -> Dict[str, float]:
+    """Share of the score tiles the compiled causal attention kernels visit at (N, d), with their GPU tiles:
+    fwd (forward and dq kernel), dk (dk kernel) and exact (the visible pairs, (N + 1) / 2N)."""
+    from unipt_scale.kernels.cross_attention import causal_tile_fraction, tile_sizes
+
+    bm, bn, _, _ = tile_sizes(d, interpreter=False)
+    return causal_tile_fraction(N, N, bm, bn)
+
+
+def _roofline_ms(c: Dict[str, float], peak: float, kind: str) -> float:
+    return sum(_roof(c[f"flops_{p}_{kind}"], c[f"bytes_{p}_{kind}"], peak) for p in ("fwd", "bwd"))
 
 
 def roofline(op: str, L, B, N, D, d, dtype: torch.dtype) -> Dict[str, float]:
     elem = torch.finfo(dtype).bits // 8
     peak = H100_PEAK_TF32 if dtype == torch.float32 else H100_PEAK_16BIT
     c = cost_model(op, L, B, N, D, d, elem)
-    fused, eager = (sum(_roof(c[f"flops_{p}_{k}"], c[f"bytes_{p}_{k}"], peak) for p in ("fwd", "bwd"))
-                    for k in ("fused", "eager"))
-    return dict(c, roofline_ms_fused=fused, roofline_ms_eager=eager, roofline_speedup=eager / fused,
-                roofline_peak_tflops=peak / 1e12)
+    fused, eager = _roofline_ms(c, peak, "fused"), _roofline_ms(c, peak, "eager")
+    out = dict(c, roofline_ms_fused=fused, roofline_ms_eager=eager, roofline_speedup=eager / fused,
+               roofline_peak_tflops=peak / 1e12)
+    if op == "cross_attention_causal":
+        full = cost_model("cross_attention", L, B, N, D, d, elem)
+        frac = causal_fractions(N, d)
+        out.update(causal_flop_ratio=(c["flops_fwd_fused"] + c["flops_bwd_fused"])
+                   / (full["flops_fwd_fused"] + full["flops_bwd_fused"]),
+                   causal_flop_ratio_fwd=frac["fwd"], causal_flop_ratio_dk=frac["dk"],
+                   causal_pair_ratio=frac["exact"], roofline_ms_fused_noncausal=_roofline_ms(full, peak, "fused"))
+    return out
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Problems: inputs, the call under test and the reference
 # --------------------------------------------------------------------------------------------------------------
 def _largest_reference_tensor(op, L, B, N, D, d) -> int:
-    if op == "cross_attention":
+    if op.startswith("cross_attention"):
         return L * B * N * N
     if op.startswith("projection"):
         return B * N * L * D
@@ -145,6 +237,7 @@ def make_problem(op: str, L, B, N, D, d, dtype, device, seed: int = 0):
         return t.requires_grad_(grad)
 
     if op.startswith("projection"):
+        K, naive = _kernels(), _naive()
         relu, ln = op == "projection_relu", op == "projection"
         Ds = [D] * L
         hs = [rnd(B, N, Di, grad=False) for Di in Ds]  # frozen backbone
@@ -172,20 +265,31 @@ def make_problem(op: str, L, B, N, D, d, dtype, device, seed: int = 0):
 
         grad = torch.randn(L, B, N, d, generator=g).to(device=device, dtype=dtype)
         return params, call, ref, grad, hs + params
-    if op == "cross_attention":
+    if op in ("cross_attention", "cross_attention_causal"):
+        K, naive = _kernels(), _naive()
+        causal = op == "cross_attention_causal"
         q, k = rnd(B, N, d), rnd(L, B, N, d)
         lengths = torch.randint(max(1, N // 2), N + 1, (B,), generator=g)
-        mask = (torch.arange(N)[None, :] < lengths[:, None]).to(device)
+        pos = torch.arange(N)[None, :]
+        if causal:  # decoders pad on the left
+            mask = (pos >= (N - lengths)[:, None]).to(device)
+        else:
+            mask = (pos < lengths[:, None]).to(device)
 
         def call(backend, ts):
-            return K.relu_l1_attention(ts[0], ts[1], mask, backend=backend)
+            return K.relu_l1_attention(ts[0], ts[1], mask, backend=backend, causal=causal)
 
         def ref(ts):
-            return naive.relu_l1_attention_reference(ts[0], ts[1], mask)
+            return naive.relu_l1_attention_reference(ts[0], ts[1], mask, causal=causal)
 
         return [q, k], call, ref, torch.randn(L, B, N, d, generator=g).to(device=device, dtype=dtype), [q, k, mask]
-    if op == "aggregation":
-        ts = [rnd(B, d), rnd(L, B, d), rnd(L, B, N, d), rnd(1, d, scale=d ** -0.5), rnd(1, scale=0.1)]
+    if op in ("aggregation", "aggregation_causal"):
+        K, naive = _kernels(), _naive()
+        if op == "aggregation":
+            ts = [rnd(B, d), rnd(L, B, d)]
+        else:  # prefix means per position
+            ts = [rnd(B, N, d), rnd(L, B, N, d)]
+        ts += [rnd(L, B, N, d), rnd(1, d, scale=d ** -0.5), rnd(1, scale=0.1)]
 
         def call(backend, ts):
             return K.confidence_aggregate(*ts, backend=backend)
@@ -313,19 +417,20 @@ def _mib(v):
     return f"{v}B"
 
 
-HEADER = (f"{'op':16} {'shape':13} {'dtype':8} {'backend':21} {'fwd_err':>8} {'bwd_err':>8} {'saved':>10} "
+HEADER = (f"{'op':22} {'shape':14} {'dtype':8} {'backend':21} {'fwd_err':>8} {'bwd_err':>8} {'saved':>10} "
           f"{'ref saved':>9} {'ratio':>7} {'+own':>7} {'ref+own':>7} {'roof fused ms':>13} {'roof eager ms':>13} "
-          f"{'x':>5} {'ms fused':>8} {'ms eager':>8} {'ms compile':>10}")
+          f"{'x':>5} {'causal/full flops':>17} {'ms fused':>8} {'ms eager':>8} {'ms compile':>10}")
 
 
 def _row(r) -> str:
-    return (f"{r['op']:16} {r['shape_name']:13} {r['dtype']:8} {str(r.get('backend')):21} "
+    return (f"{r['op']:22} {r['shape_name']:14} {r['dtype']:8} {str(r.get('backend')):21} "
             f"{_fmt(r.get('fwd_max_abs_err'), '8.1e')} {_fmt(r.get('bwd_max_abs_err'), '8.1e')} "
             f"{_mib(r.get('saved_bytes_fused')):>10} {_mib(r.get('saved_bytes_reference')):>9} "
             f"{_fmt(r.get('saved_ratio'), '7.3f')} {_mib(r.get('saved_extra_bytes_fused')):>7} "
             f"{_mib(r.get('saved_extra_bytes_reference')):>7} {r['roofline_ms_fused']:13.3f} "
             f"{r['roofline_ms_eager']:13.3f} "
-            f"{r['roofline_speedup']:5.2f} {_fmt(r.get('ms_fused'), '8.3f')} {_fmt(r.get('ms_eager'), '8.3f')} "
+            f"{r['roofline_speedup']:5.2f} {_fmt(r.get('causal_flop_ratio'), '17.3f')} "
+            f"{_fmt(r.get('ms_fused'), '8.3f')} {_fmt(r.get('ms_eager'), '8.3f')} "
             f"{_fmt(r.get('ms_compile'), '10.3f')}")
 
 
@@ -345,6 +450,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--max-elements", type=int, default=CPU_MAX_ELEMENTS,
                    help="CPU: measure a shape only if its largest reference tensor has at most this many elements")
     args = p.parse_args(argv)
+    interp = import_kernels_for_this_machine()
     shapes = list(QUICK_SHAPES) if args.quick else (args.shapes.split(",") if args.shapes else list(SHAPES))
     ops = args.ops.split(",")
     cuda = torch.cuda.is_available()
@@ -355,11 +461,15 @@ def main(argv: Optional[List[str]] = None) -> int:
             p.error(f"unknown {what} {bad}; choose from {list(known)}")
     if cuda:
         print(f"GPU: {torch.cuda.get_device_name()} — timings by triton.testing.do_bench (fwd+bwd)")
+        if interp:
+            print("warning: TRITON_INTERPRET is set, so the Triton kernels run in the CPU interpreter and their "
+                  "times mean nothing; run with TRITON_INTERPRET unset (or 0) for the compiled kernels")
     else:
         print("No GPU: no timings. Measured: errors and saved bytes of the efficient torch path on shapes small "
-              "enough for CPU" + (", and of the Triton kernels in the CPU interpreter on 'tiny'"
-                                  if interpreting() else " (TRITON_INTERPRET unset: the Triton kernels are not run)")
-              + "; every shape gets the analytic H100 roofline (fused vs eager).")
+              "enough for CPU" + (", and of the Triton kernels in the CPU interpreter on 'tiny'" if interp else
+                                  " (the Triton kernels are not run: unipt_scale.kernels was imported without "
+                                  "TRITON_INTERPRET=1 before this command; set it in the environment to run them)")
+              + "; every shape gets the analytic H100 roofline (fused vs eager; causal ops: visited tiles only).")
     print(HEADER)
     t0 = time.perf_counter()
     torch.manual_seed(0)

@@ -73,8 +73,9 @@ class LoRAConfig:
     targets: Any = _f("auto", "method=lora: modules to adapt. auto = the architecture's attention query/value "
                               "projections (BERT/RoBERTa/ViT query,value; Llama/Mistral/Qwen/CLIP q_proj,v_proj; "
                               "T5/MPNet q,v; DistilBERT q_lin,v_lin; GPT-2 c_attn; GPT-NeoX/Falcon "
-                              "query_key_value), or for a conv backbone its ungrouped plain nn.Conv2d layers; or a list of "
-                              "module names, each matched as peft does (the full name or its trailing part).")
+                              "query_key_value), or for a conv backbone its ungrouped plain nn.Conv2d layers; or "
+                              "a list of module names, each matched as peft does (the full name or its trailing "
+                              "part).")
 
 
 @dataclass

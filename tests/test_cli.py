@@ -83,3 +83,14 @@ def test_config_errors_exit_2(setup, capsys):
 def test_print_config(capsys):
     assert main(["train", "--print-config", "train.lr=0.01"]) == 0
     assert "lr: 0.01" in capsys.readouterr().out
+
+
+def test_info_counts_other_methods(setup, capsys):
+    assert main(["info", "method=lora"] + _base(setup)) == 0
+    info = json.loads(capsys.readouterr().out)
+    # r=8 adapters on query and value of 3 layers: (8 x 32 + 32 x 8) x 2 x 3; the head is 32 x 2 + 2.
+    assert info["method"] == "lora" and info["backbone_trained_params"] == 3072 and info["head_params"] == 66
+    assert info["side_network_params"] == 0 and "tapped_layers" not in info
+    assert main(["info", "method=linear_probe"] + _base(setup)) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["trainable_params"] == info["head_params"] == 66

@@ -120,7 +120,7 @@ def cmd_predict(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from unipt_scale.model import build_model, count_parameters
+    from unipt_scale.model import build_model, count_parameters, trained_state_keys
 
     cfg = _load(args)
     num_classes = cfg.task.num_classes
@@ -130,12 +130,18 @@ def cmd_info(args) -> int:
         num_classes = num_classes_of(cfg.data)
     model = build_model(cfg, num_classes=num_classes, trust_remote_code=args.trust_remote_code)
     counts = count_parameters(model)
-    side = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and ".side." in f".{n}")
-    info = {**counts, "side_network_params": side, "head_params": counts["trainable_params"] - side,
+    params = dict(model.named_parameters())
+    trained = [k for k in trained_state_keys(model) if k in params]
+    encoder_keys = [k for k in trained if ".side." in f".{k}" or ".backbone." in f".{k}"]
+    side = sum(params[k].numel() for k in encoder_keys if ".side." in f".{k}")
+    adapted = sum(params[k].numel() for k in encoder_keys if ".backbone." in f".{k}")
+    info = {"method": cfg.method, **counts, "side_network_params": side, "backbone_trained_params": adapted,
+            "head_params": counts["trainable_params"] - side - adapted,
             "trainable_share": counts["trainable_params"] / max(1, counts["trainable_params"] + counts["frozen_params"])}
     encoders = [m for m in model.modules() if m.__class__.__name__ == "UniPTEncoder"]
-    info["tapped_layers"] = [e.backbone.layer_indices for e in encoders]
-    info["mapping_dim"] = [e.side.mapping_dim for e in encoders]
+    if encoders:
+        info["tapped_layers"] = [e.backbone.layer_indices for e in encoders]
+        info["mapping_dim"] = [e.side.mapping_dim for e in encoders]
     print(json.dumps(info, indent=2))
     return 0
 

@@ -501,12 +501,15 @@ def check_output_dir(path: str) -> None:
 
 
 def check_backbones(cfg: RunConfig, trust_remote_code: bool) -> None:
-    """Backbone shapes from config.json alone, against the UniPT settings, before any weights load."""
+    """Backbone shapes from config.json alone (and, for UniPT, the side network against them) before any weights
+    load."""
     from unipt_scale.backbone import inspect_backbone, validate_side_network
 
     for backbone in (cfg.backbone, cfg.image_backbone):
         if backbone is not None:
-            validate_side_network(inspect_backbone(backbone, trust_remote_code), cfg.unipt)
+            spec = inspect_backbone(backbone, trust_remote_code)
+            if cfg.method == "unipt":
+                validate_side_network(spec, cfg.unipt)
 
 
 def _strict(obj):

@@ -137,3 +137,39 @@ def tiny_swin_dir(root: str, embed_dim: int = 8, image_size: int = 32) -> str:
                                     depths=[1, 1], num_heads=[1, 2], window_size=2))
 
     return _save_dir(root, f"tiny-swin-{embed_dim}-{image_size}", build)
+
+
+def tiny_causal_lm_dir(root: str, arch: str = "llama", hidden: int = 32, layers: int = 2, tie: bool = False,
+                       seed: int = 0) -> str:
+    """A tiny *ForCausalLM checkpoint (untied head unless `tie`) with the tiny tokenizer: [SEP] ends a text."""
+    import transformers
+
+    d = os.path.join(root, f"tiny-{arch}-lm-{hidden}-{layers}{'-tied' if tie else ''}")
+    if os.path.isdir(d):
+        return d
+    os.makedirs(d)
+    torch.manual_seed(seed)
+    vocab = len(VOCAB)
+    if arch == "llama":
+        cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
+                                       num_attention_heads=2, num_key_value_heads=1, intermediate_size=hidden * 2,
+                                       max_position_embeddings=128, tie_word_embeddings=tie, pad_token_id=0,
+                                       eos_token_id=3, bos_token_id=2)
+        model = transformers.LlamaForCausalLM(cfg)
+    elif arch == "qwen2":
+        cfg = transformers.Qwen2Config(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
+                                       num_attention_heads=2, num_key_value_heads=1, intermediate_size=hidden * 2,
+                                       max_position_embeddings=128, tie_word_embeddings=tie, pad_token_id=0,
+                                       eos_token_id=3, bos_token_id=2)
+        model = transformers.Qwen2ForCausalLM(cfg)
+    elif arch == "gpt2":
+        cfg = transformers.GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=2, n_positions=128,
+                                      tie_word_embeddings=tie, pad_token_id=0, eos_token_id=3, bos_token_id=2)
+        model = transformers.GPT2LMHeadModel(cfg)
+    else:
+        raise ValueError(arch)
+    model.save_pretrained(d)
+    tok = tiny_tokenizer()
+    tok.eos_token = "[SEP]"
+    tok.save_pretrained(d)
+    return d

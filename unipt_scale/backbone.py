@@ -184,6 +184,27 @@ class HFBackbone(FrozenBackbone):
             states = [out.hidden_states[i] for i in self.layer_indices]
         return BackboneOutput(states, mask, out.last_hidden_state)
 
+    @torch.no_grad()
+    def forward_cached(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, past_key_values=None):
+        """A decoder's forward over new tokens with its own KV cache, for incremental generation: returns the
+        tapped states and the final output of the new positions, and the cache. `attention_mask` covers the past
+        and the new tokens (left padding allowed); positions come from it, as in the training forward."""
+        if self.kind != "decoder":
+            raise ValueError("incremental decoding needs a decoder backbone")
+        n = input_ids.shape[1]
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -n:]
+        kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
+                      past_key_values=past_key_values)
+        if self._capture is None and past_key_values is None:
+            self._capture = self._choose_capture(dict(kwargs, use_cache=False, past_key_values=None))
+        if self._capture:
+            states, out = self._forward_hooked(kwargs, self.layer_indices, self._last_from)
+        else:
+            out = self.model(**kwargs, output_hidden_states=True)
+            states = [out.hidden_states[i] for i in self.layer_indices]
+        mask = attention_mask[:, -n:].bool()
+        return BackboneOutput(states, mask, out.last_hidden_state), out.past_key_values
+
     # Only the tapped states are kept while the frozen forward runs (transformers' output_hidden_states keeps
     # all L+1 until it returns). The hooks sit on the block list; whether hidden state L is the last block's
     # output or the final (normed) last_hidden_state differs by architecture, so the first batch checks the

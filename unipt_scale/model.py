@@ -22,7 +22,7 @@ from unipt_scale.side_network import (UniPTFeatureMapSideNetwork, UniPTSideNetwo
 class UniPTEncoder(nn.Module):
     """Backbone (frozen, no-grad) → tapped hidden states → UniPT → per-token features and a pooled vector."""
 
-    def __init__(self, backbone: FrozenBackbone, cfg: UniPTConfig):
+    def __init__(self, backbone: FrozenBackbone, cfg: UniPTConfig, causal: bool = False):
         super().__init__()
         self.backbone = backbone
         layers = resolve_layers(cfg.layers, backbone.num_hidden_states)
@@ -31,7 +31,7 @@ class UniPTEncoder(nn.Module):
             sizes = [backbone.stage_sizes[i] for i in layers]
             self.side = UniPTFeatureMapSideNetwork(cfg, backbone.hidden_sizes, sizes)
         else:
-            self.side = UniPTSideNetwork(cfg, backbone.hidden_sizes, backbone.out_dim)
+            self.side = UniPTSideNetwork(cfg, backbone.hidden_sizes, backbone.out_dim, causal=causal)
         self.out_dim = backbone.out_dim
         self.pooling = resolve_pooling(cfg.pooling, backbone)
 
@@ -51,11 +51,14 @@ class UniPTEncoder(nn.Module):
 
 
 def build_encoder(backbone: FrozenBackbone, method: str = "unipt", unipt: Optional[UniPTConfig] = None,
-                  lora: Optional[LoRAConfig] = None, what: str = "the backbone") -> nn.Module:
-    """The encoder a method puts on a loaded backbone (any FrozenBackbone, wrap_module's included)."""
+                  lora: Optional[LoRAConfig] = None, what: str = "the backbone", causal: bool = False) -> nn.Module:
+    """The encoder a method puts on a loaded backbone (any FrozenBackbone, wrap_module's included). `causal`:
+    UniPT's causal form (the other methods are as causal as the backbone itself)."""
     unipt = unipt or UniPTConfig()
     if method == "unipt":
-        return UniPTEncoder(backbone, unipt)
+        if causal and backbone.is_feature_map:
+            raise ConfigError("the causal side network is for token sequences; unset unipt.causal for a CNN")
+        return UniPTEncoder(backbone, unipt, causal=causal)
     return BackboneEncoder(backbone, trainable_for(method), lora, pooling=unipt.pooling, what=what)
 
 
@@ -215,11 +218,21 @@ def build_model(cfg: RunConfig, num_classes: int = 0, trust_remote_code: bool = 
     # The UniPT settings are checked against the backbone only where a side network is built.
     side_cfg = cfg.unipt if cfg.method == "unipt" else None
 
+    causal = cfg.unipt.causal == "true" or cfg.task.kind == "causal_lm"
+
     def encoder(bb_cfg, what):
         bb = load_backbone(bb_cfg, trust_remote_code, side_cfg)
-        return build_encoder(bb, cfg.method, cfg.unipt, cfg.lora, what=f"{what} ({bb_cfg.path})")
+        return build_encoder(bb, cfg.method, cfg.unipt, cfg.lora, what=f"{what} ({bb_cfg.path})", causal=causal)
 
-    if cfg.task.kind == "classification":
+    if cfg.task.kind == "causal_lm":
+        from unipt_scale.lm import CausalLMModel, load_lm_head
+
+        enc = encoder(cfg.backbone, "the decoder")
+        if enc.backbone.kind != "decoder":
+            raise ConfigError(f"task.kind=causal_lm needs a decoder backbone; {cfg.backbone.path} is "
+                              f"{enc.backbone.kind!r}")
+        model = CausalLMModel(enc, load_lm_head(enc.backbone, enc.backbone.name), cfg.task.loss_chunk_tokens)
+    elif cfg.task.kind == "classification":
         n = cfg.task.num_classes or num_classes
         if n < 2:
             raise ConfigError(f"classification needs at least 2 classes, got {n}; check the data "

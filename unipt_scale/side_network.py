@@ -94,17 +94,45 @@ def mapping_width(cfg: UniPTConfig, out_dim: int) -> int:
     return d
 
 
+@dataclasses.dataclass
+class SideCache:
+    """What incremental decoding keeps of the past for the causal side network: the projected states of every
+    tapped layer (L, B, t, d), the key mask (B, t), and the prefix sums the gate's means are made of."""
+
+    targets: torch.Tensor  # (L', B, t, d): the interacting layers' projected states, the keys and values
+    mask: torch.Tensor  # (B, t) bool: real tokens so far
+    anchor_sum: torch.Tensor  # (B, d): Σ m·A
+    target_sum: torch.Tensor  # (L', B, d): Σ m·T_i
+    count: torch.Tensor  # (B, 1): Σ m
+
+    def select(self, index: torch.Tensor) -> "SideCache":
+        """The rows `index` of the batch (beam/sequence bookkeeping)."""
+        return SideCache(self.targets[:, index], self.mask[index], self.anchor_sum[index], self.target_sum[:, index],
+                         self.count[index])
+
+
 class UniPTSideNetwork(nn.Module):
     """Token-sequence UniPT.
 
     forward(hidden_states, mask, final) → per-token output (B, N, out_dim); hidden_states are the tapped layers'
     (B, N, D_i), mask (B, N) marks real tokens, final is the backbone's output that the residual adds to.
+
+    causal=True is the form for language modelling on a decoder: position t reads only positions ≤ t. The
+    cross attention of the anchor row t goes to keys j ≤ t only (padding keys masked, the identity term kept),
+    and the confidence gate reads prefix means of the anchor and of each layer up to t, so the weights over
+    layers are one softmax per position instead of one per sequence. Nothing else changes; with the
+    up-projection zero-initialised a fresh model returns the backbone's own final states, so its LM logits are
+    the frozen model's. `step` runs the same computation for new positions only, against a SideCache of the past.
     """
 
-    def __init__(self, cfg: UniPTConfig, hidden_sizes: Sequence[int], out_dim: int):
+    def __init__(self, cfg: UniPTConfig, hidden_sizes: Sequence[int], out_dim: int, causal: bool = False):
         super().__init__()
         if cfg.down_norm == "batchnorm":
             raise ConfigError("unipt.down_norm=batchnorm is for CNN stages; use layernorm or none for token sequences")
+        if causal and (cfg.anchor != "last_layer" or cfg.add_target_token):
+            raise ConfigError("the causal side network takes the last tapped layer as its anchor and adds no target "
+                              "token; unset unipt.anchor / unipt.add_target_token for unipt.causal=true")
+        self.causal = causal
         self.cfg = cfg
         self.hidden_sizes = list(hidden_sizes)
         self.out_dim = out_dim
@@ -144,11 +172,66 @@ class UniPTSideNetwork(nn.Module):
         x = final.to(t.dtype)
         return self.anchor_proj(F.relu(x) if self.cfg.down_activation == "relu" else x), t
 
+    def _output(self, anchor_tokens, fused, final):
+        if self.cfg.output == "project":
+            fused = anchor_tokens + self.proj_norm(self.proj(fused))
+        y = self.up(F.relu(fused))
+        if self.cfg.residual:
+            if final is None:
+                raise ValueError("unipt.residual=true needs the backbone's final output")
+            y = y + final.to(y.dtype)
+        return y
+
+    def _causal_forward(self, hidden_states, mask, final, cache: Optional[SideCache] = None):
+        """The causal form over new positions (all of them without a cache); returns (output, updated cache)."""
+        cfg = self.cfg
+        anchor_tokens, targets = self._anchor_and_targets(hidden_states, final)  # (B, n, d), (L', B, n, d)
+        b, n = anchor_tokens.shape[:2]
+        new_mask = mask if mask is not None else torch.ones(b, n, dtype=torch.bool, device=anchor_tokens.device)
+        if cache is None:
+            keys, key_mask = targets, new_mask
+            prev_a = torch.zeros_like(anchor_tokens[:, 0])
+            prev_t = torch.zeros_like(targets[:, :, 0])
+            prev_c = torch.zeros(b, 1, dtype=anchor_tokens.dtype, device=anchor_tokens.device)
+        else:
+            keys = torch.cat([cache.targets.to(targets.dtype), targets], 2)
+            key_mask = torch.cat([cache.mask, new_mask], 1)
+            prev_a, prev_t, prev_c = cache.anchor_sum, cache.target_sum, cache.count
+        # The query rows are the last n positions; the kernel's causal mask is aligned to the bottom right.
+        merged = kernels.relu_l1_attention(anchor_tokens, keys, key_mask, eps=cfg.eps, backend=cfg.kernels,
+                                           causal=True)
+        if cfg.add_identity:
+            merged = merged + targets
+        m = new_mask.to(anchor_tokens.dtype).unsqueeze(-1)  # (B, n, 1)
+        count = prev_c[:, None] + m.cumsum(1)  # (B, n, 1)
+        a_sum = prev_a[:, None] + (anchor_tokens * m).cumsum(1)
+        t_sum = prev_t[:, :, None] + (targets * m).cumsum(2)
+        anchor_mean = a_sum / count.clamp(min=1.0)
+        target_mean = t_sum / count.clamp(min=1.0)
+        fused = kernels.confidence_aggregate(anchor_mean, target_mean, merged, self.gate.weight, self.gate.bias,
+                                             backend=cfg.kernels)
+        y = self._output(anchor_tokens, fused, final)
+        updated = SideCache(keys.detach(), key_mask, a_sum[:, -1].detach(), t_sum[:, :, -1].detach(),
+                            count[:, -1].detach())
+        return y, updated
+
+    def step(self, hidden_states: Sequence[torch.Tensor], mask: Optional[torch.Tensor], final: torch.Tensor,
+             cache: Optional[SideCache] = None):
+        """Incremental decoding: the outputs of new positions (B, n, out_dim) given the past's cache, and the
+        cache extended by them. Each new token costs one query row against t keys per layer: O(L·t·d)."""
+        if not self.causal:
+            raise ValueError("incremental decoding needs the causal side network (unipt.causal=true)")
+        if mask is not None:
+            mask = mask.bool()
+        return self._causal_forward(hidden_states, mask, final, cache)
+
     def forward(self, hidden_states: Sequence[torch.Tensor], mask: Optional[torch.Tensor] = None,
                 final: Optional[torch.Tensor] = None) -> torch.Tensor:
         cfg = self.cfg
         if len(hidden_states) != len(self.hidden_sizes):
             raise ValueError(f"expected {len(self.hidden_sizes)} tapped hidden states, got {len(hidden_states)}")
+        if self.causal:
+            return self._causal_forward(hidden_states, mask.bool() if mask is not None else None, final)[0]
         dtype = self.gate.weight.dtype
         # No up-front cast of the tapped states: the projection reads a bf16 backbone's states as they are
         # (L fp32 copies of every hidden state would cost more than the side network itself).
@@ -164,14 +247,7 @@ class UniPTSideNetwork(nn.Module):
             merged = merged + pool_tokens(targets, mask, how).unsqueeze(-2)
         fused = kernels.confidence_aggregate(anchor_vec, masked_mean(targets, mask), merged,
                                              self.gate.weight, self.gate.bias, backend=cfg.kernels)
-        if cfg.output == "project":
-            fused = anchor_tokens + self.proj_norm(self.proj(fused))
-        y = self.up(F.relu(fused))
-        if cfg.residual:
-            if final is None:
-                raise ValueError("unipt.residual=true needs the backbone's final output")
-            y = y + final.to(dtype)
-        return y
+        return self._output(anchor_tokens, fused, final).to(dtype)
 
     @torch.no_grad()
     def layer_confidences(self, hidden_states, mask=None, final=None) -> torch.Tensor:

@@ -163,6 +163,10 @@ def build_data(cfg: DataConfig, tokenizer=None, rank: int = 0, world_size: int =
 
     `image_transform` (PIL image -> float tensor C,H,W) replaces the ImageTransform the data config describes.
     Bad paths, shard lists and indexes fail here, before any model is built."""
+    if cfg.source in ("jsonl", "bbc_headlines"):  # prompt/response records for task.kind=causal_lm
+        from unipt_scale.data.lm import build_lm_data
+
+        return build_lm_data(cfg, tokenizer, rank=rank, world_size=world_size)
     if cfg.source != "csv":
         from unipt_scale.data.pipeline import build_stream_data
 

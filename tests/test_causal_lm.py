@@ -1,0 +1,202 @@
+"""Causal UniPT on tiny decoders: the causal form against its equations written out, causality through the public
+API, a fresh model is the frozen LLM, the chunked LM loss, and incremental generation against full recompute."""
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tiny_models import tiny_causal_lm_dir
+from unipt_scale.config import UniPTConfig, load_config
+from unipt_scale.lm import chunked_lm_loss, generate
+from unipt_scale.model import build_model
+from unipt_scale.side_network import UniPTSideNetwork
+
+ARCHS = ["llama", "qwen2", "gpt2"]
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("lm"))
+    return {a: tiny_causal_lm_dir(root, a) for a in ARCHS} | {"tied": tiny_causal_lm_dir(root, "llama", tie=True)}
+
+
+def _jsonl(path, n=48):
+    words = ["good", "bad", "movie", "food", "day", "night", "happy", "sad"]
+    with open(path, "w") as fh:
+        for i in range(n):
+            w = [words[(i + k) % len(words)] for k in range(3)]
+            fh.write(json.dumps({"prompt": " ".join(w), "response": " ".join(reversed(w))}) + "\n")
+    return str(path)
+
+
+def _cfg(model_dir, tmp_path, *extra):
+    return load_config(None, [f"backbone.path={model_dir}", "task.kind=causal_lm", "data.source=jsonl",
+                              f"data.path={_jsonl(tmp_path / 'pairs.jsonl')}", "unipt.mapping_dim=8",
+                              "data.batch_size=4", "train.tensorboard=false", f"output_dir={tmp_path / 'run'}", *extra])
+
+
+def _perturb_side(model, scale=0.3, seed=1):
+    """A trained-looking side network (the fresh one adds exactly zero, which would make every check trivial)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+def _batch(texts_ids, left=True, pad=0):
+    n = max(len(t) for t in texts_ids)
+    ids = torch.full((len(texts_ids), n), pad)
+    mask = torch.zeros((len(texts_ids), n), dtype=torch.long)
+    for i, t in enumerate(texts_ids):
+        sl = slice(n - len(t), n) if left else slice(0, len(t))
+        ids[i, sl], mask[i, sl] = torch.tensor(t), 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _causal_side_reference(side, hidden_states, mask, final):
+    """The causal form of ../shared/unipt-equations.md, position by position, in fp64."""
+    cfg = side.cfg
+    T = [side.down_norms[i](side.down[i](h.double())) for i, h in enumerate(hidden_states)]
+    A, targets = T[-1], T[:-1]
+    B, N, d = A.shape
+    out = torch.zeros(B, N, side.out_dim, dtype=torch.float64)
+    m = mask.double()
+    for b in range(B):
+        for t in range(N):
+            cnt = max(m[b, :t + 1].sum().item(), 1.0)
+            a_t = (m[b, :t + 1, None] * A[b, :t + 1]).sum(0) / cnt
+            merged, scores = [], []
+            for Ti in targets:
+                s = torch.relu(Ti[b, :t + 1] @ A[b, t]) * m[b, :t + 1]
+                w = s / s.sum().clamp(min=cfg.eps)
+                merged.append(w @ Ti[b, :t + 1] + Ti[b, t])
+                mu = (m[b, :t + 1, None] * Ti[b, :t + 1]).sum(0) / cnt
+                scores.append(side.gate(a_t * mu).squeeze())
+            alpha = torch.softmax(torch.stack(scores), 0)
+            M = sum(al * mi for al, mi in zip(alpha, merged))
+            o = A[b, t] + side.proj_norm(side.proj(M))
+            out[b, t] = side.up(torch.relu(o)) + final[b, t].double()
+    return out
+
+
+@pytest.mark.parametrize("backend", ["reference", "efficient"])
+def test_causal_side_network_is_the_equations(backend):
+    torch.manual_seed(0)
+    cfg = UniPTConfig(mapping_dim=6, kernels=backend, zero_init_up=False)
+    side = UniPTSideNetwork(cfg, [10, 10, 10], 10, causal=True)
+    hs = [torch.randn(2, 7, 10) for _ in range(3)]
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    mask[1, :3] = False  # left padding
+    final = torch.randn(2, 7, 10)
+    got = side(hs, mask, final)
+    side64 = side.double()
+    ref = _causal_side_reference(side64, hs, mask, final)
+    torch.testing.assert_close(got.double()[mask], ref[mask], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_changing_the_future_leaves_the_past_unchanged(dirs, tmp_path, arch):
+    model = build_model(_cfg(dirs[arch], tmp_path)).eval()
+    _perturb_side(model)
+    a = _batch([[5, 6, 7, 8, 9, 10, 11, 12]])
+    b = {k: v.clone() for k, v in a.items()}
+    t = 4
+    b["input_ids"][0, t + 1:] = torch.tensor([20, 21, 22])
+    with torch.no_grad():
+        la, lb = model.logits(a), model.logits(b)
+        ha, hb = model.hidden(a), model.hidden(b)
+    assert (la[0, t + 1:] - lb[0, t + 1:]).abs().max() > 1e-3, "the future does change later positions"
+    torch.testing.assert_close(ha[0, :t + 1], hb[0, :t + 1], rtol=0, atol=1e-6)
+    torch.testing.assert_close(la[0, :t + 1], lb[0, :t + 1], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ARCHS + ["tied"])
+def test_fresh_model_gives_the_frozen_llm_logits(dirs, tmp_path, arch):
+    from transformers import AutoModelForCausalLM
+
+    model = build_model(_cfg(dirs[arch], tmp_path)).eval()
+    ref = AutoModelForCausalLM.from_pretrained(dirs[arch]).eval()
+    batch = _batch([[5, 6, 7, 8, 9], [10, 11, 12]])
+    pos = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        want = ref(**batch, position_ids=pos).logits
+        got = model.logits(batch)
+    m = batch["attention_mask"].bool()
+    assert torch.equal(got[m], want[m])
+
+
+def test_training_lowers_the_loss_and_only_the_side_network_learns(dirs, tmp_path):
+    from unipt_scale.trainer import train
+
+    cfg = _cfg(dirs["llama"], tmp_path, "train.max_steps=30", "train.lr=1e-2", "train.log_every=5",
+               "train.warmup_ratio=0", "data.max_length=32")
+    metrics = train(cfg)
+    losses = [v for _, v in metrics["train_loss"]]
+    assert losses[-1] < losses[0] - 0.1 and losses == sorted(losses, reverse=True), losses
+    assert metrics["test"]["num_tokens"] > 0 and metrics["test"]["perplexity"] > 1
+    model = build_model(cfg)
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained and all(n.startswith("encoder.side.") for n in trained)
+    batch = {**_batch([[5, 6, 7, 8]]), "labels": torch.tensor([[-100, -100, 7, 8]])}
+    loss, _ = model.training_loss(batch)
+    loss.backward()
+    assert all(p.grad is None for n, p in model.named_parameters() if not n.startswith("encoder.side."))
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters()
+               if n.startswith("encoder.side."))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_incremental_generation_equals_full_recompute(dirs, tmp_path, arch):
+    model = build_model(_cfg(dirs[arch], tmp_path)).eval()
+    _perturb_side(model, scale=0.2)
+    batch = _batch([[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16]])  # left-padded prompts
+    fast = generate(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=32)
+    slow = generate(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=32, incremental=False)
+    assert fast.shape == (3, 32)
+    assert torch.equal(fast, slow)
+    # A prompt alone gives what it gives inside the padded batch.
+    alone = generate(model, torch.tensor([[11, 12]]), torch.ones(1, 2, dtype=torch.long), max_new_tokens=32)
+    assert torch.equal(alone[0], fast[1])
+
+
+def test_chunked_loss_equals_the_plain_loss_and_its_gradients():
+    torch.manual_seed(0)
+    h = torch.randn(37, 16, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(101, 16, dtype=torch.float64)
+    y = torch.randint(0, 101, (37,))
+    plain = F.cross_entropy(h @ w.t(), y)
+    (g_plain,) = torch.autograd.grad(plain, h)
+    for chunk in (1, 5, 37, 64):
+        got = chunked_lm_loss(h, w, y, chunk)
+        (g,) = torch.autograd.grad(got, h)
+        torch.testing.assert_close(got, plain, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(g, g_plain, rtol=1e-10, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda x: chunked_lm_loss(x, w, y, 8), (h,))
+
+
+def test_chunked_loss_memory_does_not_grow_with_vocabulary():
+    """What the loss keeps for backward is the same for a 1k and a 64k vocabulary (the head weight aside, which
+    the model holds anyway); the plain loss keeps n x V logits."""
+    def saved_bytes(fn):
+        sizes = []
+
+        def pack(t):
+            sizes.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn()
+        return sum(sizes)
+
+    h = torch.randn(256, 32, requires_grad=True)
+    y = torch.randint(0, 1000, (256,))
+    chunked, plain = [], []
+    for vocab in (1_000, 64_000):
+        w = torch.randn(vocab, 32)
+        chunked.append(saved_bytes(lambda: chunked_lm_loss(h, w, y, 64)) - w.numel() * 4)
+        plain.append(saved_bytes(lambda: F.cross_entropy(h @ w.t(), y)))
+    assert chunked[0] == chunked[1]
+    assert plain[1] > 50 * chunked[1]

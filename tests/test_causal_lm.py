@@ -200,3 +200,56 @@ def test_chunked_loss_memory_does_not_grow_with_vocabulary():
         plain.append(saved_bytes(lambda: F.cross_entropy(h @ w.t(), y)))
     assert chunked[0] == chunked[1]
     assert plain[1] > 50 * chunked[1]
+
+
+def test_train_then_unipt_generate(dirs, tmp_path, capsys):
+    from unipt_scale.cli import main
+    from unipt_scale.export import load_trained
+    from unipt_scale.lm import generate_texts
+
+    out = tmp_path / "run"
+    cfg = _cfg(dirs["llama"], tmp_path, "train.max_steps=3", "data.max_length=32")
+    assert main(["train", "--output-dir", str(out), *[f"{k}" for k in _overrides(cfg)]]) == 0
+    capsys.readouterr()
+    assert main(["generate", "--checkpoint", str(out / "checkpoint"), "--max-new-tokens", "5", "good movie",
+                 "bad day"]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
+    assert [x["prompt"] for x in lines] == ["good movie", "bad day"]
+    model, cfg2, _ = load_trained(str(out / "checkpoint"))
+    from unipt_scale.preprocessors import load_tokenizer
+
+    want = generate_texts(model, load_tokenizer(cfg2.backbone), [{"prompt": "good movie"}, {"prompt": "bad day"}],
+                          max_new_tokens=5, max_prompt_tokens=32)
+    assert [x["generation"] for x in lines] == want
+    assert main(["generate", "--checkpoint", str(out / "checkpoint"), "--max-new-tokens", "0", "x"]) == 2
+
+
+def _overrides(cfg):
+    d = cfg.to_dict()
+    return [f"backbone.path={d['backbone']['path']}", "task.kind=causal_lm", "data.source=jsonl",
+            f"data.path={d['data']['path']}", "unipt.mapping_dim=8", "data.batch_size=4", "train.tensorboard=false",
+            f"train.max_steps={d['train']['max_steps']}", f"data.max_length={d['data']['max_length']}"]
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_other_methods_train_and_generate_on_the_same_task(dirs, tmp_path, method):
+    """LoRA and full fine-tuning go through the same causal_lm task: the loss is the same at step 0 (the same
+    frozen function), only the method's own parameters learn, and cached generation equals recompute."""
+    cfg = _cfg(dirs["llama"], tmp_path, f"method={method}")
+    model = build_model(cfg).eval()
+    unipt = build_model(_cfg(dirs["llama"], tmp_path)).eval()
+    batch = {**_batch([[5, 6, 7, 8, 9]]), "labels": torch.tensor([[-100, -100, 7, 8, 9]])}
+    with torch.no_grad():
+        torch.testing.assert_close(model.training_loss(batch)[0], unipt.training_loss(batch)[0], rtol=0, atol=1e-6)
+    _perturb_side(model, scale=0.05)
+    model.train()
+    loss, _ = model.training_loss(batch)
+    loss.backward()
+    grads = {n for n, p in model.named_parameters() if p.grad is not None}
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert grads == trained and (method != "lora" or all("lora_" in n for n in trained))
+    model.eval()
+    b = _batch([[5, 6, 7], [8, 9, 10, 11, 12]])
+    fast = generate(model, b["input_ids"], b["attention_mask"], max_new_tokens=12)
+    slow = generate(model, b["input_ids"], b["attention_mask"], max_new_tokens=12, incremental=False)
+    assert torch.equal(fast, slow)

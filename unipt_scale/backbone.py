@@ -193,17 +193,18 @@ class HFBackbone(FrozenBackbone):
             raise ValueError("incremental decoding needs a decoder backbone")
         n = input_ids.shape[1]
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -n:]
-        kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
-                      past_key_values=past_key_values)
+        name = cache_argument(self.model)
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": positions,
+                  "use_cache": True, name: past_key_values}
         if self._capture is None and past_key_values is None:
-            self._capture = self._choose_capture(dict(kwargs, use_cache=False, past_key_values=None))
+            self._capture = self._choose_capture({**kwargs, "use_cache": False, name: None})
         if self._capture:
             states, out = self._forward_hooked(kwargs, self.layer_indices, self._last_from)
         else:
             out = self.model(**kwargs, output_hidden_states=True)
             states = [out.hidden_states[i] for i in self.layer_indices]
         mask = attention_mask[:, -n:].bool()
-        return BackboneOutput(states, mask, out.last_hidden_state), out.past_key_values
+        return BackboneOutput(states, mask, out.last_hidden_state), cache_of(out)
 
     # Only the tapped states are kept while the frozen forward runs (transformers' output_hidden_states keeps
     # all L+1 until it returns). The hooks sit on the block list; whether hidden state L is the last block's
@@ -264,6 +265,20 @@ class HFBackbone(FrozenBackbone):
                 self._last_from = last_from
                 return True
         return False
+
+
+def cache_argument(model: nn.Module) -> str:
+    """The name a decoder's forward takes its KV cache under (`cache` in recent transformers, else the older
+    `past_key_values`)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def cache_of(output):
+    """The KV cache a decoder's forward returned, under either name."""
+    cache = output.get("cache") if hasattr(output, "get") else None
+    return cache if cache is not None else getattr(output, "past_key_values", None)
 
 
 class HookedBackbone(FrozenBackbone):

@@ -119,6 +119,31 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_generate(args) -> int:
+    import torch
+
+    from unipt_scale.export import load_trained
+    from unipt_scale.lm import CausalLMModel, generate_texts
+
+    if args.max_new_tokens < 1 or args.temperature < 0:
+        raise ConfigError("--max-new-tokens must be >= 1 and --temperature >= 0")
+    model, cfg, _meta = load_trained(args.checkpoint, trust_remote_code=args.trust_remote_code)
+    if not isinstance(model, CausalLMModel):
+        raise ConfigError("unipt generate serves task.kind=causal_lm checkpoints; this one is "
+                          f"task.kind={cfg.task.kind}")
+    prompts = list(args.prompts) or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if not prompts:
+        raise ConfigError("give prompts as arguments or one per line on standard input")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    texts = generate_texts(model, _tokenizer(cfg, args.trust_remote_code), [{"prompt": p} for p in prompts],
+                           max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
+                           max_prompt_tokens=cfg.data.max_length)
+    for prompt, text in zip(prompts, texts):
+        print(json.dumps({"prompt": prompt, "generation": text}))
+    return 0
+
+
 def cmd_info(args) -> int:
     from unipt_scale.model import build_model, count_parameters, trained_state_keys
 
@@ -178,6 +203,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("texts", nargs="*")
     _remote_code_arg(r)
     r.set_defaults(func=cmd_predict)
+
+    g = sub.add_parser("generate", help="continue prompts with a causal_lm checkpoint (arguments, or stdin lines)")
+    g.add_argument("--checkpoint", required=True, help="OUTPUT_DIR/checkpoint of a task.kind=causal_lm run")
+    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (temperature > 0)")
+    g.add_argument("prompts", nargs="*")
+    _remote_code_arg(g)
+    g.set_defaults(func=cmd_generate)
 
     i = sub.add_parser("info", help="trainable / frozen parameter counts of a config")
     _config_args(i)

@@ -211,12 +211,14 @@ def generate(model: CausalLMModel, input_ids: torch.Tensor, attention_mask: torc
 
 def _backbone_cached(encoder, step_ids, mask, past):
     """The plain decoder (LoRA, full fine-tuning, the frozen model) over new tokens with its KV cache."""
+    from unipt_scale.backbone import cache_argument, cache_of
+
     bb = encoder.backbone
     n = step_ids.shape[1]
     positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -n:]
     out = bb.model(input_ids=step_ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                   past_key_values=past)
-    return out.last_hidden_state, out.past_key_values
+                   **{cache_argument(bb.model): past})
+    return out.last_hidden_state, cache_of(out)
 
 
 def generate_texts(model: CausalLMModel, tokenizer, prompts: Sequence[dict], max_new_tokens: int = 32,

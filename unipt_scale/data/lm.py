@@ -20,7 +20,7 @@ from unipt_scale.config import DataConfig
 
 IGNORE = -100
 HEADLINE_INSTRUCTION = "Write a short headline for this news article.\n\n"
-BBC_CLASSES = ("business", "entertainment", "politics", "sport", "tech")
+BBC_CLASSES = ("business", "entertainment", "politics", "sports", "tech")
 
 
 class LMDataError(ValueError):

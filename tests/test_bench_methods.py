@@ -2,7 +2,8 @@
 
 The facts checked are the ones the package's claims rest on: a frozen no-grad backbone leaves nothing of
 itself for backward, full fine-tuning trains every backbone weight, LoRA trains exactly r·(in+out) per
-adapted projection, AdamW keeps two fp32 moments per trained weight.
+adapted projection, AdamW keeps two fp32 moments per trained weight. The measured memory comes from each
+method's own process (bench.memory); its meter is checked against a known allocation.
 """
 import json
 import math
@@ -13,6 +14,7 @@ import torch.nn as nn
 
 from tiny_models import tiny_bert_dir
 from unipt_scale.backbone import load_backbone
+from unipt_scale.bench import memory
 from unipt_scale.bench import methods as bench
 from unipt_scale.config import BackboneConfig, UniPTConfig
 from unipt_scale.model import UniPTEncoder
@@ -21,7 +23,8 @@ B, N, C = 4, 16, 3
 R = 8
 FIELDS = {"step_ms_median", "step_ms_min", "step_ms_max", "step_ms", "trainable_params", "frozen_params",
           "optimizer_bytes", "grad_bytes", "saved_bytes", "saved_bytes_with_params", "saved_bytes_backbone",
-          "cuda_max_allocated", "loss_first", "loss_last"}
+          "cuda_max_allocated", "loss_first", "loss_last"} | set(bench.ISOLATED_FIELDS)
+RSS_METHODS = {memory.RSS_HWM, memory.RSS_SAMPLED.format(ms=2)}
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +47,8 @@ def _hf(tiny):
 
 
 def test_schema(result):
-    assert set(result) == {"config", "device", "methods", "ratios_vs_full", "ratios_vs_lora"}
+    assert set(result) == {"config", "device", "methods", "frozen_forward", "ratios_vs_full", "ratios_vs_lora",
+                           "summary"}
     cfg = result["config"]
     assert (cfg["batch"], cfg["seq"], cfg["steps"], cfg["warmup"], cfg["threads"]) == (B, N, 2, 1, 1)
     assert cfg["methods"] == list(bench.METHODS) and cfg["text"] == "synthetic"
@@ -59,6 +63,67 @@ def test_schema(result):
         assert math.isfinite(m["loss_first"]) and math.isfinite(m["loss_last"])
         assert (m["cuda_max_allocated"] is None) == (not torch.cuda.is_available())
     assert set(result["ratios_vs_full"]) == set(result["ratios_vs_lora"]) == set(bench.METHODS)
+    ff = result["frozen_forward"]
+    assert len(ff["ms"]) == 2 and 0 < ff["ms_min"] <= ff["ms_median"] <= ff["ms_max"]
+    assert ff["tapped_hidden_states"] == 3 + 1  # the embeddings and every layer, as UniPT reads them
+
+
+def test_isolated_memory_fields(result):
+    """Each method's own process: a peak at or above its baseline, its own step times, the same model."""
+    cfg = result["config"]
+    assert cfg["memory"] == "isolated" and cfg["memory_method"] in RSS_METHODS
+    cuda = torch.cuda.is_available()
+    for name, m in result["methods"].items():
+        assert m["rss_method"] == cfg["memory_method"], name
+        assert isinstance(m["rss_baseline_bytes"], int) and m["rss_baseline_bytes"] > 0
+        assert m["rss_peak_bytes"] >= m["rss_baseline_bytes"]
+        assert m["peak_rss_above_baseline"] == m["rss_peak_bytes"] - m["rss_baseline_bytes"]
+        if cuda:
+            assert m["peak_memory_bytes"] == m["cuda_peak_above_loaded"] >= 0
+            assert m["cuda_peak_allocated"] >= m["cuda_loaded_allocated"]
+        else:
+            assert m["peak_memory_bytes"] == m["peak_rss_above_baseline"]
+            assert m["cuda_peak_allocated"] is None and m["cuda_loaded_allocated"] is None
+        assert len(m["isolated_step_ms"]) == 2 and all(t > 0 and math.isfinite(t) for t in m["isolated_step_ms"])
+        assert m["isolated_step_ms_median"] == pytest.approx(sorted(m["isolated_step_ms"])[0] / 2
+                                                             + sorted(m["isolated_step_ms"])[1] / 2)
+        assert m["isolated_process_wall_s"] > 0
+        # the child built the very model the parent measured
+        assert m["isolated_trainable_params"] == m["trainable_params"], name
+        assert m["isolated_optimizer_bytes"] == m["optimizer_bytes"], name
+
+
+def test_summary_is_unipt_against_full_lora_and_the_frozen_forward(result):
+    summ, ms = result["summary"], result["methods"]
+    assert summ["unipt_over_full"] == result["ratios_vs_full"]["unipt"]
+    assert summ["unipt_over_lora"] == result["ratios_vs_lora"]["unipt"]
+    assert summ["frozen_forward_ms_median"] == result["frozen_forward"]["ms_median"]
+    assert summ["unipt_step_over_frozen_forward"] == pytest.approx(
+        ms["unipt"]["step_ms_median"] / result["frozen_forward"]["ms_median"])
+    assert summ["unipt_isolated_step_over_frozen_forward"] == pytest.approx(
+        ms["unipt"]["isolated_step_ms_median"] / result["frozen_forward"]["ms_median"])
+    for key in ("peak_memory_bytes", "isolated_step_ms_median"):
+        want = ms["unipt"][key] / ms["full"][key] if ms["full"][key] else None
+        assert summ["unipt_over_full"][key] == (None if want is None else pytest.approx(want))
+
+
+@pytest.mark.parametrize("force_sampling", [False, True])
+def test_the_meter_sees_a_known_allocation(force_sampling):
+    """64 MiB touched after the baseline and freed before the end: the peak holds it, and not much more."""
+    res = memory.run_isolated("unipt_scale.bench.memory:allocate_child", {"mib": 64, "force_sampling": force_sampling})
+    rec = res["result"]
+    assert rec["rss_method"] in RSS_METHODS
+    if force_sampling:
+        assert rec["rss_method"] == memory.RSS_SAMPLED.format(ms=2)
+    assert 64 * 2 ** 20 <= rec["peak_rss_above_baseline"] <= 96 * 2 ** 20, rec
+
+
+def test_a_run_that_fails_in_its_process_is_one_line(tmp_path):
+    res = memory.run_isolated("unipt_scale.bench.memory:allocate_child", {})  # no "mib": a KeyError in the child
+    assert res["error"]["kind"] == "failed" and res["error"]["type"] == "KeyError"
+    assert "\n" not in res["error"]["message"]
+    with pytest.raises(ValueError, match="not a function of unipt_scale.bench"):
+        memory.run_isolated("os:system", {})
 
 
 @pytest.mark.parametrize("base", ["full", "lora"])
@@ -67,7 +132,7 @@ def test_ratios_are_the_records_divided(result, base):
     for name, r in result[f"ratios_vs_{base}"].items():
         assert set(r) == set(bench.RATIO_FIELDS)
         for k, v in r.items():
-            if ms[name][k] is None:
+            if ms[name][k] is None or not ms[base][k]:
                 assert v is None
             else:
                 assert v == pytest.approx(ms[name][k] / ms[base][k], rel=1e-12), (name, k)
@@ -129,9 +194,12 @@ def test_sequential_order_measures_the_same_memory(result, tiny, tmp_path):
     path = tmp_path / "seq.json"
     assert bench.main(["--backbone", tiny, "--batch", str(B), "--seq", str(N), "--steps", "1", "--warmup", "0",
                        "--threads", "1", "--text", "synthetic", "--methods", "unipt,full", "--order", "sequential",
-                       "--json", str(path)]) == 0
+                       "--memory", "off", "--json", str(path)]) == 0
     seq = json.loads(path.read_text())
     assert seq["config"]["order"] == "sequential" and seq["ratios_vs_lora"] == {}
+    assert seq["config"]["memory"] == "off" and seq["summary"]["unipt_over_lora"] is None
+    assert all(seq["methods"][m][k] is None for m in ("unipt", "full") for k in bench.ISOLATED_FIELDS)
+    assert seq["summary"]["unipt_step_over_frozen_forward"] > 0
     for name in ("unipt", "full"):
         for k in ("saved_bytes", "saved_bytes_backbone", "trainable_params", "optimizer_bytes", "grad_bytes"):
             assert seq["methods"][name][k] == result["methods"][name][k], (name, k)
@@ -161,6 +229,7 @@ def test_models_are_the_trainers(tiny):
     (["--batch", "-1"], "--batch must be >= 1"),
     (["--threads", "0"], "--threads must be >= 1"),
     (["--batch", "many"], "invalid int"),
+    (["--memory", "shared"], "invalid choice"),
     (["--backbone", "/no/such/model"], "does not exist"),
 ])
 def test_bad_input_exits_2(argv, says, capsys):

@@ -18,7 +18,16 @@ unipt_scale.methods); AdamW takes each method's default learning rate (config.DE
 
 On CPU the methods are stepped round-robin (one step of each in turn), so a change of machine load during
 the run falls on every method alike rather than on whichever ran last; on CUDA they run one after another, so
-each method's max_memory_allocated sees only its own model.
+each method's max_memory_allocated sees only its own model. The frozen backbone's no-grad forward alone (every
+hidden state tapped, as UniPT reads it) is timed in the same rotation: UniPT's step over it is what the side
+network and its backward add to running the backbone at all.
+
+Measured memory (`--memory isolated`, the default): each method then runs its warm-up and timed steps again in a
+process of its own (bench.memory: forked from a server that only imported the libraries), so one method's
+allocations cannot hide another's. Its peak above that process's loaded baseline (model, batch and optimizer
+built, before the first step) is `peak_memory_bytes`: the resident-set high-water mark on CPU (`rss_method`
+says whether VmHWM was reset through /proc/self/clear_refs or VmRSS was sampled), torch.cuda.max_memory_allocated
+above what was allocated at the baseline on CUDA; `isolated_step_ms_median` is that process's median step.
 """
 from __future__ import annotations
 
@@ -40,6 +49,7 @@ import torch.nn.functional as F
 from unipt_scale.model import build_model, count_parameters  # noqa: I001
 from unipt_scale.backbone import BackboneLoadError, HFBackbone, load_backbone
 from unipt_scale.bench.kernels import saved_tensor_bytes
+from unipt_scale.bench.memory import IsolatedRunError, PeakMeter, run_isolated
 from unipt_scale.atomic import atomic_write_json
 from unipt_scale.config import (DEFAULT_LR, BackboneConfig, ConfigError, LoRAConfig, RunConfig, TaskConfig,
                                 TrainConfig, validate)
@@ -49,7 +59,12 @@ from unipt_scale.methods import resolve_lora_targets
 METHODS = ("unipt", "linear_probe", "lora", "full")
 NUM_CLASSES = 3
 RATIO_FIELDS = ("step_ms_median", "saved_bytes", "trainable_params", "optimizer_bytes", "grad_bytes",
-                "cuda_max_allocated")
+                "cuda_max_allocated", "peak_memory_bytes", "isolated_step_ms_median")
+# What the isolated run adds to a method's record (None with --memory off).
+ISOLATED_FIELDS = ("peak_memory_bytes", "peak_rss_above_baseline", "rss_baseline_bytes", "rss_peak_bytes",
+                   "rss_method", "cuda_loaded_allocated", "cuda_peak_allocated", "cuda_peak_above_loaded",
+                   "isolated_step_ms_median", "isolated_step_ms", "isolated_process_wall_s")
+ISOLATED_TARGET = "unipt_scale.bench.methods:isolated_method"
 SYNTHETIC_WORDS = ("the a this that my our new old good bad great awful happy sad love hate fine okay movie food "
                    "day night city road car train book song game team phone weather coffee music friend work "
                    "really very not never always today tomorrow is was feels looks seems got made went").split()
@@ -147,8 +162,9 @@ class Runner:
     """One method's model, optimizer and measurements."""
 
     def __init__(self, name: str, model: nn.Module, backbone_call: Callable, batch, device, amp_dtype,
-                 notes: dict):
+                 notes: dict, per_step_cuda_peak: bool = True):
         self.name, self.model, self.backbone_call, self.notes = name, model.to(device), backbone_call, notes
+        self.per_step_cuda_peak = per_step_cuda_peak
         self.batch = batch
         self.device = device
         self.amp_dtype = amp_dtype
@@ -172,7 +188,7 @@ class Runner:
             torch.cuda.synchronize()
 
     def step(self, timed: bool) -> None:
-        cuda = self.device.type == "cuda"
+        cuda = self.device.type == "cuda" and self.per_step_cuda_peak
         if cuda:
             self._sync()
             torch.cuda.reset_peak_memory_stats()
@@ -217,6 +233,85 @@ class Runner:
         return rec
 
 
+class FrozenForward:
+    """The frozen backbone's no-grad forward alone, every hidden state tapped (what UniPT's default reads)."""
+
+    def __init__(self, backbone: HFBackbone, batch, device, amp_dtype):
+        self.backbone = backbone.to(device)
+        self.backbone.tap(range(backbone.num_hidden_states))
+        self.batch, self.device, self.amp_dtype = batch, device, amp_dtype
+        self.times: List[float] = []
+
+    def step(self, timed: bool) -> None:
+        amp = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None
+               else contextlib.nullcontext())
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.no_grad(), amp:
+            self.backbone(self.batch)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        if timed:
+            self.times.append(time.perf_counter() - t0)
+
+    def record(self) -> dict:
+        ms = [t * 1e3 for t in self.times]
+        return dict(ms_median=statistics.median(ms), ms_min=min(ms), ms_max=max(ms), ms=ms,
+                    tapped_hidden_states=len(self.backbone.layer_indices))
+
+
+def isolated_method(spec: dict) -> dict:
+    """In a process of its own (bench.memory.run_isolated): one method built as in the parent, its warm-up and
+    timed steps, the peak above the baseline taken once model, batch and optimizer exist."""
+    torch.set_num_threads(int(spec["threads"]))
+    device = torch.device(spec["device"])
+    batch = {k: torch.tensor(v, dtype=torch.long).to(device) for k, v in spec["batch"].items()}
+    torch.manual_seed(0)
+    model, bb_call, notes = build_method(spec["method"], spec["backbone"], spec["lora_r"], spec["lora_alpha"],
+                                         spec["lora_targets"])
+    runner = Runner(spec["method"], model, bb_call, batch, device, spec_dtype(spec["precision"]), notes,
+                    per_step_cuda_peak=False)
+    meter = PeakMeter(device).start()
+    for _ in range(int(spec["warmup"])):
+        runner.step(timed=False)
+    for _ in range(int(spec["steps"])):
+        runner.step(timed=True)
+    memory = meter.stop()
+    ms = [t * 1e3 for t in runner.times]
+    counts = count_parameters(runner.model)
+    return dict(memory, step_ms=ms, step_ms_median=statistics.median(ms),
+                trainable_params=counts["trainable_params"], optimizer_bytes=_state_bytes(runner.optimizer),
+                loss_last=runner.losses[-1])
+
+
+def spec_dtype(name: Optional[str]):
+    """The autocast dtype a spec names ("bfloat16", "float16" or None)."""
+    return None if name in (None, "float32") else getattr(torch, name)
+
+
+def measure_isolated(names: List[str], spec: dict, log=print) -> Dict[str, dict]:
+    """Every method's isolated record, each from its own process (raises BenchInputError with the child's
+    one line when a method cannot run)."""
+    out = {}
+    for name in names:
+        try:
+            res = run_isolated(ISOLATED_TARGET, dict(spec, method=name))
+        except IsolatedRunError as err:
+            raise BenchInputError(f"{name} in its own process: {err}") from None
+        if "error" in res:
+            raise BenchInputError(f"{name} in its own process: {res['error']['message']}")
+        rec = res["result"]
+        out[name] = dict({k: rec.get(k) for k in ISOLATED_FIELDS if k in rec},
+                         isolated_step_ms_median=rec["step_ms_median"], isolated_step_ms=rec["step_ms"],
+                         isolated_process_wall_s=res["process_wall_s"],
+                         isolated_trainable_params=rec["trainable_params"],
+                         isolated_optimizer_bytes=rec["optimizer_bytes"])
+        log(f"# {name} (own process): peak {_human(out[name]['peak_memory_bytes'])} above its loaded baseline, "
+            f"{out[name]['isolated_step_ms_median']:.1f} ms/step")
+    return out
+
+
 def ratios(methods: Dict[str, dict], base: str) -> Dict[str, Dict[str, Optional[float]]]:
     """Every method's RATIO_FIELDS divided by the base method's (None where either side is unmeasured or 0)."""
     if base not in methods:
@@ -246,19 +341,35 @@ def _count(v) -> str:
 
 def table(methods: Dict[str, dict]) -> str:
     head = (f"{'method':13} {'step ms':>8} {'min-max ms':>15} {'saved':>8} {'in backbone':>11} {'trainable':>10} "
-            f"{'grads':>8} {'AdamW':>8} {'cuda peak':>9}")
+            f"{'grads':>8} {'AdamW':>8} {'cuda peak':>9} {'peak mem':>9} {'own ms':>8}")
     rows = [head]
     for name, m in methods.items():
+        own = m.get("isolated_step_ms_median")
         rows.append(f"{name:13} {m['step_ms_median']:8.1f} {m['step_ms_min']:7.1f}-{m['step_ms_max']:<7.1f} "
                     f"{_human(m['saved_bytes']):>8} {_human(m['saved_bytes_backbone']):>11} "
                     f"{_count(m['trainable_params']):>10} {_human(m['grad_bytes']):>8} "
-                    f"{_human(m['optimizer_bytes']):>8} {_human(m['cuda_max_allocated']):>9}")
+                    f"{_human(m['optimizer_bytes']):>8} {_human(m['cuda_max_allocated']):>9} "
+                    f"{_human(m.get('peak_memory_bytes')):>9} {'-' if own is None else format(own, '.1f'):>8}")
     return "\n".join(rows)
+
+
+def summary(records: Dict[str, dict], rat_full: dict, rat_lora: dict, frozen: Optional[dict]) -> dict:
+    """UniPT against full fine-tuning and LoRA (its row of each ratio table) and UniPT's step over the frozen
+    forward alone (None where a side is missing)."""
+    ff = frozen["ms_median"] if frozen else None
+    unipt = records.get("unipt")
+    return {"unipt_over_full": rat_full.get("unipt"), "unipt_over_lora": rat_lora.get("unipt"),
+            "frozen_forward_ms_median": ff,
+            "unipt_step_over_frozen_forward": unipt["step_ms_median"] / ff if unipt and ff else None,
+            "unipt_isolated_step_over_frozen_forward": (
+                unipt["isolated_step_ms_median"] / ff if unipt and ff and unipt.get("isolated_step_ms_median")
+                else None)}
 
 
 def ratio_table(rat: Dict[str, Dict[str, Optional[float]]], base: str) -> str:
     cols = [("step_ms_median", "time"), ("saved_bytes", "saved"), ("trainable_params", "trainable"),
-            ("optimizer_bytes", "AdamW"), ("grad_bytes", "grads"), ("cuda_max_allocated", "cuda peak")]
+            ("optimizer_bytes", "AdamW"), ("grad_bytes", "grads"), ("cuda_max_allocated", "cuda peak"),
+            ("peak_memory_bytes", "peak mem"), ("isolated_step_ms_median", "own time")]
     rows = [f"ratio vs {base:6} " + " ".join(f"{label:>10}" for _, label in cols)]
     for name, r in rat.items():
         rows.append(f"  {name:13}  " + " ".join(f"{'-' if r[k] is None else format(r[k], '.4g'):>10}"
@@ -291,6 +402,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="auto: interleaved on CPU (load changes hit all methods alike), sequential on CUDA "
                         "(each max_memory_allocated sees one model)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--memory", choices=("isolated", "off"), default="isolated",
+                   help="isolated: also run each method in a process of its own and record its peak memory above "
+                        "that process's loaded baseline and its step time; off: in-process measurements only")
     p.add_argument("--json", metavar="FILE", help="write config, device, per-method records and ratios here")
     return p
 
@@ -331,8 +445,9 @@ def run(args, methods: List[str], log=print) -> dict:
                               "or less")
     batch, source = make_batch(probe.tokenizer, args.batch, args.seq, args.text)
     real = batch["attention_mask"].float().mean().item()
+    plain_batch = {k: v.tolist() for k, v in batch.items()}
     batch = {k: v.to(device) for k, v in batch.items()}
-    del probe
+    frozen = FrozenForward(probe, batch, device, amp_dtype)
 
     def build(name: str) -> Runner:
         torch.manual_seed(0)
@@ -343,6 +458,10 @@ def run(args, methods: List[str], log=print) -> dict:
     load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
     t0 = time.perf_counter()
     if order == "sequential":
+        for _ in range(args.warmup):
+            frozen.step(timed=False)
+        for _ in range(args.steps):
+            frozen.step(timed=True)
         for name in methods:
             r = build(name)
             for _ in range(args.warmup):
@@ -357,13 +476,24 @@ def run(args, methods: List[str], log=print) -> dict:
     else:
         runners = [build(name) for name in methods]
         for _ in range(args.warmup):
-            for r in runners:
+            for r in runners + [frozen]:
                 r.step(timed=False)
         for _ in range(args.steps):
-            for r in runners:
+            for r in runners + [frozen]:
                 r.step(timed=True)
         for r in runners:
             records[r.name] = r.record()
+        del runners
+    frozen_rec = frozen.record()
+    del frozen, probe
+    for rec in records.values():
+        rec.update({k: None for k in ISOLATED_FIELDS})
+    if args.memory == "isolated":
+        spec = dict(backbone=args.backbone, batch=plain_batch, threads=torch.get_num_threads(), device=str(device),
+                    precision=str(amp_dtype).replace("torch.", "") if amp_dtype else None, warmup=args.warmup,
+                    steps=args.steps, lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_targets=targets)
+        for name, iso in measure_isolated(methods, spec, log).items():
+            records[name].update(iso)
     wall = time.perf_counter() - t0
     load_end = os.getloadavg() if hasattr(os, "getloadavg") else None
 
@@ -375,13 +505,17 @@ def run(args, methods: List[str], log=print) -> dict:
                   optimizer="AdamW (trainer's param groups, each method's default lr, TrainConfig's weight decay)",
                   lr={name: DEFAULT_LR[name] for name in methods},
                   backbone_train_mode={name: False for name in METHODS},
+                  memory=args.memory,
+                  memory_method=(records[methods[0]].get("rss_method") if args.memory == "isolated" else None),
                   torch=torch.__version__, host=platform.node() or "host", wall_s=wall,
                   loadavg_start=list(load_start) if load_start else None,
                   loadavg_end=list(load_end) if load_end else None)
     dev = (f"cuda: {torch.cuda.get_device_name(device)}" if device.type == "cuda"
            else f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
-    return {"config": config, "device": dev, "methods": records,
-            "ratios_vs_full": ratios(records, "full"), "ratios_vs_lora": ratios(records, "lora")}
+    rat_full, rat_lora = ratios(records, "full"), ratios(records, "lora")
+    return {"config": config, "device": dev, "methods": records, "frozen_forward": frozen_rec,
+            "ratios_vs_full": rat_full, "ratios_vs_lora": rat_lora,
+            "summary": summary(records, rat_full, rat_lora, frozen_rec)}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -412,8 +546,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         rat = result[f"ratios_vs_{base}"]
         if rat:
             print(ratio_table(rat, base))
+    ff, summ = result["frozen_forward"], result["summary"]
+    print(f"# frozen forward alone ({ff['tapped_hidden_states']} hidden states, no grad): {ff['ms_median']:.1f} ms"
+          + (f"; UniPT step / frozen forward {summ['unipt_step_over_frozen_forward']:.2f}"
+             if summ["unipt_step_over_frozen_forward"] else ""))
     print("# saved = bytes autograd keeps for backward in one forward (distinct storages, parameters and batch "
           "excluded); in backbone = the part saved inside the backbone's forward")
+    if cfg["memory"] == "isolated":
+        print(f"# peak mem = each method in its own process, peak above its loaded baseline ({cfg['memory_method']}"
+              f"{'; CUDA: max_memory_allocated above the loaded model' if 'cuda' in result['device'] else ''}); "
+              "own ms = that process's median step")
     if args.json:
         atomic_write_json(args.json, result)
         print(f"wrote {args.json}")

@@ -19,6 +19,7 @@ setup(
         "webdataset>=1.0",
         "safetensors>=0.4",
         "peft>=0.21",  # method=lora (LoRA adapters through peft.inject_adapter_in_model)
+        "matplotlib>=3.11.2",  # bench quality's charts (Agg backend)
         "ninja",
         "pyyaml",
         "tqdm",

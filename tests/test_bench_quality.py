@@ -1,0 +1,231 @@
+"""`unipt bench quality --quick`: every suite on tiny random-init stand-ins, through the real trainer, each run in
+its own process. Checked: the JSON's schema, that its aggregates are its runs' numbers, that the learning rate
+was chosen on the validation split by the stated rule, that refusals are recorded, and that the charts are PNGs.
+"""
+import json
+import math
+import statistics
+
+import pytest
+from PIL import Image
+
+from unipt_scale import assets
+from unipt_scale.bench import quality
+from unipt_scale.cli import main as cli_main
+from unipt_scale.config import DEFAULT_LR, METHODS
+
+SEEDS = 2
+FACTORS = [0.5, 2.0]
+PNG = b"\x89PNG\r\n\x1a\n"
+METHOD_FIELDS = {"status", "lr", "lr_sweep", "seeds", "runs", "metric", "test", "val_metric", "peak_memory_bytes",
+                 "rss_baseline_bytes", "rss_method", "cuda_peak_allocated", "step_ms_median", "wall_s",
+                 "process_wall_s", "trainable_params", "frozen_params", "optimizer_bytes", "steps", "samples_seen",
+                 "test_samples", "val_samples"}
+STATS = {"mean", "std", "min", "max", "n", "values"}
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory):
+    root = tmp_path_factory.mktemp("quality")
+    path, charts = root / "res" / "q.json", root / "charts"
+    rc = quality.main(["--quick", "--suite", "all", "--seeds", str(SEEDS), "--lr-factors", "0.5,2", "--threads", "1",
+                       "--json", str(path), "--out-dir", str(charts)])
+    assert rc == 0
+    assert sorted(p.name for p in path.parent.iterdir()) == ["q.json"]  # atomic: no temporary left behind
+    return json.loads(path.read_text()), charts
+
+
+def _close(stat, values):
+    assert stat["values"] == pytest.approx(values) and stat["n"] == len(values)
+    assert stat["mean"] == pytest.approx(statistics.fmean(values))
+    assert stat["min"] == min(values) and stat["max"] == max(values)
+    if len(values) > 1:
+        assert stat["std"] == pytest.approx(statistics.stdev(values))
+    else:
+        assert stat["std"] is None
+
+
+def test_schema(out):
+    res, _ = out
+    assert res["schema"] == quality.SCHEMA and set(res) == {"schema", "config", "device", "suites"}
+    cfg = res["config"]
+    assert cfg["quick"] is True and cfg["seeds"] == [0, 1] and cfg["lr_factors"] == FACTORS
+    assert cfg["methods"] == list(METHODS) and cfg["suites"] == list(quality.SUITES)
+    assert cfg["default_lr"] == {m: DEFAULT_LR[m] for m in METHODS}
+    assert set(res["suites"]) == set(quality.SUITES)
+    for name, s in res["suites"].items():
+        assert s["status"] == "completed" and s["quick"] is True and s["stand_in"], name
+        assert s["metric"] == ("rsum" if name.startswith("retrieval") else "accuracy")
+        b = s["budget"]
+        assert b["limit_train"] == b["max_steps"] * b["batch_size"]
+        assert f"train.max_steps={b['max_steps']}" in s["overrides"]
+        assert set(s["methods"]) == set(METHODS)
+        assert set(s["ratios"]) == {"unipt_over_full", "unipt_over_lora", "unipt_over_linear_probe"}
+
+
+def test_aggregates_are_the_runs(out):
+    res, _ = out
+    for name, s in res["suites"].items():
+        metric = s["metric"]
+        for m, r in s["methods"].items():
+            if r["status"] == "refused":
+                continue
+            assert r["status"] == "completed" and METHOD_FIELDS <= set(r), (name, m, METHOD_FIELDS - set(r))
+            runs = r["runs"]
+            assert [x["seed"] for x in runs] == [0, 1] and all(x["lr"] == r["lr"] for x in runs)
+            assert all(x["status"] == "completed" for x in runs)
+            _close(r["metric"], [x["test"][metric] for x in runs])
+            _close(r["peak_memory_bytes"], [x["memory"]["peak_memory_bytes"] for x in runs])
+            _close(r["step_ms_median"], [x["step_ms_median"] for x in runs])
+            _close(r["wall_s"], [x["wall_s"] for x in runs])
+            for k, stat in r["test"].items():
+                assert STATS == set(stat) and all(math.isfinite(v) for v in stat["values"]), (name, m, k)
+            for x in runs:
+                mem = x["memory"]
+                assert mem["peak_memory_bytes"] >= 0 and mem["rss_peak_bytes"] >= mem["rss_baseline_bytes"] > 0
+                assert x["step_ms_median"] > 0 and x["wall_s"] > 0 and x["steps"] == s["budget"]["max_steps"]
+                assert len(x["step_ms"]) == x["steps"] and all(t > 0 for t in x["step_ms"])
+                assert x["samples_seen"] == s["budget"]["max_steps"] * s["budget"]["batch_size"]
+                assert math.isfinite(x["train_loss_first"]) and math.isfinite(x["train_loss_last"])
+                assert x["trainable_params"] == r["trainable_params"] > 0
+                assert x["optimizer_bytes"] > 0
+                if m != "full":  # two fp32 AdamW moments per trained weight (full: BERT's unused pooler has none)
+                    assert x["optimizer_bytes"] >= 8 * x["trainable_params"], (name, m)
+            if metric == "accuracy":
+                assert all(0 <= v <= 1 for v in r["metric"]["values"])
+            else:  # rsum is the sum of the six recalls, run by run, so also in the mean
+                parts = [f"{d}_r{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)]
+                assert r["metric"]["mean"] == pytest.approx(sum(r["test"][p]["mean"] for p in parts))
+                assert all(0 <= r["test"][p]["mean"] <= 1 for p in parts)
+
+
+def test_every_method_sees_the_same_data(out):
+    res, _ = out
+    for name, s in res["suites"].items():
+        done = [r for r in s["methods"].values() if r["status"] == "completed"]
+        assert len({r["test_samples"] for r in done}) == 1 and done[0]["test_samples"] > 0, name
+        assert len({r["val_samples"] for r in done}) == 1, name
+
+
+def test_learning_rate_is_chosen_on_validation(out):
+    res, _ = out
+    for name, s in res["suites"].items():
+        metric = s["metric"]
+        for m, r in s["methods"].items():
+            sweep = r["lr_sweep"]
+            assert sweep["split"] == "val" and sweep["seed"] == 0 and sweep["metric"] == metric
+            assert sweep["default_lr"] == DEFAULT_LR[m] and sweep["factors"] == FACTORS
+            if r["status"] == "refused":
+                assert sweep["runs"] == []
+                continue
+            assert [x["lr"] for x in sweep["runs"]] == pytest.approx([DEFAULT_LR[m] * f for f in FACTORS])
+            for x in sweep["runs"]:
+                assert set(x) == {"lr", "factor", "status", f"val_{metric}"}, "nothing of the test split"
+            best = max(sweep["runs"], key=lambda x: (x[f"val_{metric}"], -abs(math.log(x["factor"]))))
+            assert sweep["chosen_lr"] == r["lr"] == best["lr"], (name, m)
+            # the seed-0 run is the sweep's run at that learning rate
+            assert r["runs"][0]["val"][metric] == best[f"val_{metric}"]
+
+
+def test_lora_on_the_conv_backbones_is_refused_with_its_reason(out):
+    res, charts = out
+    for name in ("fmnist-efficientnet", "retrieval-fmnist"):
+        lora = res["suites"][name]["methods"]["lora"]
+        assert lora["status"] == "refused" and "peft's LoRA cannot adapt" in lora["reason"], lora
+        assert "metric" not in lora and res["suites"][name]["ratios"]["unipt_over_lora"] is None
+    assert res["suites"]["tweets-minilm"]["methods"]["lora"]["status"] == "completed"
+
+
+def test_trainable_parameters_follow_the_method(out):
+    res, _ = out
+    s = res["suites"]["tweets-minilm"]["methods"]
+    hidden, classes = 32, 3
+    assert s["linear_probe"]["trainable_params"] == hidden * classes + classes
+    assert s["linear_probe"]["trainable_params"] < s["lora"]["trainable_params"] < s["full"]["trainable_params"]
+    assert s["unipt"]["trainable_params"] < s["full"]["trainable_params"]
+    for name, suite in res["suites"].items():
+        total = {m: r["trainable_params"] + r["frozen_params"] for m, r in suite["methods"].items() if "metric" in r}
+        assert total["full"] == total["linear_probe"], name  # the same backbone, trained or frozen
+
+
+def test_ratios_are_unipt_over_the_others(out):
+    res, _ = out
+    s = res["suites"]["tweets-minilm"]
+    u, f = s["methods"]["unipt"], s["methods"]["full"]
+    r = s["ratios"]["unipt_over_full"]
+    assert r["metric"] == pytest.approx(u["metric"]["mean"] / f["metric"]["mean"])
+    assert r["peak_memory_bytes"] == pytest.approx(u["peak_memory_bytes"]["mean"] / f["peak_memory_bytes"]["mean"])
+    assert r["step_ms_median"] == pytest.approx(u["step_ms_median"]["mean"] / f["step_ms_median"]["mean"])
+    assert r["trainable_params"] == pytest.approx(u["trainable_params"] / f["trainable_params"])
+
+
+def test_charts_are_png_images(out):
+    res, charts = out
+    files = sorted(p.name for p in charts.iterdir())
+    assert len(files) == 2 * len(quality.SUITES)
+    for name, s in res["suites"].items():
+        assert set(s["charts"]) == {"quality_vs_memory", "step_time"}
+        for path in s["charts"].values():
+            assert path.startswith(str(charts)) and name in path
+            data = open(path, "rb").read()
+            assert data[:8] == PNG and len(data) > 10_000
+            with Image.open(path) as img:
+                img.verify()
+            with Image.open(path) as img:
+                assert img.size[0] >= 500 and img.size[1] >= 300
+
+
+def test_charts_go_beside_the_json_and_one_seed_has_no_std(tmp_path):
+    path = tmp_path / "one.json"
+    assert quality.main(["--quick", "--suite", "tweets-minilm", "--methods", "linear_probe", "--seeds", "1",
+                         "--lr-factors", "1", "--threads", "1", "--json", str(path)]) == 0
+    res = json.loads(path.read_text())
+    r = res["suites"]["tweets-minilm"]["methods"]["linear_probe"]
+    assert r["metric"]["n"] == 1 and r["metric"]["std"] is None and len(r["lr_sweep"]["runs"]) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "one-tweets-minilm-quality-memory.png", "one-tweets-minilm-step-time.png", "one.json"]
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--suite", "nope"], "--suite: unknown ['nope']"),
+    (["--methods", "unipt,prefix"], "--methods: unknown ['prefix']"),
+    (["--methods", "unipt,unipt"], "each name once"),
+    (["--seeds", "0"], "--seeds must be >= 1"),
+    (["--lr-factors", "0,1"], "distinct positive numbers"),
+    (["--lr-factors", "fast"], "give positive numbers"),
+    (["--threads", "0"], "--threads must be >= 1"),
+    (["--seeds", "two"], "invalid int"),
+])
+def test_bad_input_is_one_line(argv, says, tmp_path, capsys):
+    assert quality.main(argv + ["--quick", "--json", str(tmp_path / "x.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert says in err[-1]  # our own errors are that one line; argparse's follow its usage
+    assert len(err) == 1 or err[0].startswith("usage:")
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_no_output_named_is_one_line(capsys):
+    assert quality.main(["--quick"]) == 2
+    assert "give --json FILE" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("suite, says", [
+    ("tweets-mpnet", "needs builtin:all-mpnet-base-v2, which unipt_scale.assets does not provide yet"),
+    ("tweets-smollm2", "needs builtin:smollm2-135m, which unipt_scale.assets does not provide yet"),
+    ("fmnist-efficientnet", "apt-get install dataset-fashion-mnist"),
+])
+def test_a_suite_without_its_assets_refuses_in_one_line(suite, says, tmp_path, monkeypatch, capsys):
+    monkeypatch.delitem(assets.BUILTIN_MODELS, "all-mpnet-base-v2", raising=False)
+    monkeypatch.delitem(assets.BUILTIN_MODELS, "smollm2-135m", raising=False)
+    import unipt_scale.data.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "FASHION_MNIST_DIR", str(tmp_path / "no-such-dir"))
+    assert quality.main(["--suite", suite, "--json", str(tmp_path / "x.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert says in err and "\n" not in err and "--quick" in err
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_cli_delegates(tmp_path, capsys):
+    assert cli_main(["bench", "quality", "--suite", "nope", "--json", str(tmp_path / "x.json")]) == 2
+    assert "unknown ['nope']" in capsys.readouterr().err

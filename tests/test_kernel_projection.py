@@ -1,4 +1,6 @@
-"""Grouped down-projection: Triton kernels (CPU interpreter) and the efficient torch path vs the reference."""
+"""Grouped down-projection: Triton kernels and the efficient torch path vs the reference.
+
+Inputs are drawn on the CPU from the seeded generator and then moved to the test device."""
 import pytest
 import torch
 
@@ -7,7 +9,7 @@ from unipt_scale.bench.kernels import saved_tensor_bytes
 from unipt_scale.kernels import projection as P
 from unipt_scale.kernels.naive import grouped_projection_reference as reference
 
-from kernel_cases import DEV, DTYPES
+from kernel_cases import DEV, DTYPES, assert_close
 
 pytestmark = pytest.mark.usefixtures("poison_empty")
 
@@ -17,16 +19,16 @@ WIDTHS = [40, 24, 72]  # different D_i per layer, none a multiple of the 16-wide
 
 
 def make(dtype, widths=WIDTHS, bias="mixed", affine=True, h_grad=False):
-    hs = [torch.randn(B, T, w, device=DEV).to(dtype).requires_grad_(h_grad) for w in widths]
-    ws = [(torch.randn(d, w, device=DEV) / w ** 0.5).to(dtype).requires_grad_() for w in widths]
+    hs = [torch.randn(B, T, w).to(DEV, dtype).requires_grad_(h_grad) for w in widths]
+    ws = [(torch.randn(d, w) / w ** 0.5).to(DEV, dtype).requires_grad_() for w in widths]
     if bias == "none":
         bs = [None] * len(widths)
     else:
-        bs = [(0.5 * torch.randn(d, device=DEV)).to(dtype).requires_grad_() for _ in widths]
+        bs = [(0.5 * torch.randn(d)).to(DEV, dtype).requires_grad_() for _ in widths]
         if bias == "mixed":
             bs[1] = None
-    gs = [(1 + 0.2 * torch.randn(d, device=DEV)).to(dtype).requires_grad_() for _ in widths] if affine else None
-    be = [(0.2 * torch.randn(d, device=DEV)).to(dtype).requires_grad_() for _ in widths] if affine else None
+    gs = [(1 + 0.2 * torch.randn(d)).to(DEV, dtype).requires_grad_() for _ in widths] if affine else None
+    be = [(0.2 * torch.randn(d)).to(DEV, dtype).requires_grad_() for _ in widths] if affine else None
     return hs, ws, bs, gs, be
 
 
@@ -47,17 +49,12 @@ def reference_fp64(hs, ws, bs, gs, be, act, norm, grad):
 
 
 def run_impl(impl, hs, ws, bs, gs, be, act, norm, recompute=False, small=True):
+    """One backend through the same validation as the public op."""
+    hs, ws, bs, gs, be = P.validate(hs, ws, bs, gs, be, act, norm, 1e-5)
     if impl == "triton":
         blocks = dict(block_m=16, block_n=16, block_k=32) if small else None
         return P.grouped_projection_triton(hs, ws, bs, gs, be, act, norm, recompute=recompute, blocks=blocks)
     return P.grouped_projection_efficient(hs, ws, bs, gs, be, act, norm, recompute=recompute, chunk=7)
-
-
-def assert_close(actual, expected, tol, what):
-    scale = max(1.0, expected.abs().max().item())
-    err = (actual.double() - expected).abs().max().item()
-    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
-    assert err <= tol * scale, f"{what}: max abs err {err:.3e} > {tol:.1e} x {scale:.2f}"
 
 
 def check(impl, dtype, act, norm, recompute=False, small=True, **kw):
@@ -66,7 +63,7 @@ def check(impl, dtype, act, norm, recompute=False, small=True, **kw):
         gs = be = None
     out = run_impl(impl, hs, ws, bs, gs, be, act, norm, recompute=recompute, small=small)
     assert out.shape == (len(hs), B, T, d) and out.dtype == dtype
-    grad = torch.randn(out.shape, device=DEV).to(dtype)
+    grad = torch.randn(out.shape).to(DEV, dtype)
     params = flat(hs, ws, bs, gs, be)
     grads = torch.autograd.grad(out, params, grad)
     r_out, r_grads = reference_fp64(hs, ws, bs, gs, be, act, norm, grad)
@@ -112,11 +109,14 @@ def test_no_bias_no_affine(impl):
 
 @pytest.mark.parametrize("impl", ["triton", "efficient"])
 def test_gradcheck_fp64(impl):
-    hs = [torch.randn(1, 3, w, dtype=torch.float64, requires_grad=True) for w in (5, 3)]
-    ws = [torch.randn(4, w, dtype=torch.float64, requires_grad=True) for w in (5, 3)]
-    bs = [torch.randn(4, dtype=torch.float64, requires_grad=True), None]
-    gs = [torch.randn(4, dtype=torch.float64, requires_grad=True) for _ in range(2)]
-    be = [torch.randn(4, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    def rnd(*shape):
+        return torch.randn(*shape, dtype=torch.float64).to(DEV).requires_grad_()
+
+    hs = [rnd(1, 3, w) for w in (5, 3)]
+    ws = [rnd(4, w) for w in (5, 3)]
+    bs = [rnd(4), None]
+    gs = [rnd(4) for _ in range(2)]
+    be = [rnd(4) for _ in range(2)]
 
     def fn(h0, h1, w0, w1, b0, g0, g1, e0, e1):
         return run_impl(impl, [h0, h1], [w0, w1], [b0, None], [g0, g1], [e0, e1], "relu", "layernorm",
@@ -156,7 +156,7 @@ def test_hidden_states_as_stacked_tensor_and_auto():
     hs, ws, bs, gs, be = make(torch.float32, widths=[24, 24, 24], bias="all")
     stacked = torch.stack(hs)
     out = K.grouped_projection(stacked, ws, bs, gs, be)
-    assert "Efficient" in type(out.grad_fn).__name__
+    assert ("Triton" if DEV == "cuda" else "Efficient") in type(out.grad_fn).__name__
     torch.testing.assert_close(out, reference(hs, ws, bs, gs, be), rtol=1e-5, atol=1e-5)
 
 
@@ -186,12 +186,22 @@ def test_bad_input_raises_value_error(backend, mutate, match):
 @pytest.mark.parametrize("impl", ["triton", "efficient"])
 def test_strided_hidden_states(impl):
     """Hidden states that are slices/transposes of bigger tensors (row stride ≠ D, or D not unit-stride)."""
-    base = torch.randn(B, T, 80)
-    hs = [base[..., 5:45], base[..., ::2][..., :24], torch.randn(T, B, 72).transpose(0, 1)]
-    ws = [torch.randn(d, h.shape[-1], requires_grad=True) for h in hs]
-    bs = [torch.randn(d, requires_grad=True) for _ in hs]
+    base = torch.randn(B, T, 80).to(DEV)
+    hs = [base[..., 5:45], base[..., ::2][..., :24], torch.randn(T, B, 72).to(DEV).transpose(0, 1)]
+    ws = [torch.randn(d, h.shape[-1]).to(DEV).requires_grad_() for h in hs]
+    bs = [torch.randn(d).to(DEV).requires_grad_() for _ in hs]
     out = run_impl(impl, hs, ws, bs, None, None, "relu", "none")
     r_out = reference(hs, ws, bs, None, None, "relu", "none")
     torch.testing.assert_close(out, r_out, rtol=1e-5, atol=1e-5)
     for g, r in zip(torch.autograd.grad(out.square().sum(), ws), torch.autograd.grad(r_out.square().sum(), ws)):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["auto", "triton", "efficient", "reference"])
+def test_inputs_are_validated_once(backend, monkeypatch):
+    calls = []
+    real = P.validate
+    monkeypatch.setattr(P, "validate", lambda *a: calls.append(1) or real(*a))
+    hs, ws, bs, gs, be = make(torch.float32, bias="all")
+    K.grouped_projection(hs, ws, bs, gs, be, backend=backend).sum().backward()
+    assert len(calls) == 1

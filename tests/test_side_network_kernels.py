@@ -1,4 +1,5 @@
-"""The whole side network with the fused (Triton, CPU interpreter) and efficient kernels vs the reference ops."""
+"""The whole side network with the fused (Triton) and efficient kernels vs the reference ops, on the kernel
+tests' device (CUDA when there is a GPU, else CPU with the Triton interpreter)."""
 import copy
 
 import pytest
@@ -6,6 +7,8 @@ import torch
 
 from unipt_scale.config import UniPTConfig
 from unipt_scale.side_network import UniPTFeatureMapSideNetwork, UniPTSideNetwork
+
+from kernel_cases import DEV
 
 pytestmark = pytest.mark.usefixtures("poison_empty")
 
@@ -36,7 +39,7 @@ def _compare(nets, run, dtype, tol):
     for backend, net in nets.items():
         y = run(net)
         outs[backend] = y
-        loss = (y * torch.linspace(-1, 1, y.shape[-1], dtype=dtype)).square().sum()
+        loss = (y * torch.linspace(-1, 1, y.shape[-1], dtype=dtype, device=y.device)).square().sum()
         grads[backend] = dict(zip([n for n, _ in net.named_parameters()],
                                   torch.autograd.grad(loss, list(net.parameters()), allow_unused=True)))
     ref = outs.pop("reference")
@@ -58,12 +61,12 @@ def _compare(nets, run, dtype, tol):
 @pytest.mark.parametrize("sizes", [(12, 12, 12), (5, 9, 12)])
 def test_token_side_network_backends_agree(variant, sizes, dtype, tol):
     cfg = UniPTConfig(mapping_dim=8, kernels="reference", **VARIANTS[variant])
-    net = _randomise(UniPTSideNetwork(cfg, list(sizes), 12)).to(dtype)
+    net = _randomise(UniPTSideNetwork(cfg, list(sizes), 12)).to(DEV, dtype)
     nets = {b: _with_backend(net, b) for b in ("reference", "triton", "efficient")}
     B, N = 3, 11
-    hs = [torch.randn(B, N, D, dtype=dtype) for D in sizes]  # frozen backbone: no grad
-    final = torch.randn(B, N, 12, dtype=dtype)
-    mask = torch.zeros(B, N, dtype=torch.long)
+    hs = [torch.randn(B, N, D, dtype=dtype).to(DEV) for D in sizes]  # frozen backbone: no grad
+    final = torch.randn(B, N, 12, dtype=dtype).to(DEV)
+    mask = torch.zeros(B, N, dtype=torch.long, device=DEV)
     for b, n in enumerate((11, 6, 1)):
         mask[b, :n] = 1
     _compare(nets, lambda m: m(hs, mask, final), dtype, tol)
@@ -71,19 +74,20 @@ def test_token_side_network_backends_agree(variant, sizes, dtype, tol):
 
 def test_token_side_network_without_mask_and_auto():
     cfg = UniPTConfig(mapping_dim=8, kernels="reference")
-    net = _randomise(UniPTSideNetwork(cfg, [10, 10], 10)).double()
+    net = _randomise(UniPTSideNetwork(cfg, [10, 10], 10)).to(DEV, torch.float64)
     nets = {b: _with_backend(net, b) for b in ("reference", "auto", "triton")}
-    hs = [torch.randn(2, 7, 10, dtype=torch.float64) for _ in range(2)]
-    final = torch.randn(2, 7, 10, dtype=torch.float64)
+    hs = [torch.randn(2, 7, 10, dtype=torch.float64).to(DEV) for _ in range(2)]
+    final = torch.randn(2, 7, 10, dtype=torch.float64).to(DEV)
     _compare(nets, lambda m: m(hs, None, final), torch.float64, 1e-9)
 
 
 @pytest.mark.parametrize("add_identity", [True, False])
 def test_feature_map_side_network_backends_agree(add_identity):
     cfg = UniPTConfig(mapping_dim=6, kernels="reference", add_identity=add_identity)
-    net = _randomise(UniPTFeatureMapSideNetwork(cfg, [4, 6, 8], [(8, 8), (4, 4), (2, 2)])).double().eval()
+    net = _randomise(UniPTFeatureMapSideNetwork(cfg, [4, 6, 8], [(8, 8), (4, 4), (2, 2)])).to(DEV, torch.float64)
+    net = net.eval()
     nets = {b: _with_backend(net, b) for b in ("reference", "triton", "efficient")}
-    stages = [torch.randn(2, c, s, s, dtype=torch.float64) for c, s in ((4, 8), (6, 4), (8, 2))]
+    stages = [torch.randn(2, c, s, s, dtype=torch.float64).to(DEV) for c, s in ((4, 8), (6, 4), (8, 2))]
     _compare(nets, lambda m: m(stages), torch.float64, 1e-9)
 
 
@@ -94,13 +98,14 @@ def test_bf16_backbone_states_feed_an_fp32_side_network(backend):
     from unipt_scale.side_network import UniPTSideNetwork
 
     torch.manual_seed(0)
-    hs = [torch.randn(2, 5, 16).bfloat16() for _ in range(3)]
+    hs = [torch.randn(2, 5, 16).bfloat16().to(DEV) for _ in range(3)]
     final = hs[-1]
-    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], device=DEV)
     nets = {}
     for be in ("reference", backend):
         torch.manual_seed(1)
-        nets[be] = UniPTSideNetwork(UniPTConfig(mapping_dim=8, zero_init_up=False, kernels=be), [16, 16, 16], 16)
+        nets[be] = UniPTSideNetwork(UniPTConfig(mapping_dim=8, zero_init_up=False, kernels=be), [16, 16, 16],
+                                    16).to(DEV)
     want = nets["reference"](hs, mask, final)
     got = nets[backend](hs, mask, final)
     assert got.dtype == torch.float32

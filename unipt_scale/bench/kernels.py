@@ -330,8 +330,8 @@ def measure(op, shape_name, dtype, backend, device) -> Dict[str, Any]:
                 saved_extra_bytes_fused=extra_fused, saved_extra_bytes_reference=extra_ref)
 
 
-def time_gpu(op, shape_name, dtype, device="cuda") -> Dict[str, Optional[float]]:
-    """fwd+bwd milliseconds of the fused kernels, eager torch and torch.compile of the reference."""
+def time_gpu(op, shape_name, dtype, device="cuda", compile: bool = True) -> Dict[str, Optional[float]]:
+    """fwd+bwd milliseconds of the fused kernels, eager torch and (compile=True) torch.compile of the reference."""
     import triton.testing
 
     L, B, N, D, d = SHAPES[shape_name]
@@ -339,11 +339,12 @@ def time_gpu(op, shape_name, dtype, device="cuda") -> Dict[str, Optional[float]]
     res: Dict[str, Optional[float]] = {}
     runs = {"ms_fused": lambda: _grads(call("triton", params), params, grad),
             "ms_eager": lambda: _grads(ref(params), params, grad)}
-    try:
-        compiled = torch.compile(ref)
-        runs["ms_compile"] = lambda: _grads(compiled(params), params, grad)
-    except Exception as e:  # noqa: BLE001 - report, don't abort the sweep
-        res["ms_compile"], res["compile_error"] = None, repr(e)[:200]
+    if compile:
+        try:
+            compiled = torch.compile(ref)
+            runs["ms_compile"] = lambda: _grads(compiled(params), params, grad)
+        except Exception as e:  # noqa: BLE001 - report, don't abort the sweep
+            res["ms_compile"], res["compile_error"] = None, repr(e)[:200]
     for key, fn in runs.items():
         try:
             res[key] = float(triton.testing.do_bench(fn, warmup=10, rep=50))
@@ -361,7 +362,10 @@ def time_gpu(op, shape_name, dtype, device="cuda") -> Dict[str, Optional[float]]
 # --------------------------------------------------------------------------------------------------------------
 # Sweep
 # --------------------------------------------------------------------------------------------------------------
-def run(shapes, ops, dtypes, cuda: bool, max_elements: int, log=print) -> List[Dict[str, Any]]:
+TIMINGS = ("full", "no-compile", "off")
+
+
+def run(shapes, ops, dtypes, cuda: bool, max_elements: int, log=print, timing: str = "full") -> List[Dict[str, Any]]:
     records = []
     device = "cuda" if cuda else "cpu"
     for name in shapes:
@@ -394,10 +398,10 @@ def run(shapes, ops, dtypes, cuda: bool, max_elements: int, log=print) -> List[D
                         rec.update(fwd_max_abs_err=None, bwd_max_abs_err=None, saved_bytes_fused=None,
                                    saved_bytes_reference=None, note="errors/saved bytes: out of memory; ")
                         torch.cuda.empty_cache()
-                    if cuda:
-                        timing = time_gpu(op, name, dtype)
-                        rec["note"] = rec.get("note", "") + timing.pop("note", "")
-                        rec.update(timing)
+                    if cuda and timing != "off":
+                        times = time_gpu(op, name, dtype, compile=timing == "full")
+                        rec["note"] = rec.get("note", "") + times.pop("note", "")
+                        rec.update(times)
                     rec["bench_s"] = time.perf_counter() - t0
                     records.append(rec)
                     log(_row(rec))
@@ -447,6 +451,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--dtypes", default=None,
                    help="comma-separated (float32, bfloat16, float16); default bfloat16,float32 on GPU, "
                         "float32,bfloat16 on CPU (bf16 there gets the analytic columns only)")
+    p.add_argument("--timing", choices=TIMINGS, default="full",
+                   help="GPU: full = fused, eager and torch.compile times; no-compile = fused and eager; off = errors, "
+                        "saved bytes and roofline only")
     p.add_argument("--max-elements", type=int, default=CPU_MAX_ELEMENTS,
                    help="CPU: measure a shape only if its largest reference tensor has at most this many elements")
     args = p.parse_args(argv)
@@ -460,7 +467,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         if bad:
             p.error(f"unknown {what} {bad}; choose from {list(known)}")
     if cuda:
-        print(f"GPU: {torch.cuda.get_device_name()} — timings by triton.testing.do_bench (fwd+bwd)")
+        print(f"GPU: {torch.cuda.get_device_name()} — "
+              + ("no timings (--timing off)" if args.timing == "off" else
+                 "timings by triton.testing.do_bench (fwd+bwd)"
+                 + (", without torch.compile" if args.timing == "no-compile" else "")))
         if interp:
             print("warning: TRITON_INTERPRET is set, so the Triton kernels run in the CPU interpreter and their "
                   "times mean nothing; run with TRITON_INTERPRET unset (or 0) for the compiled kernels")
@@ -473,7 +483,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(HEADER)
     t0 = time.perf_counter()
     torch.manual_seed(0)
-    records = run(shapes, ops, dtypes, cuda, args.max_elements)
+    records = run(shapes, ops, dtypes, cuda, args.max_elements, timing=args.timing)
     for r in records:
         if not r["measured"]:
             print(_row(r))

@@ -229,3 +229,14 @@ def test_a_suite_without_its_assets_refuses_in_one_line(suite, says, tmp_path, m
 def test_cli_delegates(tmp_path, capsys):
     assert cli_main(["bench", "quality", "--suite", "nope", "--json", str(tmp_path / "x.json")]) == 2
     assert "unknown ['nope']" in capsys.readouterr().err
+
+
+def test_the_documented_budgets_are_the_suites():
+    """The module docstring's budget table is what the suites run."""
+    rows = {line.split()[0]: line.split()[1:5] for line in quality.__doc__.splitlines()
+            if line.strip() and line.split()[0] in quality.SUITES}
+    assert set(rows) == set(quality.SUITES)
+    for name, suite in quality.SUITES.items():
+        b = suite.budget
+        assert rows[name] == [str(b["max_steps"]), str(b["batch_size"]), str(b["max_steps"] * b["batch_size"]),
+                              str(b["limit_eval"])], name

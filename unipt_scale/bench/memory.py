@@ -9,12 +9,14 @@ in it, and the import cost (seconds) is paid once instead of once per run.
 What is measured, from `PeakMeter.start()` (called after the model, data and optimizer are built: the loaded
 baseline) to `stop()` (after the training steps):
 
-- CPU: the resident-set high-water mark above the baseline (taken after a throwaway step of a small layer, so
-  torch's one-time runtime costs, ~20 MB, are in the baseline and not charged to the first step). Where the kernel lets a process reset its own
+- CPU: the resident-set high-water mark above the baseline. Where the kernel lets a process reset its own
   high-water mark (`echo 5 > /proc/self/clear_refs`), VmHWM is reset at the baseline and read at the end; where
   it does not, a thread samples VmRSS every few milliseconds (peaks shorter than that can be missed). Freed heap
   is returned to the system (malloc_trim) before the baseline, so memory freed while loading is not counted as
-  room the steps reuse for free. `rss_method` says which way was used.
+  room the steps reuse for free. `rss_method` says which way was used. The baseline is taken after a throwaway
+  step of a small layer, so torch's one-time runtime costs (~20 MB: autograd threads, the intra-op pool) are in
+  it; the first use of the model's own ops at its own sizes (kernel workspaces, lazily imported code) is not,
+  and is part of the peak.
 - CUDA: torch.cuda.max_memory_allocated with the peak reset at the baseline, and the part above what was
   allocated then.
 """

@@ -16,8 +16,18 @@ The seed-0 run at the chosen learning rate is the sweep's own run (same config, 
 reused, not repeated. A method the model code refuses for a backbone (peft cannot put LoRA into
 EfficientNet's Conv2dStaticSamePadding) is recorded with the refusal's reason; the suite goes on.
 
-Budgets fit 2 CPU cores (steps, batch and sample counts are in each suite's `budget` in the JSON; --max-steps
-and --limit-eval override them). `--quick` runs every suite on tiny random-init stand-ins built in a
+Budgets fit 2 CPU cores; each run trains max_steps batches (one pass over limit_train = max_steps x batch
+training samples) and evaluates at most limit_eval val and test samples (the same ones for every run):
+
+    suite                 max_steps  batch  train samples  val/test samples  text tokens / image size
+    tweets-minilm                60     32           1920              1024  64
+    tweets-mpnet                 40     16            640               512  64
+    fmnist-efficientnet          60     32           1920              1024  64 px
+    tweets-smollm2               30      8            240               256  64
+    retrieval-fmnist             40     64           2560              1024  16 / 64 px
+
+(tweets-minilm: about 15 minutes for 4 methods x (3 sweep values + 2 more seeds) on an idle 2-core machine.)
+The JSON records each suite's `budget`; --max-steps and --limit-eval override it. `--quick` runs every suite on tiny random-init stand-ins built in a
 temporary directory (BERT / MPNet / Llama configs saved with save_pretrained and a word tokenizer, a small CNN
 whose convolutions are, like EfficientNet's, a Conv2d subclass) on tiny synthetic data, for CI.
 
@@ -504,9 +514,10 @@ class Runner:
         rec = dict(res["result"], lr=lr, seed=seed, process_wall_s=res["process_wall_s"])
         if rec["status"] == "completed":
             val = (rec.get("val") or {}).get(self.suite.metric)
+            step = rec["step_ms_median"]
             self.log(f"#   {self.suite.name} {name}: val {self.suite.metric} "
                      f"{'-' if val is None else format(val, '.4f')}, peak {_mib(rec['memory']['peak_memory_bytes'])}"
-                     f", {rec['step_ms_median']:.0f} ms/step, {rec['wall_s']:.0f} s")
+                     f", {'-' if step is None else format(step, '.0f')} ms/step, {rec['wall_s']:.0f} s")
         else:
             self.log(f"#   {self.suite.name} {name}: {rec['status']} ({rec.get('reason', '')})")
         return rec
@@ -560,7 +571,7 @@ def run_method(runner: Runner, method: str, seeds: List[int], factors: List[floa
         "rss_method": done[0]["memory"]["rss_method"],
         "cuda_peak_allocated": (stats([r["memory"]["cuda_peak_allocated"] for r in done])
                                 if done[0]["memory"]["cuda_peak_allocated"] is not None else None),
-        "step_ms_median": stats([r["step_ms_median"] for r in done]),
+        "step_ms_median": _stats_or_none([r["step_ms_median"] for r in done]),
         "wall_s": stats([r["wall_s"] for r in done]),
         "process_wall_s": stats([r["process_wall_s"] for r in done]),
         "trainable_params": done[0]["trainable_params"], "frozen_params": done[0]["frozen_params"],
@@ -581,7 +592,7 @@ def unipt_ratios(methods: Dict[str, dict]) -> Dict[str, Optional[dict]]:
             out[f"unipt_over_{base}"] = None
             continue
         out[f"unipt_over_{base}"] = {
-            k: (u[k]["mean"] / b[k]["mean"] if b[k]["mean"] else None)
+            k: (u[k]["mean"] / b[k]["mean"] if u.get(k) and b.get(k) and b[k]["mean"] else None)
             for k in ("metric", "peak_memory_bytes", "step_ms_median", "wall_s")}
         out[f"unipt_over_{base}"]["trainable_params"] = u["trainable_params"] / b["trainable_params"]
     return out
@@ -618,8 +629,9 @@ def write_charts(name: str, suite: dict, out_dir: str, stem: str, device: str) -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    done = {m: r for m, r in suite["methods"].items() if "metric" in r}
-    left_out = [f"{m}: {r['status']}" for m, r in suite["methods"].items() if m not in done]
+    done = {m: r for m, r in suite["methods"].items() if "metric" in r and r.get("peak_memory_bytes")}
+    left_out = [f"{m}: {r['status'] if 'metric' not in r else 'no memory reading'}"
+                for m, r in suite["methods"].items() if m not in done]
     metric = suite["metric"]
     mem_label = ("CUDA max allocated above the loaded model (MiB)" if device.startswith("cuda")
                  else "peak RSS above the loaded baseline (MiB)")
@@ -631,7 +643,8 @@ def write_charts(name: str, suite: dict, out_dir: str, stem: str, device: str) -
         x, y = r["peak_memory_bytes"]["mean"] / 2 ** 20, r["metric"]["mean"]
         xs.append(x)
         ax.errorbar(x, y, xerr=(r["peak_memory_bytes"]["std"] or 0) / 2 ** 20, yerr=r["metric"]["std"] or 0,
-                    fmt="o", ms=8, capsize=4, color=COLORS.get(m), label=f"{m} (lr {r['lr']:.2g}, n={r['metric']['n']})")
+                    fmt="o", ms=8, capsize=4, color=COLORS.get(m),
+                    label=f"{m} (lr {r['lr']:.2g}, n={r['metric']['n']})")
     if xs and min(xs) > 0 and max(xs) / min(xs) > 20:
         ax.set_xscale("log")
     ax.set_xlabel(mem_label)
@@ -646,7 +659,7 @@ def write_charts(name: str, suite: dict, out_dir: str, stem: str, device: str) -
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7.0, 4.2))
-    names = list(done)
+    names = [m for m in done if done[m].get("step_ms_median")]
     means = [done[m]["step_ms_median"]["mean"] for m in names]
     errs = [done[m]["step_ms_median"]["std"] or 0 for m in names]
     ax.bar(names, means, yerr=errs, capsize=4, color=[COLORS.get(m, "#333333") for m in names])
@@ -682,8 +695,9 @@ def table(result: dict) -> str:
             if "metric" not in r:
                 rows.append(f"{sname:20} {m:13} {r['status']}: {r.get('reason', '')[:90]}")
                 continue
+            mem = r["peak_memory_bytes"]["mean"] if r.get("peak_memory_bytes") else None
             rows.append(f"{sname:20} {m:13} {s['metric'] + ' ' + _pm(r['metric']):>28} "
-                        f"{_mib(r['peak_memory_bytes']['mean']):>11} {r['step_ms_median']['mean']:9.0f} "
+                        f"{_mib(mem):>11} {r['step_ms_median']['mean'] if r['step_ms_median'] else math.nan:9.0f} "
                         f"{r['wall_s']['mean']:7.0f} {r['trainable_params']:>11,} {r['lr']:8.2g}")
     return "\n".join(rows)
 
@@ -780,6 +794,7 @@ def run(args, suites: List[str], methods: List[str], factors: List[float], log=p
     out_dir = args.out_dir or os.path.dirname(os.path.abspath(args.json))
     stem = Path(args.json).stem if args.json else "quality"
     env: Dict[str, str] = {}
+    load_start = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     t0 = time.perf_counter()
     try:
         for name in suites:
@@ -838,7 +853,8 @@ def run(args, suites: List[str], methods: List[str], factors: List[float], log=p
               "step_time": "median time between consecutive optimizer steps (data loading, forward, backward, "
                            "optimizer step)",
               "torch": env["torch"], "host": platform.node() or "host", "wall_s": time.perf_counter() - t0,
-              "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+              "loadavg_start": load_start, "loadavg_end": list(os.getloadavg()) if load_start else None,
+              "cpu_count": os.cpu_count()}
     return {"schema": SCHEMA, "config": config, "device": dev, "suites": result_suites}
 
 

@@ -20,6 +20,7 @@ setup(
         "safetensors>=0.4",
         "peft>=0.21",  # method=lora (LoRA adapters through peft.inject_adapter_in_model)
         "matplotlib>=3.11.2",  # bench quality's charts (Agg backend)
+        "rouge-score>=0.1.2",  # bench headlines: ROUGE-L of generated headlines
         "ninja",
         "pyyaml",
         "tqdm",

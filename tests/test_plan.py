@@ -5,7 +5,10 @@ fp32 masters) and activations (unique storages autograd saves during one forward
 CPU keeps dropout masks and LayerNorm statistics in the input dtype where CUDA uses bool/fp32, so the plan is
 evaluated with `cpu_profile` for these comparisons. Activation predictions for the tiny models land within
 2.1% (full and LoRA exactly or within 0.1%); ACT_TOL = 3% leaves room only for the small per-sample tensors
-(pooled vectors, masks) the planner does not itemise.
+(pooled vectors, masks) the planner does not itemise. Language modelling (a tiny Llama with a 1000-token untied
+head through unipt_scale.lm.CausalLMModel): saved-for-backward bytes of UniPT, LoRA and full fine-tuning within
+0.4%, the LM losses' peaks within 1.1% (live bytes followed through glibc's mallinfo2 after every aten op), the KV
+cache and SideCache after generate() exactly, generation's transients within 8.4% (tolerance 15%).
 """
 from __future__ import annotations
 
@@ -263,6 +266,368 @@ def test_side_params_and_taps_match_the_side_network():
         assert pl.side_params(sizes, out, pl.mapping_dim(out, d, 2)) == sum(p.numel() for p in net.parameters())
 
 
+# ---- causal LM (task causal_lm): training through the frozen LM head, the LM loss, generation ------------------
+TINY_LM = dict(model_type="llama", num_hidden_layers=3, hidden_size=64, intermediate_size=172, num_attention_heads=4,
+               num_key_value_heads=2, vocab_size=1000, max_position_embeddings=512, tie_word_embeddings=False)
+
+
+def _tiny_lm_dir(root, **over):
+    """A tiny LlamaForCausalLM checkpoint (untied head unless tie_word_embeddings) with the tiny tokenizer."""
+    import transformers
+    from tiny_models import tiny_tokenizer
+
+    cfg = dict(TINY_LM, **over)
+    d = os.path.join(str(root), "lm-" + "-".join(f"{k}{v}" for k, v in sorted(over.items())))
+    if not os.path.isdir(d):
+        torch.manual_seed(0)
+        fields = {k: v for k, v in cfg.items() if k != "model_type"}
+        transformers.LlamaForCausalLM(transformers.LlamaConfig(**fields, pad_token_id=0, bos_token_id=2,
+                                                               eos_token_id=3)).save_pretrained(d)
+        tiny_tokenizer().save_pretrained(d)
+    return d, cfg
+
+
+def _lm_model(path, method, dtype=torch.bfloat16, *extra):
+    from unipt_scale.config import load_config
+    from unipt_scale.model import build_model
+
+    cfg = load_config(None, [f"backbone.path={path}", "task.kind=causal_lm", "data.source=jsonl",
+                             "data.path=/dev/null", f"method={method}", *extra])
+    return build_model(cfg).to(dtype)
+
+
+def _saved_bytes_of(fn, module):
+    """Unique storages autograd keeps during fn(), not counting the module's parameters and buffers (the head)."""
+    owned = {t.untyped_storage().data_ptr() for t in [*module.parameters(), *module.buffers()]}
+    seen = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in owned:
+            seen.setdefault(st.data_ptr(), st.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(seen.values()), out
+
+
+def _lm_batch(B, N, vocab=1000):
+    ids = torch.randint(5, vocab, (B, N))
+    return {"input_ids": ids, "attention_mask": torch.ones(B, N, dtype=torch.long), "labels": ids.clone()}
+
+
+@pytest.mark.parametrize("method, kernels", [("unipt", "efficient"), ("unipt", "reference"), ("lora", "efficient"),
+                                             ("full", "efficient")])
+def test_causal_lm_training_bytes_match_measured(tmp_path, method, kernels):
+    """A training step of unipt_scale.lm.CausalLMModel (bf16, every position labelled): what autograd saves, against
+    the planner's causal side network (prefix means) or backbone activations plus the chunked loss's saved rows."""
+    path, cfg = _tiny_lm_dir(tmp_path)
+    model = _lm_model(path, method, torch.bfloat16, f"unipt.kernels={kernels}", "task.loss_chunk_tokens=16").train()
+    model.backbone.model.set_attn_implementation("eager")  # the attention the tests above measure
+    B, N = 2, 32
+    measured, (loss, _) = _saved_bytes_of(lambda: model.training_loss(_lm_batch(B, N)), model)
+    loss.backward()
+    o = pl.Options(batch=B, seq_len=N, gpus_per_node=1, zero_stage=0, task="causal_lm", lm_loss="chunked",
+                   loss_chunk_tokens=16, side_kernels=kernels, profile=pl.cpu_profile(2))
+    m = pl.model_from_config(cfg, "tiny-lm")
+    r = pl.plan_method(m, method, o)
+    loss_saved = B * pl.lm_loss_bytes(m.towers[0], "chunked", B, o)["per_sample"]
+    if method == "unipt":
+        d = r["activation_detail_gib"]
+        pred = (d["stored_hidden_states"] + d["side_network"]) * GIB + loss_saved
+    else:
+        pred = r["parts"]["activations"] * GIB + loss_saved
+    _close(pred, measured, ACT_TOL, f"causal_lm {method}/{kernels} saved for backward")
+    # the frozen untied head: a V x D buffer of the task model
+    assert r["parts"]["lm_head"] * GIB == model.lm_head_weight.nbytes == 2 * 1000 * 64
+    assert r["lm_loss"] == "chunked"
+
+
+def test_causal_side_network_terms_are_the_bidirectional_ones_plus_prefix_means():
+    """The causal form keeps what the bidirectional one keeps plus the per-position gate's prefix means."""
+    m = pl.model_from_config(TINY_LM, "tiny-lm")
+    t = m.towers[0]
+    side = lambda task, k: pl.tower_activations(t, "unipt", pl.Options(seq_len=64, task=task, side_kernels=k))[  # noqa
+        "detail"]["side_network"]
+    L, d = t.layers + 1, 32
+    assert side("causal_lm", "efficient") - side("classification", "efficient") == 64 * (L * 2 * d + 4 + 3 * 2)
+    assert side("causal_lm", "reference") - side("classification", "reference") == 64 * (
+        (2 * (L - 1) + 1) * 2 * d + (L - 1) * 2 + 3 * 2 + 2 * 64)
+
+
+class _LiveBytes:
+    """Peak bytes the C allocator holds, sampled after every aten op (a TorchDispatchMode), above the level at
+    entry. Large blocks are mmapped (the threshold is fixed at 128 KiB, so glibc does not raise it) and returned
+    at free, so mallinfo2 follows tensors as they are allocated and freed. Temporaries inside one op are not seen."""
+
+    def __init__(self):
+        import ctypes
+
+        try:
+            self.libc = ctypes.CDLL("libc.so.6")
+            fields = ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+                      "fordblks", "keepcost")
+            self.info = type("MallInfo2", (ctypes.Structure,), {"_fields_": [(f, ctypes.c_size_t) for f in fields]})
+            self.libc.mallinfo2.restype = self.info
+        except (OSError, AttributeError):
+            pytest.skip("needs glibc's mallinfo2 to follow allocations")
+        self.libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+
+    def now(self) -> int:
+        m = self.libc.mallinfo2()
+        return m.hblkhd + m.uordblks
+
+    def trace(self, fn):
+        """fn() under the mode (after one warm-up call); returns the live bytes above entry after every op, also
+        kept in self.log while it runs (len(self.log) marks where a phase starts)."""
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        live = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                live.log.append(live.now() - base)
+                return out
+
+        self.log = []
+        fn()  # warm up (lazy initialisations)
+        self.log = []
+        base = self.now()
+        with Mode():
+            fn()
+        return self.log
+
+
+def test_lm_loss_working_set_matches_measured():
+    """The chunked loss holds one chunk's logits working set (16 B per logit); the full loss, as transformers
+    computes it (ForCausalLMLoss upcasts the model's logits), (12 + P) B per logit of B x N x V at its backward."""
+    from transformers.loss.loss_utils import ForCausalLMLoss
+    from unipt_scale.lm import chunked_lm_loss
+
+    live = _LiveBytes()
+    B, N, D, V, chunk = 4, 128, 64, 8000, 64
+    t = pl.model_from_config(dict(TINY_LM, vocab_size=V, hidden_size=D), "lm").towers[0]
+    o = pl.Options(batch=B, seq_len=N, task="causal_lm", loss_chunk_tokens=chunk)
+    w = torch.randn(V, D, dtype=torch.bfloat16) * 0.1
+    labels = torch.randint(0, V, (B, N))
+    h = torch.randn(B, N, D, dtype=torch.bfloat16, requires_grad=True)
+
+    def chunked():
+        rows = h[:, :-1].reshape(-1, D)
+        chunked_lm_loss(rows, w, labels[:, 1:].reshape(-1), chunk).backward()
+
+    def full():
+        logits = torch.nn.functional.linear(h, w)  # held, as a model's output holds them
+        ForCausalLMLoss(logits, labels, V).backward()
+
+    for kind, fn in (("chunked", chunked), ("full", full)):
+        b = pl.lm_loss_bytes(t, kind, B, o)
+        _close(B * b["per_sample"] + b["constant"], max(live.trace(fn)), 0.15, f"{kind} LM loss peak")
+    assert pl.lm_loss_bytes(t, "chunked", B, o)["constant"] == 16 * chunk * V
+
+
+def test_full_lm_loss_saves_fp32_log_probabilities(tmp_path):
+    """transformers' LM loss keeps log-softmax's fp32 output (4 B per logit) and returns the P-byte logits: what
+    the planner's full-logits term is made of, beside the base model's activations."""
+    import transformers
+
+    path, cfg = _tiny_lm_dir(tmp_path)
+    lm = transformers.LlamaForCausalLM.from_pretrained(path, attn_implementation="eager").to(torch.bfloat16).train()
+    lm.lm_head.requires_grad_(False)  # frozen, as unipt_scale.lm.CausalLMModel holds it
+    batch = _lm_batch(2, 32)
+    with_loss, out = _saved_bytes_of(lambda: lm(**batch), lm)
+    base, _ = _saved_bytes_of(lambda: lm.model(input_ids=batch["input_ids"]), lm)
+    _close(4 * 2 * 32 * 1000, with_loss - base, ACT_TOL, "log-softmax output saved by the full LM loss")
+    assert out.logits.nbytes == 2 * 2 * 32 * 1000
+
+
+def _capture_caches(model):
+    """Wrap the model's incremental steps so the caches they return are kept: {"kv": DynamicCache, "side": ...}."""
+    import unipt_scale.lm as lm
+
+    caps = {}
+    side = getattr(model.encoder, "side", None)
+    if side is None:
+        real = lm._backbone_cached
+
+        def cached(*a, **k):
+            y, past = real(*a, **k)
+            caps["kv"] = past
+            return y, past
+
+        return caps, ("_backbone_cached", cached)
+    bb, step = model.encoder.backbone, side.step
+
+    def fwd(*a, real=bb.forward_cached, **k):
+        states, past = real(*a, **k)
+        caps["kv"] = past
+        return states, past
+
+    def side_step(*a, **k):
+        y, cache = step(*a, **k)
+        caps["side"] = cache
+        return y, cache
+
+    bb.forward_cached, side.step = fwd, side_step
+    return caps, None
+
+
+@pytest.mark.parametrize("method", ["unipt", "lora"])
+def test_generation_caches_match_measured(tmp_path, monkeypatch, method):
+    """After unipt_scale.lm.generate, the KV cache and UniPT's SideCache hold exactly what the planner counts."""
+    import unipt_scale.lm as lm
+
+    path, cfg = _tiny_lm_dir(tmp_path)
+    model = _lm_model(path, method, torch.bfloat16).eval()
+    caps, patch = _capture_caches(model)
+    if patch:
+        monkeypatch.setattr(lm, *patch)
+    B, prompt, new = 3, 40, 6
+    b = _lm_batch(B, prompt)
+    lm.generate(model, b["input_ids"], b["attention_mask"], max_new_tokens=new)
+    n = prompt + new - 1  # the last token is produced, not fed back
+    g = pl.generation_bytes(pl.model_from_config(cfg, "tiny-lm").towers[0], method,
+                            pl.Options(batch=B, seq_len=n, generate=True))
+    kv = sum(x.nbytes for layer in caps["kv"].layers for x in (layer.keys, layer.values))
+    assert kv == B * g["kv_cache"] == B * 2 * 3 * (2 * 16) * n * 2
+    if method == "unipt":
+        c = caps["side"]
+        assert tuple(c.targets.shape) == (3, B, n, 32)  # the interacting layers' projected states
+        side = sum(x.nbytes for x in (c.targets, c.mask, c.anchor_sum, c.target_sum, c.count))
+        assert side == B * g["side_cache"]
+    else:
+        assert g["side_cache"] == 0 and "side" not in caps
+
+
+@pytest.mark.parametrize("method", ["unipt", "lora"])
+def test_generation_transients_match_measured(tmp_path, monkeypatch, method):
+    """Live bytes while generate runs (fp32, so the CPU path makes no dtype copies) against the planner's phases:
+    the prompt's frozen forward, UniPT's side network over the prompt, and the last decoding step."""
+    import unipt_scale.lm as lm
+
+    live = _LiveBytes()
+    path, cfg = _tiny_lm_dir(tmp_path, hidden_size=256, intermediate_size=512)
+    model = _lm_model(path, method, torch.float32, "unipt.kernels=efficient").eval()
+    marks = []
+
+    def marked(kind, real):
+        def call(*a, **k):
+            marks.append((kind, len(live.log)))
+            return real(*a, **k)
+        return call
+
+    if method == "unipt":
+        bb, side = model.encoder.backbone, model.encoder.side
+        bb.forward_cached = marked("backbone", bb.forward_cached)
+        side.step = marked("side", side.step)
+    else:
+        monkeypatch.setattr(lm, "_backbone_cached", marked("backbone", lm._backbone_cached))
+    B, N, new = 4, 64, 3
+    b = _lm_batch(B, N)
+
+    def run():
+        marks.clear()
+        lm.generate(model, b["input_ids"], b["attention_mask"], max_new_tokens=new)
+
+    log = live.trace(run)
+    steps = [i for kind, i in marks if kind == "backbone"]
+    assert len(steps) == new
+    t = pl.model_from_config(cfg, "tiny-lm").towers[0]
+    g = pl.generation_bytes(t, method, pl.Options(batch=B, seq_len=N, generate=True, dtype="fp32",
+                                                  attention="flash"))  # transformers' default: sdpa
+    if method == "unipt":
+        side_start = [i for kind, i in marks if kind == "side"][0]
+        _close(B * (g["prefill_backbone"] + g["kv_cache"]), max(log[:side_start]), 0.15, "prompt's frozen forward")
+        _close(B * (g["prefill_side"] + g["kv_cache"] + g["side_cache"]), max(log[side_start:steps[1]]), 0.15,
+               "side network over the prompt")
+    else:
+        _close(B * (g["prefill_backbone"] + g["kv_cache"]), max(log[:steps[1]]), 0.15, "prompt's frozen forward")
+    # the last step extends caches of N + new - 2 positions by one
+    last = pl.generation_bytes(t, method, pl.Options(batch=B, seq_len=N + new - 1, generate=True, dtype="fp32"))
+    _close(B * last["decode_step"], max(log[steps[-1]:]) - log[steps[-1] - 1], 0.15, "one decoding step")
+
+
+def test_hand_computed_small_llama_causal_lm(tmp_path, capsys):
+    cfg = _write_config(tmp_path, TINY_LM)
+    p = _run_json(tmp_path, [cfg, "--task", "causal_lm", "--gpus-per-node", "1", "--zero-stage", "0",
+                             "--batch-size", "2", "--seq-len", "16"])
+    b = lambda method, part: p[method]["parts"][part] * GIB  # noqa: E731
+    # The untied frozen head: 1000 x 64 in bf16, the same for every method.
+    assert all(b(m, "lm_head") == 2 * 1000 * 64 for m in pl.METHODS)
+    # UniPT's chunked loss: 15 predicted rows per sequence keep (2*64 + 8 + 4 + 1) = 141 B: 2 * 15 * 141 = 4230;
+    # one chunk of min(1024, 30) rows x 1000 logits x 16 B = 480000.
+    assert p["unipt"]["lm_loss"] == "chunked" and b("unipt", "lm_loss") == 4230 + 480000
+    # LoRA and full, by default, the model's B x N x V logits: 2 * 16 * 1000 * (12 + 2) = 448000.
+    assert p["lora"]["lm_loss"] == p["full"]["lm_loss"] == "full"
+    assert b("lora", "lm_loss") == b("full", "lm_loss") == 448000
+    out = capsys.readouterr().out
+    assert "LM head (frozen)" in out and "LM loss" in out and "the default: chunked for UniPT" in out
+    # The causal side network: per token the bidirectional set plus (3 + 1) * 2 * 32 prefix means, a 4-byte
+    # log-sum-exp and 3 * 2 B of mask and counts = 266.
+    cls = _run_json(tmp_path, [cfg, "--gpus-per-node", "1", "--zero-stage", "0", "--batch-size", "2",
+                               "--seq-len", "16"])
+    extra = (p["unipt"]["activation_detail_gib"]["side_network"]
+             - cls["unipt"]["activation_detail_gib"]["side_network"]) * GIB
+    assert extra == pytest.approx(2 * 16 * 266)
+    assert "lm_head" not in cls["unipt"]["parts"] and "task" not in cls["inputs"]
+    # --lm-loss chunked puts LoRA and full on UniPT's loss.
+    c = _run_json(tmp_path, [cfg, "--task", "causal_lm", "--gpus-per-node", "1", "--zero-stage", "0",
+                             "--batch-size", "2", "--seq-len", "16", "--lm-loss", "chunked"])
+    assert {c[m]["parts"]["lm_loss"] for m in pl.METHODS} == {(4230 + 480000) / GIB}
+    assert "--lm-loss chunked" in capsys.readouterr().out
+
+
+def test_hand_computed_small_llama_generation(tmp_path, capsys):
+    cfg = _write_config(tmp_path, TINY_LM)
+    p = _run_json(tmp_path, [cfg, "--generate", "--gpus-per-node", "1", "--zero-stage", "0", "--batch-size", "2",
+                             "--seq-len", "16"])
+    assert p["mode"] == "generate" and p["inputs"]["task"] == "causal_lm"
+    b = lambda method, part: p[method]["parts"][part] * GIB  # noqa: E731
+    # KV cache: 2 (k, v) * 3 layers * 2 kv heads * 16 head dim * 16 tokens * 2 sequences * 2 B = 12288, every method.
+    assert all(b(m, "kv_cache") == 12288 for m in pl.METHODS)
+    # Side cache: 3 interacting layers * 16 tokens * d=32 * 2 B = 3072, mask 16, prefix sums 4 * 32 * 2 = 256,
+    # count 2 -> 3346 per sequence.
+    assert b("unipt", "side_cache") == 2 * 3346 and b("lora", "side_cache") == b("full", "side_cache") == 0
+    assert b("unipt", "side_network") == 2 * pl.trained_params(pl.model_from_config(TINY_LM, "x"), "unipt",
+                                                                pl.Options())
+    # LoRA r=8 on q (64 -> 64) and v (64 -> 32, the kv heads) of 3 layers, unmerged, 2 B each.
+    assert b("lora", "adapters") == 2 * 3 * 8 * ((64 + 64) + (64 + 32)) and "adapters" not in p["full"]["parts"]
+    assert all(b(m, "lm_head") == 128000 for m in pl.METHODS)
+    for m in pl.METHODS:
+        assert sum(p[m]["parts"].values()) == pytest.approx(p[m]["per_gpu_gib"])
+    out = capsys.readouterr().out
+    assert "KV cache" in out and "side cache" in out and "incremental decoding" in out
+
+
+def test_causal_lm_presets():
+    """Llama-2 at 4k context: the head is untied; the cache and loss terms are what the formulas say at scale."""
+    m7, m70 = pl.load_model("llama-2-7b"), pl.load_model("llama-2-70b")
+    assert pl.lm_head_params(m7.towers[0]) == 32000 * 4096 and pl.lm_head_params(m70.towers[0]) == 32000 * 8192
+    # 70B with the head: the published 69.0e9.
+    assert abs(m70.params() + pl.lm_head_params(m70.towers[0]) - 69e9) / 69e9 < 0.01
+    gen = lambda m, **k: pl.plan(m, pl.Options(batch=8, seq_len=4096, generate=True, attention="flash",  # noqa
+                                               **k))
+    g7 = gen(m7, gpus_per_node=1, zero_stage=0)
+    # 2 * 32 layers * 4096 * 4096 tokens * 8 * 2 B = 16 GiB; the side cache 32 * 8 * 4096 * 2048 * 2 B = 4 GiB
+    # (+ about 1 MiB of mask and prefix sums).
+    assert g7["unipt"]["parts"]["kv_cache"] == g7["lora"]["parts"]["kv_cache"] == 16
+    assert g7["unipt"]["parts"]["side_cache"] == pytest.approx(4, abs=0.01)
+    # 70B's grouped-query attention (8 kv heads) makes its KV cache small next to a d = 4096 side cache over 80 layers.
+    g70 = gen(m70, nodes=2, zero_stage=3)
+    assert g70["unipt"]["parts"]["kv_cache"] == 10 and g70["unipt"]["parts"]["side_cache"] > 19.9
+    # ZeRO-3 partitions the weights but not the head (a buffer).
+    assert g70["unipt"]["parts"]["weights"] * GIB == pytest.approx(2 * m70.params() / 16)
+    assert g70["unipt"]["parts"]["lm_head"] * GIB == 2 * 32000 * 8192
+    tr = pl.plan(m7, pl.Options(seq_len=4096, gpus_per_node=1, zero_stage=0, task="causal_lm", attention="flash"))
+    assert tr["unipt"]["fits"] and not tr["full"]["fits"]
+    # the chunked loss does not grow with the micro batch's tokens, the full logits do
+    assert tr["unipt"]["parts"]["lm_loss"] < 0.6 < 1.7 < tr["lora"]["parts"]["lm_loss"]
+    tied = pl.model_from_config(dict(pl.PRESETS["llama-2-7b"], tie_word_embeddings=True), "tied")
+    assert pl.plan_method(tied, "unipt", pl.Options(task="causal_lm"))["parts"]["lm_head"] == 0
+
+
 # ---- presets ----------------------------------------------------------------------------------------------------
 def _hf_params(name):
     """Parameters of the preset built by transformers on the meta device (nothing allocated)."""
@@ -381,6 +746,13 @@ def test_cli_wiring():
     (["bert-base", "--layers", "0,99"], "out of range"),
     (["bert-base", "--gpu-mem-gib", "1", "--reserve-gib", "2"], "--reserve-gib"),
     (["bert-base", "--json", "/nonexistent/dir/plan.json"], "does not exist"),
+    (["bert-base", "--task", "causal_lm"], "needs a decoder LLM"),
+    (["t5-base", "--generate"], "needs a decoder LLM"),
+    (["llama-2-7b", "--task", "causal"], "--task 'causal' is not valid"),
+    (["llama-2-7b", "--task", "causal_lm", "--lm-loss", "fused"], "--lm-loss 'fused' is not valid"),
+    (["llama-2-7b", "--lm-loss", "chunked"], "add --task causal_lm"),
+    (["llama-2-7b", "--generate", "--task", "retrieval"], "drop --task retrieval"),
+    (["llama-2-7b", "--task", "causal_lm", "--loss-chunk-tokens", "0"], "--loss-chunk-tokens must be >= 1"),
 ])
 def test_input_errors_name_the_fix(argv, needle, capsys, monkeypatch):
     monkeypatch.setattr(pl, "plan", lambda *a, **k: pytest.fail("planned despite bad input"))

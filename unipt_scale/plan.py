@@ -45,10 +45,25 @@ Side-network parameters, per tower (VSE-infinity + residual layout): per tapped 
 LayerNorm(d): D_i.d + 3d; projection Linear(d -> d) + LayerNorm(d): d^2 + 3d; gate Linear(d -> 1): d + 1;
 up-projection Linear(d -> D_out): d.D_out + D_out. d = D_out // reduction_factor unless --mapping-dim.
 
+Language modelling on a decoder (--task causal_lm; task.kind=causal_lm, unipt_scale.lm). The LM head is frozen
+for every method, as the task model holds it: untied, a V x D matrix of its own (P bytes each) that every rank
+holds whole (a buffer, which ZeRO-3 does not partition); tied, the embedding matrix already counted. UniPT's side
+network is the causal one: per token the bidirectional set plus the gate's prefix means ((L' + 1).P.d, saved by the
+per-position aggregation), its fp32 log-sum-exp and 3P of mask and prefix counts (causal_side_extra). The loss
+(lm_loss_bytes): chunked (unipt_scale.lm.chunked_lm_loss, UniPT's default) keeps P.D + 13 bytes per predicted
+token and holds one chunk's logits working set, 16 bytes per logit of --loss-chunk-tokens rows x V; full (LoRA's
+and full fine-tuning's default, the model's B x N x V logits upcast for the loss) costs (12 + P) bytes per logit at
+log-softmax's backward. --lm-loss chunked|full sets every method.
+
+Generation (--generate: incremental decoding of --batch-size sequences of --seq-len tokens on each GPU;
+generation_bytes): the KV cache 2 x layers x kv_heads x head_dim x N x B x P for every method; UniPT's side cache
+L' x B x N x d x P projected states + the gate's prefix sums; and the largest transient of the prompt's forward,
+UniPT's side network over the prompt and one decoding step, beside the caches.
+
 Not modelled: task heads (tiny and the same for all methods), the CUDA context and NCCL buffers beyond
 --reserve-gib, allocator fragmentation, DeepSpeed's bucket buffers (reduce_bucket_size etc.), and
 temporaries of the backward pass. T5 models are planned as their encoder only, as the trainer uses them;
-decoders are planned as the base model without the LM head (classification/retrieval use hidden states).
+decoders are planned as the base model without the LM head for classification/retrieval (hidden states).
 """
 from __future__ import annotations
 
@@ -135,6 +150,7 @@ class Tower:
     image_size: int = 0
     patch_size: int = 0
     channels: int = 3
+    tied_head: bool = False      # decoders: the LM head is the input embedding matrix (tie_word_embeddings)
 
     @property
     def inner(self) -> int:
@@ -226,7 +242,8 @@ def _llama_tower(d: dict, where: str) -> Tower:
                  norm="rms_fp32", mlp="gated", act=d.get("hidden_act", "silu"),
                  bias=bool(d.get("attention_bias", False) and d.get("mlp_bias", False)),
                  qkv_bias=d.get("model_type") == "qwen2" or bool(d.get("attention_bias", False)),
-                 attn_dropout=float(d.get("attention_dropout", 0.0)) > 0, softmax_fp32=True)
+                 attn_dropout=float(d.get("attention_dropout", 0.0)) > 0, softmax_fp32=True,
+                 tied_head=bool(d.get("tie_word_embeddings", False)))
 
 
 def _bert_tower(d: dict, where: str) -> Tower:
@@ -451,6 +468,10 @@ class Options:
     side_recompute: bool = False
     attention: str = "eager"
     activation_checkpointing: bool = False
+    task: str = "classification"     # classification | retrieval (the same plan) | causal_lm
+    lm_loss: str = "auto"            # auto (chunked for UniPT, full for LoRA/full) | chunked | full
+    loss_chunk_tokens: int = 1024    # task.loss_chunk_tokens: rows of vocabulary-wide logits alive at a time
+    generate: bool = False           # plan incremental decoding instead of training
     profile: SavedProfile = field(default=CUDA)
 
     @property
@@ -460,6 +481,10 @@ class Options:
     @property
     def P(self) -> int:
         return 4 if self.dtype == "fp32" else 2
+
+    @property
+    def causal_lm(self) -> bool:
+        return self.task == "causal_lm" or self.generate
 
 
 def _tower_extras(t: Tower, n: int, method: str, o: Options) -> Dict[str, int]:
@@ -514,6 +539,8 @@ def tower_activations(t: Tower, method: str, o: Options) -> dict:
             # fused/efficient kernels: per tap T_i, fp32 mean/rstd and (unless the projection recomputes them) the
             # pre-norm rows; per interacting layer the fp32 row sum z; one byte of key mask
             side += L * ((1 if o.side_recompute else 2) * P * d + 8) + Li * 4 + 1
+        if o.causal_lm:
+            side += causal_side_extra(Li, d, n, P, o.side_kernels)
         stored = n * L * P * t.hidden
         # The frozen forward returns every hidden state (output_hidden_states), so while it runs the untapped ones
         # live too, next to one layer's working set; the side network's saved set only exists after it.
@@ -541,6 +568,113 @@ def tower_activations(t: Tower, method: str, o: Options) -> dict:
     detail = {"layers": n * blocks, "other": n * ex["per_token"] + ex["per_sample"]}
     return {"detail": detail, "per_sample": sum(detail.values()), "constant": ex["constant"],
             "per_layer_per_token": per_layer}
+
+
+def causal_side_extra(Li: int, d: int, n: int, P: int, kernels: str = "efficient") -> int:
+    """Bytes per token the causal side network keeps beyond the bidirectional one (the formula is the same
+    otherwise: its cross attention saves q, k and one sum per row as before). The gate reads prefix means, one per
+    position instead of one per sequence, and the per-position aggregation saves them: the anchor's and each
+    interacting layer's, (Li + 1).P.d, and its fp32 log-sum-exp per position (4); the prefix sums' divisions keep
+    the key mask and the two clamped prefix counts in the compute dtype (3P). The reference kernels also keep the
+    gate's product a * mu_i (Li.P.d) and alpha (Li.P), no log-sum-exp, and one (B, N, N) causal mask (P.N)."""
+    if kernels == "reference":
+        return (2 * Li + 1) * P * d + Li * P + 3 * P + P * n
+    return (Li + 1) * P * d + 4 + 3 * P
+
+
+# ---- the LM head, the LM loss and generation (task causal_lm) ----------------------------------------------------
+LM_LOSS_SAVED_PER_ROW = 13   # int64 label + fp32 log-sum-exp + the 1-byte mask that picks the labelled rows
+CHUNKED_WORK_BYTES = 16      # per logit of one chunk: see lm_loss_bytes
+
+
+def lm_loss_kind(method: str, o: Options) -> str:
+    if o.lm_loss == "auto":
+        return "chunked" if method == "unipt" else "full"
+    return o.lm_loss
+
+
+def lm_head_params(t: Tower) -> int:
+    """The frozen LM head: a V x D matrix of its own when untied, the embedding matrix (counted) when tied."""
+    return 0 if t.tied_head else t.vocab * t.hidden
+
+
+def lm_loss_bytes(t: Tower, kind: str, batch: int, o: Options) -> Dict[str, int]:
+    """What the LM loss adds to a training step: bytes per sample and per step (the chunk working set).
+
+    chunked (unipt_scale.lm.chunked_lm_loss): saved per predicted row (N - 1 per sequence) the gathered hidden
+    row (P.D), its int64 label, its fp32 log-sum-exp and one mask byte; alive at a time is one chunk of logits:
+    16 bytes per logit of min(chunk, B(N - 1)) rows x V: in backward two chunks' fp32 logits and probabilities
+    (the loop computes the next chunk's logits before it drops the last's), the subtraction and its exp.
+    full (the model returns B x N x V logits, the loss upcasts them, as transformers' ForCausalLMLoss does):
+    (12 + P) bytes per logit at the peak, in log-softmax's backward: the returned P-byte logits, log-softmax's
+    saved fp32 output, and its fp32 incoming and outgoing gradients (the fp32 copy of the logits lives only in the
+    forward, beside the output it is freed before)."""
+    n = t.tokens(o.seq_len, None)
+    rows = max(0, n - 1)
+    if kind == "chunked":
+        return {"per_sample": rows * (o.P * t.hidden + LM_LOSS_SAVED_PER_ROW),
+                "constant": CHUNKED_WORK_BYTES * t.vocab * min(o.loss_chunk_tokens, batch * rows),
+                "constant_max": CHUNKED_WORK_BYTES * t.vocab * o.loss_chunk_tokens}
+    return {"per_sample": n * t.vocab * (12 + o.P), "constant": 0, "constant_max": 0}
+
+
+def layer_forward_bytes(t: Tower, n: int, P: int, attention: str = "eager") -> int:
+    """Bytes per token one block holds while it runs without autograd (the prompt's forward in generation),
+    beyond its input and the cache: the larger of its attention phase (the normed input, q, k, v, RoPE's
+    rotate-half temporaries 2.P.inner; eager attention also the scores, the mask added to them, the fp32 softmax
+    and its cast back, (4 + 2P) per head and key) and its MLP phase (the normed input and three I-wide tensors of
+    a gated MLP, act(gate), up and their product; two for a plain one)."""
+    h, i = t.hidden, t.intermediate
+    attn = P * h + P * (t.inner + 2 * t.kv_dim) + 2 * P * t.inner
+    if attention == "eager":
+        attn += (4 + 2 * P) * t.heads * n
+    mlp = P * h + (3 if t.mlp == "gated" else 2) * P * i
+    return max(attn, mlp)
+
+
+def generation_bytes(t: Tower, method: str, o: Options) -> Dict[str, int]:
+    """Bytes per sequence of incremental decoding at context N (the prompt and the new tokens).
+
+    kv_cache: 2 x layers x kv_heads x head_dim x N x P (transformers' DynamicCache; GQA stores the kv heads only).
+    side_cache (UniPT's SideCache): the interacting layers' projected states Li x N x d x P (the keys of the next
+    steps), the key mask (N bytes) and the prefix sums of the gate (Li + 1) x d x P and the count (P).
+    transient, the largest of three phases, beside the caches:
+    * the prompt's frozen forward: the residual stream (the block's input, held by the loop over blocks, and its
+      output: 2.P.D; UniPT keeps every tapped state it has passed instead, L.P.D), RoPE's cos and sin (2.P.head_dim)
+      and one block's working set (layer_forward_bytes);
+    * UniPT's side network over the prompt: the tapped states (L.P.D; the final output is the last of them when the
+      last hidden state is tapped, else P.D more), the output path's two D-wide tensors (Up's output and the
+      residual sum, 2.P.D) and, beside the states that become the cache, (5 + 3 Li).P.d: the anchor's T, the merged
+      features, the prefix sums and prefix means of the anchor and the interacting layers (locals of the causal
+      forward until it returns), the aggregated features and the projection's output;
+    * one decoding step: torch.cat copies the side cache's states whole (Li.N.d.P beside the old ones) and
+      DynamicCache one layer's keys or values (kv_heads.head_dim.N.P), plus the step's logits (V x (P + 4)).
+    The prompt is planned as long as the context (an upper bound)."""
+    n = t.tokens(o.seq_len, None)
+    P = o.P
+    kv = 2 * t.layers * t.kv_dim * n * P
+    rope = 2 * P * t.head_dim if t.family == "llama" else 0
+    layer = n * (layer_forward_bytes(t, n, P, o.attention) + rope)
+    step = t.kv_dim * n * P
+    logits = t.vocab * (P + 4)
+    out = {"kv_cache": kv, "side_cache": 0, "prefill_backbone": layer + 2 * n * P * t.hidden, "prefill_side": 0,
+           "decode_step": step + logits}
+    if method == "unipt":
+        taps = resolve_taps(o.layers, t.layers + 1)
+        L, Li = len(taps), len(taps) - 1
+        d = mapping_dim(t.hidden, o.mapping_dim, o.reduction_factor)
+        tapped = L * n * t.hidden * P
+        final = 0 if taps[-1] == t.layers else n * t.hidden * P
+        out["side_cache"] = Li * n * d * P + n + (Li + 1) * d * P + P
+        out["prefill_backbone"] = layer + max(2, L) * n * P * t.hidden
+        out["prefill_side"] = tapped + final + 2 * n * t.hidden * P + (5 + 3 * Li) * n * d * P
+        out["decode_step"] = max(step, Li * n * d * P) + logits
+    out["transient"] = max(out["prefill_backbone"], out["prefill_side"], out["decode_step"])
+    return out
+
+
+def _decoder(model: "Model") -> Tower:
+    return model.towers[0]
 
 
 # ---- the plan ---------------------------------------------------------------------------------------------------
@@ -595,10 +729,21 @@ def plan_method(model: Model, method: str, o: Options) -> dict:
     if z == 3:
         gather = P * largest * (2 if method == "full" else 1)
     parts["zero3_gather"] = gather
+    grow = per_sample  # bytes per sample of the micro batch
+    loss_extra = 0.0  # the chunk working set at a full chunk minus at this batch (for the largest batch)
+    if o.causal_lm:
+        t = _decoder(model)
+        # The frozen head is a buffer of the task model (unipt_scale.lm.CausalLMModel) for every method: ZeRO-3
+        # partitions parameters only, so every rank holds it whole.
+        parts["lm_head"] = P * lm_head_params(t)
+        loss = lm_loss_bytes(t, lm_loss_kind(method, o), o.batch, o)
+        parts["lm_loss"] = o.batch * loss["per_sample"] + loss["constant"]
+        grow += loss["per_sample"]
+        loss_extra = loss["constant_max"] - loss["constant"]
     total = sum(parts.values())
     usable = (o.gpu_mem_gib - o.reserve_gib) * GIB
-    static = total - o.batch * per_sample
-    max_batch = int((usable - static) // per_sample) if per_sample > 0 and usable > static else 0
+    static = total - o.batch * grow + loss_extra
+    max_batch = int((usable - static) // grow) if grow > 0 and usable > static else 0
     cpu = 0.0
     if off_opt:
         cpu += (opt_bytes + 4) * n_trained / shard_o * o.gpus_per_node  # + DeepSpeed's fp32 gradient copy
@@ -613,36 +758,85 @@ def plan_method(model: Model, method: str, o: Options) -> dict:
         "fits": total <= usable,
         "max_batch_per_gpu": max_batch,
         "cpu_offload_gib_per_node": cpu / GIB,
+        **({"lm_loss": lm_loss_kind(method, o)} if o.causal_lm else {}),
+    }
+
+
+def plan_generate(model: Model, method: str, o: Options) -> dict:
+    """Per-GPU memory of incremental decoding: each GPU decodes its own micro batch of --batch-size sequences
+    of --seq-len tokens (prompt + new tokens). Weights are placed as for training (whole, or partitioned by ZeRO-3
+    with one module gathered at a time; --offload param leaves only the gathered module); LoRA's adapters are
+    counted unmerged (merging them removes even that); nothing trains, so no gradients or optimizer state."""
+    P, W, z = o.P, o.world, o.zero_stage
+    t = _decoder(model)
+    shard_w = W if z >= 3 else 1
+    on_gpu_w = 0 if o.offload == "param" else 1
+    extra = trained_params(model, method, o) if method != "full" else 0
+    g = generation_bytes(t, method, o)
+    B = o.batch
+    parts = {"weights": on_gpu_w * P * model.params() / shard_w, "lm_head": P * lm_head_params(t),
+             ("side_network" if method == "unipt" else "adapters"): on_gpu_w * P * extra / shard_w,
+             "kv_cache": B * g["kv_cache"], "side_cache": B * g["side_cache"], "transient": B * g["transient"],
+             "zero3_gather": P * t.largest_module_params() if z == 3 else 0.0}
+    if method == "full":
+        parts.pop("adapters")
+    total = sum(parts.values())
+    per_sample = g["kv_cache"] + g["side_cache"] + g["transient"]
+    usable = (o.gpu_mem_gib - o.reserve_gib) * GIB
+    static = total - B * per_sample
+    return {
+        "per_gpu_gib": total / GIB,
+        "parts": {k: v / GIB for k, v in parts.items()},
+        "per_sample_gib": {k: v / GIB for k, v in g.items()},
+        "fits": total <= usable,
+        "max_batch_per_gpu": int((usable - static) // per_sample) if usable > static else 0,
     }
 
 
 def plan(model: Model, o: Options) -> dict:
-    return {
-        "inputs": _inputs(model, o),
-        "model": {"name": model.name, "kind": model.kind, "params": model.params(),
-                  "largest_module_params": max(t.largest_module_params() for t in model.towers),
-                  "towers": [{"name": t.name, "family": t.family, "layers": t.layers, "hidden": t.hidden,
-                              "intermediate": t.intermediate, "heads": t.heads, "kv_heads": t.kv_heads,
-                              "tokens": t.tokens(o.seq_len, o.image_size), "params": t.params(),
-                              "mapping_dim": mapping_dim(t.hidden, o.mapping_dim, o.reduction_factor),
-                              "tapped_layers": len(resolve_taps(o.layers, t.layers + 1)),
-                              "full_layer_bytes_per_token": tower_activations(t, "full", o)["per_layer_per_token"],
-                              "korthikanti_bytes_per_token": 34 * t.hidden + 5 * t.heads * t.tokens(o.seq_len,
-                                                                                                      o.image_size)}
-                             for t in model.towers],
-                  "notes": list(model.notes)},
-        **{m: plan_method(model, m, o) for m in METHODS},
-    }
+    if o.generate:
+        return {"inputs": _inputs(model, o), "model": _model_summary(model, o), "mode": "generate",
+                **{m: plan_generate(model, m, o) for m in METHODS}}
+    return {"inputs": _inputs(model, o), "model": _model_summary(model, o),
+            **{m: plan_method(model, m, o) for m in METHODS}}
+
+
+def _model_summary(model: Model, o: Options) -> dict:
+    out = {"name": model.name, "kind": model.kind, "params": model.params(),
+           "largest_module_params": max(t.largest_module_params() for t in model.towers),
+           "towers": [{"name": t.name, "family": t.family, "layers": t.layers, "hidden": t.hidden,
+                       "intermediate": t.intermediate, "heads": t.heads, "kv_heads": t.kv_heads,
+                       "tokens": t.tokens(o.seq_len, o.image_size), "params": t.params(),
+                       "mapping_dim": mapping_dim(t.hidden, o.mapping_dim, o.reduction_factor),
+                       "tapped_layers": len(resolve_taps(o.layers, t.layers + 1)),
+                       "full_layer_bytes_per_token": tower_activations(t, "full", o)["per_layer_per_token"],
+                       "korthikanti_bytes_per_token": 34 * t.hidden + 5 * t.heads * t.tokens(o.seq_len,
+                                                                                               o.image_size)}
+                      for t in model.towers],
+           "notes": list(model.notes)}
+    if o.causal_lm:
+        t = _decoder(model)
+        out["vocab"] = t.vocab
+        out["lm_head_params"] = lm_head_params(t)
+        out["tied_head"] = t.tied_head
+        out["notes"] = [f"causal LM: the {'tied' if t.tied_head else 'untied'} LM head is frozen for every method "
+                        "(unipt_scale.lm.CausalLMModel)" + ("" if t.tied_head else
+                                                            f", {t.vocab} x {t.hidden} held whole on every rank "
+                                                            "(a buffer: ZeRO-3 partitions parameters only)")]
+    return out
 
 
 def _inputs(model: Model, o: Options) -> dict:
-    return {"model": model.name, "gpus_per_node": o.gpus_per_node, "nodes": o.nodes, "world_size": o.world,
-            "gpu_mem_gib": o.gpu_mem_gib, "reserve_gib": o.reserve_gib, "batch_size": o.batch,
-            "seq_len": o.seq_len, "image_size": o.image_size, "zero_stage": o.zero_stage, "offload": o.offload,
-            "dtype": o.dtype, "lora_rank": o.lora_rank, "lora_targets": o.lora_targets,
-            "mapping_dim": o.mapping_dim, "reduction_factor": o.reduction_factor, "layers": o.layers,
-            "side_kernels": o.side_kernels, "side_recompute": o.side_recompute, "attention": o.attention,
-            "activation_checkpointing": o.activation_checkpointing}
+    out = {"model": model.name, "gpus_per_node": o.gpus_per_node, "nodes": o.nodes, "world_size": o.world,
+           "gpu_mem_gib": o.gpu_mem_gib, "reserve_gib": o.reserve_gib, "batch_size": o.batch,
+           "seq_len": o.seq_len, "image_size": o.image_size, "zero_stage": o.zero_stage, "offload": o.offload,
+           "dtype": o.dtype, "lora_rank": o.lora_rank, "lora_targets": o.lora_targets,
+           "mapping_dim": o.mapping_dim, "reduction_factor": o.reduction_factor, "layers": o.layers,
+           "side_kernels": o.side_kernels, "side_recompute": o.side_recompute, "attention": o.attention,
+           "activation_checkpointing": o.activation_checkpointing}
+    if o.causal_lm:
+        out.update(task="causal_lm", lm_loss=o.lm_loss, loss_chunk_tokens=o.loss_chunk_tokens, generate=o.generate)
+    return out
 
 
 # ---- command line -----------------------------------------------------------------------------------------------
@@ -677,6 +871,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attention", default="eager", help="eager (N x N scores kept) | flash (fused kernel)")
     p.add_argument("--activation-checkpointing", action="store_true",
                    help="full/LoRA: keep only each layer's input and recompute (no effect on UniPT's backbone)")
+    p.add_argument("--task", default=None,
+                   help="classification (default) | retrieval (both plan the backbone's hidden states) | causal_lm "
+                        "(language modelling on a decoder through its frozen LM head)")
+    p.add_argument("--lm-loss", default="auto",
+                   help="causal_lm: auto (default: chunked for UniPT, as unipt_scale trains it; full B x N x V logits "
+                        "for LoRA and full fine-tuning, as they are usually run) | chunked | full (every method)")
+    p.add_argument("--loss-chunk-tokens", type=int, default=1024,
+                   help="causal_lm: rows of logits per chunk of the chunked loss (task.loss_chunk_tokens, "
+                        "default 1024)")
+    p.add_argument("--generate", action="store_true",
+                   help="plan incremental decoding (implies --task causal_lm): weights, KV cache, UniPT's side cache "
+                        "for --batch-size sequences of --seq-len tokens per GPU")
     p.add_argument("--json", metavar="FILE", help="also write the plan as JSON")
     return p
 
@@ -694,6 +900,14 @@ def options_from_args(args) -> Options:
     _choice("--lora-targets", args.lora_targets, ("qv", "all-linear"))
     _choice("--side-kernels", args.side_kernels, ("efficient", "reference"))
     _choice("--attention", args.attention, ("eager", "flash"))
+    if args.task is not None:
+        _choice("--task", args.task, ("classification", "retrieval", "causal_lm"))
+    _choice("--lm-loss", args.lm_loss, ("auto", "chunked", "full"))
+    if args.generate and args.task not in (None, "causal_lm"):
+        raise PlanError(f"--generate plans decoding through the LM head (task causal_lm); drop --task {args.task}")
+    task = "causal_lm" if args.generate else (args.task or "classification")
+    if task != "causal_lm" and (args.lm_loss != "auto" or args.loss_chunk_tokens != 1024):
+        raise PlanError("--lm-loss and --loss-chunk-tokens are for --task causal_lm; add --task causal_lm")
     if args.offload == "param" and args.zero_stage != 3:
         raise PlanError("--offload param needs --zero-stage 3 (only ZeRO-3 partitions parameters); "
                         "use --zero-stage 3 or --offload optimizer")
@@ -701,7 +915,8 @@ def options_from_args(args) -> Options:
         raise PlanError("--offload optimizer needs ZeRO (--zero-stage 1, 2 or 3)")
     for flag, value in (("--gpus-per-node", args.gpus_per_node), ("--nodes", args.nodes),
                         ("--batch-size", args.batch_size), ("--lora-rank", args.lora_rank),
-                        ("--reduction-factor", args.reduction_factor)):
+                        ("--reduction-factor", args.reduction_factor),
+                        ("--loss-chunk-tokens", args.loss_chunk_tokens)):
         if value < 1:
             raise PlanError(f"{flag} must be >= 1, got {value}")
     for flag, value in (("--seq-len", args.seq_len), ("--image-size", args.image_size),
@@ -716,10 +931,15 @@ def options_from_args(args) -> Options:
                    lora_rank=args.lora_rank, lora_targets=args.lora_targets, mapping_dim=args.mapping_dim,
                    reduction_factor=args.reduction_factor, layers=args.layers, side_kernels=args.side_kernels,
                    side_recompute=args.side_recompute, attention=args.attention,
-                   activation_checkpointing=args.activation_checkpointing)
+                   activation_checkpointing=args.activation_checkpointing, task=task, lm_loss=args.lm_loss,
+                   loss_chunk_tokens=args.loss_chunk_tokens, generate=args.generate)
 
 
 def check_model(model: Model, o: Options) -> None:
+    if o.causal_lm and model.kind != "decoder":
+        flag = "--generate" if o.generate else "--task causal_lm"
+        raise PlanError(f"{flag} needs a decoder LLM ({', '.join(LLAMA_LIKE)}: a preset such as llama-2-7b or its "
+                        f"config.json); {model.name} is {'an' if model.kind[0] in 'ae' else 'a'} {model.kind} model")
     for t in model.towers:
         if len(resolve_taps(o.layers, t.layers + 1)) < 2:
             raise PlanError(f"--layers {o.layers} taps one hidden state of the {t.name} tower; UniPT's anchor is the "
@@ -748,18 +968,26 @@ def format_plan(p: dict) -> str:
         lines.append(f"  note: {note}")
     lines.append(f"cluster: {i['nodes']} node(s) x {i['gpus_per_node']} GPUs = {i['world_size']} ranks, "
                  f"{i['gpu_mem_gib']:g} GiB each ({i['gpu_mem_gib'] - i['reserve_gib']:g} usable)")
-    lines.append(f"run: micro batch {i['batch_size']}/GPU, {i['dtype']}, ZeRO-{i['zero_stage']}, offload "
-                 f"{i['offload']}, attention {i['attention']}, side kernels {i['side_kernels']}, "
-                 f"LoRA r={i['lora_rank']} ({i['lora_targets']})"
-                 f"{', activation checkpointing' if i['activation_checkpointing'] else ''}")
+    lm = i.get("task") == "causal_lm"
+    gen = p.get("mode") == "generate"
+    lines.append(f"run: {'decoding' if gen else 'micro'} batch {i['batch_size']}/GPU, {i['dtype']}, "
+                 f"ZeRO-{i['zero_stage']}, offload {i['offload']}, attention {i['attention']}, side kernels "
+                 f"{i['side_kernels']}, LoRA r={i['lora_rank']} ({i['lora_targets']})"
+                 f"{', activation checkpointing' if i['activation_checkpointing'] and not gen else ''}"
+                 f"{', task causal_lm' if lm else ''}")
+
     def row(label, fmt, get):
         lines.append(f"{label:<24}" + "".join(format(get(p[x]), fmt).rjust(12) for x in METHODS))
 
+    if gen:
+        return _format_generate(p, lines, row)
     lines.append("")
     lines.append(f"{'per GPU, GiB':<24}" + "".join(f"{x:>12}" for x in METHODS))
-    for label, key in (("weights", "weights"), ("gradients", "gradients"), ("optimizer state", "optimizer"),
-                       ("activations", "activations"), ("side network", "side_network"),
-                       ("ZeRO-3 gather", "zero3_gather")):
+    rows = [("weights", "weights"), ("gradients", "gradients"), ("optimizer state", "optimizer"),
+            ("activations", "activations"), ("side network", "side_network"), ("ZeRO-3 gather", "zero3_gather")]
+    if lm:
+        rows += [("LM head (frozen)", "lm_head"), ("LM loss", "lm_loss")]
+    for label, key in rows:
         row(label, ".2f", lambda r: r["parts"][key])
     row("total", ".2f", lambda r: r["per_gpu_gib"])
     row("fits", "s", lambda r: "yes" if r["fits"] else "NO")
@@ -778,7 +1006,51 @@ def format_plan(p: dict) -> str:
              "weights 2 B each in half precision. ZeRO-1 shards the optimizer state, ZeRO-2 also the gradients, "
              "ZeRO-3 also every weight (the frozen backbone too) and gathers one module at a time (the 'ZeRO-3 "
              "gather' row)."]
+    if lm:
+        notes.append(_loss_note(p, i))
     lines += [textwrap.fill(n, 116) for n in notes]
+    return "\n".join(lines)
+
+
+_LOSS_WORDS = {"chunked": "chunked", "full": "full logits"}
+
+
+def _loss_note(p: dict, i: dict) -> str:
+    kinds = ", ".join(f"{m} {_LOSS_WORDS[p[m]['lm_loss']]}" for m in METHODS)
+    how = ("the default: chunked for UniPT, as unipt_scale trains it, and B x N x V logits for LoRA and full "
+           "fine-tuning, as they are usually run" if i["lm_loss"] == "auto" else f"--lm-loss {i['lm_loss']}")
+    return (f"LM loss ({how}): {kinds}. chunked = {i['loss_chunk_tokens']} rows x vocab of logits alive at a time, "
+            "recomputed in backward (16 B per logit), plus P x D + 13 B saved per predicted token; full logits = "
+            "(12 + P) B per logit of B x N x vocab at the loss's backward (the returned logits, log-softmax's fp32 "
+            "output and its two fp32 gradients). --lm-loss chunked|full sets every method.")
+
+
+def _format_generate(p: dict, lines: List[str], row) -> str:
+    i = p["inputs"]
+    n = p["model"]["towers"][0]["tokens"]
+    lines.append(f"incremental decoding: {i['batch_size']} sequence(s) of {n} tokens per GPU (prompt + new tokens)")
+    lines.append("")
+    lines.append(f"{'per GPU, GiB':<24}" + "".join(f"{x:>12}" for x in METHODS))
+    for label, key in (("weights", "weights"), ("LM head (frozen)", "lm_head"),
+                       ("side network / adapters", None), ("KV cache", "kv_cache"), ("side cache", "side_cache"),
+                       ("transient", "transient"), ("ZeRO-3 gather", "zero3_gather")):
+        if key is None:
+            row(label, ".2f", lambda r: r["parts"].get("side_network", r["parts"].get("adapters", 0.0)))
+        else:
+            row(label, ".2f", lambda r: r["parts"][key])
+    row("total", ".2f", lambda r: r["per_gpu_gib"])
+    row("fits", "s", lambda r: "yes" if r["fits"] else "NO")
+    row("largest batch / GPU", "d", lambda r: r["max_batch_per_gpu"])
+    row("caches / sequence", ".3f", lambda r: r["per_sample_gib"]["kv_cache"] + r["per_sample_gib"]["side_cache"])
+    lines.append("")
+    notes = ["KV cache = 2 x layers x kv heads x head dim x N x B x dtype bytes (every method); UniPT's side cache "
+             "adds its interacting layers' projected states (L' x B x N x d) and the gate's prefix sums. LoRA and "
+             "full fine-tuning add no cache (LoRA's adapters are counted unmerged).",
+             "transient = the largest of: the prompt's frozen forward (one layer's working set; UniPT also collects "
+             "the tapped hidden states), UniPT's side network over the prompt (tapped states, merged features, "
+             "prefix sums and means) and one decoding step (torch.cat copies UniPT's side cache whole, and one "
+             "layer's keys or values). The prompt is planned as long as the context: an upper bound."]
+    lines += [textwrap.fill(x, 116) for x in notes]
     return "\n".join(lines)
 
 

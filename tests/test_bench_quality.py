@@ -47,7 +47,8 @@ def _close(stat, values):
 
 def test_schema(out):
     res, _ = out
-    assert res["schema"] == quality.SCHEMA and set(res) == {"schema", "config", "device", "suites"}
+    assert res["schema"] == quality.SCHEMA and set(res) == {"schema", "complete", "config", "device", "suites"}
+    assert res["complete"] is True
     cfg = res["config"]
     assert cfg["quick"] is True and cfg["seeds"] == [0, 1] and cfg["lr_factors"] == FACTORS
     assert cfg["methods"] == list(METHODS) and cfg["suites"] == list(quality.SUITES)

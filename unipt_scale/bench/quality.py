@@ -784,7 +784,10 @@ def prepare_suite(spec: dict) -> dict:
             "device_name": torch.cuda.get_device_name(0) if cuda else (platform.processor() or platform.machine())}
 
 
-def run(args, suites: List[str], methods: List[str], factors: List[float], log=print) -> dict:
+def run(args, suites: List[str], methods: List[str], factors: List[float], log=print,
+        save: Optional[Callable[[dict], None]] = None) -> dict:
+    """Every suite and method; `save` gets the result so far (complete=False) after each method, so a long run
+    that is stopped keeps what it measured."""
     import dataclasses
 
     seeds = list(range(args.seeds))
@@ -796,6 +799,9 @@ def run(args, suites: List[str], methods: List[str], factors: List[float], log=p
     env: Dict[str, str] = {}
     load_start = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     t0 = time.perf_counter()
+
+    def result(complete: bool) -> dict:
+        return _result(args, env, suites, methods, seeds, factors, result_suites, t0, load_start, complete)
     try:
         for name in suites:
             suite = SUITES[name]
@@ -828,17 +834,26 @@ def run(args, suites: List[str], methods: List[str], factors: List[float], log=p
             prepared = Prepared(**env["prepared"])
             log(f"# {name}: {suite.description}" + (f" [quick: {prepared.stand_in}]" if args.quick else ""))
             runner = Runner(suite, prepared, budget, args.threads, work, args.run_timeout, log)
-            recs = {m: run_method(runner, m, seeds, factors) for m in methods}
-            rec = dict(head, status="completed", config_file=prepared.config_file, overrides=prepared.overrides
-                       + suite.extra + budget_overrides(budget), stand_in=prepared.stand_in, methods=recs,
-                       ratios=unipt_ratios(recs))
-            rec["charts"] = write_charts(name, rec, out_dir, stem, env["device"])
+            recs: Dict[str, dict] = {}
+            rec = dict(head, status="running", config_file=prepared.config_file, overrides=prepared.overrides
+                       + suite.extra + budget_overrides(budget), stand_in=prepared.stand_in, methods=recs)
             result_suites[name] = rec
+            for m in methods:
+                recs[m] = run_method(runner, m, seeds, factors)
+                if save is not None:
+                    save(result(False))
+            rec.update(status="completed", ratios=unipt_ratios(recs))
+            rec["charts"] = write_charts(name, rec, out_dir, stem, env["device"])
     finally:
         if not args.work_dir:
             shutil.rmtree(work, ignore_errors=True)
     if not any(s["status"] == "completed" for s in result_suites.values()):
         raise QualityInputError("no suite could run: " + "; ".join(s["reason"] for s in result_suites.values()))
+    return result(True)
+
+
+def _result(args, env: dict, suites: List[str], methods: List[str], seeds: List[int], factors: List[float],
+            result_suites: Dict[str, dict], t0: float, load_start, complete: bool) -> dict:
     dev = (f"cuda: {env['device_name']}" if env["device"] == "cuda"
            else f"cpu: {env['device_name']}, {args.threads} threads per run")
     config = {"suites": suites, "methods": methods, "seeds": seeds, "seed_key": "train.seed", "lr_factors": factors,
@@ -855,7 +870,7 @@ def run(args, suites: List[str], methods: List[str], factors: List[float], log=p
               "torch": env["torch"], "host": platform.node() or "host", "wall_s": time.perf_counter() - t0,
               "loadavg_start": load_start, "loadavg_end": list(os.getloadavg()) if load_start else None,
               "cpu_count": os.cpu_count()}
-    return {"schema": SCHEMA, "config": config, "device": dev, "suites": result_suites}
+    return {"schema": SCHEMA, "complete": complete, "config": config, "device": dev, "suites": result_suites}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -865,13 +880,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 2
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    path = args.json or os.path.join(args.out_dir or ".", "quality.json")
     try:
         suites, methods, factors = _check(args)
-        result = run(args, suites, methods, factors)
+        result = run(args, suites, methods, factors, save=lambda partial: atomic_write_json(path, partial))
     except (QualityInputError, ConfigError) as err:
         print(f"unipt bench quality: {one_line(err)}", file=sys.stderr)
         return 2
-    path = args.json or os.path.join(args.out_dir, "quality.json")
     print(table(result))
     atomic_write_json(path, result)
     print(f"wrote {path}")

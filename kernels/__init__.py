@@ -47,11 +47,14 @@ MAX_FUSED_ATTENTION_DIM = 512
 def resolve_backend(backend: str, tensor: torch.Tensor, width: Optional[int] = None) -> str:
     """The implementation a call will use: 'auto' becomes 'triton' for CUDA tensors, else 'efficient'.
 
-    `width` (the attention's d) keeps 'auto' off the fused kernel for rows wider than MAX_FUSED_ATTENTION_DIM.
+    `width` (the attention's d) keeps 'auto' off the fused kernel for rows wider than MAX_FUSED_ATTENTION_DIM
+    (MAX_FUSED_FP64_DIM for float64).
     """
     _check_backend(backend)
     if backend == "auto":
-        if not tensor.is_cuda or (width is not None and width > MAX_FUSED_ATTENTION_DIM):
+        limit = (cross_attention.MAX_FUSED_FP64_DIM if getattr(tensor, "dtype", None) == torch.float64
+                 else MAX_FUSED_ATTENTION_DIM)
+        if not tensor.is_cuda or (width is not None and width > limit):
             return "efficient"
         return "triton"
     return backend

@@ -267,22 +267,40 @@ def _attn_bwd_dk_kernel(q_ptr, k_ptr, m_ptr, do_ptr, z_ptr, delta_ptr, dk_ptr,
 # ----------------------------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------------------------
-def tile_sizes(d: int, interpreter: Optional[bool] = None):
-    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps) for rows of width d: a whole row of d per tile; smaller
-    query/key tiles as d grows (registers hold (M, d) fp32). `interpreter` defaults to how the kernels were
-    built; the bench passes False to count the compiled kernels' tiles."""
+def tile_sizes(d: int, dtype: torch.dtype = torch.bfloat16, interpreter: Optional[bool] = None):
+    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps) for rows of width d: a whole row of d per tile, smaller
+    query/key tiles as d and the dot operands grow. `interpreter` defaults to how the kernels were built; the
+    bench passes False to count the compiled kernels' tiles.
+
+    The tiles keep every kernel inside sm_90's 227 KiB of shared memory per program with room to spare (sizes
+    from compiling the kernels for sm_90: 16-bit operands, d = 512, 32×32 tiles: dk 113 KiB; 32-bit operands —
+    fp32, and fp16, which multiplies in fp32/tf32 — d = 128 at 32×32: dk 88 KiB, where 64×64 needs far more;
+    d = 512 at 16×16: dk 162 KiB; fp64 d = 128 at 16×16: dk 84 KiB)."""
     bd = next_pow2(d)
     if interpreting() if interpreter is None else interpreter:
         return 64, 64, bd, 4  # the interpreter pays per program instance: few, large tiles
-    if bd <= 128:
+    if dtype == torch.float64:
+        bm = 64 if bd <= 16 else (32 if bd <= 64 else 16)
+        return bm, bm, bd, 4
+    if dtype == torch.bfloat16:  # 16-bit operands (see dot_policy)
+        if bd <= 128:
+            return 64, 64, bd, 4
+        if bd <= 256:
+            return 64, 32, bd, 8
+        return 32, 32, bd, 8
+    if bd <= 64:  # 32-bit operands
         return 64, 64, bd, 4
-    if bd <= 256:
-        return 64, 32, bd, 8
-    return 32, 32, bd, 8
+    if bd <= 128:
+        return 32, 32, bd, 4
+    return 16, 16, bd, 8
 
 
-def _blocks(d: int, block_m: Optional[int], block_n: Optional[int]):
-    bm, bn, bd, warps = tile_sizes(d)
+#: fp64 rows wider than this exceed the per-program shared memory even at 16×16 tiles ('auto' avoids them)
+MAX_FUSED_FP64_DIM = 128
+
+
+def _blocks(d: int, dtype: torch.dtype, block_m: Optional[int], block_n: Optional[int]):
+    bm, bn, bd, warps = tile_sizes(d, dtype)
     return (block_m or bm), (block_n or bn), bd, warps
 
 
@@ -305,7 +323,7 @@ def _lastdim_contiguous(t: torch.Tensor) -> torch.Tensor:
 def _attn_forward(q, k, m, eps, causal, block_m=None, block_n=None):
     L, B, NK, D = k.shape
     NQ = q.shape[1]
-    bm, bn, bd, warps = _blocks(D, block_m, block_n)
+    bm, bn, bd, warps = _blocks(D, q.dtype, block_m, block_n)
     cdt, acc, prec = dot_policy(q.dtype, half_dots=False)
     o = torch.empty((L, B, NQ, D), dtype=q.dtype, device=q.device)
     z = torch.empty((L, B, NQ), dtype=acc_dtype(q.dtype), device=q.device)
@@ -325,7 +343,7 @@ def _attn_forward(q, k, m, eps, causal, block_m=None, block_n=None):
 def _attn_backward(q, k, m, z, do, eps, causal, need_dq, need_dk, block_m=None, block_n=None):
     L, B, NK, D = k.shape
     NQ = q.shape[1]
-    bm, bn, bd, warps = _blocks(D, block_m, block_n)
+    bm, bn, bd, warps = _blocks(D, q.dtype, block_m, block_n)
     cdt, acc, prec = dot_policy(q.dtype, half_dots=False)
     do = _lastdim_contiguous(do)
     mm = m if m is not None else q

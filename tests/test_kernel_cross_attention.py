@@ -279,6 +279,24 @@ def test_causal_queries_sit_at_the_last_positions(impl):
     assert_close(one, run_impl(impl, q[:, -1:], k, m, causal=False).double(), 1e-6, "one query")
 
 
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("d", [64, 128, 256, 512])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_default_tiles_at_every_fused_width(dtype, d, causal):
+    """The tiles the dispatcher picks for each width d ≤ MAX_FUSED_ATTENTION_DIM (on a GPU: they must fit the
+    per-program shared memory), forward and backward against the reference."""
+    q, k, m = make(1, 2, 70, 70, d, dtype, "left")
+    q, k = (t.detach().div(d ** 0.25).requires_grad_() for t in (q, k))  # scores of order 1 at every width
+    do = torch.randn(1, 2, 70, d).to(DEV, dtype)
+    out = K.relu_l1_attention(q, k, m, backend="triton", causal=causal)
+    dq, dk = torch.autograd.grad(out, [q, k], do)
+    r_out, r_dq, r_dk = reference_fp64(q, k, m, do, causal=causal)
+    tol = TOL[dtype]
+    assert_close(out, r_out, tol, "forward")
+    assert_close(dq, r_dq, tol * 4, "dq")
+    assert_close(dk, r_dk, tol * 4, "dk")
+
+
 def test_causal_tile_fraction_counts_the_visited_tiles():
     """About half of the tiles at large N: Σ_{i<n} (i + 1) / n² for n = N / tile square blocks."""
     f = CA.causal_tile_fraction(2048, 2048, 64, 64)
@@ -395,7 +413,13 @@ def test_auto_keeps_wide_rows_off_the_fused_kernel():
 
     class FakeCuda:
         is_cuda = True
+        dtype = torch.float32
 
+    class FakeCuda64(FakeCuda):
+        dtype = torch.float64
+
+    assert resolve_backend("auto", FakeCuda64(), width=128) == "triton"
+    assert resolve_backend("auto", FakeCuda64(), width=256) == "efficient", "fp64 tiles outgrow shared memory"
     assert resolve_backend("auto", FakeCuda(), width=64) == "triton"
     assert resolve_backend("auto", FakeCuda(), width=MAX_FUSED_ATTENTION_DIM + 1) == "efficient"
     assert resolve_backend("triton", FakeCuda(), width=4096) == "triton", "an explicit choice is kept"

@@ -134,7 +134,8 @@ def _roof(flops: float, nbytes: float, peak: float) -> float:
     return max(flops / peak, nbytes / H100_HBM) * 1e3
 
 
-def cost_model(op: str, L: int, B: int, N: int, D: int, d: int, elem: int) -> Dict[str, float]:
+def cost_model(op: str, L: int, B: int, N: int, D: int, d: int, elem: int,
+               dtype: torch.dtype = torch.bfloat16) -> Dict[str, float]:
     """FLOPs and compulsory HBM bytes of one forward and one backward, fused vs eager (frozen backbone:
     no gradient for the hidden states)."""
     if op.startswith("projection"):
@@ -157,7 +158,7 @@ def cost_model(op: str, L: int, B: int, N: int, D: int, d: int, elem: int) -> Di
         f_fwd, f_dq, f_dk = 1.0, 1.0, 1.0
         mask_fwd = mask_bwd = 0.0
         if op == "cross_attention_causal":
-            frac = causal_fractions(N, d)
+            frac = causal_fractions(N, d, dtype)
             f_fwd, f_dq, f_dk = frac["fwd"], frac["fwd"], frac["dk"]
             # the reference multiplies the scores by a (B, N, N) mask built per call: bool + cast + read fwd,
             # read again in backward
@@ -187,12 +188,12 @@ def cost_model(op: str, L: int, B: int, N: int, D: int, d: int, elem: int) -> Di
     raise ValueError(f"unknown op {op!r}")
 
 
-def causal_fractions(N: int, d: int) -> Dict[str, float]:
-    """Share of the score tiles the compiled causal attention kernels visit at (N, d), with their GPU tiles:
-    fwd (forward and dq kernel), dk (dk kernel) and exact (the visible pairs, (N + 1) / 2N)."""
+def causal_fractions(N: int, d: int, dtype: torch.dtype = torch.bfloat16) -> Dict[str, float]:
+    """Share of the score tiles the compiled causal attention kernels visit at (N, d), with their GPU tiles for
+    `dtype`: fwd (forward and dq kernel), dk (dk kernel) and exact (the visible pairs, (N + 1) / 2N)."""
     from unipt_scale.kernels.cross_attention import causal_tile_fraction, tile_sizes
 
-    bm, bn, _, _ = tile_sizes(d, interpreter=False)
+    bm, bn, _, _ = tile_sizes(d, dtype, interpreter=False)
     return causal_tile_fraction(N, N, bm, bn)
 
 
@@ -203,13 +204,13 @@ def _roofline_ms(c: Dict[str, float], peak: float, kind: str) -> float:
 def roofline(op: str, L, B, N, D, d, dtype: torch.dtype) -> Dict[str, float]:
     elem = torch.finfo(dtype).bits // 8
     peak = H100_PEAK_TF32 if dtype == torch.float32 else H100_PEAK_16BIT
-    c = cost_model(op, L, B, N, D, d, elem)
+    c = cost_model(op, L, B, N, D, d, elem, dtype)
     fused, eager = _roofline_ms(c, peak, "fused"), _roofline_ms(c, peak, "eager")
     out = dict(c, roofline_ms_fused=fused, roofline_ms_eager=eager, roofline_speedup=eager / fused,
                roofline_peak_tflops=peak / 1e12)
     if op == "cross_attention_causal":
-        full = cost_model("cross_attention", L, B, N, D, d, elem)
-        frac = causal_fractions(N, d)
+        full = cost_model("cross_attention", L, B, N, D, d, elem, dtype)
+        frac = causal_fractions(N, d, dtype)
         out.update(causal_flop_ratio=(c["flops_fwd_fused"] + c["flops_bwd_fused"])
                    / (full["flops_fwd_fused"] + full["flops_bwd_fused"]),
                    causal_flop_ratio_fwd=frac["fwd"], causal_flop_ratio_dk=frac["dk"],

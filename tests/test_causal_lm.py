@@ -1,7 +1,6 @@
 """Causal UniPT on tiny decoders: the causal form against its equations written out, causality through the public
 API, a fresh model is the frozen LLM, the chunked LM loss, and incremental generation against full recompute."""
 import json
-import os
 
 import pytest
 import torch

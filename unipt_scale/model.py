@@ -246,10 +246,3 @@ def build_model(cfg: RunConfig, num_classes: int = 0, trust_remote_code: bool = 
         raise ConfigError(f"unknown task.kind {cfg.task.kind!r}")
     check_trained_rule(model)
     return model
-
-
-def tokenizer_of(model: nn.Module):
-    for m in model.modules():
-        if isinstance(m, FrozenBackbone) and getattr(m, "tokenizer", None) is not None:
-            return m.tokenizer
-    return None

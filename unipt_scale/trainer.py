@@ -14,7 +14,7 @@ import random
 import shutil
 import tempfile
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file

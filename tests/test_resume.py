@@ -127,22 +127,28 @@ class _Manager:
         return self.m.save(step, write)
 
 
+def _crash_at_rename(monkeypatch, n):
+    """os.replace raises at its n-th call from now on (a crash at that commit point); returns the real one."""
+    real = os.replace
+    calls = {"n": 0}
+
+    def flaky(src, dst):
+        if calls["n"] == n:
+            raise OSError("simulated crash")
+        calls["n"] += 1
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", flaky)
+    return real
+
+
 @pytest.mark.parametrize("fail_at", [0, 1, 2])
 def test_crash_at_each_commit_point_resumes_from_a_complete_checkpoint(tmp_path, monkeypatch, fail_at):
     """The commit renames three times (manifest into the staging dir, the dir into place, `latest`); a crash at
     any of them leaves the previous checkpoint, or the new one if it was already complete, to resume from."""
     mgr = _Manager(tmp_path)
     mgr.save(2)
-    real = os.replace
-    calls = {"n": 0}
-
-    def flaky(src, dst):
-        if calls["n"] == fail_at:
-            raise OSError("simulated crash")
-        calls["n"] += 1
-        return real(src, dst)
-
-    monkeypatch.setattr(os, "replace", flaky)
+    real = _crash_at_rename(monkeypatch, fail_at)
     with pytest.raises(OSError, match="simulated crash"):
         mgr.save(4)
     monkeypatch.setattr(os, "replace", real)
@@ -347,16 +353,7 @@ def test_outputs_commit_as_a_pair(tmp_path, monkeypatch, fail_at):
     cfg = load_config()
     out = str(tmp_path)
     commit_outputs(out, {"run": "old"}, {"w": torch.zeros(3)}, cfg, {"num_classes": 2})
-    real = os.replace
-    calls = {"n": 0}
-
-    def flaky(src, dst):
-        if calls["n"] == fail_at:
-            raise OSError("simulated crash")
-        calls["n"] += 1
-        return real(src, dst)
-
-    monkeypatch.setattr(os, "replace", flaky)
+    real = _crash_at_rename(monkeypatch, fail_at)
     try:
         commit_outputs(out, {"run": "new"}, {"w": torch.ones(3)}, cfg, {"num_classes": 2})
         crashed = False

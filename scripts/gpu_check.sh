@@ -13,10 +13,11 @@
 #      wider sweep of the decoder shapes without torch.compile;
 #   5. if `unipt bench methods` takes the options, a short UniPT / LoRA / full fine-tuning step-time run.
 #
-# Everything it writes is under OUT_DIR: env.txt, install.log, kernel_tests.{log,xml}, bench_kernels*.{json,log},
+# Everything it writes is under OUT_DIR: env.txt, install.log, kernel_tests*.{log,xml} (one pair per parallel
+# pytest shard), bench_kernels*.{json,log},
 # bench_methods.{json,log} and summary.json (each step's status, exit code and seconds). Exit 0 when every step
 # that ran passed, 1 otherwise. Each step has its own time cap inside GPU_CHECK_BUDGET_S (default 570 s).
-# Environment: GPU_CHECK_VENV (default REPO/.venv-gpu), GPU_CHECK_PYTHON (skip the install), GPU_CHECK_METHODS=0
+# Environment: GPU_CHECK_VENV (default $TMPDIR/unipt_gpu_check/venv), GPU_CHECK_PYTHON (skip the install), GPU_CHECK_METHODS=0
 # (skip step 5), GPU_CHECK_BUDGET_S.
 set -uo pipefail
 
@@ -59,7 +60,13 @@ run_step() {
     [ "$cap" -gt "$remaining" ] && cap=$remaining
     log "$name: up to ${cap}s -> $logfile"
     t0=$(date +%s)
-    timeout --signal=TERM --kill-after=15 "$cap" "$@" > "$logfile" 2>&1
+    if [ "$(type -t "$1")" = function ]; then
+        # a shell function: run it in a child bash that timeout can signal (its pytest shards die with it)
+        timeout --signal=TERM --kill-after=15 "$cap" bash -c "$(declare -f "$1"); py='$py' out='$out' $1" \
+            > "$logfile" 2>&1
+    else
+        timeout --signal=TERM --kill-after=15 "$cap" "$@" > "$logfile" 2>&1
+    fi
     rc=$?
     case $rc in
         0) status=passed ;;
@@ -81,14 +88,20 @@ for line in open(steps_file, encoding="utf-8"):
     name, status, rc, secs = line.rstrip("\n").split("\t")
     steps.append(dict(step=name, status=status, rc=None if rc == "-" else int(rc), seconds=int(secs)))
 summary = dict(steps=steps, ok=all(s["status"] in ("passed", "skipped") for s in steps))
-xml = os.path.join(out, "kernel_tests.xml")
-if os.path.exists(xml):
-    try:
-        root = ET.parse(xml).getroot()
-        suite = root if root.tag == "testsuite" else root.find("testsuite")
-        summary["kernel_tests"] = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
-    except Exception as e:  # noqa: BLE001
-        summary["kernel_tests"] = f"unreadable: {e!r}"
+shards = {}
+for name in sorted(os.listdir(out)):
+    if name.startswith("kernel_tests_") and name.endswith(".xml"):
+        try:
+            root = ET.parse(os.path.join(out, name)).getroot()
+            suite = root if root.tag == "testsuite" else root.find("testsuite")
+            shards[name[len("kernel_tests_"):-4]] = {k: int(suite.get(k, 0))
+                                                     for k in ("tests", "failures", "errors", "skipped")}
+        except Exception as e:  # noqa: BLE001
+            shards[name[len("kernel_tests_"):-4]] = f"unreadable: {e!r}"
+if shards:
+    counts = [v for v in shards.values() if isinstance(v, dict)]
+    summary["kernel_tests"] = dict({k: sum(c[k] for c in counts) for k in ("tests", "failures", "errors", "skipped")},
+                                   shards=shards)
 for name in ("bench_kernels.json", "bench_kernels_sweep.json"):
     path = os.path.join(out, name)
     if os.path.exists(path):
@@ -114,7 +127,7 @@ if [ -n "${GPU_CHECK_PYTHON:-}" ]; then
     log "install: skipped, using GPU_CHECK_PYTHON=$py"
     printf 'install\tskipped\t-\t0\n' >> "$steps_file"
 else
-    venv="${GPU_CHECK_VENV:-$root/.venv-gpu}"
+    venv="${GPU_CHECK_VENV:-${TMPDIR:-/tmp}/unipt_gpu_check/venv}"
     py="$venv/bin/python"
     if ! run_step install 300 "$out/install.log" bash "$root/scripts/install.sh" "$venv" test; then
         echo "gpu_check: the install failed; see $out/install.log (torch==2.13.0 comes from constraints.txt)" >&2
@@ -152,10 +165,41 @@ cd "$root"
 failed=0
 
 # ---- 3. kernel tests on CUDA -------------------------------------------------------------------------------------
-run_step kernel_tests 240 "$out/kernel_tests.log" \
-    "$py" -m pytest -q -rfEs -p no:cacheprovider --junitxml="$out/kernel_tests.xml" \
-    tests/test_kernel_cross_attention.py tests/test_kernel_aggregation.py tests/test_kernel_projection.py \
-    tests/test_side_network_kernels.py tests/test_bench_kernels.py || failed=1
+# Compiling the Triton kernels dominates (an fp32 kernel with a 64x64 tile takes ptxas tens of seconds), so the
+# tests run as parallel pytest shards sharing TRITON_CACHE_DIR; each shard writes its own log and JUnit XML.
+kernel_tests() {
+    local ca=tests/test_kernel_cross_attention.py
+    local heavy="matches_reference or default_tiles or unequal_tiles or saved or shared_storage or only_one"
+    local shards=(
+        "ca_reference|$ca|matches_reference"
+        "ca_tiles|$ca|default_tiles or unequal_tiles"
+        "ca_saved|$ca|saved or shared_storage or only_one"
+        "ca_rest|$ca|not ($heavy)"
+        "aggregation|tests/test_kernel_aggregation.py|"
+        "projection|tests/test_kernel_projection.py|"
+        "side_network_bench|tests/test_side_network_kernels.py tests/test_bench_kernels.py|"
+    )
+    local pids=() names=() rc=0 spec name files expr i
+    for spec in "${shards[@]}"; do
+        IFS='|' read -r name files expr <<< "$spec"
+        # shellcheck disable=SC2086  # files is a space-separated list
+        "$py" -m pytest -q -rfEs -p no:cacheprovider --junitxml="$out/kernel_tests_$name.xml" \
+            ${expr:+-k "$expr"} $files > "$out/kernel_tests_$name.log" 2>&1 &
+        pids+=($!)
+        names+=("$name")
+    done
+    for i in "${!pids[@]}"; do
+        if wait "${pids[$i]}"; then
+            echo "shard ${names[$i]}: passed: $(tail -n 1 "$out/kernel_tests_${names[$i]}.log")"
+        else
+            echo "shard ${names[$i]}: FAILED: $(tail -n 1 "$out/kernel_tests_${names[$i]}.log")"
+            grep -E "^(FAILED|ERROR)" "$out/kernel_tests_${names[$i]}.log" | head -n 20
+            rc=1
+        fi
+    done
+    return $rc
+}
+run_step kernel_tests 270 "$out/kernel_tests.log" kernel_tests || failed=1
 
 # ---- 4. kernel bench: fused vs eager vs torch.compile, then a wider sweep without compile -------------------------
 run_step bench_kernels 150 "$out/bench_kernels.log" \

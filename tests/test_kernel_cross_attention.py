@@ -26,7 +26,7 @@ def run_impl(impl, q, k, m, eps=1e-6, causal=False, tiles=None, chunk=7):
     """One backend through the same validation as the public op, with small tiles / chunks."""
     q, k, m = CA.validate(q, k, m, eps, causal)
     if impl == "triton":
-        return CA.relu_l1_attention_triton(q, k, m, eps, causal, **(tiles or TRITON_SMALL))
+        return CA.relu_l1_attention_triton(q, k, m, eps, causal, **(TRITON_SMALL if tiles is None else tiles))
     if impl == "efficient":
         return CA.relu_l1_attention_efficient(q, k, m, eps, causal, chunk=chunk)  # several chunks, last partial
     if impl == "reference":
@@ -326,10 +326,9 @@ def test_saved_state_is_q_k_z_and_mask_causal_or_not(impl):
     for causal in (False, True):
         shapes = []
         with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
-            out = run_impl(impl, q, k, m, causal=causal, tiles=dict(block_m=128, block_n=128), chunk=128)
+            out = run_impl(impl, q, k, m, causal=causal, tiles={}, chunk=128)  # the default tiles
         assert sorted(shapes) == sorted([(B, N, d), (L, B, N, d), (L, B, N), (B, N)])
-        _, saved[causal] = _saved(lambda: run_impl(impl, q, k, m, causal=causal, tiles=dict(block_m=128,
-                                                                                           block_n=128)), [q, k])
+        _, saved[causal] = _saved(lambda: run_impl(impl, q, k, m, causal=causal, tiles={}, chunk=128), [q, k])
         torch.testing.assert_close(out, reference(q, k, m, causal=causal), rtol=1e-4, atol=1e-5)
     assert saved[False] == saved[True] == want
     _, ref = _saved(lambda: reference(q, k, m, causal=True), [q, k])

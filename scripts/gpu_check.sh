@@ -14,9 +14,8 @@
 #   5. if `unipt bench methods` takes the options, a short UniPT / LoRA / full fine-tuning step-time run.
 #
 # Everything it writes is under OUT_DIR: env.txt, install.log, kernel_tests*.{log,xml} (one pair per parallel
-# pytest shard), bench_kernels*.{json,log},
-# bench_methods.{json,log} and summary.json (each step's status, exit code and seconds). Exit 0 when every step
-# that ran passed, 1 otherwise. Each step has its own time cap inside GPU_CHECK_BUDGET_S (default 570 s).
+# pytest shard), bench_kernels*.{json,log}, bench_methods.{json,log} and summary.json (each step's status, exit
+# code and seconds). Exit 0 when every step that ran passed, 1 otherwise. Each step has its own time cap inside GPU_CHECK_BUDGET_S (default 570 s).
 # Environment: GPU_CHECK_VENV (default $TMPDIR/unipt_gpu_check/venv), GPU_CHECK_PYTHON (skip the install),
 # GPU_CHECK_METHODS=0 (skip step 5), GPU_CHECK_BUDGET_S.
 set -uo pipefail

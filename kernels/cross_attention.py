@@ -392,16 +392,20 @@ class ReLUL1AttentionTriton(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------------------------
 # Memory-efficient torch path (CPU): same saved state, key-chunked recomputation
 # ----------------------------------------------------------------------------------------------------------------
-def _chunk(b: int, nq: int, nk: int, chunk: Optional[int]) -> int:
-    """Keys per chunk so one (B, Nq, chunk) score block stays around 4M elements."""
+def _chunk(b: int, nq: int, nk: int, chunk: Optional[int], causal: bool = False) -> int:
+    """Keys per chunk so one (B, Nq, chunk) score block stays around 4M elements; causal: at most Nk/8 keys
+    (and at least 128) so that skipping the rows above the diagonal saves about half of the work."""
     if chunk is None:
         chunk = max(16, (1 << 22) // max(1, b * nq))
+        if causal:
+            chunk = min(chunk, max(128, -(-nk // 8)))
     return max(1, min(int(chunk), max(nk, 1)))
 
 
 class _Chunks:
-    """Key chunks [c0, c0 + chunk) and, when causal, the first query row r0 that sees any of its keys (rows
-    before it are skipped) with the causal mask over (rows r0.., chunk keys)."""
+    """Key chunks [c0, c1) and, when causal, the first query row r0 that sees any of their keys (rows before it
+    are skipped) and the band of rows r0 … r0 + band − 1 that see only part of the chunk (the causal mask is
+    applied there only, a (band, chunk) triangle; rows after the band see the whole chunk)."""
 
     def __init__(self, nq: int, nk: int, chunk: int, causal: bool, keep: Optional[torch.Tensor], device):
         self.nq, self.nk, self.chunk, self.causal, self.keep, self.device = nq, nk, chunk, causal, keep, device
@@ -410,12 +414,16 @@ class _Chunks:
         off = self.nk - self.nq
         for c0 in range(0, self.nk, self.chunk):
             c1 = min(c0 + self.chunk, self.nk)
-            r0 = max(0, c0 - off) if self.causal else 0
+            if not self.causal:
+                yield c0, c1, 0, None
+                continue
+            r0 = max(0, c0 - off)
             if r0 >= self.nq:
                 break
+            band = min(self.nq, c1 - 1 - off) - r0  # rows i with i + off < c1 − 1
             vis = None
-            if self.causal and c1 - 1 > r0 + off:  # the chunk crosses the diagonal
-                rows = torch.arange(r0, self.nq, device=self.device)
+            if band > 0:
+                rows = torch.arange(r0, r0 + band, device=self.device)
                 vis = torch.arange(c0, c1, device=self.device)[None, :] <= rows[:, None] + off
             yield c0, c1, r0, vis
 
@@ -425,7 +433,7 @@ class _Chunks:
         if self.keep is not None:
             s.masked_fill_(~self.keep[:, None, c0:c1], 0)
         if vis is not None:
-            s.masked_fill_(~vis[None], 0)
+            s[:, :vis.shape[0]].masked_fill_(~vis[None], 0)
         return s.clamp_(min=0)
 
 
@@ -438,7 +446,7 @@ class ReLUL1AttentionEfficient(torch.autograd.Function):
         L, B, NK, D = keys.shape
         NQ = query.shape[1]
         at = acc_dtype(query.dtype)
-        chunk = _chunk(B, NQ, NK, chunk)
+        chunk = _chunk(B, NQ, NK, chunk, causal)
         chunks = _Chunks(NQ, NK, chunk, causal, mask_u8.bool() if mask_u8 is not None else None, query.device)
         qf = query.to(at)
         out = torch.empty((L, B, NQ, D), dtype=query.dtype, device=query.device)

@@ -252,3 +252,12 @@ def test_other_methods_train_and_generate_on_the_same_task(dirs, tmp_path, metho
     fast = generate(model, b["input_ids"], b["attention_mask"], max_new_tokens=12)
     slow = generate(model, b["input_ids"], b["attention_mask"], max_new_tokens=12, incremental=False)
     assert torch.equal(fast, slow)
+
+
+def test_causal_layer_confidences_are_per_position():
+    torch.manual_seed(0)
+    side = UniPTSideNetwork(UniPTConfig(mapping_dim=6, zero_init_up=False), [10, 10, 10], 10, causal=True)
+    hs = [torch.randn(2, 5, 10) for _ in range(3)]
+    alpha = side.layer_confidences(hs, torch.ones(2, 5, dtype=torch.bool), torch.randn(2, 5, 10))
+    assert alpha.shape == (2, 5, 2)
+    torch.testing.assert_close(alpha.sum(-1), torch.ones(2, 5))

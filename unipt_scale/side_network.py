@@ -251,10 +251,15 @@ class UniPTSideNetwork(nn.Module):
 
     @torch.no_grad()
     def layer_confidences(self, hidden_states, mask=None, final=None) -> torch.Tensor:
-        """α (B, L') per sample: how much each tapped layer contributes (for inspection)."""
+        """α (B, L') per sample — (B, N, L') per position for the causal form: how much each tapped layer
+        contributes (for inspection)."""
         if mask is not None:
             mask = mask.bool()
         anchor_tokens, targets = self._anchor_and_targets(hidden_states, final)
+        if self.causal:
+            a = kernels.prefix_mean(anchor_tokens, mask, backend=self.cfg.kernels)
+            mu = kernels.prefix_mean(targets, mask, backend=self.cfg.kernels)
+            return kernels.confidence_weights(a, mu, self.gate.weight, self.gate.bias)
         a = pool_tokens(anchor_tokens, mask, self.cfg.anchor_pooling)
         return kernels.confidence_weights(a, masked_mean(targets, mask), self.gate.weight, self.gate.bias)
 

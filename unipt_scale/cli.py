@@ -223,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
         d = sub.add_parser(name, help=helptext, add_help=False)
         d.add_argument("rest", nargs=argparse.REMAINDER)
         d.set_defaults(func=lambda a, m=module: _delegate(m, a.rest))
-    b = sub.add_parser("bench", help="benchmarks: `unipt bench kernels|data|methods ...`")
+    b = sub.add_parser("bench", help="benchmarks: `unipt bench kernels|data|methods|quality|headlines ...`")
     b.add_argument("what", choices=["kernels", "data", "methods", "quality", "headlines"])
     b.add_argument("rest", nargs=argparse.REMAINDER)
     b.set_defaults(func=lambda a: _delegate(f"unipt_scale.bench.{a.what}", a.rest))

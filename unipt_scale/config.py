@@ -26,7 +26,8 @@ def _f(default, help: str, **kw):
 class BackboneConfig:
     path: str = _f("builtin:all-MiniLM-L6-v2",
                    "Local model directory, hub id (read from the local Hugging Face cache only: the CLI runs offline), "
-                   "or builtin:NAME for a model a package ships (builtin:all-MiniLM-L6-v2, builtin:efficientnet-lite0).")
+                   "or builtin:NAME for a model a package ships (builtin:all-MiniLM-L6-v2, builtin:all-mpnet-base-v2, "
+                       "builtin:smollm2-135m, builtin:efficientnet-lite0).")
     kind: str = _f("auto", "auto | encoder | decoder | encoder_decoder (T5: its encoder is used) | vision.")
     dtype: str = _f("float32", "Dtype the frozen backbone runs in: float32 | bfloat16 | float16.")
     random_init: bool = _f(False, "Build the backbone from its config.json with random weights (tests, smoke runs).")

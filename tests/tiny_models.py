@@ -150,22 +150,16 @@ def tiny_causal_lm_dir(root: str, arch: str = "llama", hidden: int = 32, layers:
     os.makedirs(d)
     torch.manual_seed(seed)
     vocab = len(VOCAB)
-    if arch == "llama":
-        cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
-                                       num_attention_heads=2, num_key_value_heads=1, intermediate_size=hidden * 2,
-                                       max_position_embeddings=128, tie_word_embeddings=tie, pad_token_id=0,
-                                       eos_token_id=3, bos_token_id=2)
-        model = transformers.LlamaForCausalLM(cfg)
-    elif arch == "qwen2":
-        cfg = transformers.Qwen2Config(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
-                                       num_attention_heads=2, num_key_value_heads=1, intermediate_size=hidden * 2,
-                                       max_position_embeddings=128, tie_word_embeddings=tie, pad_token_id=0,
-                                       eos_token_id=3, bos_token_id=2)
-        model = transformers.Qwen2ForCausalLM(cfg)
+    special = dict(tie_word_embeddings=tie, pad_token_id=0, eos_token_id=3, bos_token_id=2)
+    if arch in ("llama", "qwen2"):
+        config_cls, model_cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+                                 "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}[arch]
+        model = model_cls(config_cls(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
+                                     num_attention_heads=2, num_key_value_heads=1, intermediate_size=hidden * 2,
+                                     max_position_embeddings=128, **special))
     elif arch == "gpt2":
-        cfg = transformers.GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=2, n_positions=128,
-                                      tie_word_embeddings=tie, pad_token_id=0, eos_token_id=3, bos_token_id=2)
-        model = transformers.GPT2LMHeadModel(cfg)
+        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers,
+                                                                     n_head=2, n_positions=128, **special))
     else:
         raise ValueError(arch)
     model.save_pretrained(d)

@@ -243,9 +243,9 @@ class LocalEngine(Engine):
         pass
 
     def parameter_counts(self) -> Dict[str, int]:
-        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in self.model.parameters())
-        return {"trainable_params": trainable, "frozen_params": total - trainable}
+        from unipt_scale.model import count_parameters
+
+        return count_parameters(self.model)
 
     def trained_state_dict(self) -> Dict[str, torch.Tensor]:
         state = self.model.state_dict()

@@ -143,10 +143,12 @@ class CausalLMModel(nn.Module):
     @torch.no_grad()
     def eval_step(self, batch):
         h, labels, w = self._shifted(batch)
-        total = chunked_lm_loss(h, w, labels, self.chunk, reduction="sum")
-        correct = sum(int(((h[s:s + self.chunk] @ w.t()).argmax(-1) == labels[s:s + self.chunk]).sum())
-                      for s in range(0, h.shape[0], self.chunk))
-        return {"loss_sum": float(total), "tokens": int(labels.numel()), "correct": correct}
+        total, correct = 0.0, 0
+        for s in range(0, h.shape[0], self.chunk):  # one chunk of logits at a time, as in training
+            logits = F.linear(h[s:s + self.chunk], w).float()
+            total += float(F.cross_entropy(logits, labels[s:s + self.chunk], reduction="sum"))
+            correct += int((logits.argmax(-1) == labels[s:s + self.chunk]).sum())
+        return {"loss_sum": total, "tokens": int(labels.numel()), "correct": correct}
 
     @staticmethod
     def eval_metrics(outputs: List[Dict]) -> Dict[str, float]:

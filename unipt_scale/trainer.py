@@ -332,9 +332,9 @@ class Trainer:
         self.engine.backward(loss)
         value = loss.detach().to(torch.float64)
         self._step_window += torch.stack([value, torch.ones_like(value)])
-        first = torch.tensor(self.state.step + 1, device=self._bad_step.device)
         if self.cfg.train.on_nonfinite == "stop":
-            self._bad_step.copy_(torch.where((self._bad_step < 0) & ~torch.isfinite(value), first, self._bad_step))
+            first_bad = (self._bad_step < 0) & ~torch.isfinite(value)
+            self._bad_step.copy_(torch.where(first_bad, self.state.step + 1, self._bad_step))
         self.state.samples += len(next(iter(v for v in batch.values() if torch.is_tensor(v))))
         apply = True
         if self.cfg.train.on_nonfinite == "skip" and self.engine.at_boundary():

@@ -4,29 +4,23 @@ Every run is a subprocess on a tiny random-init BERT and a tiny CSV; each is sta
 by the assertions that read it. Deselect them all with `pytest -k "not deepspeed"` (about 3 minutes on 2 cores,
 plus a one-off build of DeepSpeed's CPU ops, cached in $TORCH_EXTENSIONS_DIR).
 """
-import csv
 import json
 import os
-import random
-import socket
 import subprocess
-import sys
 import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tiny_models import WORDS, tiny_bert_dir
+from ds_helpers import HERE, PY, REPO, RUN_TIMEOUT, deepspeed, ds_env, free_port, losses, metrics, run, \
+    write_keyword_csv
+from tiny_models import tiny_bert_dir
 from unipt_scale.config import ConfigError, load_config
 
 pytest.importorskip("deepspeed")
 from unipt_scale.ds_config import resolve_ds_config  # noqa: E402
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
-PY = sys.executable
-RUN_TIMEOUT = 420
 GLOBAL_BATCH = 8
 STEPS = 8
 # Adam divides by sqrt(v): for weights with tiny gradients, float-level differences in how ranks reduce
@@ -49,48 +43,8 @@ DURATIONS = {}
 DIFFS = {}  # max |loss or weight difference| to the one-process run
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env():
-    env = dict(os.environ)
-    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=os.pathsep.join([HERE, REPO, env.get("PYTHONPATH", "")]))
-    # DeepSpeed compiles its CPU ops (shared-memory comm, CPU Adam) on first use; one fixed cache for every run.
-    env.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(os.path.expanduser("~"), ".cache", "unipt_scale",
-                                                        "torch_extensions"))
-    env.pop("UNIPT_FAIL_AT_STEP", None)
-    return env
-
-
 def _run(name, cmd, env=None, expect_ok=True):
-    t0 = time.time()
-    try:
-        proc = subprocess.run(cmd, cwd=REPO, env=env or _env(), capture_output=True, text=True, timeout=RUN_TIMEOUT)
-    except subprocess.TimeoutExpired as err:
-        output = (err.stdout or "")[-3000:] + (err.stderr or "")[-3000:]
-        pytest.fail(f"{name} did not finish in {RUN_TIMEOUT} s:\n{output}")
-    DURATIONS[name] = time.time() - t0
-    if expect_ok and proc.returncode != 0:
-        pytest.fail(f"{name} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
-    return proc
-
-
-def _deepspeed(*args):
-    return [PY, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_addr", "127.0.0.1",
-            "--master_port", str(_free_port()), *args]
-
-
-def _metrics(out):
-    with open(os.path.join(out, "metrics.json")) as fh:
-        return json.load(fh)
-
-
-def _losses(out):
-    return torch.tensor([v for _, v in _metrics(out)["train_loss"]], dtype=torch.float64)
+    return run(name, cmd, env, expect_ok, durations=DURATIONS)
 
 
 def _weights(out):
@@ -112,16 +66,7 @@ def ws(tmp_path_factory):
     """Tiny model, tiny CSV and the overrides every run shares."""
     root = tmp_path_factory.mktemp("ds")
     model = tiny_bert_dir(str(root))
-    rng = random.Random(0)
-    pos, neg = {"good", "great", "happy", "love", "fine"}, {"bad", "awful", "sad", "hate", "not"}
-    data = root / "tweets.csv"
-    with open(data, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["text", "label"])
-        for i in range(400):
-            words = [rng.choice(WORDS) for _ in range(rng.randint(2, 9))]
-            score = sum(x in pos for x in words) - sum(x in neg for x in words)
-            w.writerow([" ".join(words) + f" n{i}", "pos" if score > 0 else "neg" if score < 0 else "mixed"])
+    data = write_keyword_csv(root / "tweets.csv", 400)
     for name, (ds, _) in STAGES.items():
         (root / f"{name}.json").write_text(json.dumps(ds))
     common = [f"backbone.path={model}", "data.source=csv", f"data.path={data}", "data.eval_batch_size=32",
@@ -152,7 +97,7 @@ class StageRuns:
             out = str(self.ws["root"] / name)
             _, extra = STAGES[name]
             try:
-                _run(f"2 ranks, {name}", _deepspeed(os.path.join(HERE, "ds_train.py"), f"output_dir={out}",
+                _run(f"2 ranks, {name}", deepspeed(os.path.join(HERE, "ds_train.py"), f"output_dir={out}",
                                                     *self.ws["common"], *extra, "deepspeed.enabled=true",
                                                     f"deepspeed.config={self.ws['root'] / (name + '.json')}"))
             except pytest.fail.Exception as err:
@@ -175,16 +120,16 @@ def _checks(out, rank):
 @pytest.mark.parametrize("stage", list(STAGES))
 def test_two_ranks_match_one_process(stage, stage_run, reference):
     out = stage_run(stage)
-    m = _metrics(out)
+    m = metrics(out)
     assert m["world_size"] == 2 and m["zero_stage"] == int(stage[4]) and m["steps"] == STEPS
-    ref = _losses(reference)
-    got = _losses(out)
+    ref = losses(reference)
+    got = losses(out)
     assert len(got) == len(ref) == STEPS
     assert ref.max() - ref.min() > 0.01, "a flat loss history would make the comparison weak"
     DIFFS[f"2 ranks {stage} loss history"] = (got - ref).abs().max().item()
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
-    assert m["trainable_params"] == _metrics(reference)["trainable_params"]
-    assert m["frozen_params"] == _metrics(reference)["frozen_params"]
+    assert m["trainable_params"] == metrics(reference)["trainable_params"]
+    assert m["frozen_params"] == metrics(reference)["frozen_params"]
     w, w_ref = _weights(out), _weights(reference)
     assert set(w) == set(w_ref)
     DIFFS[f"2 ranks {stage} weights"] = max((w[k] - w_ref[k]).abs().max().item() for k in w_ref)
@@ -229,7 +174,7 @@ def test_zero3_each_rank_holds_half(stage, stage_run):
             assert 0.45 <= r[part]["share"] <= 0.55, (part, r)
         held = sum(r[part]["held"] for r in reports)
         assert total <= held <= total * 1.1, (part, held, total)  # shards cover it all, with little padding
-    m = _metrics(out)
+    m = metrics(out)
     assert reports[0]["backbone"]["total"] == m["frozen_params"]
     assert reports[0]["trained"]["total"] == m["trainable_params"]
 
@@ -247,10 +192,10 @@ def test_uneven_eval_parts_are_gathered_in_step(stage, stage_run):
 def test_two_nodes_on_localhost(ws, reference):
     """2 "nodes" x 1 rank, torchrun's static rendezvous on 127.0.0.1, the CLI as entry point, ZeRO-3."""
     out = str(ws["root"] / "two_nodes")
-    port = _free_port()
+    port = free_port()
     args = ["-m", "unipt_scale.cli", "train", "--output-dir", out, *ws["common"], "data.batch_size=4",
             "deepspeed.enabled=true", f"deepspeed.config={ws['root'] / 'zero3.json'}"]
-    env = _env()
+    env = ds_env()
     t0 = time.time()
     nodes = [subprocess.Popen([PY, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
                                "--node_rank", str(rank), "--master_addr", "127.0.0.1", "--master_port", str(port),
@@ -264,10 +209,10 @@ def test_two_nodes_on_localhost(ws, reference):
                 p.kill()
     DURATIONS["2 nodes x 1 rank (torchrun)"] = time.time() - t0
     assert all(p.returncode == 0 for p in nodes), "\n".join(log[-4000:] for log in logs)
-    m = _metrics(out)
+    m = metrics(out)
     assert m["world_size"] == 2 and m["zero_stage"] == 3
-    DIFFS["2 nodes x 1 rank loss history"] = (_losses(out) - _losses(reference)).abs().max().item()
-    torch.testing.assert_close(_losses(out), _losses(reference), rtol=0, atol=1e-5)
+    DIFFS["2 nodes x 1 rank loss history"] = (losses(out) - losses(reference)).abs().max().item()
+    torch.testing.assert_close(losses(out), losses(reference), rtol=0, atol=1e-5)
     for k, v in _weights(reference).items():
         torch.testing.assert_close(_weights(out)[k], v, rtol=0, atol=WEIGHT_ATOL, msg=k)
 
@@ -281,22 +226,22 @@ def test_kill_and_resume_continues_the_same_history(ws):
     full, crashed = str(ws["root"] / "uninterrupted"), str(ws["root"] / "crashed")
     script = os.path.join(HERE, "ds_train.py")
 
-    _run("resume: uninterrupted", _deepspeed(script, f"output_dir={full}", *args))
-    dead = _run("resume: killed after step 7", _deepspeed(script, "--kill-after-step=7", f"output_dir={crashed}",
+    _run("resume: uninterrupted", deepspeed(script, f"output_dir={full}", *args))
+    dead = _run("resume: killed after step 7", deepspeed(script, "--kill-after-step=7", f"output_dir={crashed}",
                                                           *args), expect_ok=False)
     assert dead.returncode != 0
     assert not os.path.exists(os.path.join(crashed, "metrics.json"))
     with open(os.path.join(crashed, "checkpoints", "latest")) as fh:
         assert fh.read().strip() == "step00000006"
-    _run("resume: resumed", _deepspeed(script, f"output_dir={crashed}", *args, "train.resume=auto"))
+    _run("resume: resumed", deepspeed(script, f"output_dir={crashed}", *args, "train.resume=auto"))
 
-    resumed, uninterrupted = _metrics(crashed), _metrics(full)
+    resumed, uninterrupted = metrics(crashed), metrics(full)
     assert resumed["steps"] == uninterrupted["steps"] == steps
     # Only steps 7..10 ran after the resume, not a silent restart; the sample count covers the whole run.
     assert resumed["resumed_from_step"] == 6 and uninterrupted["resumed_from_step"] is None
     assert resumed["samples_seen"] == uninterrupted["samples_seen"] == steps * 4 * 2
     assert [s for s, _ in resumed["train_loss"]] == list(range(1, steps + 1))
-    torch.testing.assert_close(_losses(crashed), _losses(full), rtol=0, atol=1e-6)
+    torch.testing.assert_close(losses(crashed), losses(full), rtol=0, atol=1e-6)
     for k, v in _weights(full).items():
         torch.testing.assert_close(_weights(crashed)[k], v, rtol=0, atol=1e-6, msg=k)
     with open(os.path.join(crashed, "checkpoints", "latest")) as fh:
@@ -306,13 +251,13 @@ def test_kill_and_resume_continues_the_same_history(ws):
 def test_export_reloads_with_unipt_eval_on_one_process(stage_run, tmp_path):
     out = stage_run("zero3")
     report = str(tmp_path / "eval.json")
-    env = _env()
+    env = ds_env()
     env.pop("DS_ACCELERATOR")
     _run("unipt eval of the ZeRO-3 export", [PY, "-m", "unipt_scale.cli", "eval", "--checkpoint",
                                              os.path.join(out, "checkpoint"), "--json", report], env=env)
     with open(report) as fh:
         evaluated = json.load(fh)["test"]
-    trained = _metrics(out)["test"]
+    trained = metrics(out)["test"]
     assert evaluated["num_samples"] == trained["num_samples"] > 0
     assert evaluated["accuracy"] == pytest.approx(trained["accuracy"], abs=1e-6)
     assert evaluated["loss"] == pytest.approx(trained["loss"], abs=1e-5)
@@ -367,7 +312,7 @@ def test_config_rule_refuses_what_cannot_run(tmp_path, ds, says):
 
 def test_two_rank_zero3_exits_0_five_times_in_a_row():
     """A run that trained fine exits 0 every time (launch/stress_exit.sh: tiny BERT, 2 ranks, ZeRO-3, gloo)."""
-    env = _env()
+    env = ds_env()
     env["PYTHON"] = PY
     t0 = time.time()
     proc = subprocess.run(["bash", os.path.join(REPO, "launch", "stress_exit.sh"), "5"], cwd=REPO, env=env,

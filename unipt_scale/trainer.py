@@ -110,39 +110,9 @@ def evaluate(model, loader, engine: Optional[Engine], desc: str = "eval",
     return model.eval_metrics(outputs)
 
 
-class _Cursor:
-    """The train loader at a position inside an epoch. Loaders with state_dict/load_state_dict seek; any other
-    iterable is fast-forwarded by counting batches (the fallback)."""
-
-    def __init__(self, loader):
-        self.loader = loader
-        self.seeks = hasattr(loader, "state_dict") and hasattr(loader, "load_state_dict")
-        self._skip = self._count = 0
-
-    def start(self, epoch: int, position: dict) -> None:
-        if hasattr(self.loader, "set_epoch"):
-            self.loader.set_epoch(epoch)
-        elif hasattr(getattr(self.loader, "sampler", None), "set_epoch"):
-            self.loader.sampler.set_epoch(epoch)
-        self._count = int(position.get("batches", 0)) if not self.seeks else 0
-        self._skip = self._count
-        if self.seeks and position:
-            self.loader.load_state_dict(position)
-
-    def __iter__(self):
-        for batch in self.loader:
-            if self._skip:
-                self._skip -= 1
-                continue
-            self._count += 1
-            yield batch
-
-    def position(self) -> dict:
-        return self.loader.state_dict() if self.seeks else {"batches": self._count}
-
-
 class Trainer:
-    """One training run. `run()` returns the metrics; the state lives in `self.state` (a TrainState)."""
+    """One training run: setup(), fit(), finish() (returns the metrics), close(); `train(cfg)` runs them in that
+    order. The state lives in `self.state` (a TrainState)."""
 
     def __init__(self, cfg: RunConfig, callbacks: Sequence[Callback] = (), trust_remote_code: bool = False):
         self.cfg = cfg
@@ -250,7 +220,7 @@ class Trainer:
     def save_checkpoint(self) -> str:
         """A resumable checkpoint at the current step (collective). Refuses to write non-finite state."""
         self._check_finite(weights=True)
-        self.state.data_position = self._cursor.position()
+        self.state.data_position = self.data.train.state_dict()
         self.state.window_sum, self.state.window_count = (float(x) for x in self._window.tolist())
         path = self.manager.save(self.state.step, self._write_checkpoint)
         self.last_checkpoint = path
@@ -361,7 +331,6 @@ class Trainer:
         self._window = torch.tensor([st.window_sum, float(st.window_count)], dtype=torch.float64, device=device)
         self._step_window = torch.zeros(2, dtype=torch.float64, device=device)
         self._bad_step = torch.tensor(-1, dtype=torch.int64, device=device)
-        self._cursor = _Cursor(self.data.train)
         self.model.train()
         self.bar = tqdm(total=self.total_steps, initial=st.step, desc="train", disable=not self.dist.is_main)
         every = cfg.train.checkpoint_every
@@ -369,10 +338,13 @@ class Trainer:
         max_epochs = math.ceil(cfg.train.epochs) if not cfg.train.max_steps else None
         while st.step < self.total_steps and (max_epochs is None or st.epoch < max_epochs):
             t0 = time.time()
-            self._cursor.start(st.epoch, st.data_position)
+            # Every train loader of build_data seeks: the consumed part of the epoch is not read again.
+            self.data.train.set_epoch(st.epoch)
+            if st.data_position:
+                self.data.train.load_state_dict(st.data_position)
             fed = bool(st.data_position)
             finished = True
-            for batch in self._cursor:
+            for batch in self.data.train:
                 fed = True
                 if not self._train_micro(batch):
                     continue

@@ -20,6 +20,7 @@ from unipt_scale.config import ConfigError, RunConfig
 from unipt_scale.distributed import DistContext, pick_accelerator
 from unipt_scale.ds_config import offloads_optimizer
 from unipt_scale.engine import Engine, param_groups, trained_names, warmup_cosine
+from unipt_scale.model import count_parameters
 
 log = logging.getLogger("unipt_scale")
 
@@ -107,7 +108,7 @@ class DeepSpeedEngine(Engine):
         self.ds_config = ds_config
         self.zero_stage = ds_config["zero_optimization"]["stage"]
         self.task = model
-        self._counts = _parameter_counts(model)
+        self._counts = count_parameters(model)  # before initialize: ds_numel is the whole size under ZeRO-3
         self._trained = set(trained_names(model))  # the method's rule; fixed once the model is built
 
         t = cfg.train
@@ -316,14 +317,3 @@ def refuse_unsafe_pickles(directory: str) -> None:
         if bad:
             raise ValueError(f"{path} references {bad[:3]}, which a DeepSpeed checkpoint never holds; refusing to "
                              "load it (it could run code)")
-
-
-def _parameter_counts(model: nn.Module) -> Dict[str, int]:
-    trainable = frozen = 0
-    for p in model.parameters():
-        n = int(getattr(p, "ds_numel", p.numel()))
-        if p.requires_grad:
-            trainable += n
-        else:
-            frozen += n
-    return {"trainable_params": trainable, "frozen_params": frozen}

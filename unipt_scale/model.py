@@ -98,9 +98,10 @@ def trained_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
 
 
 def count_parameters(model: nn.Module) -> Dict[str, int]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    return {"trainable_params": trainable, "frozen_params": total - trainable}
+    """Whole-model counts; a ZeRO-3 partitioned parameter counts its full size (ds_numel), not its local shard."""
+    sizes = [(int(getattr(p, "ds_numel", p.numel())), p.requires_grad) for p in model.parameters()]
+    trainable = sum(n for n, grad in sizes if grad)
+    return {"trainable_params": trainable, "frozen_params": sum(n for n, _ in sizes) - trainable}
 
 
 class ClassificationModel(nn.Module):

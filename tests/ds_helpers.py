@@ -1,6 +1,7 @@
 """What the multi-rank test modules share: subprocess runs through DeepSpeed's launcher on CPU (gloo), their
 outputs, and the tiny keyword CSV they train on."""
 import csv
+import glob
 import json
 import os
 import random
@@ -49,6 +50,10 @@ def run(name, cmd, env=None, expect_ok=True, durations=None):
         durations[name] = time.time() - t0
     if expect_ok and proc.returncode != 0:
         pytest.fail(f"{name} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    if "--master_port" in cmd:  # a finished (or killed) run leaves no CPU all-reduce segment in /dev/shm
+        port = cmd[cmd.index("--master_port") + 1]
+        leaked = glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*")
+        assert not leaked, f"{name} left shared-memory segments behind: {leaked}"
     return proc
 
 

@@ -66,10 +66,38 @@ def init_process_group() -> DistContext:
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=mpi, verbose=False)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))  # MPI discovery sets it only now
+    if not cuda:
+        release_shm_segment(torch.distributed.get_rank())
     if cuda:
         torch.cuda.set_device(local_rank)
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     return DistContext(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank, device)
+
+
+SHM_DIR = "/dev/shm"
+SHM_PREFIX = "deepspeed_allreduce_buffer"
+
+
+def shm_segment_path(rank: int) -> str:
+    """The name DeepSpeed's CPU shared-memory all-reduce gives rank `rank`'s workspace (ops/csrc/cpu/comm/shm.cpp)."""
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return os.path.join(SHM_DIR, f"{SHM_PREFIX}_{os.getuid()}_{addr}_{port}_{rank}")
+
+
+def release_shm_segment(rank: int) -> None:
+    """Unlink this rank's CPU all-reduce workspace once every rank has mapped it.
+
+    DeepSpeed creates a 66 MB /dev/shm segment per rank when all ranks are local and never unlinks it, so each
+    CPU run (and every killed one) leaves its segments in RAM-backed /dev/shm for good. Every rank maps every
+    other rank's segment inside init_distributed; after a barrier the names are no longer needed, and an
+    unlinked segment lives exactly as long as the processes that map it.
+    """
+    path = shm_segment_path(rank)
+    torch.distributed.barrier()
+    try:
+        os.unlink(path)
+    except FileNotFoundError:  # not all ranks local: DeepSpeed made no segment
+        pass
 
 
 def shutdown_process_group() -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -16,46 +16,8 @@ import torch.nn.functional as F
 
 from unipt_scale import kernels
 from unipt_scale.config import ConfigError, UniPTConfig
-
-
-def _count(s: str, spec) -> int:
-    try:
-        return int(s.split(":", 1)[1])
-    except ValueError:
-        raise ConfigError(f"unipt.layers={spec!r}: K in every:K / last:K must be an integer") from None
-
-
-def resolve_layers(spec, num_hidden_states: int) -> List[int]:
-    """Tapped hidden-state indices from `all`, `every:K`, `last:K` or an explicit list (negatives allowed)."""
-    n = num_hidden_states
-    if isinstance(spec, str):
-        s = spec.strip().lower()
-        if s == "all":
-            idx = list(range(n))
-        elif s.startswith("every:"):
-            k = _count(s, spec)
-            if k < 1:
-                raise ConfigError("unipt.layers=every:K needs K >= 1")
-            # Count back from the final layer so it is always tapped (it is the anchor).
-            idx = sorted(range(n - 1, -1, -k))
-        elif s.startswith("last:"):
-            idx = list(range(max(0, n - _count(s, spec)), n))
-        else:
-            raise ConfigError(f"unipt.layers={spec!r}: use all, every:K, last:K or a list of indices")
-    elif isinstance(spec, (list, tuple)):
-        idx = []
-        for i in spec:
-            if not isinstance(i, int) or not -n <= i < n:
-                raise ConfigError(f"unipt.layers entry {i!r} is out of range for {n} hidden states (0..{n - 1})")
-            idx.append(i % n)
-        if len(set(idx)) != len(idx):
-            raise ConfigError(f"unipt.layers has duplicates: {spec}")
-        idx = sorted(idx)
-    else:
-        raise ConfigError(f"unipt.layers must be a string or a list, got {spec!r}")
-    if not idx:
-        raise ConfigError(f"unipt.layers={spec!r} selects no layer")
-    return idx
+from unipt_scale.side_spec import mapping_width as _width
+from unipt_scale.side_spec import resolve_layers  # noqa: F401  (its home is side_spec; callers import it here too)
 
 
 def masked_mean(x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -88,10 +50,7 @@ def pool_tokens(x: torch.Tensor, mask: Optional[torch.Tensor], how: str) -> torc
 
 
 def mapping_width(cfg: UniPTConfig, out_dim: int) -> int:
-    d = cfg.mapping_dim or out_dim // cfg.reduction_factor
-    if d < 1:
-        raise ConfigError(f"side-network width resolves to {d}; set unipt.mapping_dim")
-    return d
+    return _width(out_dim, cfg.mapping_dim, cfg.reduction_factor)
 
 
 @dataclasses.dataclass

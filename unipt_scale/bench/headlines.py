@@ -20,9 +20,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Dict, List
+from typing import List
 
 from unipt_scale.atomic import atomic_write_json
+from unipt_scale.bench.generation import generate_scored, rouge_l  # noqa: F401 - rouge_l stays importable here
 
 SYSTEMS = ("zero_shot", "unipt", "lora")
 
@@ -34,16 +35,6 @@ def peak_rss_bytes() -> int:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
     return 0
-
-
-def rouge_l(predictions: List[str], references: List[str]) -> Dict[str, float]:
-    from rouge_score import rouge_scorer
-
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    scores = [scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references)]
-    exact = [" ".join(p.lower().split()) == " ".join(r.lower().split()) for p, r in zip(predictions, references)]
-    n = max(1, len(scores))
-    return {"rougeL": sum(scores) / n, "exact_match": sum(exact) / n, "num_samples": len(scores)}
 
 
 def _config(args, system: str, out_dir: str) -> List[str]:
@@ -61,7 +52,6 @@ def run_one(args) -> dict:
 
     from unipt_scale.config import load_config
     from unipt_scale.data.lm import lm_splits
-    from unipt_scale.lm import generate_texts
     from unipt_scale.model import build_model
     from unipt_scale.preprocessors import load_tokenizer
 
@@ -86,11 +76,10 @@ def run_one(args) -> dict:
         model = load_trained(os.path.join(args.out, "checkpoint"))[0]
     tokenizer = load_tokenizer(cfg.backbone)
     test = lm_splits(cfg.data)["test"]
-    t1 = time.time()
-    predictions = generate_texts(model, tokenizer, test, max_new_tokens=args.max_new_tokens,
-                                 max_prompt_tokens=cfg.data.max_length)
-    result["generate_s_per_article"] = (time.time() - t1) / max(1, len(test))
-    result["scores"] = rouge_l(predictions, [r["response"] for r in test])
+    gen = generate_scored(model, tokenizer, test, args.max_new_tokens, cfg.data.max_length)
+    predictions = gen["predictions"]
+    result["generate_s_per_article"] = gen["generate_s"] / max(1, len(test))
+    result["scores"] = gen["scores"]
     result["examples"] = [{"headline": r["response"], "generated": p} for r, p in zip(test[:8], predictions[:8])]
     result["peak_rss_bytes"] = peak_rss_bytes()
     result["wall_s"] = time.time() - t0

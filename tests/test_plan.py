@@ -254,18 +254,6 @@ def test_reference_side_kernels_match_measured():
     _close((d["stored_hidden_states"] + d["side_network"]) * GIB, acts, ACT_TOL, "llama/unipt reference kernels")
 
 
-def test_side_params_and_taps_match_the_side_network():
-    from unipt_scale.config import UniPTConfig
-    from unipt_scale.side_network import UniPTSideNetwork, resolve_layers
-
-    for spec, n in (("all", 13), ("every:4", 25), ("last:3", 9), ([0, 5, -1], 7), ("every:1", 2)):
-        assert pl.resolve_taps(spec, n) == resolve_layers(spec, n)
-    assert pl.resolve_taps("0,5,-1", 7) == resolve_layers([0, 5, -1], 7)
-    for sizes, out, d in (([48, 64, 64], 64, None), ([96] * 5, 96, 40)):
-        net = UniPTSideNetwork(UniPTConfig(mapping_dim=d), sizes, out)
-        assert pl.side_params(sizes, out, pl.mapping_dim(out, d, 2)) == sum(p.numel() for p in net.parameters())
-
-
 # ---- causal LM (task causal_lm): training through the frozen LM head, the LM loss, generation ------------------
 TINY_LM = dict(model_type="llama", num_hidden_layers=3, hidden_size=64, intermediate_size=172, num_attention_heads=4,
                num_key_value_heads=2, vocab_size=1000, max_position_embeddings=512, tie_word_embeddings=False)
@@ -855,3 +843,127 @@ def test_launch_scripts_refuse_bad_setup():
     assert r.returncode == 2 and "sbatch" in r.stderr
     r = _script("torchrun_multinode.sh", [])
     assert r.returncode == 2 and "usage" in r.stderr
+
+
+# ---- quantized base (--quantization int8 | nf4) --------------------------------------------------------------------
+# Input widths are multiples of 64 and output widths of 32: bitsandbytes' CPU repack of a 4-bit layer needs both.
+TINY_Q = {
+    "llama": dict(model_type="llama", num_hidden_layers=2, hidden_size=128, intermediate_size=384,
+                  num_attention_heads=4, num_key_value_heads=2, vocab_size=1000, max_position_embeddings=64),
+    "bert": dict(model_type="bert", num_hidden_layers=2, hidden_size=128, intermediate_size=512,
+                 num_attention_heads=4, vocab_size=1000, max_position_embeddings=64, type_vocab_size=2),
+}
+
+
+def _quantized_dir(root, family):
+    import transformers as tf
+
+    d = os.path.join(str(root), f"q-{family}")
+    torch.manual_seed(0)
+    fields = {k: v for k, v in TINY_Q[family].items() if k != "model_type"}
+    model = tf.LlamaModel(tf.LlamaConfig(**fields)) if family == "llama" else tf.BertModel(tf.BertConfig(**fields))
+    model.save_pretrained(d)
+    return d
+
+
+@pytest.mark.parametrize("family", list(TINY_Q))
+@pytest.mark.parametrize("scheme", ["int8", "nf4"])
+def test_quantized_weight_bytes_match_measured(tmp_path, family, scheme):
+    """Resident bytes of a transformers model loaded through BitsAndBytesConfig on the CPU (every storage once:
+    parameters, buffers, SCB, the 4-bit quant_state) against the planner's weights; nf4 at load (the double-quantized
+    layout CUDA keeps) and, where bitsandbytes repacks it at the first no-grad forward, in its CPU layout."""
+    import logging
+
+    import transformers as tf
+    from unipt_scale.quantization import frozen_weight_bytes
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    q = (tf.BitsAndBytesConfig(load_in_8bit=True) if scheme == "int8" else
+         tf.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+                               bnb_4bit_use_double_quant=True))
+    model = tf.AutoModel.from_pretrained(_quantized_dir(tmp_path, family), quantization_config=q, device_map="cpu",
+                                         dtype=torch.bfloat16)
+    m = pl.model_from_config(TINY_Q[family], family)
+    planned = lambda layout: pl.backbone_weight_bytes(m, pl.Options(quantization=scheme, quant_layout=layout))  # noqa
+    measured = frozen_weight_bytes(model, frozen_only=False)
+    _close(planned("cuda"), measured, 0.15, f"{family}/{scheme} quantized weights")
+    assert planned("cuda") < 0.7 * 2 * m.params()  # the embeddings stay in bf16
+    if scheme == "nf4":
+        with torch.no_grad():
+            model.eval()(input_ids=torch.randint(0, 1000, (1, 8)))
+        layers = [x for x in model.modules() if hasattr(getattr(x, "weight", None), "quant_state")]
+        if getattr(layers[0].weight.quant_state, "packing_format_for_cpu", False):
+            _close(planned("cpu"), frozen_weight_bytes(model, frozen_only=False), 0.15, f"{family}/nf4 CPU layout")
+
+
+def test_hand_computed_quantized_llama_bytes():
+    """The tiny Llama's 14 Linears (393216 weights; 1280 output rows a layer) by hand."""
+    m = pl.model_from_config(TINY_Q["llama"], "q")
+    rest = m.params() - 393216  # embeddings 128000 + 5 norms x 128
+    assert rest == 128640 and pl.quantized_params(m) == 393216
+    o = lambda q, **k: pl.Options(quantization=q, **k)  # noqa: E731
+    # int8: one byte a weight + an fp32 scale per output row (2 x 1280 rows).
+    assert pl.backbone_weight_bytes(m, o("int8")) == 393216 + 4 * 2560 + 2 * rest
+    # nf4 double-quantized: half a byte a weight, one 8-bit absmax per 64 (6144), an fp32 scale per 256 blocks (13 a
+    # layer: q, k, v, o 1 each, gate/up/down 3 each), and per Linear the 16 + 256 entry codes and an offset (1092 B).
+    assert pl.backbone_weight_bytes(m, o("nf4")) == 196608 + 6144 + 4 * 26 + 14 * 1092 + 2 * rest
+    # bitsandbytes' CPU layout: a bf16 absmax per 64 and the 16-entry code and the offset.
+    assert pl.backbone_weight_bytes(m, o("nf4", quant_layout="cpu")) == 196608 + 2 * 6144 + 14 * 68 + 2 * rest
+    # QLoRA upcasts what is not quantized to fp32.
+    assert pl.backbone_weight_bytes(m, o("nf4"), "lora") - pl.backbone_weight_bytes(m, o("nf4")) == 2 * rest
+    # The de-quantization working set: the largest Linear (128 x 384) in bf16; int8 only for QLoRA's backward.
+    assert pl.dequant_bytes(m, o("nf4"), "unipt") == pl.dequant_bytes(m, o("nf4"), "lora") == 2 * 128 * 384
+    assert pl.dequant_bytes(m, o("int8"), "unipt") == 0 < pl.dequant_bytes(m, o("int8"), "lora")
+    # T5's MLP output (wo) stays unquantized; BERT's pooler is quantized.
+    t5 = pl.model_from_config(TINY["t5"][0], "t5")
+    assert pl.quantized_params(t5) == 3 * (4 * 128 * 128 + 128 * 512)
+    bert = pl.model_from_config(TINY_Q["bert"], "bert")
+    assert pl.quantized_params(bert) == 2 * (4 * 128 * 128 + 2 * 128 * 512) + 128 * 128
+
+
+def test_quantized_plan_columns_and_json(tmp_path, capsys):
+    cfg = _write_config(tmp_path, TINY_Q["llama"])
+    p = _run_json(tmp_path, [cfg, "--gpus-per-node", "1", "--seq-len", "32", "--quantization", "nf4"])
+    assert p["columns"] == ["unipt", "qlora", "lora", "full"] and p["inputs"]["quantization"] == "nf4"
+    assert "refused" in p["full"] and not p["full"]["fits"]
+    m = pl.model_from_config(TINY_Q["llama"], "q")
+    o = pl.Options(gpus_per_node=1, seq_len=32, quantization="nf4")
+    assert p["unipt"]["parts"]["weights"] * GIB == pl.backbone_weight_bytes(m, o)
+    assert p["lora"]["parts"]["weights"] * GIB == 2 * (m.params() + p["lora"]["trained_params"])  # the bf16 base
+    assert p["qlora"]["parts"]["weights"] * GIB == pl.backbone_weight_bytes(m, o, "lora") + 2 * p["qlora"][
+        "trained_params"]
+    assert p["unipt"]["parts"]["dequant"] * GIB == 2 * 128 * 384 and "dequant" not in p["lora"]["parts"]
+    for k in ("unipt", "qlora", "lora"):
+        assert sum(p[k]["parts"].values()) == pytest.approx(p[k]["per_gpu_gib"])
+    assert p["model"]["quantization"]["weight_bytes"] == pl.backbone_weight_bytes(m, o)
+    out = capsys.readouterr().out
+    assert "QLoRA" in out and "refused" in out and "dequant working set" in out and "LoRA bf16" in out
+    # LLM.int8 keeps every int8 Linear's input for QLoRA's backward; NF4 keeps only its weight.
+    acts = {q: pl.plan_method(m, "lora", pl.Options(seq_len=32, quantization=q))["parts"]["activations"]
+            for q in ("none", "int8", "nf4")}
+    assert acts["nf4"] == acts["none"] < acts["int8"]
+    g = _run_json(tmp_path, [cfg, "--generate", "--gpus-per-node", "1", "--seq-len", "32", "--quantization", "int8"])
+    assert g["unipt"]["parts"]["weights"] * GIB == pl.backbone_weight_bytes(m, pl.Options(quantization="int8"))
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["llama-2-7b", "--quantization", "int4"], "--quantization 'int4' is not valid"),
+    (["llama-2-7b", "--quantization", "nf4", "--zero-stage", "3"], "use --zero-stage 0-2"),
+])
+def test_quantization_errors_name_the_fix(argv, needle, capsys):
+    assert pl.main(argv) == 2 and needle in capsys.readouterr().err
+
+
+def test_unipt_forward_keeps_only_the_tapped_states():
+    """The hooked frozen forward: beside the tapped states only the untapped block input/output in flight."""
+    m = pl.model_from_config(dict(TINY_Q["llama"], num_hidden_layers=6), "q")
+    t = m.towers[0]
+    n, P, h = 32, 2, 128
+    work = n * sum(pl.layer_saved(t, n, frozenset(t.linears()), True, P).values())
+    fwd = lambda layers: pl.tower_activations(t, "unipt", pl.Options(seq_len=n, layers=layers))["detail"]  # noqa
+    assert fwd("all")["backbone_forward"] == work  # every state is tapped (stored)
+    assert fwd("every:2")["backbone_forward"] == work + n * P * h  # 0, 2, 4, 6: one of a block's two untapped
+    assert fwd("every:3")["backbone_forward"] == work + 2 * n * P * h  # 0, 3, 6: both of block 1's
+    # the final output is kept beside the taps when the last hidden state is not tapped
+    assert fwd("0,3")["stored_hidden_states"] == 3 * n * P * h
+    assert fwd("last:2")["stored_hidden_states"] == 2 * n * P * h

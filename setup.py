@@ -19,6 +19,7 @@ setup(
         "webdataset>=1.0",
         "safetensors>=0.4",
         "peft>=0.21",  # method=lora (LoRA adapters through peft.inject_adapter_in_model)
+        "bitsandbytes>=0.45",  # backbone.quantization=int8/nf4 (CPU and CUDA) and the QLoRA baseline
         "matplotlib>=3.11.2",  # bench quality's charts (Agg backend)
         "rouge-score>=0.1.2",  # bench headlines: ROUGE-L of generated headlines
         "ninja",

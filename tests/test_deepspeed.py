@@ -297,15 +297,21 @@ def test_config_rule_json_values_win_and_are_returned(tmp_path):
     assert cfg.to_dict() == before, "... and the run config given is left as it was"
 
 
-@pytest.mark.parametrize("ds, says", [
-    ({"train_batch_size": 30, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2},
+@pytest.mark.parametrize("ds, overrides, says", [
+    ({"train_batch_size": 30, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2}, (),
      "train_batch_size"),
-    ({"scheduler": {"type": "WarmupLR"}}, "scheduler"),
-    ({"zero_optimization": {"stage": 4}}, "stage"),
+    ({"scheduler": {"type": "WarmupLR"}}, (), "scheduler"),
+    ({"zero_optimization": {"stage": 4}}, (), "stage"),
+    ({"zero_optimization": {"stage": 3}}, ("backbone.quantization=nf4",), "ZeRO stage 0, 1 or 2"),
+    ({"zero_optimization": {"stage": 3}}, ("task.kind=causal_lm", "data.source=bbc_headlines"), "ZeRO stage 1 or 2"),
 ])
-def test_config_rule_refuses_what_cannot_run(tmp_path, ds, says):
+def test_config_rule_refuses_what_cannot_run(tmp_path, ds, overrides, says):
     with pytest.raises(ConfigError, match=says):
-        resolve_ds_config(_ds_cfg(tmp_path, ds), world_size=2, cuda=False)
+        resolve_ds_config(_ds_cfg(tmp_path, ds, *overrides), world_size=2, cuda=False)
+    # ZeRO-2 takes both (only what trains is sharded).
+    zero2 = {**ds, "zero_optimization": {"stage": 2}}
+    if ds.get("zero_optimization", {}).get("stage") == 3:
+        assert resolve_ds_config(_ds_cfg(tmp_path, zero2, *overrides), 2, False)[1]["zero_optimization"]["stage"] == 2
     with pytest.raises(ConfigError, match="does not exist"):
         resolve_ds_config(load_config(None, ["deepspeed.config=/nonexistent/ds.json"]), world_size=1, cuda=False)
 

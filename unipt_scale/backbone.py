@@ -539,14 +539,19 @@ def validate_side_network(spec: BackboneSpec, unipt_cfg: UniPTConfig) -> List[in
 # --------------------------------------------------------------------------- loading
 
 def _from_pretrained(cls, path: str, hf_config, dtype, trust_remote_code: bool, key_mapping=None,
-                     strict: bool = False):
+                     strict: bool = False, quantization: str = "none"):
     """from_pretrained with one-line errors; `strict`: every weight must come from the checkpoint (used where
-    keys are remapped to load an encoder alone, so a layout it does not fit fails instead of staying random)."""
+    keys are remapped to load an encoder alone, so a layout it does not fit fails instead of staying random).
+    `quantization`: the linear layers are quantized by bitsandbytes as they load (see unipt_scale.quantization)."""
+    from unipt_scale.quantization import bnb_config, load_device_map
+
     kwargs = dict(config=hf_config, dtype=dtype, output_loading_info=True)
     if trust_remote_code:
         kwargs["trust_remote_code"] = True
     if key_mapping:
         kwargs["key_mapping"] = key_mapping
+    if quantization != "none":
+        kwargs.update(quantization_config=bnb_config(quantization, dtype), device_map=load_device_map())
     try:
         model, info = cls.from_pretrained(path, **kwargs)
     except OSError as err:
@@ -554,10 +559,19 @@ def _from_pretrained(cls, path: str, hf_config, dtype, trust_remote_code: bool, 
         raise BackboneLoadError(f"{path!r} has a config but its weights could not be loaded ({first}). Point "
                                 "backbone.path at a directory holding the model's weights, or set "
                                 "backbone.random_init=true for a smoke run.") from None
-    except ValueError as err:
+    except (ValueError, NotImplementedError, RuntimeError) as err:
         if "trust_remote_code" in str(err):
             raise _custom_code_error(path, str(err).splitlines()[0]) from None
+        if quantization != "none":
+            first = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise BackboneLoadError(f"backbone.quantization={quantization}: bitsandbytes could not quantize "
+                                    f"{cls.__name__} from {path!r} ({first}); use backbone.quantization=none, or "
+                                    "another scheme") from None
         raise
+    if quantization != "none":
+        from unipt_scale.quantization import fit_cpu_kernels
+
+        fit_cpu_kernels(model)
     missing = sorted(info.get("missing_keys", ())) if strict else []
     if missing:
         raise BackboneLoadError(f"{path!r}: the checkpoint lacks {len(missing)} weight(s) of {cls.__name__} (e.g. "
@@ -580,12 +594,14 @@ def _load_hf(cfg: BackboneConfig, spec: BackboneSpec, trust_remote_code: bool) -
         if cfg.random_init:
             model = encoder_cls._from_config(hf_config, dtype=dtype)
         else:
-            model = _from_pretrained(encoder_cls, path, hf_config, dtype, False, key_mapping, strict=True)
+            model = _from_pretrained(encoder_cls, path, hf_config, dtype, False, key_mapping, strict=True,
+                                     quantization=cfg.quantization)
     else:
         if cfg.random_init:
             model = AutoModel.from_config(hf_config, dtype=dtype, **remote)
         else:
-            model = _from_pretrained(AutoModel, path, hf_config, dtype, trust_remote_code)
+            model = _from_pretrained(AutoModel, path, hf_config, dtype, trust_remote_code,
+                                     quantization=cfg.quantization)
         if kind == "encoder_decoder":
             model = model.get_encoder()  # its own config: replacing it with the full model's drops the mask
     _check_padding_side(cfg.padding_side, kind, spec.model_type, model, path)
@@ -612,9 +628,16 @@ def load_backbone(cfg: BackboneConfig, trust_remote_code: bool = False,
     `trust_remote_code` comes from the command line only (a config file never enables custom code). With
     `unipt_cfg`, the side network's config is checked against config.json before any weights load.
     """
+    from unipt_scale.quantization import QuantizationError, check_supported
+
     spec = inspect_backbone(cfg, trust_remote_code)
     if unipt_cfg is not None:
         validate_side_network(spec, unipt_cfg)
+    try:
+        check_supported(cfg.quantization, cfg.path, cfg.path.split(":", 1)[1] if spec.path == "" else None,
+                        cfg.random_init)
+    except QuantizationError as err:
+        raise BackboneLoadError(str(err)) from None
     if spec.path == "":
         return _load_builtin_module(cfg, cfg.path.split(":", 1)[1])
     return _load_hf(cfg, spec, trust_remote_code)

@@ -25,6 +25,9 @@ def _quiet_libraries():
         hf_logging.disable_progress_bar()
     except ImportError:
         pass
+    from unipt_scale.quantization import quiet_bitsandbytes
+
+    quiet_bitsandbytes()
 
 
 def _config_args(p: argparse.ArgumentParser):
@@ -146,6 +149,7 @@ def cmd_generate(args) -> int:
 
 def cmd_info(args) -> int:
     from unipt_scale.model import build_model, count_parameters, trained_state_keys
+    from unipt_scale.quantization import frozen_weight_bytes
 
     cfg = _load(args)
     num_classes = cfg.task.num_classes
@@ -167,7 +171,16 @@ def cmd_info(args) -> int:
     if encoders:
         info["tapped_layers"] = [e.backbone.layer_indices for e in encoders]
         info["mapping_dim"] = [e.side.mapping_dim for e in encoders]
-    print(json.dumps(info, indent=2))
+    towers = [("backbone", cfg.backbone)] + ([("image_backbone", cfg.image_backbone)] if cfg.image_backbone else [])
+    info["quantization"] = {key: bb.quantization for key, bb in towers}
+    # Resident bytes of every frozen weight as loaded (quantized codes and their scales counted from storage).
+    info["frozen_weight_bytes"] = frozen_weight_bytes(model)
+    text = json.dumps(info, indent=2)
+    print(text)
+    if args.json:
+        from unipt_scale.atomic import atomic_write_bytes
+
+        atomic_write_bytes(args.json, (text + "\n").encode("utf-8"))
     return 0
 
 
@@ -213,8 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     _remote_code_arg(g)
     g.set_defaults(func=cmd_generate)
 
-    i = sub.add_parser("info", help="trainable / frozen parameter counts of a config")
+    i = sub.add_parser("info", help="trainable / frozen parameter counts and frozen weight bytes of a config")
     _config_args(i)
+    i.add_argument("--json", metavar="FILE", help="also write the report to this file")
     _remote_code_arg(i)
     i.set_defaults(func=cmd_info)
 

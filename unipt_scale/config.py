@@ -31,6 +31,9 @@ class BackboneConfig:
     kind: str = _f("auto", "auto | encoder | decoder | encoder_decoder (T5: its encoder is used) | vision.")
     dtype: str = _f("float32", "Dtype the frozen backbone runs in: float32 | bfloat16 | float16.")
     random_init: bool = _f(False, "Build the backbone from its config.json with random weights (tests, smoke runs).")
+    quantization: str = _f("none", "Frozen weights of the backbone's linear layers, quantized as they load (bitsandbytes): "
+                                   "none | int8 (LLM.int8) | nf4 (4-bit NormalFloat, blocks of 64, double-quantized "
+                                   "scales). Not with method=full or ZeRO-3; method=lora on it is QLoRA.")
     padding_side: str = _f("auto", "auto (right padding) | left | right. Decoders and encoders that take position_ids "
                                    "get positions from the mask, so both give the same states; left is refused for "
                                    "encoders that cannot (the BART family).")
@@ -355,6 +358,14 @@ def _validate_method(cfg: RunConfig) -> None:
         raise ConfigError(f"lora.targets={lo.targets!r}: use auto or a list of module names, e.g. "
                           "lora.targets=[query,value]")
     lo.targets = targets
+    for key, bb in (("backbone", cfg.backbone), ("image_backbone", cfg.image_backbone)):
+        if bb is None:
+            continue
+        _choice(f"{key}.quantization", bb.quantization, ("none", "int8", "nf4"))
+        if bb.quantization != "none" and cfg.method == "full":
+            raise ConfigError(f"method=full trains every backbone weight, and {key}.quantization={bb.quantization} "
+                              "makes them frozen 8/4-bit codes; use method=lora on the quantized base (QLoRA), "
+                              f"method=unipt, or {key}.quantization=none for full fine-tuning")
     if cfg.method == "full" and not cfg.deepspeed.enabled:
         for key, bb in (("backbone", cfg.backbone), ("image_backbone", cfg.image_backbone)):
             if bb is not None and bb.dtype != "float32":

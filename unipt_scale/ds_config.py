@@ -45,6 +45,20 @@ def load_ds_json(path: str) -> dict:
             raise ConfigError(f"deepspeed.config={path!r} is not valid JSON: {err}") from None
 
 
+def _check_zero3(cfg: RunConfig) -> None:
+    """What ZeRO-3's parameter partitioning cannot hold; stages 0-2 shard only what trains, so they take both."""
+    if cfg.task.kind == "causal_lm":
+        raise ConfigError("task.kind=causal_lm reads the decoder's frozen LM head outside ZeRO-3's gathering "
+                          "hooks; use ZeRO stage 1 or 2 (launch/ds_zero2.json), which still shard the side "
+                          "network's optimizer state")
+    for key, bb in (("backbone", cfg.backbone), ("image_backbone", cfg.image_backbone)):
+        if bb is not None and bb.quantization != "none":
+            raise ConfigError(f"{key}.quantization={bb.quantization}: ZeRO-3 partitions every parameter, and "
+                              "bitsandbytes' 8/4-bit weights cannot be split and gathered; use ZeRO stage 0, 1 or "
+                              "2 (launch/ds_zero2.json: the quantized base is replicated, the side network's "
+                              f"optimizer state sharded), or {key}.quantization=none")
+
+
 def resolve_ds_config(cfg: RunConfig, world_size: int, cuda: bool) -> Tuple[RunConfig, dict, List[str]]:
     """(run config to train with, DeepSpeed config dict, notes on run-config values the JSON replaced).
 
@@ -60,6 +74,8 @@ def resolve_ds_config(cfg: RunConfig, world_size: int, cuda: bool) -> Tuple[RunC
     if zero["stage"] not in (0, 1, 2, 3):
         raise ConfigError(f"zero_optimization.stage must be 0-3, got {zero['stage']}")
     ds["zero_optimization"] = zero
+    if zero["stage"] == 3:
+        _check_zero3(cfg)
 
     micro, gas, total = (None if _unset(ds.get(k)) else int(ds.get(k)) for k in
                          ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"))

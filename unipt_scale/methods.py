@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from unipt_scale.backbone import FrozenBackbone, HFBackbone, HookedBackbone
 from unipt_scale.config import ConfigError, LoRAConfig
+from unipt_scale.quantization import is_quantized
 from unipt_scale.side_network import pool_tokens
 
 TRAINABLE = ("none", "lora", "all")
@@ -117,6 +118,18 @@ def inject_lora(model: nn.Module, cfg: LoRAConfig, what: str = "this backbone") 
     return targets
 
 
+def prepare_quantized_base(model: nn.Module) -> None:
+    """QLoRA's preparation of a k-bit base (peft): everything frozen, the non-quantized 16-bit weights (norms,
+    embeddings) upcast to fp32 for stable adapter gradients. Gradient checkpointing stays off, as for LoRA on a
+    full-precision base, so the two baselines differ only in the base's weights."""
+    from peft import prepare_model_for_kbit_training
+
+    from unipt_scale.quantization import fit_cpu_kernels
+
+    prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    fit_cpu_kernels(model, backward_through=True)
+
+
 def is_lora_key(name: str) -> bool:
     """A state-dict key or parameter name of a peft LoRA adapter (lora_A, lora_B, and the embedding/DoRA forms)."""
     return any(part.startswith("lora_") for part in name.split("."))
@@ -144,6 +157,8 @@ class BackboneEncoder(nn.Module):
         self.lora_targets: List[str] = []
         backbone.tap([backbone.num_hidden_states - 1])
         if trainable == "lora":
+            if is_quantized(backbone.model):
+                prepare_quantized_base(backbone.model)
             self.lora_targets = inject_lora(backbone.model, lora or LoRAConfig(), what=what)
         elif trainable == "all":
             backbone.model.requires_grad_(True)

@@ -147,10 +147,6 @@ class Trainer:
             if self.dist.is_main:
                 for note in notes:
                     log.warning("%s", note)
-            if cfg.task.kind == "causal_lm" and ds_config["zero_optimization"]["stage"] == 3:
-                raise ConfigError("task.kind=causal_lm reads the decoder's frozen LM head outside ZeRO-3's gathering "
-                                  "hooks; use ZeRO stage 1 or 2 (launch/ds_zero2.json), which still shard the side "
-                                  "network's optimizer state")
             prepare_model_loading(ds_config)
             self.cfg = cfg
         else:

@@ -261,3 +261,27 @@ def test_causal_layer_confidences_are_per_position():
     alpha = side.layer_confidences(hs, torch.ones(2, 5, dtype=torch.bool), torch.randn(2, 5, 10))
     assert alpha.shape == (2, 5, 2)
     torch.testing.assert_close(alpha.sum(-1), torch.ones(2, 5))
+
+
+def test_a_long_prompt_is_cut_at_the_end_of_its_last_user_turn():
+    """The system prompt and the instruction that opens the turn survive; the document's end is what goes."""
+    from tiny_models import tiny_tokenizer
+    from unipt_scale.data.lm import IGNORE, encode_pair, prompt_ids, render_prompt
+
+    tok = tiny_tokenizer()
+    tok.chat_template = ("{% for m in messages %}[CLS] {{ m.role }} {{ m.content }} [SEP] {% endfor %}"
+                         "{% if add_generation_prompt %}[CLS] assistant{% endif %}")
+    body = "the food was fine " * 40
+    record = {"messages": [{"role": "system", "content": "good day"},
+                           {"role": "user", "content": "bad movie night " + body}], "response": "happy"}
+    full = tok(render_prompt(tok, record), add_special_tokens=False)["input_ids"]
+    ids = prompt_ids(tok, record, 40)
+    assert len(full) > 100 and 30 <= len(ids) <= 40
+    head = tok(render_prompt(tok, {"messages": [record["messages"][0], {"role": "user", "content": "bad movie night"}]}),
+               add_special_tokens=False)["input_ids"][:-4]  # up to the user turn's opening words
+    assert ids[:len(head)] == head
+    assert ids[-3:] == full[-3:], "the turn closes and the generation prompt follows"
+    x, y = encode_pair(tok, record, 48)
+    response = tok("happy", add_special_tokens=False)["input_ids"]
+    assert len(x) <= 48 and x[:len(head)] == head and y[-len(response):] == response
+    assert all(v == IGNORE for v in y[:-len(response)])

@@ -227,17 +227,18 @@ def generate_texts(model: CausalLMModel, tokenizer, prompts: Sequence[dict], max
                    temperature: float = 0.0, seed: int = 0, batch_size: int = 8,
                    max_prompt_tokens: Optional[int] = None) -> List[str]:
     """Completions of records ({"prompt"} or {"messages"}), rendered as in training, batched with left padding."""
-    from unipt_scale.data.lm import render_prompt
+    from unipt_scale.data.lm import prompt_ids, render_prompt
 
     device = next(model.parameters()).device
     gen = torch.Generator(device="cpu").manual_seed(seed) if temperature > 0 else None
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     texts = []
     for s in range(0, len(prompts), batch_size):
-        rows = [tokenizer(render_prompt(tokenizer, r), add_special_tokens=False)["input_ids"]
-                for r in prompts[s:s + batch_size]]
         if max_prompt_tokens:
-            rows = [r[-max_prompt_tokens:] for r in rows]
+            rows = [prompt_ids(tokenizer, r, max_prompt_tokens) for r in prompts[s:s + batch_size]]
+        else:
+            rows = [tokenizer(render_prompt(tokenizer, r), add_special_tokens=False)["input_ids"]
+                    for r in prompts[s:s + batch_size]]
         n = max(len(r) for r in rows)
         ids = torch.full((len(rows), n), int(pad), dtype=torch.long)
         mask = torch.zeros((len(rows), n), dtype=torch.long)

@@ -100,15 +100,52 @@ def render_prompt(tokenizer, record: dict) -> str:
     return "\n".join(m["content"] for m in messages) + "\n"
 
 
+def _with_last_user_content(record: dict, content: str) -> dict:
+    if record.get("messages"):
+        messages = [dict(m) for m in record["messages"]]
+        last = max(i for i, m in enumerate(messages) if m.get("role") == "user")
+        messages[last]["content"] = content
+        return {**record, "messages": messages}
+    return {**record, "prompt": content}
+
+
+def _last_user_content(record: dict) -> Optional[str]:
+    if record.get("messages"):
+        users = [m for m in record["messages"] if m.get("role") == "user"]
+        return users[-1]["content"] if users else None
+    return record.get("prompt")
+
+
+def prompt_ids(tokenizer, record: dict, budget: int) -> List[int]:
+    """The rendered prompt's tokens, at most `budget` of them, for training and generation alike.
+
+    A prompt that is too long is shortened at the end of its last user turn (the article, the document), so the
+    chat template's start, the system prompt and the instruction that opens the turn stay; the last resort, for
+    a template or history that alone exceeds the budget, cuts tokens from the start."""
+    ids = tokenizer(render_prompt(tokenizer, record), add_special_tokens=False)["input_ids"]
+    content = _last_user_content(record)
+    words = tokenizer(content, add_special_tokens=False)["input_ids"] if content else []
+    keep = len(words)
+    for _ in range(6):  # re-tokenising at the cut and the " ..." mark can add a token or two: shorten again
+        if len(ids) <= budget or not words:
+            break
+        keep -= len(ids) - budget
+        if keep <= 0:
+            break
+        content = tokenizer.decode(words[:keep], skip_special_tokens=True).rstrip() + " ..."
+        ids = tokenizer(render_prompt(tokenizer, _with_last_user_content(record, content)),
+                        add_special_tokens=False)["input_ids"]
+    return ids[-budget:] if budget > 0 else []
+
+
 def encode_pair(tokenizer, record: dict, max_length: int) -> Tuple[List[int], List[int]]:
     """(input ids, labels) of one record: the response (ended by eos) is kept whole where it fits, the prompt is
-    cut from its start to fit max_length; labels are IGNORE on the prompt."""
-    prompt = tokenizer(render_prompt(tokenizer, record), add_special_tokens=False)["input_ids"]
+    fitted into the rest of max_length by prompt_ids; labels are IGNORE on the prompt."""
     response = tokenizer(record["response"], add_special_tokens=False)["input_ids"]
     if tokenizer.eos_token_id is not None:
         response = response + [tokenizer.eos_token_id]
     response = response[:max_length - 1]
-    prompt = prompt[-(max_length - len(response)):]
+    prompt = prompt_ids(tokenizer, record, max_length - len(response))
     return prompt + response, [IGNORE] * len(prompt) + response
 
 

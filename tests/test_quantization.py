@@ -199,6 +199,16 @@ def test_qlora_trains_and_checkpoints_only_adapters_and_head(dirs, tmp_path, cap
     capsys.readouterr()
     assert main(["eval", "--checkpoint", str(out / "checkpoint"), "--split", "test"]) == 0
     assert json.loads(capsys.readouterr().out)["test"]["accuracy"] == trained_run["test"]["accuracy"]
+    assert main(["predict", "--checkpoint", str(out / "checkpoint"), "good movie night", "bad food day"]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
+    from unipt_scale.data import text_collate
+    from unipt_scale.preprocessors import load_tokenizer
+
+    batch = text_collate(load_tokenizer(cfg2.backbone), cfg2.data.max_length)(
+        [{"text": "good movie night"}, {"text": "bad food day"}])
+    with torch.no_grad():
+        probs = reloaded(batch).softmax(-1)
+    assert [x["probability"] for x in lines] == [round(float(p.max()), 4) for p in probs]
 
 
 def test_causal_unipt_on_int8_trains_and_generates_from_the_checkpoint(dirs, tmp_path, capsys):

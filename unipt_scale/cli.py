@@ -79,17 +79,23 @@ def _tokenizer(cfg, trust_remote_code: bool):
     return load_tokenizer(cfg.backbone, trust_remote_code=trust_remote_code)
 
 
-def cmd_eval(args) -> int:
+def _device():
+    """Where eval / predict / generate run; a quantized backbone is built there directly (bitsandbytes
+    quantizes on the device it loads to), so the model is never moved across devices after loading."""
     import torch
 
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def cmd_eval(args) -> int:
     from unipt_scale.atomic import atomic_write_json
     from unipt_scale.data import build_data
     from unipt_scale.export import load_trained
     from unipt_scale.trainer import evaluate
 
-    model, cfg, meta = load_trained(args.checkpoint, args.overrides, trust_remote_code=args.trust_remote_code)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device)
+    device = _device()
+    model, cfg, meta = load_trained(args.checkpoint, args.overrides, device=device,
+                                    trust_remote_code=args.trust_remote_code)
     data = build_data(cfg.data, _tokenizer(cfg, args.trust_remote_code), needs_image=cfg.task.kind == "retrieval",
                       needs_labels=cfg.task.kind == "classification" or None)
     loader = {"val": data.val, "test": data.test, "train": data.train}[args.split]
@@ -109,11 +115,13 @@ def cmd_predict(args) -> int:
     from unipt_scale.export import load_trained
     from unipt_scale.model import ClassificationModel
 
-    model, cfg, meta = load_trained(args.checkpoint, trust_remote_code=args.trust_remote_code)
+    device = _device()
+    model, cfg, meta = load_trained(args.checkpoint, device=device, trust_remote_code=args.trust_remote_code)
     if not isinstance(model, ClassificationModel):
         raise ConfigError("unipt predict serves classification checkpoints")
     texts = list(args.texts) or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     batch = text_collate(_tokenizer(cfg, args.trust_remote_code), cfg.data.max_length)([{"text": t} for t in texts])
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
     with torch.no_grad():
         probs = model(batch).softmax(-1)
     names = meta.get("label_names") or [str(i) for i in range(probs.shape[-1])]
@@ -123,22 +131,19 @@ def cmd_predict(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    import torch
-
     from unipt_scale.export import load_trained
     from unipt_scale.lm import CausalLMModel, generate_texts
 
     if args.max_new_tokens < 1 or args.temperature < 0:
         raise ConfigError("--max-new-tokens must be >= 1 and --temperature >= 0")
-    model, cfg, _meta = load_trained(args.checkpoint, trust_remote_code=args.trust_remote_code)
+    device = _device()
+    model, cfg, _meta = load_trained(args.checkpoint, device=device, trust_remote_code=args.trust_remote_code)
     if not isinstance(model, CausalLMModel):
         raise ConfigError("unipt generate serves task.kind=causal_lm checkpoints; this one is "
                           f"task.kind={cfg.task.kind}")
     prompts = list(args.prompts) or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     if not prompts:
         raise ConfigError("give prompts as arguments or one per line on standard input")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device)
     texts = generate_texts(model, _tokenizer(cfg, args.trust_remote_code), [{"prompt": p} for p in prompts],
                            max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
                            max_prompt_tokens=cfg.data.max_length)

@@ -268,3 +268,24 @@ def test_cli_refusal_is_one_line(dirs, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "quantization" in err
     assert not (tmp_path / "x").exists()
+
+
+def test_bench_quantization_quick_reports_what_an_independent_load_measures(tmp_path):
+    from unipt_scale.bench.quality import tiny_text_model
+    from unipt_scale.bench.quantization import main
+
+    out = tmp_path / "q.json"
+    assert main(["--quick", "--threads", "1", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    (rows,) = result["backbones"].values()
+    assert list(rows) == ["none", "int8", "nf4"]
+    same = tiny_text_model(str(tmp_path), "bert", hidden=64)  # the same seeded stand-in, built again
+    for scheme, row in rows.items():
+        model = load_backbone(BackboneConfig(path=same, quantization=scheme)).model
+        assert row["frozen_weight_bytes"] == frozen_weight_bytes(model)
+        if scheme != "none":
+            errors = row["rel_error_per_state"]
+            assert errors[0] == 0 and all(e > 0 for e in errors[1:]) and row["rel_error_max"] == max(errors)
+            assert row["weight_bytes_ratio"] < 0.5
+    assert rows["nf4"]["rel_error_last"] > rows["int8"]["rel_error_last"]
+    assert main(["--schemes", "int4"]) == 2

@@ -242,8 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
         d = sub.add_parser(name, help=helptext, add_help=False)
         d.add_argument("rest", nargs=argparse.REMAINDER)
         d.set_defaults(func=lambda a, m=module: _delegate(m, a.rest))
-    b = sub.add_parser("bench", help="benchmarks: `unipt bench kernels|data|methods|quality|headlines ...`")
-    b.add_argument("what", choices=["kernels", "data", "methods", "quality", "headlines"])
+    b = sub.add_parser("bench", help="benchmarks: `unipt bench kernels|data|methods|quality|headlines|quantization ...`")
+    b.add_argument("what", choices=["kernels", "data", "methods", "quality", "headlines", "quantization"])
     b.add_argument("rest", nargs=argparse.REMAINDER)
     b.set_defaults(func=lambda a: _delegate(f"unipt_scale.bench.{a.what}", a.rest))
     return p
@@ -259,7 +259,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     rest = [a for a in argv if not a.startswith("--local_rank") and not a.startswith("--local-rank")]
     if rest and rest[0] in delegated:
         return _delegate(delegated[rest[0]], rest[1:])
-    if len(rest) > 1 and rest[0] == "bench" and rest[1] in ("kernels", "data", "methods", "quality", "headlines"):
+    if len(rest) > 1 and rest[0] == "bench" and rest[1] in ("kernels", "data", "methods", "quality", "headlines", "quantization"):
         return _delegate(f"unipt_scale.bench.{rest[1]}", rest[2:])
     parser = build_parser()
     if not argv:

@@ -200,6 +200,19 @@ def one_line(err: BaseException) -> str:
     return " ".join(text.split())
 
 
+def is_refusal(err: BaseException) -> bool:
+    """The model code's own refusal of a config (a ConfigError, or a quantized backbone this model cannot have:
+    unipt_scale.quantization.QuantizationError, also where the backbone loader re-raised it as its own one-line
+    BackboneLoadError), as opposed to a run that broke."""
+    from unipt_scale.backbone import BackboneLoadError
+    from unipt_scale.config import ConfigError
+    from unipt_scale.quantization import QuantizationError
+
+    if isinstance(err, (ConfigError, QuantizationError)):
+        return True
+    return isinstance(err, BackboneLoadError) and isinstance(err.__context__, QuantizationError)
+
+
 def _resolve(target: str) -> Callable[[dict], dict]:
     module, _, name = target.partition(":")
     if not module.startswith(TARGET_PREFIX) or not name:
@@ -220,15 +233,15 @@ def _child(target: str, spec: dict, out: str, log_path: Optional[str]) -> None:
     sys.stdout = os.fdopen(1, "w", buffering=1, closefd=False)
     sys.stderr = os.fdopen(2, "w", buffering=1, closefd=False)
     from unipt_scale.atomic import atomic_write_json
-    from unipt_scale.config import ConfigError
 
     try:
         result = {"result": _resolve(target)(spec)}
-    except ConfigError as err:  # the method/config cannot run here: a refusal, said in one line
-        result = {"error": {"kind": "refused", "type": type(err).__name__, "message": one_line(err)}}
     except Exception as err:  # noqa: BLE001 - reported to the parent in one line, the traceback in the log
-        traceback.print_exc()
-        result = {"error": {"kind": "failed", "type": type(err).__name__, "message": one_line(err)}}
+        if is_refusal(err):  # the method/config cannot run here: a refusal, said in one line
+            result = {"error": {"kind": "refused", "type": type(err).__name__, "message": one_line(err)}}
+        else:
+            traceback.print_exc()
+            result = {"error": {"kind": "failed", "type": type(err).__name__, "message": one_line(err)}}
     sys.stdout.flush()
     sys.stderr.flush()
     atomic_write_json(out, result)

@@ -22,6 +22,19 @@ each method's max_memory_allocated sees only its own model. The frozen backbone'
 hidden state tapped, as UniPT reads it) is timed in the same rotation: UniPT's step over it is what the side
 network and its backward add to running the backbone at all.
 
+Quantized frozen base (`--quantization none,int8,nf4`, a comma list; default `none`): every method is measured
+again on the backbone loaded with `backbone.quantization=` each scheme (bitsandbytes, unipt_scale.quantization), in
+the same way (in-process rotation, then each (method, scheme) in a process of its own). Each row records its
+`scheme` and `frozen_weight_bytes`: the resident bytes of the task model's weights that do not train, as built
+(quantized codes and their scales counted from the storages, `quantization.frozen_weight_bytes`, as `unipt info`
+reports them; for full fine-tuning only the buffers, since it trains every weight).
+`frozen_weight_bytes_after_steps` is the same count after the timed steps: on CPU bitsandbytes repacks a 4-bit
+layer for its inference kernel at its first no-grad forward, which changes its bytes a little (not under QLoRA,
+whose base layers keep the generic path for backward); on CUDA the two are equal. A quantized row also records
+`vs_none`: its peak memory, step times and frozen weight bytes over the same method's at `none` (None without a
+`none` run). LoRA on a quantized base is the QLoRA baseline (peft's k-bit preparation; labelled QLoRA); full
+fine-tuning on a quantized base is refused by the config (its one-line ConfigError is the row's `reason`), not run.
+
 Measured memory (`--memory isolated`, the default): each method then runs its warm-up and timed steps again in a
 process of its own (bench.memory: forked from a server that only imported the libraries), so one method's
 allocations cannot hide another's. Its peak above that process's loaded baseline (model, batch and optimizer
@@ -49,12 +62,13 @@ import torch.nn.functional as F
 from unipt_scale.model import build_model, count_parameters  # noqa: I001
 from unipt_scale.backbone import BackboneLoadError, HFBackbone, load_backbone
 from unipt_scale.bench.kernels import saved_tensor_bytes
-from unipt_scale.bench.memory import IsolatedRunError, PeakMeter, run_isolated
+from unipt_scale.bench.memory import IsolatedRunError, PeakMeter, is_refusal, one_line, run_isolated
 from unipt_scale.atomic import atomic_write_json
 from unipt_scale.config import (DEFAULT_LR, BackboneConfig, ConfigError, LoRAConfig, RunConfig, TaskConfig,
                                 TrainConfig, validate)
 from unipt_scale.engine import autocast_dtype, param_groups
 from unipt_scale.methods import resolve_lora_targets
+from unipt_scale.quantization import SCHEMES, frozen_weight_bytes
 
 METHODS = ("unipt", "linear_probe", "lora", "full")
 NUM_CLASSES = 3
@@ -65,6 +79,11 @@ ISOLATED_FIELDS = ("peak_memory_bytes", "peak_rss_above_baseline", "rss_baseline
                    "rss_method", "cuda_loaded_allocated", "cuda_peak_allocated", "cuda_peak_above_loaded",
                    "isolated_step_ms_median", "isolated_step_ms", "isolated_process_wall_s")
 ISOLATED_TARGET = "unipt_scale.bench.methods:isolated_method"
+# A quantized row over the same method's row at quantization=none.
+VS_NONE_FIELDS = ("peak_memory_bytes", "step_ms_median", "isolated_step_ms_median", "frozen_weight_bytes",
+                  "cuda_max_allocated")
+# The per-scheme parts of the result (the top level holds the first scheme's, as before there were schemes).
+SCHEME_KEYS = ("methods", "frozen_forward", "ratios_vs_full", "ratios_vs_lora", "summary")
 SYNTHETIC_WORDS = ("the a this that my our new old good bad great awful happy sad love hate fine okay movie food "
                    "day night city road car train book song game team phone weather coffee music friend work "
                    "really very not never always today tomorrow is was feels looks seems got made went").split()
@@ -77,8 +96,8 @@ class BenchInputError(ValueError):
 # --------------------------------------------------------------------------------------------------------------
 # Building the methods
 # --------------------------------------------------------------------------------------------------------------
-def _load(path: str) -> HFBackbone:
-    bb = load_backbone(BackboneConfig(path=path))
+def _load(path: str, quantization: str = "none") -> HFBackbone:
+    bb = load_backbone(BackboneConfig(path=path, quantization=quantization))
     if not isinstance(bb, HFBackbone) or bb.tokenizer is None:
         raise BenchInputError(f"--backbone {path!r} is not a text model with a tokenizer; this benchmark feeds "
                               "tokenized text (pass a local HF text-model directory)")
@@ -86,22 +105,30 @@ def _load(path: str) -> HFBackbone:
 
 
 def method_config(name: str, path: str, lora_r: int = 8, lora_alpha: int = 16,
-                  lora_targets: Optional[List[str]] = None) -> RunConfig:
+                  lora_targets: Optional[List[str]] = None, quantization: str = "none") -> RunConfig:
     """The run config the trainer would get for `method=name` on this backbone (validated, learning rate
-    resolved to the method's default)."""
-    cfg = RunConfig(method=name, backbone=BackboneConfig(path=path), task=TaskConfig(num_classes=NUM_CLASSES),
+    resolved to the method's default); a ConfigError where the config refuses it (full on a quantized base)."""
+    cfg = RunConfig(method=name, backbone=BackboneConfig(path=path, quantization=quantization),
+                    task=TaskConfig(num_classes=NUM_CLASSES),
                     lora=LoRAConfig(r=lora_r, alpha=lora_alpha, targets=list(lora_targets) if lora_targets else "auto"))
     validate(cfg)
     return cfg
 
 
+def label(name: str, scheme: str = "none") -> str:
+    """The printed name of a (method, scheme) row: LoRA on a quantized base is QLoRA."""
+    if scheme == "none":
+        return name
+    return f"{'QLoRA' if name == 'lora' else name}@{scheme}"
+
+
 def build_method(name: str, path: str, lora_r: int, lora_alpha: int,
-                 lora_targets: Optional[List[str]]) -> tuple:
+                 lora_targets: Optional[List[str]], quantization: str = "none") -> tuple:
     """(task model, the call that runs just its backbone the way training does, notes) for one method, built by
     model.build_model exactly as the trainer builds it."""
     if name not in METHODS:
         raise BenchInputError(f"unknown method {name!r}")
-    model = build_model(method_config(name, path, lora_r, lora_alpha, lora_targets))
+    model = build_model(method_config(name, path, lora_r, lora_alpha, lora_targets, quantization))
     enc = model.encoder
     if name == "unipt":
         return model, (lambda batch: enc.backbone(batch)), {}
@@ -165,6 +192,7 @@ class Runner:
                  notes: dict, per_step_cuda_peak: bool = True):
         self.name, self.model, self.backbone_call, self.notes = name, model.to(device), backbone_call, notes
         self.per_step_cuda_peak = per_step_cuda_peak
+        self.loaded_weight_bytes = frozen_weight_bytes(self.model)  # as loaded, before a forward repacks any
         self.batch = batch
         self.device = device
         self.amp_dtype = amp_dtype
@@ -225,7 +253,8 @@ class Runner:
         ms = [t * 1e3 for t in self.times]
         rec = dict(step_ms_median=statistics.median(ms), step_ms_min=min(ms), step_ms_max=max(ms), step_ms=ms,
                    trainable_params=counts["trainable_params"], frozen_params=counts["frozen_params"],
-                   optimizer_bytes=_state_bytes(self.optimizer),
+                   optimizer_bytes=_state_bytes(self.optimizer), frozen_weight_bytes=self.loaded_weight_bytes,
+                   frozen_weight_bytes_after_steps=frozen_weight_bytes(self.model),
                    cuda_max_allocated=max(self.cuda_peaks) if self.cuda_peaks else None,
                    loss_first=self.losses[0], loss_last=self.losses[-1])
         rec.update(self.memory())
@@ -239,6 +268,7 @@ class FrozenForward:
     def __init__(self, backbone: HFBackbone, batch, device, amp_dtype):
         self.backbone = backbone.to(device)
         self.backbone.tap(range(backbone.num_hidden_states))
+        self.weight_bytes = frozen_weight_bytes(backbone.model, frozen_only=False)  # as loaded
         self.batch, self.device, self.amp_dtype = batch, device, amp_dtype
         self.times: List[float] = []
 
@@ -258,7 +288,7 @@ class FrozenForward:
     def record(self) -> dict:
         ms = [t * 1e3 for t in self.times]
         return dict(ms_median=statistics.median(ms), ms_min=min(ms), ms_max=max(ms), ms=ms,
-                    tapped_hidden_states=len(self.backbone.layer_indices))
+                    tapped_hidden_states=len(self.backbone.layer_indices), frozen_weight_bytes=self.weight_bytes)
 
 
 def isolated_method(spec: dict) -> dict:
@@ -269,7 +299,7 @@ def isolated_method(spec: dict) -> dict:
     batch = {k: torch.tensor(v, dtype=torch.long).to(device) for k, v in spec["batch"].items()}
     torch.manual_seed(0)
     model, bb_call, notes = build_method(spec["method"], spec["backbone"], spec["lora_r"], spec["lora_alpha"],
-                                         spec["lora_targets"])
+                                         spec["lora_targets"], spec.get("quantization", "none"))
     runner = Runner(spec["method"], model, bb_call, batch, device, spec_dtype(spec["precision"]), notes,
                     per_step_cuda_peak=False)
     meter = PeakMeter(device).start()
@@ -282,7 +312,7 @@ def isolated_method(spec: dict) -> dict:
     counts = count_parameters(runner.model)
     return dict(memory, step_ms=ms, step_ms_median=statistics.median(ms),
                 trainable_params=counts["trainable_params"], optimizer_bytes=_state_bytes(runner.optimizer),
-                loss_last=runner.losses[-1])
+                frozen_weight_bytes=runner.loaded_weight_bytes, loss_last=runner.losses[-1])
 
 
 def spec_dtype(name: Optional[str]):
@@ -294,31 +324,36 @@ def measure_isolated(names: List[str], spec: dict, log=print) -> Dict[str, dict]
     """Every method's isolated record, each from its own process (raises BenchInputError with the child's
     one line when a method cannot run)."""
     out = {}
+    tag = "" if spec.get("quantization", "none") == "none" else f" ({spec['quantization']} base)"
     for name in names:
         try:
             res = run_isolated(ISOLATED_TARGET, dict(spec, method=name))
         except IsolatedRunError as err:
-            raise BenchInputError(f"{name} in its own process: {err}") from None
+            raise BenchInputError(f"{name}{tag} in its own process: {err}") from None
         if "error" in res:
-            raise BenchInputError(f"{name} in its own process: {res['error']['message']}")
+            raise BenchInputError(f"{name}{tag} in its own process: {res['error']['message']}")
         rec = res["result"]
         out[name] = dict({k: rec.get(k) for k in ISOLATED_FIELDS if k in rec},
                          isolated_step_ms_median=rec["step_ms_median"], isolated_step_ms=rec["step_ms"],
                          isolated_process_wall_s=res["process_wall_s"],
                          isolated_trainable_params=rec["trainable_params"],
-                         isolated_optimizer_bytes=rec["optimizer_bytes"])
-        log(f"# {name} (own process): peak {_human(out[name]['peak_memory_bytes'])} above its loaded baseline, "
+                         isolated_optimizer_bytes=rec["optimizer_bytes"],
+                         isolated_frozen_weight_bytes=rec["frozen_weight_bytes"])
+        log(f"# {label(name, spec.get('quantization', 'none'))} (own process): peak "
+            f"{_human(out[name]['peak_memory_bytes'])} above its loaded baseline, "
             f"{out[name]['isolated_step_ms_median']:.1f} ms/step")
     return out
 
 
 def ratios(methods: Dict[str, dict], base: str) -> Dict[str, Dict[str, Optional[float]]]:
     """Every method's RATIO_FIELDS divided by the base method's (None where either side is unmeasured or 0)."""
-    if base not in methods:
+    if base not in methods or methods[base].get("status") == "refused":
         return {}
     b = methods[base]
     out = {}
     for name, m in methods.items():
+        if m.get("status") == "refused":
+            continue
         out[name] = {k: (m[k] / b[k] if m.get(k) is not None and b.get(k) else None) for k in RATIO_FIELDS}
     return out
 
@@ -339,17 +374,25 @@ def _count(v) -> str:
     return f"{v / 1e6:.2f}M" if v >= 1e5 else f"{v:,}"
 
 
-def table(methods: Dict[str, dict]) -> str:
-    head = (f"{'method':13} {'step ms':>8} {'min-max ms':>15} {'saved':>8} {'in backbone':>11} {'trainable':>10} "
-            f"{'grads':>8} {'AdamW':>8} {'cuda peak':>9} {'peak mem':>9} {'own ms':>8}")
+def table(methods: Dict[str, dict], scheme: Optional[str] = None) -> str:
+    """One line per method; with `scheme`, the rows are named by label() and carry their frozen weight bytes."""
+    w = 13 if scheme is None else 18
+    head = (f"{'method':{w}} {'step ms':>8} {'min-max ms':>15} {'saved':>8} {'in backbone':>11} {'trainable':>10} "
+            f"{'grads':>8} {'AdamW':>8} {'cuda peak':>9} {'peak mem':>9} {'own ms':>8}"
+            + (f" {'frozen W':>9}" if scheme is not None else ""))
     rows = [head]
     for name, m in methods.items():
+        shown = name if scheme is None else label(name, scheme)
+        if m.get("status") == "refused":
+            rows.append(f"{shown:{w}} refused: {m['reason']}")
+            continue
         own = m.get("isolated_step_ms_median")
-        rows.append(f"{name:13} {m['step_ms_median']:8.1f} {m['step_ms_min']:7.1f}-{m['step_ms_max']:<7.1f} "
+        rows.append(f"{shown:{w}} {m['step_ms_median']:8.1f} {m['step_ms_min']:7.1f}-{m['step_ms_max']:<7.1f} "
                     f"{_human(m['saved_bytes']):>8} {_human(m['saved_bytes_backbone']):>11} "
                     f"{_count(m['trainable_params']):>10} {_human(m['grad_bytes']):>8} "
                     f"{_human(m['optimizer_bytes']):>8} {_human(m['cuda_max_allocated']):>9} "
-                    f"{_human(m.get('peak_memory_bytes')):>9} {'-' if own is None else format(own, '.1f'):>8}")
+                    f"{_human(m.get('peak_memory_bytes')):>9} {'-' if own is None else format(own, '.1f'):>8}"
+                    + (f" {_human(m.get('frozen_weight_bytes')):>9}" if scheme is not None else ""))
     return "\n".join(rows)
 
 
@@ -358,6 +401,8 @@ def summary(records: Dict[str, dict], rat_full: dict, rat_lora: dict, frozen: Op
     forward alone (None where a side is missing)."""
     ff = frozen["ms_median"] if frozen else None
     unipt = records.get("unipt")
+    if unipt is not None and unipt.get("status") == "refused":
+        unipt = None
     return {"unipt_over_full": rat_full.get("unipt"), "unipt_over_lora": rat_lora.get("unipt"),
             "frozen_forward_ms_median": ff,
             "unipt_step_over_frozen_forward": unipt["step_ms_median"] / ff if unipt and ff else None,
@@ -370,11 +415,63 @@ def ratio_table(rat: Dict[str, Dict[str, Optional[float]]], base: str) -> str:
     cols = [("step_ms_median", "time"), ("saved_bytes", "saved"), ("trainable_params", "trainable"),
             ("optimizer_bytes", "AdamW"), ("grad_bytes", "grads"), ("cuda_max_allocated", "cuda peak"),
             ("peak_memory_bytes", "peak mem"), ("isolated_step_ms_median", "own time")]
-    rows = [f"ratio vs {base:6} " + " ".join(f"{label:>10}" for _, label in cols)]
+    rows = [f"ratio vs {base:6} " + " ".join(f"{head:>10}" for _, head in cols)]
     for name, r in rat.items():
         rows.append(f"  {name:13}  " + " ".join(f"{'-' if r[k] is None else format(r[k], '.4g'):>10}"
                                                   for k, _ in cols))
     return "\n".join(rows)
+
+
+def vs_none(schemes: Dict[str, dict]) -> None:
+    """Each quantized scheme's completed rows get `vs_none`: VS_NONE_FIELDS over the same method's at `none`
+    (a field is None where either side is unmeasured or 0; the whole entry None without a completed `none` row)."""
+    base = schemes.get("none", {}).get("methods", {})
+    for scheme, part in schemes.items():
+        if scheme == "none":
+            continue
+        for name, m in part["methods"].items():
+            if m.get("status") == "refused":
+                continue
+            b = base.get(name)
+            if b is None or b.get("status") == "refused":
+                m["vs_none"] = None
+                continue
+            m["vs_none"] = {k: (m[k] / b[k] if m.get(k) is not None and b.get(k) else None) for k in VS_NONE_FIELDS}
+
+
+def rows(schemes: Dict[str, dict]) -> List[dict]:
+    """One flat row per (method, scheme): what the quantization comparison reads (the full records are under
+    `schemes`)."""
+    out = []
+    for scheme, part in schemes.items():
+        for name, m in part["methods"].items():
+            row = {"method": name, "scheme": scheme, "label": label(name, scheme),
+                   "status": m.get("status", "completed")}
+            if row["status"] == "refused":
+                row["reason"] = m["reason"]
+            else:
+                row.update({k: m.get(k) for k in ("frozen_weight_bytes", "peak_memory_bytes", "step_ms_median",
+                                                  "isolated_step_ms_median", "cuda_max_allocated",
+                                                  "trainable_params")})
+                row["vs_none"] = m.get("vs_none") if scheme != "none" else None
+            out.append(row)
+    return out
+
+
+def vs_none_table(schemes: Dict[str, dict]) -> str:
+    cols = [("frozen_weight_bytes", "frozen W"), ("peak_memory_bytes", "peak mem"), ("step_ms_median", "time"),
+            ("isolated_step_ms_median", "own time"), ("cuda_max_allocated", "cuda peak")]
+    out = [f"{'ratio vs same method at none':30} " + " ".join(f"{head:>10}" for _, head in cols)]
+    for scheme, part in schemes.items():
+        if scheme == "none":
+            continue
+        for name, m in part["methods"].items():
+            r = m.get("vs_none")
+            if m.get("status") == "refused" or r is None:
+                continue
+            out.append(f"  {label(name, scheme):28} " + " ".join(
+                f"{'-' if r[k] is None else format(r[k], '.4g'):>10}" for k, _ in cols))
+    return "\n".join(out)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -405,11 +502,26 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--memory", choices=("isolated", "off"), default="isolated",
                    help="isolated: also run each method in a process of its own and record its peak memory above "
                         "that process's loaded baseline and its step time; off: in-process measurements only")
+    p.add_argument("--quantization", default="none",
+                   help=f"comma list of {', '.join(SCHEMES)}: every method again on the backbone quantized that way "
+                        "(backbone.quantization; LoRA on a quantized base is QLoRA, full is refused)")
     p.add_argument("--json", metavar="FILE", help="write config, device, per-method records and ratios here")
     return p
 
 
+def parse_schemes(text: str, flag: str = "--quantization") -> List[str]:
+    """A comma list of quantization schemes, each once."""
+    schemes = [q.strip() for q in text.split(",") if q.strip()]
+    bad = [q for q in schemes if q not in SCHEMES]
+    if bad or not schemes:
+        raise BenchInputError(f"{flag}: unknown {bad or 'empty list'}; choose from {', '.join(SCHEMES)}")
+    if len(set(schemes)) != len(schemes):
+        raise BenchInputError(f"{flag} lists a scheme twice: {text}")
+    return schemes
+
+
 def _check(args) -> List[str]:
+    parse_schemes(args.quantization)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
@@ -429,12 +541,84 @@ def _check(args) -> List[str]:
     return methods
 
 
+def _measure_scheme(args, methods: List[str], scheme: str, probe: HFBackbone, batch: dict, plain_batch: dict,
+                    targets, device, amp_dtype, order: str, log=print) -> dict:
+    """Every method on the backbone at one quantization scheme: in-process rotation (or sequence), then each in
+    its own process. Methods the config refuses on this base are recorded with the ConfigError's one line."""
+    records: Dict[str, dict] = {}
+    runnable = []
+    for name in methods:
+        try:
+            method_config(name, args.backbone, args.lora_r, args.lora_alpha, targets, scheme)
+            runnable.append(name)
+        except ConfigError as err:
+            records[name] = {"status": "refused", "reason": one_line(err), "scheme": scheme}
+            log(f"# {label(name, scheme)}: refused ({records[name]['reason']})")
+    frozen = FrozenForward(probe, batch, device, amp_dtype)
+
+    def build(name: str) -> Runner:
+        torch.manual_seed(0)
+        try:
+            model, bb_call, notes = build_method(name, args.backbone, args.lora_r, args.lora_alpha, targets, scheme)
+        except BackboneLoadError as err:
+            if is_refusal(err):
+                raise ConfigError(str(err)) from None
+            raise
+        return Runner(name, model, bb_call, batch, device, amp_dtype, notes)
+
+    measured: Dict[str, dict] = {}
+    if order == "sequential":
+        for _ in range(args.warmup):
+            frozen.step(timed=False)
+        for _ in range(args.steps):
+            frozen.step(timed=True)
+        for name in runnable:
+            r = build(name)
+            for _ in range(args.warmup):
+                r.step(timed=False)
+            for _ in range(args.steps):
+                r.step(timed=True)
+            measured[name] = r.record()
+            log(f"# {label(name, scheme)}: {measured[name]['step_ms_median']:.1f} ms/step")
+            del r
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    else:
+        runners = [build(name) for name in runnable]
+        for _ in range(args.warmup):
+            for r in runners + [frozen]:
+                r.step(timed=False)
+        for _ in range(args.steps):
+            for r in runners + [frozen]:
+                r.step(timed=True)
+        for r in runners:
+            measured[r.name] = r.record()
+        del runners
+    frozen_rec = dict(frozen.record(), scheme=scheme)
+    del frozen
+    for rec in measured.values():
+        rec.update({k: None for k in ISOLATED_FIELDS})
+        rec.update(status="completed", scheme=scheme)
+    if args.memory == "isolated" and runnable:
+        spec = dict(backbone=args.backbone, batch=plain_batch, threads=torch.get_num_threads(), device=str(device),
+                    precision=str(amp_dtype).replace("torch.", "") if amp_dtype else None, warmup=args.warmup,
+                    steps=args.steps, lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_targets=targets,
+                    quantization=scheme)
+        for name, iso in measure_isolated(runnable, spec, log).items():
+            measured[name].update(iso)
+    records = {name: records.get(name) or measured[name] for name in methods}
+    rat_full, rat_lora = ratios(records, "full"), ratios(records, "lora")
+    return {"methods": records, "frozen_forward": frozen_rec, "ratios_vs_full": rat_full, "ratios_vs_lora": rat_lora,
+            "summary": summary(records, rat_full, rat_lora, frozen_rec)}
+
+
 def run(args, methods: List[str], log=print) -> dict:
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
                           else "cpu")
     amp_dtype = autocast_dtype(args.precision, device)
     order = args.order if args.order != "auto" else ("sequential" if device.type == "cuda" else "interleaved")
     targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()] if args.lora_targets else None
+    schemes = parse_schemes(getattr(args, "quantization", "none"))
 
     probe = _load(args.backbone)
     if "lora" in methods:  # the flag's own name in the one line, before any model is built
@@ -447,75 +631,57 @@ def run(args, methods: List[str], log=print) -> dict:
     real = batch["attention_mask"].float().mean().item()
     plain_batch = {k: v.tolist() for k, v in batch.items()}
     batch = {k: v.to(device) for k, v in batch.items()}
-    frozen = FrozenForward(probe, batch, device, amp_dtype)
 
-    def build(name: str) -> Runner:
-        torch.manual_seed(0)
-        model, bb_call, notes = build_method(name, args.backbone, args.lora_r, args.lora_alpha, targets)
-        return Runner(name, model, bb_call, batch, device, amp_dtype, notes)
-
-    records: Dict[str, dict] = {}
     load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
     t0 = time.perf_counter()
-    if order == "sequential":
-        for _ in range(args.warmup):
-            frozen.step(timed=False)
-        for _ in range(args.steps):
-            frozen.step(timed=True)
-        for name in methods:
-            r = build(name)
-            for _ in range(args.warmup):
-                r.step(timed=False)
-            for _ in range(args.steps):
-                r.step(timed=True)
-            records[name] = r.record()
-            log(f"# {name}: {records[name]['step_ms_median']:.1f} ms/step")
-            del r
+    parts: Dict[str, dict] = {}
+    for scheme in schemes:
+        if scheme != "none" or probe is None:
+            probe = None
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    else:
-        runners = [build(name) for name in methods]
-        for _ in range(args.warmup):
-            for r in runners + [frozen]:
-                r.step(timed=False)
-        for _ in range(args.steps):
-            for r in runners + [frozen]:
-                r.step(timed=True)
-        for r in runners:
-            records[r.name] = r.record()
-        del runners
-    frozen_rec = frozen.record()
-    del frozen, probe
-    for rec in records.values():
-        rec.update({k: None for k in ISOLATED_FIELDS})
-    if args.memory == "isolated":
-        spec = dict(backbone=args.backbone, batch=plain_batch, threads=torch.get_num_threads(), device=str(device),
-                    precision=str(amp_dtype).replace("torch.", "") if amp_dtype else None, warmup=args.warmup,
-                    steps=args.steps, lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_targets=targets)
-        for name, iso in measure_isolated(methods, spec, log).items():
-            records[name].update(iso)
+            try:
+                probe = _load(args.backbone, scheme)
+            except BackboneLoadError as err:
+                raise BenchInputError(f"--quantization {scheme}: {one_line(err)}") from None
+        parts[scheme] = _measure_scheme(args, methods, scheme, probe, batch, plain_batch, targets, device,
+                                        amp_dtype, order, log)
+        probe = None
+    vs_none(parts)
     wall = time.perf_counter() - t0
     load_end = os.getloadavg() if hasattr(os, "getloadavg") else None
 
+    first = parts[schemes[0]]
+    every = [m for part in parts.values() for m in part["methods"].values()]
+    lora_targets = next((m["lora_targets"] for m in every if m.get("lora_targets")), targets)
+    rss = next((m.get("rss_method") for m in every if m.get("rss_method")), None)
     config = dict(backbone=args.backbone, methods=methods, batch=args.batch, seq=args.seq, steps=args.steps,
                   warmup=args.warmup, threads=torch.get_num_threads(), text=source, real_token_fraction=real,
                   num_classes=NUM_CLASSES, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
-                  lora_targets=records.get("lora", {}).get("lora_targets", targets),
+                  lora_targets=lora_targets,
                   precision=str(amp_dtype or "float32").replace("torch.", ""), order=order,
                   optimizer="AdamW (trainer's param groups, each method's default lr, TrainConfig's weight decay)",
                   lr={name: DEFAULT_LR[name] for name in methods},
                   backbone_train_mode={name: False for name in METHODS},
                   memory=args.memory,
-                  memory_method=(records[methods[0]].get("rss_method") if args.memory == "isolated" else None),
+                  memory_method=(rss if args.memory == "isolated" else None),
+                  quantization=schemes,
+                  quantization_note=("each scheme is backbone.quantization (bitsandbytes, unipt_scale.quantization);"
+                                     " the top-level methods, frozen_forward, ratios and summary are the first "
+                                     "scheme's, `schemes` holds every scheme's, `rows` one line per (method, "
+                                     "scheme); frozen_weight_bytes = resident bytes of the weights that do not "
+                                     "train (quantization.frozen_weight_bytes); vs_none = a quantized row over the "
+                                     "same method at none; lora on a quantized base is QLoRA"),
                   torch=torch.__version__, host=platform.node() or "host", wall_s=wall,
                   loadavg_start=list(load_start) if load_start else None,
                   loadavg_end=list(load_end) if load_end else None)
     dev = (f"cuda: {torch.cuda.get_device_name(device)}" if device.type == "cuda"
            else f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
-    rat_full, rat_lora = ratios(records, "full"), ratios(records, "lora")
-    return {"config": config, "device": dev, "methods": records, "frozen_forward": frozen_rec,
-            "ratios_vs_full": rat_full, "ratios_vs_lora": rat_lora,
-            "summary": summary(records, rat_full, rat_lora, frozen_rec)}
+    out = {"config": config, "device": dev}
+    out.update({k: first[k] for k in SCHEME_KEYS})
+    out["schemes"] = parts
+    out["rows"] = rows(parts)
+    return out
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -541,15 +707,24 @@ def main(argv: Optional[List[str]] = None) -> int:
     if cfg["loadavg_start"]:
         print(f"# load average at start {cfg['loadavg_start'][0]:.2f}, at end {cfg['loadavg_end'][0]:.2f} "
               f"({os.cpu_count()} CPUs)")
-    print(table(result["methods"]))
-    for base in ("full", "lora"):
-        rat = result[f"ratios_vs_{base}"]
-        if rat:
-            print(ratio_table(rat, base))
-    ff, summ = result["frozen_forward"], result["summary"]
-    print(f"# frozen forward alone ({ff['tapped_hidden_states']} hidden states, no grad): {ff['ms_median']:.1f} ms"
-          + (f"; UniPT step / frozen forward {summ['unipt_step_over_frozen_forward']:.2f}"
-             if summ["unipt_step_over_frozen_forward"] else ""))
+    plain = cfg["quantization"] == ["none"]
+    for scheme, part in result["schemes"].items():
+        if not plain:
+            print(f"# backbone.quantization={scheme}" + (" (LoRA on it is QLoRA)" if scheme != "none" else ""))
+        print(table(part["methods"], None if plain else scheme))
+        for base in ("full", "lora"):
+            rat = part[f"ratios_vs_{base}"]
+            if rat:
+                print(ratio_table(rat, base if plain else label(base, scheme)))
+        ff, summ = part["frozen_forward"], part["summary"]
+        print(f"# frozen forward alone ({ff['tapped_hidden_states']} hidden states, no grad): {ff['ms_median']:.1f} ms"
+              + (f"; UniPT step / frozen forward {summ['unipt_step_over_frozen_forward']:.2f}"
+                 if summ["unipt_step_over_frozen_forward"] else "")
+              + ("" if plain else f"; its weights {_human(ff['frozen_weight_bytes'])}"))
+    if len(result["schemes"]) > 1 and "none" in result["schemes"]:
+        print(vs_none_table(result["schemes"]))
+        print("# frozen W = resident bytes of the weights that do not train (quantized codes and scales from their "
+              "storages)")
     print("# saved = bytes autograd keeps for backward in one forward (distinct storages, parameters and batch "
           "excluded); in backbone = the part saved inside the backbone's forward")
     if cfg["memory"] == "isolated":

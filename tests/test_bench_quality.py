@@ -351,3 +351,145 @@ def test_headline_linear_probe_is_not_applicable(out):
     assert all(s["methods"][m]["status"] == "completed" for m in ("unipt", "lora", "full"))
     table = quality.table(res)
     assert "zero_shot" in table and "linear_probe  refused: method=linear_probe has nothing" in table
+
+
+# ---------------------------------------------------------------------------------------------- quantized base
+QSEEDS = 2
+
+
+@pytest.fixture(scope="module")
+def quant(tmp_path_factory):
+    """tweets-minilm at none and int8: none sweeps, int8 reuses each method's chosen learning rate."""
+    root = tmp_path_factory.mktemp("quality-quant")
+    path = root / "q.json"
+    rc = quality.main(["--quick", "--suite", "tweets-minilm", "--quantization", "none,int8", "--methods",
+                       "unipt,lora,full", "--seeds", str(QSEEDS), "--lr-factors", "0.5,2", "--threads", "1",
+                       "--json", str(path), "--work-dir", str(root / "work")])
+    assert rc == 0
+    return json.loads(path.read_text()), root
+
+
+def test_quantized_runs_reuse_the_none_sweeps_learning_rate(quant):
+    res, _ = quant
+    assert res["schema"] == quality.SCHEMA and res["config"]["quantization"] == ["none", "int8"]
+    s = res["suites"]["tweets-minilm"]
+    assert list(s["schemes"]) == ["int8"] and s["quantization"]["reference"] == "none"
+    none, int8 = s["methods"], s["schemes"]["int8"]["methods"]
+    for m in ("unipt", "lora"):
+        r = int8[m]
+        assert r["status"] == "completed" and r["scheme"] == "int8", (m, r.get("reason"))
+        assert "lr_sweep" not in r and r["lr_source"] == quality.LR_FROM_NONE, "no sweep of its own"
+        assert r["lr"] == none[m]["lr_sweep"]["chosen_lr"] == none[m]["lr"]
+        assert [x["lr"] for x in r["runs"]] == [r["lr"]] * QSEEDS and [x["seed"] for x in r["runs"]] == [0, 1]
+        assert all(x["scheme"] == "int8" for x in r["runs"])
+        _close(r["metric"], [x["test"]["accuracy"] for x in r["runs"]])
+        _close(r["peak_memory_bytes"], [x["memory"]["peak_memory_bytes"] for x in r["runs"]])
+        _close(r["step_ms_median"], [x["step_ms_median"] for x in r["runs"]])
+        assert r["trainable_params"] == none[m]["trainable_params"], m
+        assert 0 < r["frozen_weight_bytes"] < 0.6 * none[m]["frozen_weight_bytes"], m  # int8 linears
+    full = int8["full"]
+    assert full["status"] == "refused" and "method=full trains every backbone weight" in full["reason"]
+    assert "runs" not in full and s["schemes"]["int8"]["ratios"]["unipt_over_full"] is None
+    assert none["full"]["status"] == "completed"  # the none runs are today's
+
+
+def test_quantized_deltas_are_the_difference_of_the_recorded_means(quant):
+    res, _ = quant
+    s = res["suites"]["tweets-minilm"]
+    rows = {(r["method"], r["scheme"]): r for r in s["quantization"]["rows"]}
+    assert set(rows) == {(m, q) for m in ("unipt", "lora", "full") for q in ("none", "int8")}
+    for (m, q), row in rows.items():
+        rec = (s["methods"] if q == "none" else s["schemes"][q]["methods"])[m]
+        assert row["status"] == rec["status"] and row["label"] == quality.label(m, q)
+        if rec["status"] == "refused":
+            assert row["reason"] == rec["reason"] and "metric" not in row
+            continue
+        assert row["metric"]["mean"] == rec["metric"]["mean"] and row["metric"]["std"] == rec["metric"]["std"]
+        assert row["peak_memory_bytes"] == rec["peak_memory_bytes"]["mean"]
+        assert row["step_ms_median"] == rec["step_ms_median"]["mean"]
+        assert row["frozen_weight_bytes"] == rec["frozen_weight_bytes"] == rec["runs"][0]["frozen_weight_bytes"]
+        if q == "none":
+            assert row["delta_vs_none"] is None
+        else:
+            assert row["delta_vs_none"] == pytest.approx(
+                statistics.fmean(x["test"]["accuracy"] for x in rec["runs"])
+                - statistics.fmean(x["test"]["accuracy"] for x in s["methods"][m]["runs"]), abs=1e-12)
+    assert rows["lora", "int8"]["label"] == "QLoRA@int8"
+    text = quality.table(res)
+    assert "QLoRA@int8" in text and "full@int8          refused: method=full" in text
+
+
+def test_quantized_frozen_bytes_are_unipt_infos_count(quant):
+    """The recorded bytes equal frozen_weight_bytes of the same config built apart from the benchmark."""
+    from unipt_scale.config import load_config
+    from unipt_scale.model import build_model
+    from unipt_scale.quantization import frozen_weight_bytes
+
+    res, _ = quant
+    s = res["suites"]["tweets-minilm"]
+    for q, methods in (("none", s["methods"]), ("int8", s["schemes"]["int8"]["methods"])):
+        for m in ("unipt", "lora"):
+            cfg = load_config(None, s["overrides"] + [f"method={m}", f"backbone.quantization={q}"])
+            assert methods[m]["frozen_weight_bytes"] == frozen_weight_bytes(build_model(cfg, num_classes=3)), (q, m)
+
+
+def test_quantized_charts_have_every_scheme(quant):
+    res, root = quant
+    charts = res["suites"]["tweets-minilm"]["charts"]
+    assert set(charts) == {"quality_vs_memory", "step_time"}
+    for path in charts.values():
+        with Image.open(path) as img:
+            img.verify()
+
+
+@pytest.fixture(scope="module")
+def quant_lm(tmp_path_factory):
+    """The headline suite (zero-shot per scheme) and the CNN suite (refused) at nf4, listed before none."""
+    root = tmp_path_factory.mktemp("quality-quant-lm")
+    path = root / "q.json"
+    rc = quality.main(["--quick", "--suite", f"{HEADLINES},fmnist-efficientnet", "--quantization", "nf4,none",
+                       "--methods", "unipt", "--seeds", "1", "--lr-factors", "1", "--threads", "1",
+                       "--json", str(path)])
+    assert rc == 0
+    return json.loads(path.read_text())
+
+
+def test_headline_zero_shot_per_scheme_and_cnn_refusal(quant_lm):
+    res = quant_lm
+    assert res["config"]["quantization"] == ["none", "nf4"], "none runs first: the others reuse its choices"
+    s = res["suites"][HEADLINES]
+    z, zq = s["zero_shot"], s["schemes"]["nf4"]["zero_shot"]
+    assert z["status"] == zq["status"] == "completed" and zq["scheme"] == "nf4"
+    assert zq["runs"][0]["set_up_as"] == "method=unipt" and z["runs"][0]["set_up_as"] == "method=full"
+    assert zq["trainable_params"] == 0 and zq["steps"] == 0
+    assert 0 < zq["frozen_weight_bytes"] < z["frozen_weight_bytes"]
+    rouge, _ = _rouge_reference(zq["runs"][0]["generations"]["test"])
+    assert zq["metric"]["mean"] == pytest.approx(rouge, abs=1e-12)
+    rows = {(r["method"], r["scheme"]): r for r in s["quantization"]["rows"]}
+    assert rows["zero_shot", "nf4"]["delta_vs_none"] == pytest.approx(zq["metric"]["mean"] - z["metric"]["mean"])
+    u = s["schemes"]["nf4"]["methods"]["unipt"]
+    assert u["status"] == "completed" and u["lr"] == s["methods"]["unipt"]["lr"]
+    cnn = res["suites"]["fmnist-efficientnet"]
+    assert cnn["methods"]["unipt"]["status"] == "completed"
+    refused = cnn["schemes"]["nf4"]["methods"]["unipt"]
+    assert refused["status"] == "refused" and "is a convolutional network" in refused["reason"]
+    assert "\n" not in refused["reason"]
+
+
+def test_without_none_a_quantized_scheme_sweeps(tmp_path):
+    path = tmp_path / "q.json"
+    assert quality.main(["--quick", "--suite", "tweets-minilm", "--quantization", "int8", "--methods",
+                         "linear_probe", "--seeds", "1", "--lr-factors", "1", "--threads", "1",
+                         "--json", str(path)]) == 0
+    r = json.loads(path.read_text())["suites"]["tweets-minilm"]["methods"]["linear_probe"]
+    assert r["status"] == "completed" and r["scheme"] == "int8" and r["lr_source"] == quality.LR_OWN_SWEEP
+    assert r["lr_sweep"]["chosen_lr"] == r["lr"] and len(r["lr_sweep"]["runs"]) == 1
+
+
+def test_scheme_lists_agree_and_bad_ones_are_one_line(tmp_path, capsys):
+    from unipt_scale import quantization
+    from unipt_scale.bench import headlines
+
+    assert quality.SCHEMES == headlines.SCHEMES == quantization.SCHEMES
+    assert quality.main(["--quick", "--quantization", "none,int4", "--json", str(tmp_path / "x.json")]) == 2
+    assert "--quantization: unknown ['int4']" in capsys.readouterr().err

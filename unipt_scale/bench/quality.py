@@ -44,8 +44,27 @@ temporary directory (BERT / MPNet / Llama configs saved with save_pretrained and
 whose convolutions are, like EfficientNet's, a Conv2d subclass, a LlamaForCausalLM with an untied head) on tiny
 synthetic data (for the headlines: BBC-layout article files whose headline is their body's first words), for CI.
 
-Charts (matplotlib, Agg): per suite, the test metric against peak memory per method (error bars over seeds),
-and the step time per method, as PNGs next to the JSON (or in --out-dir).
+Quantized frozen base (`--quantization none,int8,nf4`, a comma list; default `none`): every suite runs again with
+its frozen towers loaded quantized (`backbone.quantization=`, and `image_backbone.quantization=` for the retrieval
+suite's image tower; bitsandbytes, unipt_scale.quantization). The `none` runs are exactly the runs without the flag
+(sweep on val, then the seeds), and run first. A quantized run does **not** sweep: it reuses, per method, the
+learning rate that method's `none` sweep chose in the same invocation, and runs --seeds seeds at it, so its
+difference from the `none` row is the quantization's alone, not a different learning rate's (`lr_source` says so
+per record; where `none` is not listed, or its sweep chose nothing, the quantized runs sweep as usual). LoRA on a
+quantized base is the QLoRA baseline (labelled QLoRA). Per suite, method and scheme the record has the test metric
+mean ± std, `delta_vs_none` (its mean minus the `none` mean), peak memory, step time and `frozen_weight_bytes`
+(resident bytes of the weights that do not train, counted from their storages by quantization.frozen_weight_bytes
+once the trainer has built the model, as `unipt info` reports them). What the model code refuses is recorded as a
+refusal with its one line: full fine-tuning on a quantized base (a ConfigError), and the CNN towers
+(EfficientNet, the quick stand-in CNN), which bitsandbytes cannot quantize. The causal-LM suite's zero-shot row is
+measured per scheme too: the frozen quantized model, set up as a fresh UniPT (whose side network adds exactly zero;
+method=full, the `none` row's set-up, is refused on a quantized base). The suite's `methods`, `zero_shot` and
+`ratios` are the first scheme's (`none` when listed), `schemes` holds the others' in the same shape, and
+`quantization.rows` is one line per (method, scheme) with the comparison.
+
+Charts (matplotlib, Agg): per suite, the test metric against peak memory per method (error bars over seeds; each
+quantization scheme its own marker, quantized points labelled method@scheme), and the step time per method and
+scheme, as PNGs next to the JSON (or in --out-dir).
 """
 from __future__ import annotations
 
@@ -70,7 +89,9 @@ from unipt_scale.atomic import atomic_write_bytes, atomic_write_json
 from unipt_scale.bench.memory import IsolatedRunError, PeakMeter, one_line, run_isolated
 from unipt_scale.config import DEFAULT_LR, METHODS, ConfigError
 
-SCHEMA = "unipt_scale.bench.quality/1"
+SCHEMES = ("none", "int8", "nf4")  # unipt_scale.quantization.SCHEMES (not imported here: it imports torch)
+
+SCHEMA = "unipt_scale.bench.quality/2"  # 2: per-scheme records (--quantization), frozen_weight_bytes per run
 RUN_TARGET = "unipt_scale.bench.quality:train_run"
 ZERO_SHOT_TARGET = "unipt_scale.bench.quality:zero_shot_run"
 PREPARE_TARGET = "unipt_scale.bench.quality:prepare_suite"
@@ -116,6 +137,8 @@ class Suite:
     # causal-LM suites: {"max_new_tokens"} of the greedy generations the metric scores (and a zero-shot row)
     generation: Optional[Dict[str, int]] = None
     quick_generation: Optional[Dict[str, int]] = None
+    # the config keys of the frozen towers --quantization quantizes
+    towers: List[str] = field(default_factory=lambda: ["backbone"])
 
 
 def _need(ok: bool, message: str) -> None:
@@ -250,7 +273,7 @@ def _retrieval() -> Suite:
     return Suite(name, "two towers (EfficientNet-Lite0 images, all-MiniLM-L6-v2 templated captions) from "
                        "configs/fashion_mnist_retrieval.yaml; a hit is an item of the same class", "rsum",
                  {"max_steps": 40, "batch_size": 64, "eval_batch_size": 256, "limit_eval": 1024},
-                 dict(QUICK_BUDGET, batch_size=16), real, quick)
+                 dict(QUICK_BUDGET, batch_size=16), real, quick, towers=["image_backbone", "backbone"])
 
 
 def _headlines() -> Suite:
@@ -507,6 +530,7 @@ def train_run(spec: dict) -> dict:
     import torch
 
     from unipt_scale.config import load_config
+    from unipt_scale.quantization import frozen_weight_bytes
     from unipt_scale.trainer import Callback, NonFiniteError, Trainer
 
     torch.set_num_threads(int(spec["threads"]))
@@ -526,6 +550,7 @@ def train_run(spec: dict) -> dict:
     failed = True
     try:
         trainer.setup()
+        weight_bytes = frozen_weight_bytes(trainer.model)  # as built, before a forward repacks any 4-bit weight
         meter = PeakMeter(trainer.engine.device).start()
         clock.marks.append(time.perf_counter())
         try:
@@ -548,6 +573,7 @@ def train_run(spec: dict) -> dict:
             "step_ms": steps_ms, "step_ms_median": statistics.median(steps_ms) if steps_ms else None,
             "wall_s": metrics["wall_time_s"], "trainable_params": metrics["trainable_params"],
             "frozen_params": metrics["frozen_params"], "optimizer_bytes": opt_bytes, "steps": metrics["steps"],
+            "frozen_weight_bytes": weight_bytes,
             "samples_seen": metrics["samples_seen"], "train_loss_first": losses[0] if losses else None,
             "train_loss_last": losses[-1] if losses else None, "device": str(trainer.engine.device)}
 
@@ -583,11 +609,13 @@ def _with_generation(metrics: dict, generated: Dict[str, dict]) -> dict:
 
 def zero_shot_run(spec: dict) -> dict:
     """The frozen pretrained model on a causal-LM suite: the trainer's set-up (method=full, so nothing is added
-    to the decoder) and its final evaluation with no optimizer step taken, then the same generations and scores
-    as every trained run. Greedy decoding: no seed enters it."""
+    to the decoder; on a quantized base method=unipt, whose fresh side network adds exactly zero) and its final
+    evaluation with no optimizer step taken, then the same generations and scores as every trained run. Greedy
+    decoding: no seed enters it."""
     import torch
 
     from unipt_scale.config import load_config
+    from unipt_scale.quantization import frozen_weight_bytes
     from unipt_scale.trainer import Trainer
 
     torch.set_num_threads(int(spec["threads"]))
@@ -596,14 +624,17 @@ def zero_shot_run(spec: dict) -> dict:
     failed = True
     try:
         trainer.setup()
+        # nothing trains here: every weight of the decoder is frozen (full's "trainable" ones included)
+        weight_bytes = frozen_weight_bytes(trainer.model, frozen_only=cfg.method != "full")
         metrics = trainer.finish()  # no fit(): the weights are the pretrained ones
         generated = generate_splits(trainer.model, cfg, spec["generation"])
         failed = False
     finally:
         trainer.close(failed)
+    frozen = metrics["frozen_params"] + (metrics["trainable_params"] if cfg.method == "full" else 0)
     return {"status": "completed", **_with_generation(metrics, generated), "steps": metrics["steps"],
-            "wall_s": metrics["wall_time_s"], "trainable_params": 0,
-            "frozen_params": metrics["trainable_params"] + metrics["frozen_params"],
+            "wall_s": metrics["wall_time_s"], "trainable_params": 0, "frozen_params": frozen,
+            "frozen_weight_bytes": weight_bytes, "set_up_as": f"method={cfg.method}",
             "device": str(trainer.engine.device)}
 
 
@@ -636,22 +667,26 @@ class Runner:
         self.threads, self.work, self.timeout_s, self.log = threads, work, timeout_s, log
         self.generation = generation
 
-    def overrides(self, method: str, lr: float, seed: int, out: str) -> List[str]:
+    def overrides(self, method: str, lr: float, seed: int, out: str, scheme: str = "none") -> List[str]:
+        quantized = [f"{tower}.quantization={scheme}" for tower in self.suite.towers] if scheme != "none" else []
         return (self.prepared.overrides + self.suite.extra + budget_overrides(self.budget)
                 + [f"method={method}", f"train.lr={lr!r}", f"train.seed={seed}", f"output_dir={out}",
                    f"train.num_threads={self.threads}", "train.tensorboard=false", "train.save=false",
-                   "train.log_every=1"])
+                   "train.log_every=1"] + quantized)
 
-    def _spec(self, method: str, lr: float, seed: int, name: str) -> tuple:
+    def _spec(self, method: str, lr: float, seed: int, name: str, scheme: str = "none") -> tuple:
         out = os.path.join(self.work, "runs", self.suite.name, name)
         os.makedirs(out, exist_ok=True)
-        return ({"overrides": self.overrides(method, lr, seed, out), "config_file": self.prepared.config_file,
+        return ({"overrides": self.overrides(method, lr, seed, out, scheme), "config_file": self.prepared.config_file,
                  "tiny_cnn": self.prepared.tiny_cnn, "threads": self.threads, "generation": self.generation},
                 os.path.join(out, "run.log"))
 
-    def zero_shot(self) -> dict:
-        """The frozen model's row (causal-LM suites): evaluation and generation, no training; one run."""
-        spec, log_path = self._spec("full", DEFAULT_LR["full"], 0, "zero_shot")
+    def zero_shot(self, scheme: str = "none") -> dict:
+        """The frozen model's row (causal-LM suites): evaluation and generation, no training; one run. On a
+        quantized base it is set up as a fresh UniPT (method=full is refused there), which adds exactly zero."""
+        method = "full" if scheme == "none" else "unipt"
+        name = "zero_shot" if scheme == "none" else f"zero_shot-{scheme}"
+        spec, log_path = self._spec(method, DEFAULT_LR[method], 0, name, scheme)
         try:
             res = run_isolated(ZERO_SHOT_TARGET, spec, timeout_s=self.timeout_s, log_path=log_path)
         except IsolatedRunError as err:
@@ -665,7 +700,7 @@ class Runner:
         if not _finite(value):
             return {"status": "failed", "reason": f"no finite test {metric}", "runs": [rec]}
         val = (rec.get("val") or {}).get(metric)
-        self.log(f"#   {self.suite.name} zero_shot: val {metric} {'-' if val is None else format(val, '.4f')}, "
+        self.log(f"#   {self.suite.name} {name}: val {metric} {'-' if val is None else format(val, '.4f')}, "
                  f"test {metric} {value:.4f}, {rec['wall_s']:.0f} s")
         numeric = sorted(k for k, v in rec["test"].items() if _finite(v) and k != "num_samples")
         return {"status": "completed", "note": "the frozen pretrained model: no training, greedy decoding (no "
@@ -674,20 +709,21 @@ class Runner:
                 "test": {k: stats([rec["test"][k]]) for k in numeric}, "val_metric": _stats_or_none([val]),
                 "peak_memory_bytes": None, "step_ms_median": None, "wall_s": stats([rec["wall_s"]]),
                 "process_wall_s": stats([rec["process_wall_s"]]), "trainable_params": 0,
-                "frozen_params": rec["frozen_params"], "steps": 0, "test_samples": rec["test"].get("num_samples"),
+                "frozen_params": rec["frozen_params"], "frozen_weight_bytes": rec.get("frozen_weight_bytes"),
+                "scheme": scheme, "steps": 0, "test_samples": rec["test"].get("num_samples"),
                 "val_samples": (rec.get("val") or {}).get("num_samples")}
 
-    def run(self, method: str, lr: float, seed: int) -> dict:
-        name = f"{method}-lr{lr:.3g}-seed{seed}"
-        spec, log_path = self._spec(method, lr, seed, name)
+    def run(self, method: str, lr: float, seed: int, scheme: str = "none") -> dict:
+        name = f"{method}-lr{lr:.3g}-seed{seed}" + ("" if scheme == "none" else f"-{scheme}")
+        spec, log_path = self._spec(method, lr, seed, name, scheme)
         try:
             res = run_isolated(RUN_TARGET, spec, timeout_s=self.timeout_s, log_path=log_path)
         except IsolatedRunError as err:
-            return {"status": "failed", "reason": one_line(err), "lr": lr, "seed": seed}
+            return {"status": "failed", "reason": one_line(err), "lr": lr, "seed": seed, "scheme": scheme}
         if "error" in res:
             status = "refused" if res["error"]["kind"] == "refused" else "failed"
-            return {"status": status, "reason": res["error"]["message"], "lr": lr, "seed": seed}
-        rec = dict(res["result"], lr=lr, seed=seed, process_wall_s=res["process_wall_s"])
+            return {"status": status, "reason": res["error"]["message"], "lr": lr, "seed": seed, "scheme": scheme}
+        rec = dict(res["result"], lr=lr, seed=seed, scheme=scheme, process_wall_s=res["process_wall_s"])
         if rec["status"] == "completed":
             val = (rec.get("val") or {}).get(self.suite.metric)
             step = rec["step_ms_median"]
@@ -704,35 +740,55 @@ def _val(rec: dict, metric: str) -> Optional[float]:
     return v if _finite(v) else None
 
 
-def run_method(runner: Runner, method: str, seeds: List[int], factors: List[float]) -> dict:
-    """The validation sweep, then every seed at the chosen learning rate, aggregated."""
+LR_FROM_NONE = "the learning rate the same method's none sweep chose in this invocation (no sweep of its own)"
+LR_OWN_SWEEP = "its own sweep on val (seed 0)"
+
+
+def run_method(runner: Runner, method: str, seeds: List[int], factors: List[float], scheme: str = "none",
+               lr: Optional[float] = None) -> dict:
+    """The validation sweep, then every seed at the chosen learning rate, aggregated. With `lr` (a quantized
+    scheme reusing the `none` sweep's choice) no sweep runs: every seed at that learning rate."""
     metric = runner.suite.metric
     default = DEFAULT_LR[method]
+    tag = {} if scheme == "none" else {"scheme": scheme}
+    if lr is not None:
+        runs = []
+        for seed in seeds:
+            runs.append(runner.run(method, lr, seed, scheme))
+            if runs[-1]["status"] == "refused":
+                return dict(tag, status="refused", reason=runs[-1]["reason"], lr=lr, lr_source=LR_FROM_NONE)
+        return _aggregate(dict(tag, lr=lr, lr_source=LR_FROM_NONE, seeds=seeds, runs=runs), metric)
     sweep = {"split": "val", "seed": seeds[0], "metric": metric, "default_lr": default, "factors": list(factors),
              "runs": []}
     by_lr: Dict[float, dict] = {}
     for f in factors:
         lr = float(f"{default * f:.6g}")
-        rec = runner.run(method, lr, seeds[0])
+        rec = runner.run(method, lr, seeds[0], scheme)
         if rec["status"] == "refused":
-            return {"status": "refused", "reason": rec["reason"], "lr_sweep": sweep}
+            return dict(tag, status="refused", reason=rec["reason"], lr_sweep=sweep)
         sweep["runs"].append({"lr": lr, "factor": f, "status": rec["status"], f"val_{metric}": _val(rec, metric),
                               **({"reason": rec["reason"]} if "reason" in rec else {})})
         by_lr[lr] = rec
     usable = [r for r in sweep["runs"] if r[f"val_{metric}"] is not None]
     if not usable:
         reasons = "; ".join(sorted({r.get("reason", r["status"]) for r in sweep["runs"]}))
-        return {"status": "failed", "reason": f"no learning rate of the sweep completed ({reasons})",
-                "lr_sweep": sweep}
+        return dict(tag, status="failed", reason=f"no learning rate of the sweep completed ({reasons})",
+                    lr_sweep=sweep)
     # Best validation metric; a tie goes to the learning rate nearest the method's default.
     best = max(usable, key=lambda r: (r[f"val_{metric}"], -abs(math.log(r["factor"]))))
     sweep["chosen_lr"] = best["lr"]
     runs = [by_lr[best["lr"]]]
     for seed in seeds[1:]:
-        runs.append(runner.run(method, best["lr"], seed))
+        runs.append(runner.run(method, best["lr"], seed, scheme))
+    extra = {} if scheme == "none" else {"lr_source": LR_OWN_SWEEP}
+    return _aggregate(dict(tag, lr=best["lr"], lr_sweep=sweep, seeds=seeds, runs=runs, **extra), metric)
+
+
+def _aggregate(out: dict, metric: str) -> dict:
+    """A method's record from its runs at one learning rate: status, then mean ± std of everything measured."""
+    runs = out["runs"]
     done = [r for r in runs if r["status"] == "completed" and _finite((r.get("test") or {}).get(metric))]
-    out = {"status": "completed" if len(done) == len(runs) else ("partial" if done else "failed"),
-           "lr": best["lr"], "lr_sweep": sweep, "seeds": seeds, "runs": runs}
+    out = dict({"status": "completed" if len(done) == len(runs) else ("partial" if done else "failed")}, **out)
     if len(done) < len(runs):
         out["reason"] = "; ".join(f"seed {r['seed']}: {r.get('reason', r['status'])}" for r in runs if r not in done)
     if not done:
@@ -751,10 +807,62 @@ def run_method(runner: Runner, method: str, seeds: List[int], factors: List[floa
         "wall_s": stats([r["wall_s"] for r in done]),
         "process_wall_s": stats([r["process_wall_s"] for r in done]),
         "trainable_params": done[0]["trainable_params"], "frozen_params": done[0]["frozen_params"],
-        "optimizer_bytes": done[0]["optimizer_bytes"], "steps": done[0]["steps"],
+        "optimizer_bytes": done[0]["optimizer_bytes"], "frozen_weight_bytes": done[0].get("frozen_weight_bytes"),
+        "steps": done[0]["steps"],
         "samples_seen": done[0]["samples_seen"], "test_samples": done[0]["test"].get("num_samples"),
         "val_samples": (done[0].get("val") or {}).get("num_samples"),
     })
+    return out
+
+
+QUANT_LR_RULE = ("none runs first and sweeps as without --quantization; each quantized scheme reuses, per method, "
+                 "the learning rate that method's none sweep chose in this invocation and runs every seed at it, so "
+                 "delta_vs_none isolates the quantization; without a none run (or a none choice) a quantized "
+                 "scheme sweeps on val as usual")
+
+
+def label(method: str, scheme: str = "none") -> str:
+    """The printed name of a (method, scheme) row: LoRA on a quantized base is QLoRA."""
+    if scheme == "none":
+        return method
+    return f"{'QLoRA' if method == 'lora' else method}@{scheme}"
+
+
+def _schemes(text: str) -> List[str]:
+    """--quantization's comma list, `none` first where listed (the quantized runs reuse its learning rates)."""
+    schemes = [q.strip() for q in text.split(",") if q.strip()]
+    bad = [q for q in schemes if q not in SCHEMES]
+    if bad or not schemes:
+        raise QualityInputError(f"--quantization: unknown {bad or 'empty list'}; choose from {', '.join(SCHEMES)}")
+    if len(set(schemes)) != len(schemes):
+        raise QualityInputError(f"--quantization lists a scheme twice: {text}")
+    return sorted(schemes, key=lambda q: q != "none")
+
+
+def quantization_rows(suite: dict) -> List[dict]:
+    """One row per (method, scheme) of a suite, zero-shot first: status (and a refusal's reason), lr and where it
+    came from, the test metric mean ± std, delta_vs_none (this mean minus the same method's none mean), and mean
+    peak memory, step time and frozen weight bytes."""
+    parts = {suite["quantization"]["reference"]: suite, **suite.get("schemes", {})}
+    base = parts.get("none")
+    out = []
+    for scheme, part in parts.items():
+        rows = ({"zero_shot": part["zero_shot"]} if "zero_shot" in part else {})
+        for m, r in dict(rows, **part["methods"]).items():
+            ref = (base.get("zero_shot") if m == "zero_shot" else base["methods"].get(m)) if base else None
+            row = {"method": m, "scheme": scheme, "label": label(m, scheme), "status": r["status"]}
+            if "reason" in r:
+                row["reason"] = r["reason"]
+            if "lr" in r:
+                row.update(lr=r["lr"], lr_source=r.get("lr_source", LR_OWN_SWEEP))
+            mean = lambda key: (r.get(key) or {}).get("mean")  # noqa: E731
+            if "metric" in r:
+                row.update(metric={k: r["metric"][k] for k in ("mean", "std", "n")},
+                           peak_memory_bytes=mean("peak_memory_bytes"), step_ms_median=mean("step_ms_median"),
+                           frozen_weight_bytes=r.get("frozen_weight_bytes"))
+                row["delta_vs_none"] = (r["metric"]["mean"] - ref["metric"]["mean"]
+                                        if scheme != "none" and ref and "metric" in ref else None)
+            out.append(row)
     return out
 
 
@@ -784,6 +892,15 @@ def _mib(v) -> str:
     return "-" if v is None else f"{v / 2 ** 20:.1f} MiB"
 
 
+def _bytes(v) -> str:
+    if v is None:
+        return "-"
+    for unit, scale in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if abs(v) >= scale:
+            return f"{v / scale:.1f} {unit}"
+    return f"{v} B"
+
+
 def _png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
@@ -798,16 +915,29 @@ def _footnote(fig, left_out: List[str]) -> None:
         fig.text(0.01, 0.01, text if len(text) < 110 else text[:107] + "...", fontsize=7, ha="left", va="bottom")
 
 
+MARKERS = {"none": "o", "int8": "s", "nf4": "^"}
+ZERO_LINES = {"none": "--", "int8": ":", "nf4": "-."}
+
+
 def write_charts(name: str, suite: dict, out_dir: str, stem: str, device: str) -> Dict[str, str]:
-    """Two PNGs per suite: test metric against peak memory (error bars over seeds), and step time per method."""
+    """Two PNGs per suite: test metric against peak memory (error bars over seeds; one marker per quantization
+    scheme, the quantized points labelled method@scheme beside them), and step time per method and scheme."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    done = {m: r for m, r in suite["methods"].items() if "metric" in r and r.get("peak_memory_bytes")}
-    left_out = [f"{m}: {r['status'] if 'metric' not in r else 'no memory reading'}"
-                for m, r in suite["methods"].items() if m not in done]
+    first = suite.get("quantization", {}).get("reference", "none")
+    parts = {first: suite, **suite.get("schemes", {})}
+    quant = list(parts) != ["none"]
+    done: Dict[tuple, dict] = {}
+    left_out: List[str] = []
+    for scheme, part in parts.items():
+        for m, r in part["methods"].items():
+            if "metric" in r and r.get("peak_memory_bytes"):
+                done[m, scheme] = r
+            else:
+                left_out.append(f"{label(m, scheme)}: {r['status'] if 'metric' not in r else 'no memory reading'}")
     metric = suite["metric"]
     mem_label = ("CUDA max allocated above the loaded model (MiB)" if device.startswith("cuda")
                  else "peak RSS above the loaded baseline (MiB)")
@@ -815,40 +945,55 @@ def write_charts(name: str, suite: dict, out_dir: str, stem: str, device: str) -
 
     fig, ax = plt.subplots(figsize=(7.0, 4.6))
     xs = []
-    for m, r in done.items():
+    for (m, scheme), r in done.items():
         x, y = r["peak_memory_bytes"]["mean"] / 2 ** 20, r["metric"]["mean"]
         xs.append(x)
+        shown = label(m, scheme) if quant else m
         ax.errorbar(x, y, xerr=(r["peak_memory_bytes"]["std"] or 0) / 2 ** 20, yerr=r["metric"]["std"] or 0,
-                    fmt="o", ms=8, capsize=4, color=COLORS.get(m),
-                    label=f"{m} (lr {r['lr']:.2g}, n={r['metric']['n']})")
-    zero = suite.get("zero_shot") or {}
-    if "metric" in zero:  # no training, so no memory of training: a level, not a point
-        ax.axhline(zero["metric"]["mean"], ls="--", lw=1.2, color=COLORS["zero_shot"],
-                   label=f"zero-shot, no training ({zero['metric']['mean']:.3g})")
-    elif zero:
-        left_out.append(f"zero_shot: {zero['status']}")
+                    fmt=MARKERS.get(scheme, "o"), ms=8, capsize=4, color=COLORS.get(m),
+                    mfc="white" if scheme != "none" else None,
+                    label=f"{shown} (lr {r['lr']:.2g}, n={r['metric']['n']})")
+        if scheme != "none":
+            ax.annotate(shown, (x, y), textcoords="offset points", xytext=(6, 4), fontsize=7, color=COLORS.get(m))
+    any_zero = False
+    for scheme, part in parts.items():
+        zero = part.get("zero_shot") or {}
+        if "metric" in zero:  # no training, so no memory of training: a level, not a point
+            any_zero = True
+            ax.axhline(zero["metric"]["mean"], ls=ZERO_LINES.get(scheme, "--"), lw=1.2, color=COLORS["zero_shot"],
+                       label=f"zero-shot{'@' + scheme if quant else ''}, no training ({zero['metric']['mean']:.3g})")
+        elif zero:
+            left_out.append(f"{label('zero_shot', scheme)}: {zero['status']}")
     if xs and min(xs) > 0 and max(xs) / min(xs) > 20:
         ax.set_xscale("log")
     ax.set_xlabel(mem_label)
     ax.set_ylabel(f"test {metric} (mean ± std over seeds)")
-    ax.set_title(f"{name}: test {metric} vs training memory")
+    ax.set_title(f"{name}: test {metric} vs training memory"
+                 + (f" ({', '.join(f'{q} {MARKERS.get(q, chr(111))}' for q in parts)})" if quant else ""))
     ax.grid(True, alpha=0.3)
-    if done or "metric" in zero:
-        ax.legend(fontsize=8, loc="best")
+    if done or any_zero:
+        ax.legend(fontsize=7 if quant else 8, loc="best")
     _footnote(fig, left_out)
     paths["quality_vs_memory"] = os.path.join(out_dir, f"{stem}-{name}-quality-memory.png")
     atomic_write_bytes(paths["quality_vs_memory"], _png(fig))
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(7.0, 4.2))
-    names = [m for m in done if done[m].get("step_ms_median")]
-    means = [done[m]["step_ms_median"]["mean"] for m in names]
-    errs = [done[m]["step_ms_median"]["std"] or 0 for m in names]
-    ax.bar(names, means, yerr=errs, capsize=4, color=[COLORS.get(m, "#333333") for m in names])
+    fig, ax = plt.subplots(figsize=(7.0 if len(done) <= 5 else 9.0, 4.2))
+    keys = [k for k in done if done[k].get("step_ms_median")]
+    names = [label(m, q) if quant else m for m, q in keys]
+    means = [done[k]["step_ms_median"]["mean"] for k in keys]
+    errs = [done[k]["step_ms_median"]["std"] or 0 for k in keys]
+    ax.bar(names, means, yerr=errs, capsize=4, color=[COLORS.get(m, "#333333") for m, _ in keys],
+           hatch=None, edgecolor="black", linewidth=0.5)
+    for bar, (_, q) in zip(ax.patches, keys):
+        if q != "none":
+            bar.set_hatch("//" if q == "int8" else "..")
     for i, (v, e) in enumerate(zip(means, errs)):
         ax.text(i, v + e, f"{v:.0f} ms", ha="center", va="bottom", fontsize=8)
+    if quant:
+        ax.tick_params(axis="x", labelsize=7, labelrotation=30)
     ax.set_ylabel("median training step (ms, mean ± std over seeds)")
-    ax.set_title(f"{name}: step time per method")
+    ax.set_title(f"{name}: step time per method" + (" and quantization" if quant else ""))
     ax.grid(True, axis="y", alpha=0.3)
     _footnote(fig, left_out)
     paths["step_time"] = os.path.join(out_dir, f"{stem}-{name}-step-time.png")
@@ -867,22 +1012,35 @@ def _pm(s: Optional[dict], fmt: str = ".4f") -> str:
 
 
 def table(result: dict) -> str:
-    rows = [f"{'suite':20} {'method':13} {'test metric (mean ± std)':>28} {'peak mem':>11} {'step ms':>9} "
-            f"{'wall s':>7} {'trainable':>11} {'lr':>8}"]
+    """One line per suite and method (and, with --quantization, per scheme: labelled method@scheme, with the
+    difference from the none mean and the frozen weight bytes)."""
+    quant = result["config"].get("quantization", ["none"]) != ["none"]
+    w = 18 if quant else 13
+    rows = [f"{'suite':20} {'method':{w}} {'test metric (mean ± std)':>28} {'peak mem':>11} {'step ms':>9} "
+            f"{'wall s':>7} {'trainable':>11} {'lr':>8}" + (f" {'Δ vs none':>10} {'frozen W':>11}" if quant else "")]
     for sname, s in result["suites"].items():
         if s["status"] != "completed":
-            rows.append(f"{sname:20} {'-':13} {s['status']}: {s.get('reason', '')}")
+            rows.append(f"{sname:20} {'-':{w}} {s['status']}: {s.get('reason', '')}")
             continue
-        rows_of = ({"zero_shot": s["zero_shot"]} if "zero_shot" in s else {})
-        for m, r in dict(rows_of, **s["methods"]).items():
-            if "metric" not in r:
-                rows.append(f"{sname:20} {m:13} {r['status']}: {r.get('reason', '')[:90]}")
-                continue
-            mem = r["peak_memory_bytes"]["mean"] if r.get("peak_memory_bytes") else None
-            lr = f"{r['lr']:8.2g}" if "lr" in r else f"{'-':>8}"
-            rows.append(f"{sname:20} {m:13} {s['metric'] + ' ' + _pm(r['metric']):>28} "
+        first = s.get("quantization", {}).get("reference", "none")
+        parts = {first: s, **s.get("schemes", {})}
+        deltas = {(q["method"], q["scheme"]): q.get("delta_vs_none") for q in s.get("quantization", {}).get("rows", [])}
+        for scheme, part in parts.items():
+            rows_of = ({"zero_shot": part["zero_shot"]} if "zero_shot" in part else {})
+            for m, r in dict(rows_of, **part["methods"]).items():
+                shown = label(m, scheme) if quant else m
+                if "metric" not in r:
+                    rows.append(f"{sname:20} {shown:{w}} {r['status']}: {r.get('reason', '')[:90]}")
+                    continue
+                mem = r["peak_memory_bytes"]["mean"] if r.get("peak_memory_bytes") else None
+                lr = f"{r['lr']:8.2g}" if "lr" in r else f"{'-':>8}"
+                line = (f"{sname:20} {shown:{w}} {s['metric'] + ' ' + _pm(r['metric']):>28} "
                         f"{_mib(mem):>11} {r['step_ms_median']['mean'] if r['step_ms_median'] else math.nan:9.0f} "
                         f"{r['wall_s']['mean']:7.0f} {r['trainable_params']:>11,} {lr}")
+                if quant:
+                    d = deltas.get((m, scheme))
+                    line += f" {'-' if d is None else format(d, '+.4f'):>10} {_bytes(r.get('frozen_weight_bytes')):>11}"
+                rows.append(line)
     return "\n".join(rows)
 
 
@@ -904,6 +1062,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=0, help="override every suite's training steps (0 = keep)")
     p.add_argument("--limit-eval", type=int, default=-1,
                    help="override every suite's val/test sample cap (-1 = keep, 0 = all)")
+    p.add_argument("--quantization", default="none",
+                   help=f"comma list of {', '.join(SCHEMES)}: every suite again with its frozen towers quantized "
+                        "(backbone.quantization); quantized runs reuse the none sweep's learning rate per method")
     p.add_argument("--run-timeout", type=float, default=3600.0, help="seconds one run may take before it is stopped")
     p.add_argument("--work-dir", metavar="DIR", help="keep the runs' outputs and logs here (default: a temporary "
                                                      "directory, removed at the end)")
@@ -911,6 +1072,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _check(args) -> tuple:
+    _schemes(args.quantization)
     names = list(SUITES) if args.suite == "all" else [s.strip() for s in args.suite.split(",") if s.strip()]
     bad = [s for s in names if s not in SUITES]
     if bad or not names:
@@ -975,6 +1137,7 @@ def run(args, suites: List[str], methods: List[str], factors: List[float], log=p
     import dataclasses
 
     seeds = list(range(args.seeds))
+    schemes = _schemes(getattr(args, "quantization", "none"))
     work = args.work_dir or tempfile.mkdtemp(prefix="unipt-quality-")
     os.makedirs(work, exist_ok=True)
     result_suites: Dict[str, dict] = {}
@@ -985,7 +1148,7 @@ def run(args, suites: List[str], methods: List[str], factors: List[float], log=p
     t0 = time.perf_counter()
 
     def result(complete: bool) -> dict:
-        return _result(args, env, suites, methods, seeds, factors, result_suites, t0, load_start, complete)
+        return _result(args, env, suites, methods, seeds, factors, result_suites, t0, load_start, complete, schemes)
     try:
         for name in suites:
             suite = SUITES[name]
@@ -1027,14 +1190,29 @@ def run(args, suites: List[str], methods: List[str], factors: List[float], log=p
                 rec["generation"] = dict(generation, decoding="greedy", scored_by="rouge-score RougeScorer(['rougeL'],"
                                          " use_stemmer=True) F1, mean over articles; exact match up to case and "
                                          "whitespace", code="unipt_scale.bench.generation")
-                rec["zero_shot"] = runner.zero_shot()
-                if save is not None:
-                    save(result(False))
-            for m in methods:
-                recs[m] = run_method(runner, m, seeds, factors)
-                if save is not None:
-                    save(result(False))
-            rec.update(status="completed", ratios=unipt_ratios(recs))
+            if schemes != ["none"]:
+                rec["quantization"] = {"schemes": schemes, "reference": schemes[0], "towers": suite.towers,
+                                       "lr_rule": QUANT_LR_RULE, "rows": []}
+                rec["schemes"] = {}
+            for scheme in schemes:
+                part = rec if scheme == schemes[0] else {"methods": {}}
+                if scheme != schemes[0]:
+                    rec["schemes"][scheme] = part
+                if generation:
+                    part["zero_shot"] = runner.zero_shot(scheme)
+                    if save is not None:
+                        save(result(False))
+                for m in methods:
+                    chosen = None
+                    if scheme != "none" and "none" in schemes:
+                        chosen = rec["methods"][m].get("lr_sweep", {}).get("chosen_lr")
+                    part["methods"][m] = run_method(runner, m, seeds, factors, scheme, chosen)
+                    if save is not None:
+                        save(result(False))
+                part["ratios"] = unipt_ratios(part["methods"])
+                if "quantization" in rec:
+                    rec["quantization"]["rows"] = quantization_rows(rec)
+            rec["status"] = "completed"
             rec["charts"] = write_charts(name, rec, out_dir, stem, env["device"])
     finally:
         if not args.work_dir:
@@ -1045,7 +1223,8 @@ def run(args, suites: List[str], methods: List[str], factors: List[float], log=p
 
 
 def _result(args, env: dict, suites: List[str], methods: List[str], seeds: List[int], factors: List[float],
-            result_suites: Dict[str, dict], t0: float, load_start, complete: bool) -> dict:
+            result_suites: Dict[str, dict], t0: float, load_start, complete: bool,
+            schemes: Optional[List[str]] = None) -> dict:
     dev = (f"cuda: {env['device_name']}" if env["device"] == "cuda"
            else f"cpu: {env['device_name']}, {args.threads} threads per run")
     config = {"suites": suites, "methods": methods, "seeds": seeds, "seed_key": "train.seed", "lr_factors": factors,
@@ -1061,7 +1240,8 @@ def _result(args, env: dict, suites: List[str], methods: List[str], seeds: List[
                            "optimizer step)",
               "torch": env["torch"], "host": platform.node() or "host", "wall_s": time.perf_counter() - t0,
               "loadavg_start": load_start, "loadavg_end": list(os.getloadavg()) if load_start else None,
-              "cpu_count": os.cpu_count()}
+              "cpu_count": os.cpu_count(), "quantization": schemes or ["none"],
+              "quantization_lr_rule": QUANT_LR_RULE}
     return {"schema": SCHEMA, "complete": complete, "config": config, "device": dev, "suites": result_suites}
 
 

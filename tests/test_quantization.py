@@ -89,6 +89,9 @@ def test_resident_bytes_match_the_saved_checkpoint_and_shrink(dirs, tmp_path, sc
     lo, hi = {"int8": (3.5, 4.0), "nf4": (5.0, 8.0)}[scheme]
     assert lo <= linear_fp32 / linear_q <= hi, linear_fp32 / linear_q
     assert measured < frozen_weight_bytes(full)
+    from unipt_scale.model import count_parameters
+
+    assert count_parameters(quant) == count_parameters(full), "parameters are counted unpacked"
 
 
 def _cls_cfg(path, tmp_path, *extra):

@@ -97,9 +97,18 @@ def trained_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
     return {k: state[k] for k in trained_state_keys(model)}
 
 
+def logical_numel(p: torch.Tensor) -> int:
+    """Elements a parameter stands for: a ZeRO-3 partition's full size (ds_numel), a 4-bit weight's unpacked
+    shape (bitsandbytes packs two weights a byte), otherwise numel."""
+    if hasattr(p, "ds_numel"):
+        return int(p.ds_numel)
+    shape = getattr(getattr(p, "quant_state", None), "shape", None)
+    return int(math.prod(shape)) if shape is not None else p.numel()
+
+
 def count_parameters(model: nn.Module) -> Dict[str, int]:
-    """Whole-model counts; a ZeRO-3 partitioned parameter counts its full size (ds_numel), not its local shard."""
-    sizes = [(int(getattr(p, "ds_numel", p.numel())), p.requires_grad) for p in model.parameters()]
+    """Whole-model counts, in logical parameters (see logical_numel), whatever the sharding or quantization."""
+    sizes = [(logical_numel(p), p.requires_grad) for p in model.parameters()]
     trainable = sum(n for n, grad in sizes if grad)
     return {"trainable_params": trainable, "frozen_params": sum(n for n, _ in sizes) - trainable}
 

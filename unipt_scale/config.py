@@ -68,6 +68,8 @@ class UniPTConfig:
 # The methods one trainer runs, and each one's learning rate when train.lr is unset (see TrainConfig.lr).
 METHODS = ("unipt", "lora", "full", "linear_probe")
 DEFAULT_LR = {"unipt": 5e-4, "lora": 5e-4, "full": 3e-5, "linear_probe": 1e-3}
+# backbone.quantization's schemes (unipt_scale.quantization loads them).
+QUANTIZATION_SCHEMES = ("none", "int8", "nf4")
 
 
 @dataclass
@@ -361,7 +363,7 @@ def _validate_method(cfg: RunConfig) -> None:
     for key, bb in (("backbone", cfg.backbone), ("image_backbone", cfg.image_backbone)):
         if bb is None:
             continue
-        _choice(f"{key}.quantization", bb.quantization, ("none", "int8", "nf4"))
+        _choice(f"{key}.quantization", bb.quantization, QUANTIZATION_SCHEMES)
         if bb.quantization != "none" and cfg.method == "full":
             raise ConfigError(f"method=full trains every backbone weight, and {key}.quantization={bb.quantization} "
                               "makes them frozen 8/4-bit codes; use method=lora on the quantized base (QLoRA), "

@@ -26,7 +26,8 @@ from typing import Iterable, Optional
 import torch
 import torch.nn as nn
 
-SCHEMES = ("none", "int8", "nf4")
+from unipt_scale.config import QUANTIZATION_SCHEMES as SCHEMES  # noqa: F401  (the one list; config validates it)
+
 NF4_BLOCK = 64  # bitsandbytes' 4-bit block size (one absmax per 64 weights); fixed in transformers' config
 
 

@@ -32,9 +32,9 @@ from typing import List
 
 from unipt_scale.atomic import atomic_write_json
 from unipt_scale.bench.generation import generate_scored, rouge_l  # noqa: F401 - rouge_l stays importable here
+from unipt_scale.bench.schemes import SCHEMES, label, parse_schemes
 
 SYSTEMS = ("zero_shot", "unipt", "lora")
-SCHEMES = ("none", "int8", "nf4")  # unipt_scale.quantization.SCHEMES (not imported here: it imports torch)
 
 
 def peak_rss_bytes() -> int:
@@ -100,13 +100,6 @@ def run_one(args) -> dict:
     return result
 
 
-def label(system: str, scheme: str = "none") -> str:
-    """The printed name of a (system, scheme) row: LoRA on a quantized base is QLoRA."""
-    if scheme == "none":
-        return system
-    return f"{'QLoRA' if system == 'lora' else system}@{scheme}"
-
-
 def _ratios(results: dict) -> dict:
     if "unipt" not in results or "lora" not in results:
         return {}
@@ -170,10 +163,10 @@ def main(argv=None) -> int:
     if bad or not systems:
         print(f"unipt bench headlines: --methods takes {', '.join(SYSTEMS)}; got {args.methods!r}", file=sys.stderr)
         return 2
-    schemes = [q.strip() for q in args.quantization.split(",") if q.strip()]
-    if not schemes or any(q not in SCHEMES for q in schemes) or len(set(schemes)) != len(schemes):
-        print(f"unipt bench headlines: --quantization takes a comma list of {', '.join(SCHEMES)}, each once; got "
-              f"{args.quantization!r}", file=sys.stderr)
+    try:
+        schemes = parse_schemes(args.quantization)
+    except ValueError as err:
+        print(f"unipt bench headlines: {err}", file=sys.stderr)
         return 2
     root = args.out_dir or tempfile.mkdtemp(prefix="unipt-headlines-")
     by_scheme: dict = {}

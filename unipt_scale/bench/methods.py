@@ -68,7 +68,8 @@ from unipt_scale.config import (DEFAULT_LR, BackboneConfig, ConfigError, LoRACon
                                 TrainConfig, validate)
 from unipt_scale.engine import autocast_dtype, param_groups
 from unipt_scale.methods import resolve_lora_targets
-from unipt_scale.quantization import SCHEMES, frozen_weight_bytes
+from unipt_scale.bench.schemes import SCHEMES, label, parse_schemes
+from unipt_scale.quantization import frozen_weight_bytes
 
 METHODS = ("unipt", "linear_probe", "lora", "full")
 NUM_CLASSES = 3
@@ -113,13 +114,6 @@ def method_config(name: str, path: str, lora_r: int = 8, lora_alpha: int = 16,
                     lora=LoRAConfig(r=lora_r, alpha=lora_alpha, targets=list(lora_targets) if lora_targets else "auto"))
     validate(cfg)
     return cfg
-
-
-def label(name: str, scheme: str = "none") -> str:
-    """The printed name of a (method, scheme) row: LoRA on a quantized base is QLoRA."""
-    if scheme == "none":
-        return name
-    return f"{'QLoRA' if name == 'lora' else name}@{scheme}"
 
 
 def build_method(name: str, path: str, lora_r: int, lora_alpha: int,
@@ -509,19 +503,8 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_schemes(text: str, flag: str = "--quantization") -> List[str]:
-    """A comma list of quantization schemes, each once."""
-    schemes = [q.strip() for q in text.split(",") if q.strip()]
-    bad = [q for q in schemes if q not in SCHEMES]
-    if bad or not schemes:
-        raise BenchInputError(f"{flag}: unknown {bad or 'empty list'}; choose from {', '.join(SCHEMES)}")
-    if len(set(schemes)) != len(schemes):
-        raise BenchInputError(f"{flag} lists a scheme twice: {text}")
-    return schemes
-
-
 def _check(args) -> List[str]:
-    parse_schemes(args.quantization)
+    parse_schemes(args.quantization, error=BenchInputError)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
@@ -618,7 +601,7 @@ def run(args, methods: List[str], log=print) -> dict:
     amp_dtype = autocast_dtype(args.precision, device)
     order = args.order if args.order != "auto" else ("sequential" if device.type == "cuda" else "interleaved")
     targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()] if args.lora_targets else None
-    schemes = parse_schemes(getattr(args, "quantization", "none"))
+    schemes = parse_schemes(getattr(args, "quantization", "none"), error=BenchInputError)
 
     probe = _load(args.backbone)
     if "lora" in methods:  # the flag's own name in the one line, before any model is built

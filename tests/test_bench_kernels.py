@@ -11,7 +11,6 @@ from unipt_scale.bench import kernels as bench
 
 from kernel_cases import CUDA, DEV
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 REQUIRED = {"op", "shape", "dtype", "fwd_max_abs_err", "bwd_max_abs_err", "saved_bytes_fused", "saved_bytes_reference",
             "roofline_ms_fused", "roofline_ms_eager", "flops_fwd_fused", "bytes_fwd_eager", "backend", "measured"}
@@ -96,7 +95,6 @@ def test_decoder_shapes_cover_n_2048_4096_and_d_64_to_512():
 def test_importing_the_bench_leaves_triton_interpret_alone(tmp_path):
     """A library import must not pick the Triton mode; the command's main() does, without a GPU."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
     code = ("import os, unipt_scale.bench.kernels, unipt_scale.bench.methods\n"
             "from unipt_scale.kernels._utils import interpreting\n"
             "print(os.environ.get('TRITON_INTERPRET'), interpreting())")

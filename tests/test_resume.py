@@ -51,7 +51,7 @@ def ws(tmp_path_factory):
 def _env():
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=os.pathsep.join([HERE, REPO, env.get("PYTHONPATH", "")]))
+               PYTHONPATH=os.pathsep.join([HERE, env.get("PYTHONPATH", "")]))
     return env
 
 

@@ -1,6 +1,6 @@
 """`unipt bench kernels`: the side-network kernels against the plain torch equations.
 
-Per (op, shape, dtype, backend) record: forward/backward max abs error against the reference (kernels/naive.py,
+Per (op, shape, dtype, backend) record: forward/backward max abs error against the reference (kernels/src/naive.py,
 run in float32 — or the record's dtype if wider — on the same inputs), bytes saved for backward by the fused path
 and by the reference (unique storages packed through torch.autograd.graph.saved_tensors_hooks, inputs included),
 and an analytic H100 roofline (989 TFLOP/s bf16 dense, 494.5 TFLOP/s tf32 dense, 3.35 TB/s HBM) of fused vs

@@ -94,3 +94,66 @@ def test_info_counts_other_methods(setup, capsys):
     assert main(["info", "method=linear_probe"] + _base(setup)) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["trainable_params"] == info["head_params"] == 66
+
+
+def test_epochs_run_counts_an_epoch_that_ended_with_the_step_budget(setup):
+    one_epoch = str(setup["root"] / "epoch")
+    assert main(["train", "--output-dir", one_epoch] + _base(setup) + ["train.epochs=1"]) == 0
+    m = json.load(open(os.path.join(one_epoch, "metrics.json")))
+    steps = m["steps"]
+    assert steps > 2 and m["epochs_run"] == 1
+    for max_steps, epochs in ((steps, 1), (steps - 1, 0), (steps + 1, 1)):
+        out = str(setup["root"] / f"steps{max_steps}")
+        assert main(["train", "--output-dir", out] + _base(setup) + [f"train.max_steps={max_steps}"]) == 0
+        m = json.load(open(os.path.join(out, "metrics.json")))
+        assert (m["steps"], m["epochs_run"]) == (max_steps, epochs)
+        assert 0 < m["train_time_s"] <= m["wall_time_s"]
+        assert m["train_samples_per_second"] == pytest.approx(m["samples_seen"] / m["train_time_s"])
+
+
+def test_every_output_file_gets_the_mode_the_umask_gives(setup):
+    out = str(setup["root"] / "modes")
+    previous = os.umask(0o027)
+    try:
+        assert main(["train", "--output-dir", out] + _base(setup) + ["train.epochs=1", "train.checkpoint_every=2",
+                                                                     "train.keep_checkpoints=1"]) == 0
+    finally:
+        os.umask(previous)
+    seen = {}
+    for directory, dirs, files in os.walk(out):
+        for name in dirs:
+            seen[os.path.join(directory, name)] = (os.stat(os.path.join(directory, name)).st_mode & 0o777, 0o750)
+        for name in files:
+            seen[os.path.join(directory, name)] = (os.stat(os.path.join(directory, name)).st_mode & 0o777, 0o640)
+    names = {os.path.relpath(p, out) for p in seen}
+    assert {"metrics.json", "checkpoint", os.path.join("checkpoint", "trained.safetensors"),
+            os.path.join("checkpoint", "config.yaml"), "checkpoints"} <= names, sorted(names)
+    wrong = {os.path.relpath(p, out): oct(mode) for p, (mode, want) in seen.items() if mode != want}
+    assert not wrong, wrong
+
+
+def test_a_closed_pipe_ends_the_output_quietly():
+    """`unipt train --help-config | head`: the reader goes away; no traceback, the shell's SIGPIPE status."""
+    import subprocess
+    import sys
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # gone before the command writes anything: the broken pipe happens every time
+    try:
+        proc = subprocess.run([sys.executable, "-m", "unipt_scale.cli", "train", "--help-config"], stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 141 and proc.stderr == "", proc.stderr[-2000:]
+
+
+def test_help_config_shows_the_optional_image_tower_without_a_text_model_default(capsys):
+    assert main(["train", "--help-config"]) == 0
+    text = capsys.readouterr().out
+    assert "image_backbone.path = (required)" in text
+    assert "image_backbone.path = 'builtin:" not in text
+    assert "backbone.path = 'builtin:all-MiniLM-L6-v2'" in text  # the text tower keeps its default
+    # Setting another key of the image tower without its path is refused in one line.
+    assert main(["train", "task.kind=retrieval", "image_backbone.dtype=bfloat16"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "image_backbone.path" in err[0]

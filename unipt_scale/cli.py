@@ -250,6 +250,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # inside the guard: a reader that went away (`| head`) surfaces here, not at exit
+        return code
+    except BrokenPipeError:
+        # The reader closed the pipe: nothing more to print, and no traceback. stdout goes to devnull so the
+        # interpreter's own flush at exit does not raise again; 141 is what a shell reports for SIGPIPE.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
+
+
+def _main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     _quiet_libraries()

@@ -312,6 +312,11 @@ def test_cli_exits_non_zero_on_divergence_with_one_line(ws, tmp_path, capsys):
     ours = [line for line in err.splitlines() if line.startswith("unipt:")]
     assert len(ours) == 1 and ours[0].startswith("unipt: non-finite") and "Traceback" not in err
     assert not os.path.exists(os.path.join(out, CHECKPOINT))
+    # Stopped inside the loop, before any checkpoint or evaluation closed a timed segment: the rate is still real.
+    metrics = _metrics(out)
+    assert metrics["status"] == "stopped" and metrics["samples_seen"] > 0
+    assert 0 < metrics["train_time_s"] <= metrics["wall_time_s"]
+    assert metrics["train_samples_per_second"] == pytest.approx(metrics["samples_seen"] / metrics["train_time_s"])
 
 
 class _NanLossOnce(Callback):

@@ -5,8 +5,9 @@ import importlib.metadata
 import importlib.util
 import os
 import shutil
-import tempfile
 import zipfile
+
+from unipt_scale.atomic import make_temp_dir
 
 
 class AssetError(RuntimeError):
@@ -48,7 +49,7 @@ def _assembled(name: str, build) -> str:
     if os.path.isfile(os.path.join(final, "config.json")):
         return final
     os.makedirs(os.path.dirname(final), exist_ok=True)
-    scratch = tempfile.mkdtemp(dir=os.path.dirname(final), prefix=f".{name}.tmp-")
+    scratch = make_temp_dir(os.path.dirname(final), f".{name}.tmp-")
     try:
         build(scratch)
         try:

@@ -277,10 +277,23 @@ def _build(cls, data: dict, prefix: str):
         if isinstance(data[name], RawOverride) and (sub is None or isinstance(data[name].parsed, dict)):
             data[name] = data[name].parsed if sub is not None else data[name]
         if sub is not None and data[name] is not None:
+            if _optional_section(cls, name) and isinstance(data[name], dict) and "path" in _field_names(sub) \
+                    and "path" not in data[name]:
+                raise ConfigError(f"{prefix}{name} is set without {prefix}{name}.path; name its model, e.g. "
+                                  f"{prefix}{name}.path=/models/vit (its other keys default as backbone's do)")
             kwargs[name] = _build(sub, data[name], f"{prefix}{name}.")
         else:
             kwargs[name] = _coerce(data[name], hints[name], prefix + name)
     return cls(**kwargs)
+
+
+def _field_names(cls) -> set:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def _optional_section(cls, name: str) -> bool:
+    """A sub-config that is absent (None) unless the config sets it, such as image_backbone."""
+    return next(f for f in dataclasses.fields(cls) if f.name == name).default is None
 
 
 def _set_path(tree: dict, dotted: str, value):
@@ -461,13 +474,20 @@ def dump_config(cfg: RunConfig) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
 
-def config_help(cls=RunConfig, prefix: str = "") -> str:
+def config_help(cls=RunConfig, prefix: str = "", optional: bool = False) -> str:
+    """Every key with its default and help. An optional section (absent unless set, e.g. image_backbone) shows
+    `path` as required and its other defaults as what they become once the section is set."""
     lines = []
     hints = get_type_hints(cls)
     for f in dataclasses.fields(cls):
         sub = _sub_dataclass(hints[f.name])
         if sub is not None:
-            lines.append(config_help(sub, prefix + f.name + "."))
+            if f.default is None:
+                lines.append(f"  {prefix}{f.name}  (unset by default) {f.metadata.get('help', '')} Setting any of "
+                             f"its keys creates it; {prefix}{f.name}.path is then required.")
+            lines.append(config_help(sub, prefix + f.name + ".", optional=f.default is None))
+        elif optional and f.name == "path":
+            lines.append(f"  {prefix}{f.name} = (required)\n      {f.metadata.get('help', '')}")
         else:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             lines.append(f"  {prefix}{f.name} = {default!r}\n      {f.metadata.get('help', '')}")

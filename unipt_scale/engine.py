@@ -15,9 +15,9 @@ from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from unipt_scale.atomic import atomic_write_json
+from unipt_scale.atomic import atomic_write_json, save_tensors_file
 from unipt_scale.config import TrainConfig
 
 
@@ -267,7 +267,7 @@ class LocalEngine(Engine):
         sched = {k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"}
         meta = {"optimizer": opt_meta, "scheduler": sched, "micro_step": self.micro_step,
                 "scaler": self.scaler.state_dict() if self.scaler else None}
-        save_file(tensors, os.path.join(directory, self.STATE_TENSORS))
+        save_tensors_file(tensors, os.path.join(directory, self.STATE_TENSORS))
         atomic_write_json(os.path.join(directory, self.STATE_JSON), meta)
 
     def load_state(self, directory: str) -> None:

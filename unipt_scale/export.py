@@ -20,9 +20,9 @@ from typing import Dict, Optional, Tuple
 import torch
 import yaml
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from unipt_scale.atomic import atomic_write_json, fsync_dir
+from unipt_scale.atomic import atomic_write_json, fsync_dir, make_temp_dir, save_tensors_file
 from unipt_scale.checkpoint import sha256_file
 from unipt_scale.config import ConfigError, MOVED_KEYS, RunConfig, load_config
 
@@ -45,7 +45,7 @@ def _write_checkpoint(directory: str, state: Dict[str, torch.Tensor], cfg: RunCo
     os.makedirs(directory)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
     weights = os.path.join(directory, WEIGHTS)
-    save_file(tensors, weights, metadata={"format": "pt", "content": "unipt_scale trained"})
+    save_tensors_file(tensors, weights, metadata={"format": "pt", "content": "unipt_scale trained"})
     meta = dict(meta or {})
     meta["weights_sha256"] = sha256_file(weights)
     for name, text in ((CONFIG, yaml.safe_dump(cfg.to_dict(), sort_keys=False)), (META, json.dumps(meta, indent=2))):
@@ -63,7 +63,7 @@ def save_trained(state: Dict[str, torch.Tensor], cfg: RunConfig, directory: str,
     parent, base = os.path.dirname(directory), os.path.basename(directory)
     os.makedirs(parent, exist_ok=True)
     recover(directory)
-    stage = tempfile.mkdtemp(dir=parent, prefix=f".{base}.tmp-")
+    stage = make_temp_dir(parent, f".{base}.tmp-")
     try:
         _write_checkpoint(os.path.join(stage, base), state, cfg, meta)
         _swap_in(os.path.join(stage, base), directory)
@@ -112,7 +112,7 @@ def commit_outputs(out_dir: str, metrics: dict, state: Optional[Dict[str, torch.
     """Write metrics.json and (with `state`) checkpoint/ so that both always belong to the same run."""
     out_dir = os.path.abspath(out_dir)
     recover_outputs(out_dir)
-    stage = tempfile.mkdtemp(dir=out_dir, prefix=_STAGE_PREFIX)
+    stage = make_temp_dir(out_dir, _STAGE_PREFIX)
     if state is not None:
         _write_checkpoint(os.path.join(stage, CHECKPOINT), state, cfg, meta)
         with open(os.path.join(stage, CHECKPOINT, META), encoding="utf-8") as fh:

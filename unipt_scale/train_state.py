@@ -17,7 +17,7 @@ import torch
 class TrainState:
     step: int = 0  # optimizer steps taken
     epoch: int = 0  # the epoch being iterated (or about to be)
-    epoch_done: bool = False  # every batch of `epoch` was consumed (the end-of-epoch work may still be due)
+    epoch_batches: int = 0  # micro batches of `epoch` consumed so far (a run that stops at its last one ran the epoch)
     data_position: dict = field(default_factory=dict)  # the train loader's state_dict inside `epoch`
     samples: int = 0  # samples this rank trained on
     train_loss: List[list] = field(default_factory=list)  # [step, mean loss or None]

@@ -17,10 +17,10 @@ import time
 from typing import Dict, Optional, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from unipt_scale.atomic import atomic_write_json
+from unipt_scale.atomic import atomic_write_json, save_tensors_file
 from unipt_scale.checkpoint import CheckpointManager
 from unipt_scale.config import ConfigError, RunConfig
 from unipt_scale.distributed import DistContext, broadcast_object, init_process_group, shutdown_process_group, \
@@ -209,14 +209,16 @@ class Trainer:
     def _write_checkpoint(self, directory: str) -> None:
         meta, tensors = capture_rng()
         js, st = self._rank_files()
-        save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(directory, st))
+        save_tensors_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(directory, st))
         atomic_write_json(os.path.join(directory, js), {"state": self.state.to_json(), "rng": meta})
         self.engine.save_state(directory)
 
     def save_checkpoint(self) -> str:
         """A resumable checkpoint at the current step (collective). Refuses to write non-finite state."""
         self._check_finite(weights=True)
-        self.state.data_position = self.data.train.state_dict()
+        # A loader still positioned in an epoch the state has moved past (the run ended with it) has nothing left.
+        same_epoch = int(getattr(self.data.train, "epoch", self.state.epoch)) == self.state.epoch
+        self.state.data_position = self.data.train.state_dict() if same_epoch else {}
         self.state.window_sum, self.state.window_count = (float(x) for x in self._window.tolist())
         path = self.manager.save(self.state.step, self._write_checkpoint)
         self.last_checkpoint = path
@@ -321,6 +323,20 @@ class Trainer:
             self._step_window.zero_()
         return stepped and apply
 
+    def _pause_timing(self) -> None:
+        """Add the training time since the segment opened (evaluation and checkpoints are not training)."""
+        since = getattr(self, "_timing_since", None)
+        if since is not None:
+            self.state.train_time_s += time.time() - since
+            self._timing_since = None
+
+    def _epoch_consumed(self) -> bool:
+        """Every batch of this epoch went through the model (False where the loader cannot tell its length)."""
+        try:
+            return self.state.epoch_batches >= len(self.data.train)
+        except TypeError:
+            return False
+
     def fit(self) -> None:
         cfg, st = self.cfg, self.state
         device = self.engine.device
@@ -333,15 +349,18 @@ class Trainer:
         # train.epochs counts passes: a pass over damaged shards ends early, and is not topped up by another.
         max_epochs = math.ceil(cfg.train.epochs) if not cfg.train.max_steps else None
         while st.step < self.total_steps and (max_epochs is None or st.epoch < max_epochs):
-            t0 = time.time()
+            self._timing_since = time.time()
             # Every train loader of build_data seeks: the consumed part of the epoch is not read again.
             self.data.train.set_epoch(st.epoch)
             if st.data_position:
                 self.data.train.load_state_dict(st.data_position)
+            else:
+                st.epoch_batches = 0
             fed = bool(st.data_position)
             finished = True
             for batch in self.data.train:
                 fed = True
+                st.epoch_batches += 1
                 if not self._train_micro(batch):
                     continue
                 st.step += 1
@@ -349,24 +368,25 @@ class Trainer:
                 if st.step % cfg.train.log_every == 0 or st.step == self.total_steps:
                     self._log_loss()
                 if cfg.train.eval_every and st.step % cfg.train.eval_every == 0 and st.step < self.total_steps:
-                    st.train_time_s += time.time() - t0
+                    self._pause_timing()
                     self._validate()
-                    t0 = time.time()
+                    self._timing_since = time.time()
                 if every and st.step % every == 0:
-                    st.train_time_s += time.time() - t0
+                    self._pause_timing()
                     self.save_checkpoint()
-                    t0 = time.time()
+                    self._timing_since = time.time()
                 for cb in self.callbacks:
                     cb.on_step_end(self)
                 if st.step >= self.total_steps:
-                    finished = False
+                    finished = self._epoch_consumed()  # the step budget may end exactly with the epoch
                     break
-            st.train_time_s += time.time() - t0
+            self._pause_timing()
             if not fed:
                 raise RuntimeError("the training loader yielded no batch this epoch; check the data source and "
                                    "data.batch_size (batches drop their remainder)")
             if finished:  # the epoch ran out: on to the next one
                 st.epoch += 1
+                st.epoch_batches = 0
                 st.data_position = {}
                 more = st.step < self.total_steps and (max_epochs is None or st.epoch < max_epochs)
                 if more and not cfg.train.eval_every:
@@ -397,6 +417,8 @@ class Trainer:
 
     def _metrics(self, val, test, status: str, reason: str = "") -> Dict:
         st, ws = self.state, self.dist.world_size
+        self._pause_timing()  # a run stopped inside the loop: its open segment counts
+        train_time = st.train_time_s
         stats = dict(self.data.stats)
         if self.data.skip_counts is not None:
             stats.update(self.data.skip_counts())
@@ -412,7 +434,8 @@ class Trainer:
             "epochs_run": st.epoch,
             "skipped_steps": st.skipped_steps,
             "samples_seen": st.samples * ws,
-            "train_samples_per_second": st.samples * ws / max(st.train_time_s, 1e-9),
+            "train_time_s": train_time,  # the loop's own time: evaluation and checkpoints excluded
+            "train_samples_per_second": st.samples * ws / train_time if train_time > 0 else None,
             "wall_time_s": time.time() - self.start_time,
             "world_size": ws,
             "zero_stage": self.engine.zero_stage,

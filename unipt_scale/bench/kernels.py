@@ -491,9 +491,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"# {len(records)} records in {time.perf_counter() - t0:.1f}s on {platform.node() or 'host'} "
           f"(torch {torch.__version__}, {'cuda' if cuda else 'cpu'})")
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(records, f, indent=1)
+        from unipt_scale.atomic import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps(records, indent=1))
         print(f"wrote {args.json}")
     return 0
 

@@ -41,7 +41,7 @@ if ! CONSTRAINTS="$work/only-torch.txt" bash "$copy/scripts/install.sh" "$work/v
 fi
 "$work/venv/bin/python" -m pip freeze --all --disable-pip-version-check > "$work/freeze.txt" 2>>"$log"
 echo "refresh-constraints: running the test suite on them"
-if ! (cd "$copy" && HF_HUB_OFFLINE=1 TRITON_INTERPRET=1 OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}" \
+if ! (cd "$copy" && UNIPT_REFRESH_RUN=1 HF_HUB_OFFLINE=1 TRITON_INTERPRET=1 OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}" \
         TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$HOME/.cache/unipt_scale/torch_extensions}" \
         "$work/venv/bin/python" -m pytest -q tests ${PYTEST_ARGS:-}) >>"$log" 2>&1; then
     tail -n 5 "$log" >&2

@@ -1241,9 +1241,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     result = plan(model, o)
     print(format_plan(result))
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as fh:
-            json.dump(result, fh, indent=2)
-            fh.write("\n")
+        from unipt_scale.atomic import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
     return 0
 
 

@@ -2,16 +2,20 @@
 backbone weights load, quickly, and leaves nothing behind."""
 import json
 import os
+import pickle
 import shutil
 import time
 
 import pytest
 
-from test_resume import _write_csv
+from test_resume import _Payload, _write_csv
 from tiny_models import tiny_bert_dir
+from unipt_scale.checkpoint import sha256_file
 from unipt_scale.cli import main
 
 MAX_SECONDS = 20  # generous for 2 loaded cores; a case that trains first takes far longer
+# Not a safetensors file: its first 8 bytes, read as the header length, say 0x0706050403020100 bytes.
+GARBAGE = bytes(range(256)) * 16
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +29,60 @@ def ws(tmp_path_factory):
     run = str(root / "good")
     assert main(["train", "--output-dir", run, *common]) == 0
     return {"root": root, "model": model, "common": common, "run": run}
+
+
+def _snapshot(root):
+    """Every file under `root` with its sha256: what a failed run must leave exactly as it found it."""
+    return {os.path.relpath(os.path.join(base, n), root): sha256_file(os.path.join(base, n))
+            for base, _dirs, names in os.walk(root) for n in names}
+
+
+def _model_copy(ws, tmp_path):
+    d = tmp_path / "model"
+    shutil.copytree(ws["model"], d)
+    return d
+
+
+def _train_on(ws, tmp_path, model, *extra):
+    return ["train", "--output-dir", str(tmp_path / "o"), f"backbone.path={model}", *ws["common"][1:], *extra]
+
+
+def _garbage_weights(ws, tmp_path, *extra):
+    d = _model_copy(ws, tmp_path)
+    (d / "model.safetensors").write_bytes(GARBAGE)
+    return _train_on(ws, tmp_path, d, *extra)
+
+
+def _garbage_shard(ws, tmp_path):
+    from transformers import AutoConfig, AutoModel
+
+    d = tmp_path / "sharded"
+    AutoModel.from_config(AutoConfig.from_pretrained(ws["model"])).save_pretrained(d, max_shard_size="30KB")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(ws["model"], name), d)
+    shards = sorted(d.glob("model-*.safetensors"))
+    assert len(shards) > 2 and (d / "model.safetensors.index.json").is_file()
+    shards[1].write_bytes(GARBAGE)  # model-00002-of-0000N.safetensors
+    return _train_on(ws, tmp_path, d)
+
+
+def _pickle_only(ws, tmp_path, *extra):
+    d = _model_copy(ws, tmp_path)
+    os.remove(d / "model.safetensors")
+    with open(d / "pytorch_model.bin", "wb") as fh:
+        pickle.dump(_Payload(str(tmp_path / "pwned")), fh)  # the snapshot check sees the marker if it ever runs
+    return _train_on(ws, tmp_path, d, *extra)
+
+
+def _pickle_named_in_config(ws, tmp_path):
+    """config.json's transformers_weights makes transformers read that file instead of model.safetensors."""
+    d = _model_copy(ws, tmp_path)
+    with open(d / "adapter_model.bin", "wb") as fh:
+        pickle.dump(_Payload(str(tmp_path / "pwned")), fh)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["transformers_weights"] = "adapter_model.bin"
+    (d / "config.json").write_text(json.dumps(cfg))
+    return _train_on(ws, tmp_path, d)
 
 
 def _damaged_copy(ws, tmp_path, how):
@@ -93,6 +151,17 @@ CASES = {
     "tampered trained.safetensors": (lambda ws, t: ["eval", "--checkpoint", _damaged_copy(ws, t, "flipped")],
                                      "sha256"),
     "not a checkpoint": (lambda ws, t: ["eval", "--checkpoint", str(t)], "not a unipt checkpoint"),
+    "garbage model.safetensors": (_garbage_weights, ("model/model.safetensors is not a readable safetensors file",
+                                                     "download the model again")),
+    "garbage model.safetensors, nf4": (lambda ws, t: _garbage_weights(ws, t, "backbone.quantization=nf4"),
+                                       ("model/model.safetensors is not a readable safetensors", "download")),
+    "a garbage shard of a sharded model": (_garbage_shard, ("sharded/model-00002-of-", "download the model again")),
+    "only a pytorch_model.bin": (_pickle_only, ("model/pytorch_model.bin is a pickle", "save_pretrained(NEW_DIR)")),
+    "only a pytorch_model.bin, nf4": (lambda ws, t: _pickle_only(ws, t, "backbone.quantization=nf4"),
+                                      ("model/pytorch_model.bin is a pickle", "model.safetensors")),
+    "a pickle named by transformers_weights": (_pickle_named_in_config,
+                                               ("transformers_weights names", "model/adapter_model.bin, a pickle",
+                                                "remove the key to read model.safetensors")),
 }
 
 
@@ -104,10 +173,11 @@ def test_bad_input_fails_fast_with_one_line(ws, tmp_path, capsys, monkeypatch, c
         raise AssertionError("backbone weights were loaded before the input was checked")
 
     make, says = CASES[case]
+    says = (says,) if isinstance(says, str) else says
     work = tmp_path / "work"
     work.mkdir()
     argv = make(ws, work)
-    before = sorted(os.listdir(work))
+    before = _snapshot(work)
     if argv[0] == "train":
         monkeypatch.setattr(backbone, "_load_hf", no_weights)
     capsys.readouterr()
@@ -117,10 +187,11 @@ def test_bad_input_fails_fast_with_one_line(ws, tmp_path, capsys, monkeypatch, c
     err = capsys.readouterr().err
     ours = [line for line in err.splitlines() if line.startswith("unipt:")]
     assert code == 2, err[-2000:]
-    assert len(ours) == 1 and says in ours[0], err[-2000:]
+    assert len(ours) == 1 and all(s in ours[0] for s in says), err[-2000:]
+    assert err.strip().splitlines() == ours, "nothing but the one line"
     assert "Traceback" not in err
     assert seconds < MAX_SECONDS, f"{case}: {seconds:.1f} s to fail"
-    assert sorted(os.listdir(work)) == before, "a failed run leaves nothing behind"
+    assert _snapshot(work) == before, "a failed run leaves nothing behind and changes nothing"
 
 
 def test_output_dir_not_writable(ws, capsys):
@@ -158,3 +229,26 @@ def test_remote_code_in_a_checkpoint_never_runs(ws, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "--trust-remote-code" in err and "Traceback" not in err, err[-2000:]
     assert not marker.exists()
+
+
+def test_a_garbage_weight_file_in_the_hub_cache_fails_in_one_line(ws, tmp_path, capsys, monkeypatch):
+    """A hub id is read from its cached snapshot: the same header check applies there."""
+    import huggingface_hub.constants
+
+    import unipt_scale.backbone as backbone
+
+    snapshot = tmp_path / "hub" / "models--someorg--tiny" / "snapshots" / "0123abcd"
+    shutil.copytree(ws["model"], snapshot)
+    (snapshot / "model.safetensors").write_bytes(GARBAGE)
+    (tmp_path / "hub" / "models--someorg--tiny" / "refs").mkdir()
+    (tmp_path / "hub" / "models--someorg--tiny" / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(backbone, "_load_hf", lambda *a, **k: pytest.fail("weights loaded before the check"))
+    capsys.readouterr()
+    code = main(["train", "--output-dir", str(tmp_path / "o"), "backbone.path=someorg/tiny", *ws["common"][1:]])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err[-2000:]
+    assert err.strip().splitlines() == [err.strip()]
+    assert f"{snapshot}/model.safetensors is not a readable safetensors file" in err
+    assert not (tmp_path / "o").exists()
+

@@ -3,13 +3,16 @@
 The backbone always runs in eval mode under `torch.no_grad()`: its hidden states reach the side network as
 plain tensors with no autograd history, so nothing inside it is kept for backward and it never gets gradients.
 
-`inspect_backbone` reads only config.json (or a builtin's static table) so that a config that cannot run fails
-before any weights load; `load_backbone` runs the same checks first.
+`inspect_backbone` reads only config.json (or a builtin's static table) and the headers of the weight files, so
+that a config that cannot run, or a weight file that cannot be read, fails before any weights load;
+`load_backbone` runs the same checks first. Weights are read from safetensors only: a pickled checkpoint
+(pytorch_model.bin) can run code when it is loaded, so it is refused, never handed to torch or transformers.
 """
 from __future__ import annotations
 
 import importlib
 import inspect
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -37,6 +40,14 @@ RELATIVE_POSITION_TYPES = {"t5", "mt5", "umt5", "longt5", "switch_transformers"}
 BART_LIKE_TYPES = {"bart", "mbart", "pegasus", "plbart", "blenderbot", "blenderbot-small", "m2m_100"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 REMOTE_CODE_FLAG = "--trust-remote-code"
+SAFE_WEIGHTS = "model.safetensors"
+SAFE_WEIGHTS_INDEX = "model.safetensors.index.json"
+# Weight files that are pickles (or zip archives of one): unpickling can run code. TF/Flax files are not
+# pickles, but transformers cannot read them without the PyTorch-format conversion either.
+PICKLED_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+PICKLED_INDEX_SUFFIX = ".bin.index.json"  # pytorch_model.bin.index.json: the shards are pickles
+CONVERT_HINT = ("convert it once, where you trust the file: `AutoModel.from_pretrained(DIR).save_pretrained(NEW_DIR)` "
+                "writes model.safetensors; then set backbone.path=NEW_DIR")
 
 
 class BackboneLoadError(RuntimeError):
@@ -411,6 +422,99 @@ def _read_hf_config(path: str, trust_remote_code: bool):
                                 f"({type(err).__name__}: {msg})") from None
 
 
+def _model_directory(path: str) -> Optional[str]:
+    """The local directory transformers reads `path` from: the directory itself, or a hub id's cached snapshot
+    (None when the cache holds no config.json for it: then there is nothing local to check)."""
+    if os.path.isdir(path):
+        return path
+    try:
+        from transformers.utils import cached_file
+
+        found = cached_file(path, "config.json", local_files_only=True, _raise_exceptions_for_missing_entries=False,
+                            _raise_exceptions_for_connection_errors=False)
+    except Exception:  # the hub client's own errors: _read_hf_config has already said what is wrong
+        return None
+    return os.path.dirname(found) if found else None
+
+
+def _inside(model_dir: str, name: str, where: str) -> str:
+    full = os.path.normpath(os.path.join(model_dir, name))
+    if os.path.isabs(name) or not full.startswith(os.path.normpath(model_dir) + os.sep):
+        raise BackboneLoadError(f"{where} names {name!r}, a file outside {model_dir}; refusing it: download the "
+                                "model again, or re-save it with save_pretrained")
+    return full
+
+
+def _index_shards(index: str, model_dir: str) -> List[str]:
+    try:
+        with open(index, encoding="utf-8") as fh:
+            weight_map = json.load(fh)["weight_map"]
+        if not isinstance(weight_map, dict) or not weight_map or \
+                not all(isinstance(v, str) for v in weight_map.values()):
+            raise TypeError("weight_map")
+    except (ValueError, KeyError, TypeError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise BackboneLoadError(f"{index} is not a safetensors index (a JSON object whose weight_map maps every "
+                                "tensor to its shard file): download the model again, or re-save it with "
+                                "save_pretrained") from None
+    shards = [_inside(model_dir, shard, index) for shard in sorted(set(weight_map.values()))]
+    for shard in shards:
+        if not shard.endswith(".safetensors"):
+            raise BackboneLoadError(f"{index} lists {shard}, which is not a safetensors file: backbones load from "
+                                    f"safetensors only; {CONVERT_HINT}")
+        if not os.path.isfile(shard):
+            raise BackboneLoadError(f"{shard} is missing (listed in {index}): the download is incomplete; download "
+                                    "the model again")
+    return shards
+
+
+def weight_files(model_dir: str, hf_config=None) -> List[str]:
+    """The safetensors files from_pretrained reads from `model_dir`, chosen as transformers chooses (config.json's
+    transformers_weights, else model.safetensors, else the shards of model.safetensors.index.json); [] when there
+    is none (a tokenizer-only directory). Pickled weights in their place are refused."""
+    explicit = getattr(hf_config, "transformers_weights", None)
+    config_json = os.path.join(model_dir, "config.json")
+    if explicit:
+        name = _inside(model_dir, str(explicit), f"{config_json} (transformers_weights)")
+        if not name.endswith((".safetensors", ".safetensors.index.json")):
+            what = "a pickle (loading it can run code)" if name.endswith(PICKLED_WEIGHT_SUFFIXES) else \
+                "not a safetensors file"
+            raise BackboneLoadError(f"{config_json}: transformers_weights names {name}, {what}; backbones load from "
+                                    f"safetensors only: remove the key to read {SAFE_WEIGHTS}")
+        if not os.path.isfile(name):
+            raise BackboneLoadError(f"{name} is missing ({config_json} names it in transformers_weights): download "
+                                    f"the model again, or remove the key to read {SAFE_WEIGHTS}")
+    elif os.path.isfile(os.path.join(model_dir, SAFE_WEIGHTS)):
+        name = os.path.join(model_dir, SAFE_WEIGHTS)
+    elif os.path.isfile(os.path.join(model_dir, SAFE_WEIGHTS_INDEX)):
+        name = os.path.join(model_dir, SAFE_WEIGHTS_INDEX)
+    else:
+        pickled = sorted(n for n in os.listdir(model_dir)
+                         if n.endswith(PICKLED_WEIGHT_SUFFIXES) or n.endswith(PICKLED_INDEX_SUFFIX))
+        if pickled:
+            raise BackboneLoadError(f"{os.path.join(model_dir, pickled[0])} is a pickle (loading it can run code) "
+                                    f"and {model_dir} holds no {SAFE_WEIGHTS}: backbones load from safetensors only; "
+                                    f"{CONVERT_HINT}")
+        return []
+    return _index_shards(name, model_dir) if name.endswith(".index.json") else [name]
+
+
+def check_weight_files(model_dir: str, hf_config=None) -> None:
+    """Every weight file from_pretrained would read has a safetensors header that parses and fits the file:
+    reading the header costs microseconds and nothing of the payload, and a garbage or truncated file then fails
+    here in one line instead of deep inside transformers."""
+    from safetensors import SafetensorError, safe_open
+
+    for path in weight_files(model_dir, hf_config):
+        try:
+            with safe_open(path, framework="pt") as fh:
+                fh.keys()
+        except (SafetensorError, OSError) as err:
+            detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise BackboneLoadError(f"{path} is not a readable safetensors file ({detail}); download the model "
+                                    "again, or re-save it with save_pretrained, and point backbone.path at it"
+                                    ) from None
+
+
 def _resolve_path(cfg: BackboneConfig) -> Tuple[str, Optional[str]]:
     """(model directory or hub id, builtin module name or None); missing paths fail here with the fix."""
     path = cfg.path
@@ -480,7 +584,8 @@ def _model_class(hf_config, kind: str):
 
 
 def inspect_backbone(cfg: BackboneConfig, trust_remote_code: bool = False) -> BackboneSpec:
-    """The backbone's shape from config.json alone (or a builtin's table): fails fast, loads no weights."""
+    """The backbone's shape from config.json alone (or a builtin's table), and its weight files' headers (unless
+    backbone.random_init): fails fast, loads no weights."""
     path, builtin = _resolve_path(cfg)
     if builtin is not None:
         table = BUILTIN_MODULE_SPECS[builtin]
@@ -494,6 +599,9 @@ def inspect_backbone(cfg: BackboneConfig, trust_remote_code: bool = False) -> Ba
     kind = cfg.kind if cfg.kind != "auto" else detect_kind(hf_config)
     width, depth = _width_and_depth(hf_config, kind, path)
     _check_padding_side(cfg.padding_side, kind, model_type, _model_class(hf_config, kind), path)
+    model_dir = None if cfg.random_init else _model_directory(path)
+    if model_dir is not None:
+        check_weight_files(model_dir, hf_config)
     return BackboneSpec(kind=kind, num_hidden_states=depth + 1, hidden_sizes=[width] * (depth + 1), out_dim=width,
                         model_type=model_type, path=path, hf_config=hf_config)
 
@@ -543,9 +651,12 @@ def _from_pretrained(cls, path: str, hf_config, dtype, trust_remote_code: bool, 
     """from_pretrained with one-line errors; `strict`: every weight must come from the checkpoint (used where
     keys are remapped to load an encoder alone, so a layout it does not fit fails instead of staying random).
     `quantization`: the linear layers are quantized by bitsandbytes as they load (see unipt_scale.quantization)."""
+    from safetensors import SafetensorError
+
     from unipt_scale.quantization import bnb_config, load_device_map
 
-    kwargs = dict(config=hf_config, dtype=dtype, output_loading_info=True)
+    # use_safetensors: transformers never falls back to a pickle, whatever else the directory holds.
+    kwargs = dict(config=hf_config, dtype=dtype, output_loading_info=True, use_safetensors=True)
     if trust_remote_code:
         kwargs["trust_remote_code"] = True
     if key_mapping:
@@ -554,6 +665,9 @@ def _from_pretrained(cls, path: str, hf_config, dtype, trust_remote_code: bool, 
         kwargs.update(quantization_config=bnb_config(quantization, dtype), device_map=load_device_map())
     try:
         model, info = cls.from_pretrained(path, **kwargs)
+    except SafetensorError as err:  # a file that changed after inspect_backbone read its header
+        raise BackboneLoadError(f"{path!r}: a weight file is not readable safetensors ({str(err).splitlines()[0]}); "
+                                "download the model again, or re-save it with save_pretrained") from None
     except OSError as err:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise BackboneLoadError(f"{path!r} has a config but its weights could not be loaded ({first}). Point "

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from test_resume import _Payload, _write_csv
-from tiny_models import tiny_bert_dir
+from tiny_models import tiny_bert_dir, tiny_causal_lm_dir
 from unipt_scale.checkpoint import sha256_file
 from unipt_scale.cli import main
 
@@ -28,7 +28,7 @@ def ws(tmp_path_factory):
     # A finished run, whose checkpoint the eval cases damage in copies.
     run = str(root / "good")
     assert main(["train", "--output-dir", run, *common]) == 0
-    return {"root": root, "model": model, "common": common, "run": run}
+    return {"root": root, "model": model, "common": common, "run": run, "lm": tiny_causal_lm_dir(str(root))}
 
 
 def _snapshot(root):
@@ -83,6 +83,25 @@ def _pickle_named_in_config(ws, tmp_path):
     cfg["transformers_weights"] = "adapter_model.bin"
     (d / "config.json").write_text(json.dumps(cfg))
     return _train_on(ws, tmp_path, d)
+
+
+LATIN1_LINE = '{"prompt": "caf\xe9 night", "response": "fine"}\n'.encode("latin-1")  # 0xe9: not UTF-8
+
+
+def _latin1_jsonl(ws, tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    good = [json.dumps({"prompt": f"good movie {i}", "response": "great"}) + "\n" for i in range(2)]
+    path.write_bytes("".join(good).encode() + LATIN1_LINE + "".join(good).encode())
+    return ["train", "--output-dir", str(tmp_path / "o"), f"backbone.path={ws['lm']}", "task.kind=causal_lm",
+            "data.source=jsonl", f"data.path={path}", "data.batch_size=1", "train.max_steps=1",
+            "train.tensorboard=false"]
+
+
+def _latin1_csv(ws, tmp_path):
+    path = tmp_path / "latin1.csv"
+    path.write_bytes(b"text,label\r\ngood movie,pos\r\ncaf\xe9 night,neg\r\n" + b"bad day,neg\r\n" * 20)
+    return ["train", "--output-dir", str(tmp_path / "o"), *ws["common"][:1], "data.source=csv",
+            f"data.path={path}", *ws["common"][3:]]
 
 
 def _damaged_copy(ws, tmp_path, how):
@@ -162,6 +181,9 @@ CASES = {
     "a pickle named by transformers_weights": (_pickle_named_in_config,
                                                ("transformers_weights names", "model/adapter_model.bin, a pickle",
                                                 "remove the key to read model.safetensors")),
+    "latin-1 byte in a causal_lm JSONL": (_latin1_jsonl, ("pairs.jsonl:3: byte 0xe9 is not utf-8",
+                                                          "re-encode the file as UTF-8")),
+    "latin-1 byte in a CSV": (_latin1_csv, ("latin1.csv:3: byte 0xe9 is not utf-8", "re-encode the file as UTF-8")),
 }
 
 
@@ -251,4 +273,31 @@ def test_a_garbage_weight_file_in_the_hub_cache_fails_in_one_line(ws, tmp_path, 
     assert err.strip().splitlines() == [err.strip()]
     assert f"{snapshot}/model.safetensors is not a readable safetensors file" in err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("newline", ["\n", "\r\n", "\r"])
+def test_the_line_of_a_byte_that_is_not_utf8_is_counted_as_text_mode_counts(tmp_path, newline):
+    from unipt_scale.data.sources import ShardInputError, read_text
+
+    path = tmp_path / "t.jsonl"
+    path.write_bytes(newline.join(["{}", "", "{\"a\": \"ok\"}", ""]).encode() + b"{\"a\": \"caf\xe9\"}" + b"\n")
+    with pytest.raises(ShardInputError, match=r"t\.jsonl:4: byte 0xe9 is not utf-8 text; re-encode"):
+        read_text(path)
+
+
+@pytest.mark.parametrize("source", ["csv", "jsonl"])
+def test_unipt_shards_names_the_line_of_a_byte_that_is_not_utf8(tmp_path, capsys, source):
+    from unipt_scale.data import shards
+
+    path = tmp_path / f"in.{source}"
+    if source == "csv":
+        path.write_bytes(b"text,label\ngood movie,pos\ncaf\xe9 night,neg\n")
+    else:
+        path.write_bytes(b'{"text": "good movie", "label": "pos"}\n' + LATIN1_LINE)
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert shards.main(["--source", source, "--input", str(path), "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"in.{source}:{3 if source == 'csv' else 2}: byte 0xe9" in err, err
+    assert "re-encode the file as UTF-8" in err and not out.exists()
 

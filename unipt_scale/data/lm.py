@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from unipt_scale.config import DataConfig
+from unipt_scale.data.sources import jsonl_objects
 
 IGNORE = -100
 HEADLINE_INSTRUCTION = "Write a short headline for this news article.\n\n"
@@ -32,28 +33,19 @@ def read_jsonl_pairs(path: str) -> List[dict]:
     if not os.path.isfile(path):
         raise LMDataError(f"data.path={path!r} does not exist; give a JSONL file with prompt/response objects")
     out = []
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except ValueError as err:
-                raise LMDataError(f"{path}:{n} is not JSON ({err.msg}); one object per line") from None
-            if not isinstance(obj, dict):
-                raise LMDataError(f"{path}:{n} is not an object; use {{\"prompt\": ..., \"response\": ...}}")
-            if "messages" in obj:
-                msgs = obj["messages"]
-                if (not isinstance(msgs, list) or len(msgs) < 2 or not all(isinstance(m, dict) and "role" in m and
-                                                                          "content" in m for m in msgs)
-                        or msgs[-1]["role"] != "assistant"):
-                    raise LMDataError(f"{path}:{n}: messages must be a list of {{role, content}} ending with the "
-                                      "assistant's reply (the response that is trained on)")
-                out.append({"messages": msgs[:-1], "response": str(msgs[-1]["content"])})
-            elif isinstance(obj.get("prompt"), str) and isinstance(obj.get("response"), str):
-                out.append({"prompt": obj["prompt"], "response": obj["response"]})
-            else:
-                raise LMDataError(f"{path}:{n} has neither prompt+response strings nor messages")
+    for n, obj in jsonl_objects(path, error=LMDataError):
+        if "messages" in obj:
+            msgs = obj["messages"]
+            if (not isinstance(msgs, list) or len(msgs) < 2 or not all(isinstance(m, dict) and "role" in m and
+                                                                      "content" in m for m in msgs)
+                    or msgs[-1]["role"] != "assistant"):
+                raise LMDataError(f"{path}:{n}: messages must be a list of {{role, content}} ending with the "
+                                  "assistant's reply (the response that is trained on)")
+            out.append({"messages": msgs[:-1], "response": str(msgs[-1]["content"])})
+        elif isinstance(obj.get("prompt"), str) and isinstance(obj.get("response"), str):
+            out.append({"prompt": obj["prompt"], "response": obj["response"]})
+        else:
+            raise LMDataError(f"{path}:{n} has neither prompt+response strings nor messages")
     if not out:
         raise LMDataError(f"{path} holds no record")
     return out

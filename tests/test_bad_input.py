@@ -4,13 +4,15 @@ import json
 import os
 import pickle
 import shutil
+import subprocess
+import sys
 import time
 
 import pytest
 
 from test_resume import _Payload, _write_csv
 from tiny_models import tiny_bert_dir, tiny_causal_lm_dir
-from unipt_scale.checkpoint import sha256_file
+from unipt_scale.checkpoint import CheckpointError, CheckpointManager, sha256_file, verify
 from unipt_scale.cli import main
 
 MAX_SECONDS = 20  # generous for 2 loaded cores; a case that trains first takes far longer
@@ -301,3 +303,104 @@ def test_unipt_shards_names_the_line_of_a_byte_that_is_not_utf8(tmp_path, capsys
     assert err.count("\n") == 1 and f"in.{source}:{3 if source == 'csv' else 2}: byte 0xe9" in err, err
     assert "re-encode the file as UTF-8" in err and not out.exists()
 
+
+# --------------------------------------------------------------------------- resumable checkpoints re-signed
+# A state file replaced by other bytes, with manifest.json rewritten to match (sha256 and size), passes the
+# integrity check; it must still count as damaged: skipped for the newest intact checkpoint, or one line naming it.
+
+
+def _resign(checkpoint, rel, content):
+    path = os.path.join(checkpoint, rel)
+    with open(path, "wb") as fh:
+        fh.write(content)
+    manifest_path = os.path.join(checkpoint, "manifest.json")
+    with open(manifest_path) as fh:
+        manifest = json.load(fh)
+    manifest["files"][rel] = {"sha256": sha256_file(path), "bytes": os.path.getsize(path)}
+    with open(manifest_path, "w") as fh:
+        json.dump(manifest, fh)
+    return manifest
+
+
+@pytest.fixture(scope="module")
+def resumable(ws):
+    """A finished run with a checkpoint after each of its two steps."""
+    out = str(ws["root"] / "resumable")
+    args = [*ws["common"], "train.checkpoint_every=1", "train.keep_checkpoints=2"]
+    assert main(["train", "--output-dir", out, *args]) == 0
+    assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["latest", "step00000001", "step00000002"]
+    return out, args
+
+
+@pytest.mark.parametrize("rel, says", [("rank0.safetensors", "is not a readable safetensors file"),
+                                       ("engine.safetensors", "is not a readable safetensors file"),
+                                       ("rank0.json", "is not JSON"), ("engine.json", "is not JSON")])
+def test_a_resigned_state_file_is_skipped_for_the_previous_checkpoint(resumable, tmp_path, rel, says):
+    out = str(tmp_path / "run")
+    shutil.copytree(resumable[0], out)
+    newest = os.path.join(out, "checkpoints", "step00000002")
+    manifest = _resign(newest, rel, GARBAGE)
+    manager = CheckpointManager(out, 0, 1, manifest["config"], keep=2)
+    found, notes = manager.find("auto")
+    assert found.endswith("step00000001")
+    assert any(f"{newest}/{rel} {says}" in n for n in notes), notes
+    with pytest.raises(CheckpointError, match=f"{rel} {says}.*set train.resume to another checkpoint"):
+        manager.find(newest)  # an explicit checkpoint is not silently replaced by another
+
+
+def test_resume_with_no_intact_checkpoint_fails_in_one_line_and_changes_nothing(resumable, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    shutil.copytree(resumable[0], out)
+    shutil.rmtree(os.path.join(out, "checkpoints", "step00000001"))
+    _resign(os.path.join(out, "checkpoints", "step00000002"), "rank0.safetensors", GARBAGE)
+    before = _snapshot(out)
+    capsys.readouterr()
+    code = main(["train", "--output-dir", out, *resumable[1], "train.resume=auto"])
+    err = capsys.readouterr().err
+    ours = [line for line in err.splitlines() if line.startswith("unipt:")]
+    assert code == 2 and "Traceback" not in err, err[-3000:]
+    assert len(ours) == 1 and "step00000002/rank0.safetensors is not a readable safetensors file" in ours[0]
+    assert "train.resume=''" in ours[0] and err.strip().splitlines() == ours
+    assert _snapshot(out) == before, "the failed resume changed the run's outputs or checkpoints"
+
+
+def test_deepspeed_checkpoint_with_resigned_state_files(ws, tmp_path):
+    """One DeepSpeed rank (no launcher): a re-signed rank0.safetensors fails the resume in one line, and a
+    re-signed engine pickle counts as damaged before DeepSpeed would unpickle it."""
+    pytest.importorskip("deepspeed")
+    from ds_helpers import REPO, ds_env
+
+    out = str(tmp_path / "ds")
+    args = [*ws["common"], "train.checkpoint_every=2", "deepspeed.enabled=true", "train.num_threads=1"]
+
+    def unipt(*extra):
+        return subprocess.run([sys.executable, "-m", "unipt_scale.cli", "train", "--output-dir", out, *args, *extra],
+                              cwd=REPO, env=ds_env(), capture_output=True, text=True, timeout=600)
+
+    first = unipt()
+    assert first.returncode == 0, first.stderr[-3000:]
+    checkpoint = os.path.join(out, "checkpoints", "step00000002")
+    engine_file = os.path.join("deepspeed", "state", "mp_rank_00_model_states.pt")
+    assert os.path.isfile(os.path.join(checkpoint, engine_file))
+
+    pristine = str(tmp_path / "pristine")
+    shutil.copytree(checkpoint, pristine)
+    marker = str(tmp_path / "pwned")
+    for content, says in ((GARBAGE, "is not a DeepSpeed checkpoint file"),
+                          (pickle.dumps(_Payload(marker)), "is not a DeepSpeed checkpoint file")):
+        _resign(checkpoint, engine_file, content)
+        with pytest.raises(CheckpointError, match=f"mp_rank_00_model_states.pt {says}"):
+            verify(checkpoint)
+    assert not os.path.exists(marker)
+    shutil.rmtree(checkpoint)
+    shutil.copytree(pristine, checkpoint)
+
+    _resign(checkpoint, "rank0.safetensors", GARBAGE)
+    before = _snapshot(out)
+    resumed = unipt("train.resume=auto")
+    assert resumed.returncode == 2, resumed.stderr[-3000:]
+    assert "Traceback" not in resumed.stderr
+    lines = resumed.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("unipt: "), resumed.stderr[-3000:]
+    assert "step00000002/rank0.safetensors is not a readable safetensors file" in lines[0]
+    assert _snapshot(out) == before

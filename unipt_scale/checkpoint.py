@@ -12,8 +12,10 @@ Layout under OUTPUT_DIR/checkpoints/:
 
 A checkpoint is built in a hidden `.tmp-stepN` directory, its manifest is written last, and only then is it
 renamed into place and `latest` updated, so a crash at any instant leaves every `stepN` directory complete. Resume
-verifies the manifest (every file's sha256), falls back to the newest complete checkpoint when `latest` is torn or
-a checkpoint is damaged, and says which one it took. The project's own state files hold no pickle.
+verifies the manifest (every file's sha256) and that every state file parses as its kind (safetensors header, JSON,
+DeepSpeed's pickles scanned without running them: a manifest rewritten to match other bytes passes the sha256
+check), falls back to the newest complete checkpoint when `latest` is torn or a checkpoint is damaged, and says
+which one it took. The project's own state files hold no pickle.
 """
 from __future__ import annotations
 
@@ -90,6 +92,34 @@ def _files_under(directory: str) -> List[str]:
     return sorted(out)
 
 
+def state_file_problem(path: str) -> Optional[str]:
+    """Why a state file cannot be read as what its name says (None when it can): the safetensors header, the
+    JSON text, a DeepSpeed pickle's referenced globals. Cheap: no tensor payload is read."""
+    if path.endswith(".safetensors"):
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(path, framework="pt") as fh:
+                fh.keys()
+        except (SafetensorError, OSError) as err:
+            return f"is not a readable safetensors file ({_first_line(err)})"
+    elif path.endswith(".json"):
+        try:
+            with open(path, encoding="utf-8") as fh:
+                json.load(fh)
+        except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+            return f"is not JSON ({_first_line(err)})"
+    elif path.endswith(".pt"):
+        from unipt_scale.deepspeed_engine import pickle_problem
+
+        return pickle_problem(path)
+    return None
+
+
+def _first_line(err: BaseException) -> str:
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
+
+
 def verify(directory: str, world_size: Optional[int] = None, config: Optional[dict] = None) -> dict:
     """The manifest of a complete, intact checkpoint; CheckpointError naming what is wrong otherwise."""
     path = os.path.join(directory, MANIFEST)
@@ -123,7 +153,18 @@ def verify(directory: str, world_size: Optional[int] = None, config: Optional[di
         diff = sorted(k for k in set(then) | set(now) if then.get(k) != now.get(k))
         raise CheckpointError(f"{directory} was written with another config (differs in {', '.join(diff[:6])}); "
                               "resume with the config it was written with")
+    for rel in sorted(files):
+        full = os.path.join(directory, rel)
+        problem = state_file_problem(full)
+        if problem is not None:
+            raise CheckpointError(f"{full} {problem}, though its sha256 matches {MANIFEST}: the checkpoint is "
+                                  "damaged")
     return manifest
+
+
+def _refused_by_choice(err: CheckpointError) -> bool:
+    """An intact checkpoint of another run (world size, config): never skipped for an older one."""
+    return "world size" in str(err) or "another config" in str(err)
 
 
 class CheckpointManager:
@@ -193,7 +234,13 @@ class CheckpointManager:
             return self._newest_valid(self.root, explicit=False)
         path = os.path.abspath(os.path.expanduser(spec))
         if os.path.isfile(os.path.join(path, MANIFEST)) or _step_of(os.path.basename(path)) is not None:
-            verify(path, self.world_size, self.config)
+            try:
+                verify(path, self.world_size, self.config)
+            except CheckpointError as err:
+                if _refused_by_choice(err):
+                    raise
+                raise CheckpointError(f"{err}; set train.resume to another checkpoint, or to its checkpoints/ "
+                                      "directory for the newest intact one") from None
             return path, []
         if os.path.isdir(os.path.join(path, CHECKPOINTS)):
             path = os.path.join(path, CHECKPOINTS)
@@ -229,7 +276,7 @@ class CheckpointManager:
             try:
                 verify(d, self.world_size, self.config)
             except CheckpointError as err:
-                if "world size" in str(err) or "another config" in str(err):
+                if _refused_by_choice(err):
                     raise
                 reasons.append(str(err))
                 notes.append(f"skipping {n}: {err}")

@@ -299,21 +299,28 @@ class DeepSpeedEngine(Engine):
                  100 * report.get("backbone", {}).get("share", 0.0), 100 * report.get("trained", {}).get("share", 0.0))
 
 
+def pickle_problem(path: str) -> Optional[str]:
+    """Why DeepSpeed must not unpickle `path` (None where it references only tensors, containers and DeepSpeed's
+    own plain types). Reads the pickle's opcodes only: nothing in the file runs."""
+    from torch.serialization import get_unsafe_globals_in_checkpoint
+
+    try:
+        unsafe = get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # not a torch zip file at all
+        return "is not a DeepSpeed checkpoint file (not an archive torch.save writes)"
+    bad = [g for g in unsafe if g not in _DS_PICKLE_GLOBALS]
+    if bad:
+        return f"references {bad[:3]}, which a DeepSpeed checkpoint never holds, so it could run code"
+    return None
+
+
 def refuse_unsafe_pickles(directory: str) -> None:
     """DeepSpeed unpickles its own files with weights_only=False; check first that none references anything but
     tensors, containers and DeepSpeed's own plain types, so a crafted file in an output directory runs nothing."""
-    from torch.serialization import get_unsafe_globals_in_checkpoint
-
     if not os.path.isdir(directory):
         raise ValueError(f"{directory} is missing: the checkpoint holds no DeepSpeed engine state")
     for name in sorted(os.listdir(directory)):
         path = os.path.join(directory, name)
-        try:
-            unsafe = get_unsafe_globals_in_checkpoint(path)
-        except Exception as err:  # not a torch zip file at all
-            raise ValueError(f"{path} is not a DeepSpeed checkpoint file ({type(err).__name__}); the checkpoint "
-                             "is damaged: resume from another one") from None
-        bad = [g for g in unsafe if g not in _DS_PICKLE_GLOBALS]
-        if bad:
-            raise ValueError(f"{path} references {bad[:3]}, which a DeepSpeed checkpoint never holds; refusing to "
-                             "load it (it could run code)")
+        problem = pickle_problem(path)
+        if problem is not None:
+            raise ValueError(f"{path} {problem}; refusing to load it: resume from another checkpoint")

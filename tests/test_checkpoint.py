@@ -47,7 +47,7 @@ def test_failed_save_keeps_previous_checkpoint(model_and_cfg, tmp_path, monkeypa
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(ck, "save_file", boom)
+    monkeypatch.setattr(ck, "save_tensors_file", boom)
     with pytest.raises(OSError, match="disk full"):
         save_trained(trained_state_dict(model), cfg, target, {"num_classes": 3})
     assert open(os.path.join(target, WEIGHTS), "rb").read() == before

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from tiny_models import tiny_causal_lm_dir
 from unipt_scale.config import UniPTConfig, load_config
-from unipt_scale.lm import chunked_lm_loss, generate
+from unipt_scale.generation import generate
+from unipt_scale.lm import chunked_lm_loss
 from unipt_scale.model import build_model
 from unipt_scale.side_network import UniPTSideNetwork
 
@@ -204,7 +205,7 @@ def test_chunked_loss_memory_does_not_grow_with_vocabulary():
 def test_train_then_unipt_generate(dirs, tmp_path, capsys):
     from unipt_scale.cli import main
     from unipt_scale.export import load_trained
-    from unipt_scale.lm import generate_texts
+    from unipt_scale.generation import generate_texts
 
     out = tmp_path / "run"
     cfg = _cfg(dirs["llama"], tmp_path, "train.max_steps=3", "data.max_length=32")
@@ -219,7 +220,7 @@ def test_train_then_unipt_generate(dirs, tmp_path, capsys):
 
     want = generate_texts(model, load_tokenizer(cfg2.backbone), [{"prompt": "good movie"}, {"prompt": "bad day"}],
                           max_new_tokens=5, max_prompt_tokens=32)
-    assert [x["generation"] for x in lines] == want
+    assert [x["completion"] for x in lines] == want
     assert main(["generate", "--checkpoint", str(out / "checkpoint"), "--max-new-tokens", "0", "x"]) == 2
 
 
@@ -285,3 +286,23 @@ def test_a_long_prompt_is_cut_at_the_end_of_its_last_user_turn():
     response = tok("happy", add_special_tokens=False)["input_ids"]
     assert len(x) <= 48 and x[:len(head)] == head and y[-len(response):] == response
     assert all(v == IGNORE for v in y[:-len(response)])
+
+
+def test_evaluation_runs_at_most_the_training_micro_batch_per_forward(dirs, tmp_path):
+    """An eval batch of 128 long sequences would hold every tapped state of all of them at once (above the
+    training step's peak); the causal task model evaluates data.batch_size sequences per forward, same result."""
+    model = build_model(_cfg(dirs["llama"], tmp_path, "data.batch_size=2")).eval()
+    _perturb_side(model)
+    assert model.eval_rows == 2
+    rows = [[5, 6, 7, 8, 9], [11, 12], [13, 14, 15, 16], [17, 18, 19], [20, 21, 22, 23, 24]]
+    batch = _batch(rows)
+    batch["labels"] = torch.where(batch["attention_mask"].bool(), batch["input_ids"], torch.full_like(batch["input_ids"], -100))
+    seen = []
+    hook = model.encoder.register_forward_pre_hook(lambda m, args: seen.append(args[0]["input_ids"].shape[0]))
+    chunked = model.eval_step(batch)
+    hook.remove()
+    assert seen == [2, 2, 1]
+    model.eval_rows = None
+    whole = model.eval_step(batch)
+    assert chunked["tokens"] == whole["tokens"] and chunked["correct"] == whole["correct"]
+    assert chunked["loss_sum"] == pytest.approx(whole["loss_sum"], rel=1e-6)

@@ -433,7 +433,7 @@ def test_full_lm_loss_saves_fp32_log_probabilities(tmp_path):
 
 def _capture_caches(model):
     """Wrap the model's incremental steps so the caches they return are kept: {"kv": DynamicCache, "side": ...}."""
-    import unipt_scale.lm as lm
+    import unipt_scale.generation as lm
 
     caps = {}
     side = getattr(model.encoder, "side", None)
@@ -464,8 +464,8 @@ def _capture_caches(model):
 
 @pytest.mark.parametrize("method", ["unipt", "lora"])
 def test_generation_caches_match_measured(tmp_path, monkeypatch, method):
-    """After unipt_scale.lm.generate, the KV cache and UniPT's SideCache hold exactly what the planner counts."""
-    import unipt_scale.lm as lm
+    """After unipt_scale.generation.generate, the KV cache and UniPT's SideCache hold exactly what the planner counts."""
+    import unipt_scale.generation as lm
 
     path, cfg = _tiny_lm_dir(tmp_path)
     model = _lm_model(path, method, torch.bfloat16).eval()
@@ -493,7 +493,7 @@ def test_generation_caches_match_measured(tmp_path, monkeypatch, method):
 def test_generation_transients_match_measured(tmp_path, monkeypatch, method):
     """Live bytes while generate runs (fp32, so the CPU path makes no dtype copies) against the planner's phases:
     the prompt's frozen forward, UniPT's side network over the prompt, and the last decoding step."""
-    import unipt_scale.lm as lm
+    import unipt_scale.generation as lm
 
     live = _LiveBytes()
     path, cfg = _tiny_lm_dir(tmp_path, hidden_size=256, intermediate_size=512)

@@ -12,7 +12,7 @@ from safetensors import safe_open
 from tiny_models import tiny_bert_dir, tiny_causal_lm_dir
 from unipt_scale.backbone import BackboneLoadError, load_backbone
 from unipt_scale.config import BackboneConfig, ConfigError, load_config
-from unipt_scale.lm import generate
+from unipt_scale.generation import generate
 from unipt_scale.model import build_model
 from unipt_scale.quantization import frozen_weight_bytes, quantized_scheme, quantized_types
 
@@ -217,7 +217,7 @@ def test_qlora_trains_and_checkpoints_only_adapters_and_head(dirs, tmp_path, cap
 def test_causal_unipt_on_int8_trains_and_generates_from_the_checkpoint(dirs, tmp_path, capsys):
     from unipt_scale.cli import main
     from unipt_scale.export import load_trained
-    from unipt_scale.lm import generate_texts
+    from unipt_scale.generation import generate_texts
     from unipt_scale.preprocessors import load_tokenizer
 
     cfg = _lm_cfg(dirs["llama"], tmp_path, "backbone.quantization=int8", "train.max_steps=3")
@@ -231,7 +231,7 @@ def test_causal_unipt_on_int8_trains_and_generates_from_the_checkpoint(dirs, tmp
     assert quantized_scheme(model) == "int8"
     want = generate_texts(model, load_tokenizer(cfg2.backbone), [{"prompt": "good movie"}], max_new_tokens=4,
                           max_prompt_tokens=16)
-    assert line["generation"] == want[0]
+    assert line["completion"] == want[0]
 
 
 def test_unipt_info_reports_the_resident_frozen_bytes(dirs, tmp_path, capsys):

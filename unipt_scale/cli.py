@@ -130,25 +130,62 @@ def cmd_predict(args) -> int:
     return 0
 
 
-def cmd_generate(args) -> int:
-    from unipt_scale.export import load_trained
-    from unipt_scale.lm import CausalLMModel, generate_texts
+def _generation_options(args):
+    from unipt_scale.generation import GenerationOptions
 
-    if args.max_new_tokens < 1 or args.temperature < 0:
-        raise ConfigError("--max-new-tokens must be >= 1 and --temperature >= 0")
+    return GenerationOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                             top_p=args.top_p, repetition_penalty=args.repetition_penalty, num_beams=args.num_beams,
+                             length_penalty=args.length_penalty, stop=tuple(args.stop), seed=args.seed).check()
+
+
+def _writable_file(path: str, flag: str) -> str:
+    """Checked before the model loads: the output can be written where it is asked for."""
+    path = os.path.abspath(os.path.expanduser(path))
+    parent = os.path.dirname(path)
+    if os.path.isdir(path):
+        raise ConfigError(f"{flag} {path} is a directory; give a file path")
+    if not os.path.isdir(parent):
+        raise ConfigError(f"{flag} {path}: the directory {parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK):
+        raise ConfigError(f"{flag} {path}: the directory {parent} is not writable")
+    return path
+
+
+def cmd_generate(args) -> int:
+    from unipt_scale.atomic import atomic_write_text
+    from unipt_scale.data.lm import read_prompt_records
+    from unipt_scale.export import load_trained
+    from unipt_scale.generation import generate_texts
+    from unipt_scale.lm import CausalLMModel
+
+    options = _generation_options(args)
+    if args.batch_size < 1:
+        raise ConfigError("--batch-size must be >= 1")
+    if args.input and args.prompts:
+        raise ConfigError("give prompts either with --input FILE.jsonl or as arguments, not both")
+    if args.input:
+        records = read_prompt_records(args.input)
+    else:
+        records = [{"prompt": p} for p in (list(args.prompts) or [line.rstrip("\n") for line in sys.stdin
+                                                                    if line.strip()])]
+    if not records:
+        raise ConfigError("no prompt: give --input FILE.jsonl, prompts as arguments, or one per line on stdin")
+    output = _writable_file(args.output, "--output") if args.output else None
     device = _device()
     model, cfg, _meta = load_trained(args.checkpoint, device=device, trust_remote_code=args.trust_remote_code)
     if not isinstance(model, CausalLMModel):
         raise ConfigError("unipt generate serves task.kind=causal_lm checkpoints; this one is "
                           f"task.kind={cfg.task.kind}")
-    prompts = list(args.prompts) or [line.rstrip("\n") for line in sys.stdin if line.strip()]
-    if not prompts:
-        raise ConfigError("give prompts as arguments or one per line on standard input")
-    texts = generate_texts(model, _tokenizer(cfg, args.trust_remote_code), [{"prompt": p} for p in prompts],
-                           max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
-                           max_prompt_tokens=cfg.data.max_length)
-    for prompt, text in zip(prompts, texts):
-        print(json.dumps({"prompt": prompt, "generation": text}))
+    texts = generate_texts(model, _tokenizer(cfg, args.trust_remote_code), records, options,
+                           batch_size=args.batch_size, max_prompt_tokens=cfg.data.max_length,
+                           stream=sys.stdout if args.stream else None)
+    lines = [json.dumps({**record, "completion": text}, ensure_ascii=False) for record, text in zip(records, texts)]
+    if output:
+        atomic_write_text(output, "".join(line + "\n" for line in lines))
+        print(f"wrote {len(lines)} completions to {output}", file=sys.stderr)
+    elif not args.stream:
+        for line in lines:
+            print(line)
     return 0
 
 
@@ -222,11 +259,25 @@ def build_parser() -> argparse.ArgumentParser:
     _remote_code_arg(r)
     r.set_defaults(func=cmd_predict)
 
-    g = sub.add_parser("generate", help="continue prompts with a causal_lm checkpoint (arguments, or stdin lines)")
+    g = sub.add_parser("generate", help="complete prompts with a causal_lm checkpoint (JSONL, arguments or stdin)")
     g.add_argument("--checkpoint", required=True, help="OUTPUT_DIR/checkpoint of a task.kind=causal_lm run")
+    g.add_argument("--input", metavar="FILE.jsonl", help='one {"prompt": ...} or {"messages": [...]} object per line '
+                                                          "(rendered with the chat template, as in training)")
+    g.add_argument("--output", metavar="FILE.jsonl", help='each input object with its "completion", written '
+                                                           "atomically (default: JSON lines on stdout)")
+    g.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (left-padded)")
     g.add_argument("--max-new-tokens", type=int, default=32)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")
+    g.add_argument("--top-k", type=int, default=0, help="sampling: keep the k most likely tokens (0 = all)")
+    g.add_argument("--top-p", type=float, default=1.0, help="sampling: nucleus probability mass")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeated tokens")
+    g.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (greedy scoring)")
+    g.add_argument("--length-penalty", type=float, default=1.0, help="beam search: score / length ** this")
+    g.add_argument("--stop", action="append", default=[], metavar="S",
+                   help="end a completion at this string (repeatable; the string is not kept)")
     g.add_argument("--seed", type=int, default=0, help="sampling seed (temperature > 0)")
+    g.add_argument("--stream", action="store_true", help="print each completion to stdout as it is generated, "
+                                                           "one prompt at a time")
     g.add_argument("prompts", nargs="*")
     _remote_code_arg(g)
     g.set_defaults(func=cmd_generate)

@@ -1,5 +1,5 @@
-"""Language modelling on a frozen decoder: the task model for task.kind=causal_lm, its chunked LM-head loss,
-and generation with incremental decoding.
+"""Language modelling on a frozen decoder: the task model for task.kind=causal_lm and its chunked LM-head loss
+(decoding is unipt_scale.generation).
 
 The LM head stays frozen: UniPT's causal side network changes the final hidden states (y = h + Up(...)), and the
 decoder's own head turns them into logits, so a fresh model (Up = 0) is exactly the frozen LLM. The loss never
@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn as nn
@@ -95,10 +95,14 @@ class CausalLMModel(nn.Module):
     """An encoder (causal UniPT, or the backbone itself for LoRA / full fine-tuning) under the decoder's frozen
     LM head. Loss on the labelled (response) tokens only: position t predicts token t + 1."""
 
-    def __init__(self, encoder: nn.Module, head_weight: Optional[torch.Tensor], chunk: int = 1024):
+    def __init__(self, encoder: nn.Module, head_weight: Optional[torch.Tensor], chunk: int = 1024,
+                 eval_rows: Optional[int] = None):
         super().__init__()
         self.encoder = encoder
         self.chunk = chunk
+        # Evaluation runs at most this many sequences per forward (the training micro batch): a large eval batch
+        # of long sequences would otherwise hold every tapped state of all of them at once, above training's peak.
+        self.eval_rows = eval_rows
         if head_weight is not None:
             self.register_buffer("lm_head_weight", head_weight.detach().clone(), persistent=False)
         else:
@@ -142,13 +146,18 @@ class CausalLMModel(nn.Module):
 
     @torch.no_grad()
     def eval_step(self, batch):
-        h, labels, w = self._shifted(batch)
-        total, correct = 0.0, 0
-        for s in range(0, h.shape[0], self.chunk):  # one chunk of logits at a time, as in training
-            logits = F.linear(h[s:s + self.chunk], w).float()
-            total += float(F.cross_entropy(logits, labels[s:s + self.chunk], reduction="sum"))
-            correct += int((logits.argmax(-1) == labels[s:s + self.chunk]).sum())
-        return {"loss_sum": total, "tokens": int(labels.numel()), "correct": correct}
+        rows = next(v for v in batch.values() if torch.is_tensor(v)).shape[0]
+        step = self.eval_rows or rows
+        total, tokens, correct = 0.0, 0, 0
+        for r in range(0, rows, step):
+            part = {k: v[r:r + step] if torch.is_tensor(v) else v for k, v in batch.items()}
+            h, labels, w = self._shifted(part)
+            for s in range(0, h.shape[0], self.chunk):  # one chunk of logits at a time, as in training
+                logits = F.linear(h[s:s + self.chunk], w).float()
+                total += float(F.cross_entropy(logits, labels[s:s + self.chunk], reduction="sum"))
+                correct += int((logits.argmax(-1) == labels[s:s + self.chunk]).sum())
+            tokens += int(labels.numel())
+        return {"loss_sum": total, "tokens": tokens, "correct": correct}
 
     @staticmethod
     def eval_metrics(outputs: List[Dict]) -> Dict[str, float]:
@@ -156,98 +165,3 @@ class CausalLMModel(nn.Module):
         loss = sum(o["loss_sum"] for o in outputs) / max(1, tokens)
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)),
                 "token_accuracy": sum(o["correct"] for o in outputs) / max(1, tokens), "num_tokens": tokens}
-
-
-# ------------------------------------------------------------------------------------------- generation
-
-
-def _pick(logits: torch.Tensor, temperature: float, generator: Optional[torch.Generator]) -> torch.Tensor:
-    if temperature <= 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, -1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-@torch.no_grad()
-def generate(model: CausalLMModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int = 32,
-             temperature: float = 0.0, eos_token_id: Optional[int] = None, incremental: bool = True,
-             generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """New tokens (B, max_new_tokens) after left-padded prompts; rows that produced eos continue with eos.
-
-    incremental=True keeps the backbone's KV cache and the side network's cache (projected states of past tokens
-    per tapped layer, prefix sums for the gate): each token costs one position's forward, O(L·t·d) in the side
-    network. incremental=False recomputes the whole sequence every step (the reference it must equal)."""
-    model.eval()
-    enc = model.encoder
-    side = getattr(enc, "side", None)
-    bb = enc.backbone
-    w = model.head_weight()
-    ids, mask = input_ids, attention_mask.long()
-    done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
-    out: List[torch.Tensor] = []
-    past = cache = None
-    step_ids = ids
-    for _ in range(max_new_tokens):
-        if incremental:
-            if side is not None:
-                states, past = bb.forward_cached(step_ids, mask, past)
-                y, cache = side.step(states.hidden_states, states.mask, states.final, cache)
-            else:
-                y, past = _backbone_cached(enc, step_ids, mask, past)
-            last = y[:, -1]
-        else:
-            tokens, _ = enc({"input_ids": ids, "attention_mask": mask})
-            last = tokens[:, -1]
-        nxt = _pick(F.linear(last.to(w.dtype), w), temperature, generator)
-        if eos_token_id is not None:
-            nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
-            done |= nxt == eos_token_id
-        out.append(nxt)
-        ids = torch.cat([ids, nxt[:, None]], 1)
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-        step_ids = nxt[:, None]
-        if eos_token_id is not None and bool(done.all()):
-            break
-    return torch.stack(out, 1)
-
-
-def _backbone_cached(encoder, step_ids, mask, past):
-    """The plain decoder (LoRA, full fine-tuning, the frozen model) over new tokens with its KV cache."""
-    from unipt_scale.backbone import cache_argument, cache_of
-
-    bb = encoder.backbone
-    n = step_ids.shape[1]
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -n:]
-    out = bb.model(input_ids=step_ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                   **{cache_argument(bb.model): past})
-    return out.last_hidden_state, cache_of(out)
-
-
-def generate_texts(model: CausalLMModel, tokenizer, prompts: Sequence[dict], max_new_tokens: int = 32,
-                   temperature: float = 0.0, seed: int = 0, batch_size: int = 8,
-                   max_prompt_tokens: Optional[int] = None) -> List[str]:
-    """Completions of records ({"prompt"} or {"messages"}), rendered as in training, batched with left padding."""
-    from unipt_scale.data.lm import prompt_ids, render_prompt
-
-    device = next(model.parameters()).device
-    gen = torch.Generator(device="cpu").manual_seed(seed) if temperature > 0 else None
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    texts = []
-    for s in range(0, len(prompts), batch_size):
-        if max_prompt_tokens:
-            rows = [prompt_ids(tokenizer, r, max_prompt_tokens) for r in prompts[s:s + batch_size]]
-        else:
-            rows = [tokenizer(render_prompt(tokenizer, r), add_special_tokens=False)["input_ids"]
-                    for r in prompts[s:s + batch_size]]
-        n = max(len(r) for r in rows)
-        ids = torch.full((len(rows), n), int(pad), dtype=torch.long)
-        mask = torch.zeros((len(rows), n), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, n - len(r):], mask[i, n - len(r):] = torch.tensor(r), 1
-        new = generate(model, ids.to(device), mask.to(device), max_new_tokens, temperature,
-                       tokenizer.eos_token_id, generator=gen)
-        for row in new.tolist():
-            if tokenizer.eos_token_id in row:
-                row = row[:row.index(tokenizer.eos_token_id)]
-            texts.append(tokenizer.decode(row, skip_special_tokens=True).strip())
-    return texts

@@ -241,7 +241,8 @@ def build_model(cfg: RunConfig, num_classes: int = 0, trust_remote_code: bool = 
         if enc.backbone.kind != "decoder":
             raise ConfigError(f"task.kind=causal_lm needs a decoder backbone; {cfg.backbone.path} is "
                               f"{enc.backbone.kind!r}")
-        model = CausalLMModel(enc, load_lm_head(enc.backbone, enc.backbone.name), cfg.task.loss_chunk_tokens)
+        model = CausalLMModel(enc, load_lm_head(enc.backbone, enc.backbone.name), cfg.task.loss_chunk_tokens,
+                              eval_rows=cfg.data.batch_size)
     elif cfg.task.kind == "classification":
         n = cfg.task.num_classes or num_classes
         if n < 2:

@@ -1,5 +1,5 @@
 """Generated text scored against references, shared by `bench headlines` and the causal-LM suite of
-`bench quality`: greedy completions of prompt/response records (unipt_scale.lm.generate_texts, the prompts
+`bench quality`: greedy completions of prompt/response records (unipt_scale.generation.generate_texts, the prompts
 rendered as in training) and their ROUGE-L F1 (rouge-score, stemmed) and exact match against the responses.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ def generate_scored(model, tokenizer, records: Sequence[dict], max_new_tokens: i
                     max_prompt_tokens: Optional[int], batch_size: int = 8) -> dict:
     """Greedy completions of `records` by a CausalLMModel, scored against each record's response:
     {"scores": rouge_l(...), "predictions", "references", "generate_s"}."""
-    from unipt_scale.lm import generate_texts
+    from unipt_scale.generation import generate_texts
 
     t0 = time.perf_counter()
     predictions = generate_texts(model, tokenizer, list(records), max_new_tokens=max_new_tokens,

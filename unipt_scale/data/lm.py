@@ -51,6 +51,29 @@ def read_jsonl_pairs(path: str) -> List[dict]:
     return out
 
 
+def read_prompt_records(path: str) -> List[dict]:
+    """Prompts to complete (`unipt generate --input`): each line {"prompt": str} or {"messages": [{role, content},
+    …]} whose last turn is the user's; other fields ride along to the output."""
+    if not os.path.isfile(path):
+        raise LMDataError(f"--input {path} does not exist; give a JSONL file with one prompt object per line")
+    out = []
+    for n, obj in jsonl_objects(path, error=LMDataError):
+        msgs = obj.get("messages")
+        if msgs is not None:
+            if (not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) and "role" in m and
+                                                                  "content" in m for m in msgs)
+                    or msgs[-1]["role"] == "assistant"):
+                raise LMDataError(f"{path}:{n}: messages must be a list of {{role, content}} whose last turn is not "
+                                  "the assistant's (the completion continues it)")
+        elif not isinstance(obj.get("prompt"), str):
+            raise LMDataError(f'{path}:{n} has neither a "prompt" string nor "messages"; write one '
+                              '{"prompt": ...} object per line')
+        out.append(obj)
+    if not out:
+        raise LMDataError(f"{path} holds no prompt")
+    return out
+
+
 def bbc_dir() -> str:
     import importlib.util
 

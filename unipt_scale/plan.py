@@ -737,8 +737,9 @@ def generation_bytes(t: Tower, method: str, o: Options) -> Dict[str, int]:
       residual sum, 2.P.D) and, beside the states that become the cache, (5 + 3 Li).P.d: the anchor's T, the merged
       features, the prefix sums and prefix means of the anchor and the interacting layers (locals of the causal
       forward until it returns), the aggregated features and the projection's output;
-    * one decoding step: torch.cat copies the side cache's states whole (Li.N.d.P beside the old ones) and
-      DynamicCache one layer's keys or values (kv_heads.head_dim.N.P), plus the step's logits (V x (P + 4)).
+    * one decoding step: DynamicCache's torch.cat copies one layer's keys or values (kv_heads.head_dim.N.P), plus
+      the step's logits (V x (P + 4)); UniPT's side cache is a buffer sized once for the whole generation, written
+      in place (its step's own tensors are a few d-wide rows per layer).
     The prompt is planned as long as the context (an upper bound)."""
     n = t.tokens(o.seq_len, None)
     P = o.P
@@ -758,7 +759,6 @@ def generation_bytes(t: Tower, method: str, o: Options) -> Dict[str, int]:
         out["side_cache"] = Li * n * d * P + n + (Li + 1) * d * P + P
         out["prefill_backbone"] = layer + max(2, L) * n * P * t.hidden
         out["prefill_side"] = tapped + final + 2 * n * t.hidden * P + (5 + 3 * Li) * n * d * P
-        out["decode_step"] = max(step, Li * n * d * P) + logits
     out["transient"] = max(out["prefill_backbone"], out["prefill_side"], out["decode_step"])
     return out
 

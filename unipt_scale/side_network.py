@@ -53,21 +53,61 @@ def mapping_width(cfg: UniPTConfig, out_dim: int) -> int:
     return _width(out_dim, cfg.mapping_dim, cfg.reduction_factor)
 
 
-@dataclasses.dataclass
 class SideCache:
     """What incremental decoding keeps of the past for the causal side network: the projected states of every
-    tapped layer (L, B, t, d), the key mask (B, t), and the prefix sums the gate's means are made of."""
+    interacting layer (the keys and values), the key mask, and the prefix sums the gate's means are made of.
 
-    targets: torch.Tensor  # (L', B, t, d): the interacting layers' projected states, the keys and values
-    mask: torch.Tensor  # (B, t) bool: real tokens so far
-    anchor_sum: torch.Tensor  # (B, d): Σ m·A
-    target_sum: torch.Tensor  # (L', B, d): Σ m·T_i
-    count: torch.Tensor  # (B, 1): Σ m
+    The keys live in a buffer sized once for the whole generation (prompt + new tokens): each step writes its
+    position in place instead of concatenating the past again, so a step's side-network cost does not include
+    copying the cache. `targets` and `mask` are views of the filled part."""
+
+    def __init__(self, keys: torch.Tensor, mask: torch.Tensor, length: int, anchor_sum: torch.Tensor,
+                 target_sum: torch.Tensor, count: torch.Tensor):
+        self.keys = keys  # (L', B, capacity, d)
+        self.key_mask = mask  # (B, capacity) bool
+        self.length = length
+        self.anchor_sum = anchor_sum  # (B, d): Σ m·A
+        self.target_sum = target_sum  # (L', B, d): Σ m·T_i
+        self.count = count  # (B, 1): Σ m
+
+    @classmethod
+    def start(cls, targets: torch.Tensor, mask: torch.Tensor, capacity: Optional[int] = None, **sums) -> "SideCache":
+        """A cache holding `targets` (L', B, n, d); with room for `capacity` positions when that is larger."""
+        n = targets.shape[2]
+        if capacity is None or capacity <= n:
+            return cls(targets, mask, n, **sums)
+        keys = targets.new_empty(targets.shape[:2] + (capacity, targets.shape[3]))
+        keys[:, :, :n] = targets
+        key_mask = mask.new_zeros(mask.shape[0], capacity)
+        key_mask[:, :n] = mask
+        return cls(keys, key_mask, n, **sums)
+
+    @property
+    def targets(self) -> torch.Tensor:  # (L', B, t, d)
+        return self.keys[:, :, :self.length]
+
+    @property
+    def mask(self) -> torch.Tensor:  # (B, t) bool: real tokens so far
+        return self.key_mask[:, :self.length]
+
+    def append(self, targets: torch.Tensor, mask: torch.Tensor) -> None:
+        """Write n new positions after the filled part (the buffer grows by doubling when it is full)."""
+        end = self.length + targets.shape[2]
+        if end > self.keys.shape[2]:
+            capacity = max(end, 2 * self.keys.shape[2])
+            keys = self.keys.new_empty(self.keys.shape[:2] + (capacity, self.keys.shape[3]))
+            keys[:, :, :self.length] = self.targets
+            key_mask = self.key_mask.new_zeros(self.key_mask.shape[0], capacity)
+            key_mask[:, :self.length] = self.mask
+            self.keys, self.key_mask = keys, key_mask
+        self.keys[:, :, self.length:end] = targets.to(self.keys.dtype)
+        self.key_mask[:, self.length:end] = mask
+        self.length = end
 
     def select(self, index: torch.Tensor) -> "SideCache":
         """The rows `index` of the batch (beam/sequence bookkeeping)."""
-        return SideCache(self.targets[:, index], self.mask[index], self.anchor_sum[index], self.target_sum[:, index],
-                         self.count[index])
+        return SideCache(self.keys[:, index], self.key_mask[index], self.length, self.anchor_sum[index],
+                         self.target_sum[:, index], self.count[index])
 
 
 class UniPTSideNetwork(nn.Module):
@@ -141,8 +181,10 @@ class UniPTSideNetwork(nn.Module):
             y = y + final.to(y.dtype)
         return y
 
-    def _causal_forward(self, hidden_states, mask, final, cache: Optional[SideCache] = None):
-        """The causal form over new positions (all of them without a cache); returns (output, updated cache)."""
+    def _causal_forward(self, hidden_states, mask, final, cache: Optional[SideCache] = None,
+                        capacity: Optional[int] = None):
+        """The causal form over new positions (all of them without a cache); returns (output, updated cache).
+        `capacity` sizes a new cache for the positions still to come (incremental decoding)."""
         cfg = self.cfg
         anchor_tokens, targets = self._anchor_and_targets(hidden_states, final)  # (B, n, d), (L', B, n, d)
         b, n = anchor_tokens.shape[:2]
@@ -153,9 +195,9 @@ class UniPTSideNetwork(nn.Module):
             prev_t = torch.zeros_like(targets[:, :, 0])
             prev_c = torch.zeros(b, 1, dtype=anchor_tokens.dtype, device=anchor_tokens.device)
         else:
-            keys = torch.cat([cache.targets.to(targets.dtype), targets], 2)
-            key_mask = torch.cat([cache.mask, new_mask], 1)
             prev_a, prev_t, prev_c = cache.anchor_sum, cache.target_sum, cache.count
+            cache.append(targets.detach(), new_mask)
+            keys, key_mask = cache.targets.to(targets.dtype), cache.mask
         # The query rows are the last n positions; the kernel's causal mask is aligned to the bottom right.
         merged = kernels.relu_l1_attention(anchor_tokens, keys, key_mask, eps=cfg.eps, backend=cfg.kernels,
                                            causal=True)
@@ -170,19 +212,23 @@ class UniPTSideNetwork(nn.Module):
         fused = kernels.confidence_aggregate(anchor_mean, target_mean, merged, self.gate.weight, self.gate.bias,
                                              backend=cfg.kernels)
         y = self._output(anchor_tokens, fused, final)
-        updated = SideCache(keys.detach(), key_mask, a_sum[:, -1].detach(), t_sum[:, :, -1].detach(),
-                            count[:, -1].detach())
-        return y, updated
+        sums = dict(anchor_sum=a_sum[:, -1].detach(), target_sum=t_sum[:, :, -1].detach(),
+                    count=count[:, -1].detach())
+        if cache is None:
+            return y, SideCache.start(keys.detach(), key_mask, capacity, **sums)
+        cache.anchor_sum, cache.target_sum, cache.count = sums["anchor_sum"], sums["target_sum"], sums["count"]
+        return y, cache
 
     def step(self, hidden_states: Sequence[torch.Tensor], mask: Optional[torch.Tensor], final: torch.Tensor,
-             cache: Optional[SideCache] = None):
+             cache: Optional[SideCache] = None, capacity: Optional[int] = None):
         """Incremental decoding: the outputs of new positions (B, n, out_dim) given the past's cache, and the
-        cache extended by them. Each new token costs one query row against t keys per layer: O(L·t·d)."""
+        cache extended by them (in place). Each new token costs one query row against t keys per layer:
+        O(L·t·d). `capacity`, on the first step, is the number of positions the cache will hold in the end."""
         if not self.causal:
             raise ValueError("incremental decoding needs the causal side network (unipt.causal=true)")
         if mask is not None:
             mask = mask.bool()
-        return self._causal_forward(hidden_states, mask, final, cache)
+        return self._causal_forward(hidden_states, mask, final, cache, capacity)
 
     def forward(self, hidden_states: Sequence[torch.Tensor], mask: Optional[torch.Tensor] = None,
                 final: Optional[torch.Tensor] = None) -> torch.Tensor:

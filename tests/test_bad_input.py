@@ -364,6 +364,41 @@ def test_resume_with_no_intact_checkpoint_fails_in_one_line_and_changes_nothing(
     assert _snapshot(out) == before, "the failed resume changed the run's outputs or checkpoints"
 
 
+def test_a_damaged_resume_fails_before_any_weights_or_data_load(resumable, tmp_path, capsys, monkeypatch):
+    import unipt_scale.model as model_module
+
+    out = str(tmp_path / "run")
+    shutil.copytree(resumable[0], out)
+    shutil.rmtree(os.path.join(out, "checkpoints", "step00000001"))
+    _resign(os.path.join(out, "checkpoints", "step00000002"), "rank0.safetensors", GARBAGE)
+
+    def too_late(*a, **k):
+        raise AssertionError("the model was built before the checkpoint was checked")
+
+    monkeypatch.setattr(model_module, "build_model", too_late)
+    capsys.readouterr()
+    assert main(["train", "--output-dir", out, *resumable[1], "train.resume=auto"]) == 2
+    assert "rank0.safetensors is not a readable safetensors file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("rel, content, says", [
+    ("rank0.json", b'{"rng": {}}', "lacks the trainer state"),
+    ("engine.json", b'{"optimizer": {}}', "incomplete or not this run's"),
+])
+def test_a_parsable_state_file_without_its_keys_fails_in_one_line(resumable, tmp_path, capsys, rel, content, says):
+    out = str(tmp_path / "run")
+    shutil.copytree(resumable[0], out)
+    shutil.rmtree(os.path.join(out, "checkpoints", "step00000001"))
+    _resign(os.path.join(out, "checkpoints", "step00000002"), rel, content)
+    before = _snapshot(out)
+    capsys.readouterr()
+    assert main(["train", "--output-dir", out, *resumable[1], "train.resume=auto"]) == 2
+    err = capsys.readouterr().err
+    ours = [line for line in err.splitlines() if line.startswith("unipt:")]
+    assert "Traceback" not in err and len(ours) == 1 and says in ours[0] and "step00000002" in ours[0], err[-2000:]
+    assert _snapshot(out) == before
+
+
 def test_deepspeed_checkpoint_with_resigned_state_files(ws, tmp_path):
     """One DeepSpeed rank (no launcher): a re-signed rank0.safetensors fails the resume in one line, and a
     re-signed engine pickle counts as damaged before DeepSpeed would unpickle it."""

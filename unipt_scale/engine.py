@@ -281,13 +281,18 @@ class LocalEngine(Engine):
                              f"(missing {sorted(expected - set(model_state))[:3]}, unexpected "
                              f"{sorted(set(model_state) - expected)[:3]}); resume with the config it was written with")
         self.model.load_state_dict(model_state, strict=False)
-        self.optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
-        sched = dict(meta["scheduler"])
-        sched["lr_lambdas"] = [None] * len(self.optimizer.param_groups)
-        self.scheduler.load_state_dict(sched)
-        if self.scaler and meta.get("scaler"):
-            self.scaler.load_state_dict(meta["scaler"])
-        self.micro_step = int(meta["micro_step"])
+        try:
+            self.optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
+            sched = dict(meta["scheduler"])
+            sched["lr_lambdas"] = [None] * len(self.optimizer.param_groups)
+            self.scheduler.load_state_dict(sched)
+            if self.scaler and meta.get("scaler"):
+                self.scaler.load_state_dict(meta["scaler"])
+            self.micro_step = int(meta["micro_step"])
+        except (KeyError, TypeError, ValueError, IndexError) as err:
+            raise ValueError(f"{directory}: the optimizer or scheduler state in {self.STATE_JSON} / "
+                             f"{self.STATE_TENSORS} is incomplete or not this run's ({type(err).__name__}: {err}); "
+                             "resume from another checkpoint or with the config it was written with") from None
 
     def close(self) -> None:
         pass

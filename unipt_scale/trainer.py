@@ -14,14 +14,14 @@ import random
 import shutil
 import tempfile
 import time
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from unipt_scale.atomic import atomic_write_json, save_tensors_file
-from unipt_scale.checkpoint import CheckpointManager
+from unipt_scale.checkpoint import CheckpointError, CheckpointManager
 from unipt_scale.config import ConfigError, RunConfig
 from unipt_scale.distributed import DistContext, broadcast_object, init_process_group, shutdown_process_group, \
     single_process
@@ -151,6 +151,13 @@ class Trainer:
             self.cfg = cfg
         else:
             self.dist = single_process()
+        # The checkpoint to resume from is found and verified (every file hashed and parsed) before any weights or
+        # data load: a damaged or mismatched one fails in a second. The barrier is attached once the engine exists.
+        self.manager = CheckpointManager(cfg.output_dir, self.dist.rank, self.dist.world_size, cfg.to_dict(),
+                                         cfg.train.keep_checkpoints)
+        self._resume_from = None
+        if cfg.train.resume:
+            self._resume_from = self._find_resume(cfg.train.resume)
         seed_everything(cfg.train.seed)
         if self.dist.is_main:
             self._created_output = not os.path.isdir(cfg.output_dir)
@@ -187,11 +194,10 @@ class Trainer:
             self.engine = LocalEngine(model, cfg.train, self.total_steps, self.dist.device)
         self.model = self.engine.model
         self.counts = self.engine.parameter_counts()
-        self.manager = CheckpointManager(cfg.output_dir, self.dist.rank, self.dist.world_size, cfg.to_dict(),
-                                         cfg.train.keep_checkpoints, barrier=self.engine.barrier)
+        self.manager.barrier = self.engine.barrier
         self._pending_rng = None
         if cfg.train.resume:
-            self._resume(cfg.train.resume)
+            self._resume(cfg.train.resume, *self._resume_from)
         if self.dist.is_main:
             log.info("trainable %s / frozen %s parameters; %d steps (%d per epoch), world size %d",
                      f"{self.counts['trainable_params']:,}", f"{self.counts['frozen_params']:,}", self.total_steps,
@@ -228,9 +234,20 @@ class Trainer:
             cb.on_checkpoint(self, path)
         return path
 
-    def _resume(self, spec: str) -> None:
-        found, notes = (self.manager.find(spec) if self.dist.is_main else (None, []))
-        found, notes = broadcast_object((found, notes))
+    def _find_resume(self, spec: str):
+        """(checkpoint or None, notes), found on rank 0; a refusal reaches every rank (none waits forever)."""
+        result, error = (None, []), None
+        if self.dist.is_main:
+            try:
+                result = self.manager.find(spec)
+            except CheckpointError as err:
+                error = str(err)
+        result, error = broadcast_object((result, error))
+        if error:
+            raise CheckpointError(error)
+        return result
+
+    def _resume(self, spec: str, found: Optional[str], notes: List[str]) -> None:
         for note in notes:
             if self.dist.is_main:
                 log.warning("resume: %s", note)
@@ -243,8 +260,15 @@ class Trainer:
 
         with open(os.path.join(found, js), encoding="utf-8") as fh:
             saved = json.load(fh)
-        self.state = TrainState.from_json(saved["state"])
-        self._pending_rng = (saved["rng"], load_file(os.path.join(found, st)))
+        try:
+            self.state = TrainState.from_json(saved["state"])
+            self._pending_rng = (saved["rng"], load_file(os.path.join(found, st)))
+            if "rng.torch" not in self._pending_rng[1] or "python" not in self._pending_rng[0]:
+                raise KeyError("rng")
+        except (KeyError, TypeError) as err:
+            raise CheckpointError(f"{os.path.join(found, js)} (with {st}) lacks the trainer state ({err}): not a "
+                                  "checkpoint this version wrote; resume from another one or set train.resume=''") \
+                from None
         self.engine.load_state(found)
         self.last_checkpoint = found
         self.resumed_from_step = self.state.step

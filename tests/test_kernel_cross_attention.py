@@ -423,3 +423,21 @@ def test_auto_keeps_wide_rows_off_the_fused_kernel():
     assert resolve_backend("auto", FakeCuda(), width=MAX_FUSED_ATTENTION_DIM + 1) == "efficient"
     assert resolve_backend("triton", FakeCuda(), width=4096) == "triton", "an explicit choice is kept"
     assert resolve_backend("auto", torch.zeros(1), width=64) == "efficient"
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("mask_kind", [None, "random", "left"])
+@pytest.mark.parametrize("NQ, NK", [(1, 29), (5, 29), (29, 29)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_no_grad_all_layers_path_is_the_reference(NQ, NK, mask_kind, causal, dtype):
+    """Without autograd (decoding) the efficient path runs every layer in one batched product."""
+    torch.manual_seed(0)
+    q = torch.randn(3, NQ, 16).to(DEV, dtype)
+    k = torch.randn(4, 3, NK, 16).to(DEV, dtype)
+    m = mask_of(mask_kind, 3, NK)
+    qv, kv, mv = CA.validate(q, k, m, 1e-6, causal)
+    with torch.no_grad():
+        got = CA.relu_l1_attention_efficient(qv, kv, mv, 1e-6, causal)
+        chunked = CA.ReLUL1AttentionEfficient.apply(qv, kv, mv, 1e-6, causal, 7)
+    assert_close(got, reference(qv, kv, mv, 1e-6, causal), TOL[dtype], "all layers at once")
+    assert_close(got, chunked, TOL[dtype], "all layers at once vs chunked")

@@ -15,6 +15,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from unipt_scale.config import ConfigError, config_help, dump_config, load_config  # noqa: E402
 
 log = logging.getLogger("unipt_scale")
+BENCHES = ("kernels", "data", "methods", "quality", "headlines", "quantization", "generate")
 
 
 def _quiet_libraries():
@@ -293,8 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
         d = sub.add_parser(name, help=helptext, add_help=False)
         d.add_argument("rest", nargs=argparse.REMAINDER)
         d.set_defaults(func=lambda a, m=module: _delegate(m, a.rest))
-    b = sub.add_parser("bench", help="benchmarks: `unipt bench kernels|data|methods|quality|headlines|quantization ...`")
-    b.add_argument("what", choices=["kernels", "data", "methods", "quality", "headlines", "quantization"])
+    b = sub.add_parser("bench", help="benchmarks: `unipt bench kernels|data|methods|quality|headlines|quantization|"
+                                     "generate ...`")
+    b.add_argument("what", choices=list(BENCHES))
     b.add_argument("rest", nargs=argparse.REMAINDER)
     b.set_defaults(func=lambda a: _delegate(f"unipt_scale.bench.{a.what}", a.rest))
     return p
@@ -323,7 +325,7 @@ def _main(argv: Optional[List[str]] = None) -> int:
     rest = [a for a in argv if not a.startswith("--local_rank") and not a.startswith("--local-rank")]
     if rest and rest[0] in delegated:
         return _delegate(delegated[rest[0]], rest[1:])
-    if len(rest) > 1 and rest[0] == "bench" and rest[1] in ("kernels", "data", "methods", "quality", "headlines", "quantization"):
+    if len(rest) > 1 and rest[0] == "bench" and rest[1] in BENCHES:
         return _delegate(f"unipt_scale.bench.{rest[1]}", rest[2:])
     parser = build_parser()
     if not argv:

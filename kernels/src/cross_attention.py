@@ -543,7 +543,34 @@ def relu_l1_attention_triton(query, keys, mask_u8=None, eps: float = 1e-6, causa
     return ReLUL1AttentionTriton.apply(query, keys, mask_u8, float(eps), bool(causal), block_m, block_n)
 
 
+# Without autograd, every layer's scores at once as long as they stay this small (decoding: one query row per
+# sequence against the cache): a handful of batched ops instead of a loop over layers and key chunks.
+AT_ONCE_SCORE_BYTES = 32 << 20
+
+
+def _attention_all_layers(query, keys, mask_u8, eps: float, causal: bool) -> torch.Tensor:
+    """l1norm(relu(q kᵀ)) k for all layers in one batched product (no grad): the chunked path's numbers."""
+    L, B, NK, D = keys.shape
+    NQ = query.shape[1]
+    at = acc_dtype(query.dtype)
+    kf = keys.to(at)
+    scores = torch.matmul(query.to(at).unsqueeze(0), kf.transpose(-1, -2))  # (L, B, NQ, NK)
+    if mask_u8 is not None:
+        scores.masked_fill_(~mask_u8.bool()[None, :, None, :], 0)
+    if causal:
+        rows = torch.arange(NQ, device=query.device)[:, None] + (NK - NQ)
+        scores.masked_fill_(torch.arange(NK, device=query.device)[None, :] > rows, 0)
+    scores.clamp_(min=0)
+    z = scores.sum(-1, keepdim=True)
+    return (torch.matmul(scores, kf) / z.clamp(min=eps)).to(query.dtype)
+
+
 def relu_l1_attention_efficient(query, keys, mask_u8=None, eps: float = 1e-6, causal: bool = False,
                                 chunk: Optional[int] = None):
-    """The chunked torch path; inputs as `validate` returns them."""
+    """The chunked torch path; inputs as `validate` returns them. Without autograd and with small scores (decoding)
+    every layer runs in one batched product instead."""
+    needs_grad = torch.is_grad_enabled() and (query.requires_grad or keys.requires_grad)
+    L, B, NK, _ = keys.shape
+    if not needs_grad and chunk is None and L * B * query.shape[1] * NK * 4 <= AT_ONCE_SCORE_BYTES:
+        return _attention_all_layers(query, keys, mask_u8, float(eps), bool(causal))
     return ReLUL1AttentionEfficient.apply(query, keys, mask_u8, float(eps), bool(causal), chunk)

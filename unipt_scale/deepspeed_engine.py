@@ -108,6 +108,9 @@ class DeepSpeedEngine(Engine):
         self.ds_config = ds_config
         self.zero_stage = ds_config["zero_optimization"]["stage"]
         self.task = model
+        if self.zero_stage == 3 and getattr(model, "eval_rows", None):
+            # Collective forwards: every rank evaluates each batch in the same number of forwards.
+            model.eval_slots = -(-cfg.data.eval_batch_size // model.eval_rows)
         self._counts = count_parameters(model)  # before initialize: ds_numel is the whole size under ZeRO-3
         self._trained = set(trained_names(model))  # the method's rule; fixed once the model is built
 

@@ -47,10 +47,6 @@ def load_ds_json(path: str) -> dict:
 
 def _check_zero3(cfg: RunConfig) -> None:
     """What ZeRO-3's parameter partitioning cannot hold; stages 0-2 shard only what trains, so they take both."""
-    if cfg.task.kind == "causal_lm":
-        raise ConfigError("task.kind=causal_lm reads the decoder's frozen LM head outside ZeRO-3's gathering "
-                          "hooks; use ZeRO stage 1 or 2 (launch/ds_zero2.json), which still shard the side "
-                          "network's optimizer state")
     for key, bb in (("backbone", cfg.backbone), ("image_backbone", cfg.image_backbone)):
         if bb is not None and bb.quantization != "none":
             raise ConfigError(f"{key}.quantization={bb.quantization}: ZeRO-3 partitions every parameter, and "

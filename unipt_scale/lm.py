@@ -8,9 +8,7 @@ backward (the fused linear + cross-entropy idea), so memory stays flat in vocabu
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 from typing import Dict, List, Optional
 
 import torch
@@ -24,30 +22,52 @@ from unipt_scale.data.lm import IGNORE
 # ------------------------------------------------------------------------------------------- the LM head
 
 
-def load_lm_head(backbone, path: str) -> Optional[torch.Tensor]:
-    """The decoder's untied LM-head weight, read from its safetensors files (no pickle, no full model), or None
-    when the head is tied to the input embeddings (then the embedding matrix is the head)."""
-    config = backbone.model.config
-    if getattr(config, "tie_word_embeddings", False):
-        return None
+def _read_weight(path: str, hf_config, names) -> Optional[torch.Tensor]:
+    """The first of `names` found in the safetensors files the backbone loads from (no pickle, no full model)."""
     from safetensors import safe_open
 
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index, encoding="utf-8") as fh:
-            files = sorted(set(json.load(fh)["weight_map"].values()))
-    else:
-        files = ["model.safetensors"]
-    for name in files:
-        full = os.path.join(path, name)
-        if not os.path.isfile(full):
-            continue
+    from unipt_scale.backbone import weight_files
+
+    for full in weight_files(path, hf_config):
         with safe_open(full, framework="pt") as fh:
-            for key in ("lm_head.weight", "model.lm_head.weight"):
-                if key in fh.keys():
+            keys = set(fh.keys())
+            for key in names:
+                if key in keys:
                     return fh.get_tensor(key)
-    raise ConfigError(f"{path} has no lm_head.weight in safetensors and its head is not tied to the embeddings: "
-                      "task.kind=causal_lm needs the checkpoint of a *ForCausalLM model (save_pretrained of it)")
+    return None
+
+
+def zero3_partitioned(weight: torch.Tensor) -> bool:
+    """A parameter ZeRO-3 has partitioned: outside its own module's forward it holds no elements."""
+    return hasattr(weight, "ds_id")
+
+
+def load_lm_head(backbone, path: str) -> Optional[torch.Tensor]:
+    """The decoder's LM-head weight, read from its safetensors files: the untied head, or None when the head is tied
+    to the input embeddings (then the embedding matrix is the head) — unless ZeRO-3 has partitioned the embeddings,
+    whose weight is empty outside the embedding's forward: then the tied matrix is read whole, as the untied head
+    is (the head is frozen, so a copy is exact)."""
+    model = backbone.model
+    config = model.config
+    if getattr(config, "tie_word_embeddings", False):
+        embedding = model.get_input_embeddings().weight
+        if not zero3_partitioned(embedding):
+            return None
+        if embedding.requires_grad:
+            raise ConfigError("this decoder's LM head is its input embedding matrix, which method=full trains; under "
+                              "ZeRO-3 the head is read whole and would not follow it: use ZeRO stage 1 or 2 "
+                              "(launch/ds_zero2.json) for full fine-tuning of a tied decoder")
+        name = next(n for n, p in model.named_parameters() if p is embedding)
+        head = _read_weight(path, config, (name, f"model.{name}", f"transformer.{name}"))
+        if head is None:
+            raise ConfigError(f"{path}: the tied embedding {name} is not in its safetensors files; task.kind=causal_lm "
+                              "under ZeRO-3 reads the tied LM head from there")
+        return head
+    head = _read_weight(path, config, ("lm_head.weight", "model.lm_head.weight"))
+    if head is None:
+        raise ConfigError(f"{path} has no lm_head.weight in safetensors and its head is not tied to the embeddings: "
+                          "task.kind=causal_lm needs the checkpoint of a *ForCausalLM model (save_pretrained of it)")
+    return head
 
 
 class _ChunkedLMLoss(torch.autograd.Function):
@@ -103,6 +123,7 @@ class CausalLMModel(nn.Module):
         # Evaluation runs at most this many sequences per forward (the training micro batch): a large eval batch
         # of long sequences would otherwise hold every tapped state of all of them at once, above training's peak.
         self.eval_rows = eval_rows
+        self.eval_slots: Optional[int] = None  # forwards per eval batch on every rank (ZeRO-3 sets it)
         if head_weight is not None:
             self.register_buffer("lm_head_weight", head_weight.detach().clone(), persistent=False)
         else:
@@ -139,9 +160,18 @@ class CausalLMModel(nn.Module):
         w = self.head_weight()
         return h[keep].to(w.dtype), labels[keep], w
 
+    def loss_count(self, batch) -> torch.Tensor:
+        """The labelled tokens the loss averages over (the trainer sums them over ranks: see training_loss)."""
+        return (batch["labels"][:, 1:] != IGNORE).sum()
+
     def training_loss(self, batch):
+        """Mean cross entropy over labelled tokens. With `loss_normalizer` in the batch (the trainer's global token
+        count over ranks divided by the world size) the sum is divided by it instead of this rank's count, so the
+        rank-averaged gradient is the token mean over the whole global batch, as one process computes it."""
         h, labels, w = self._shifted(batch)
-        loss = chunked_lm_loss(h, w, labels, self.chunk)
+        total = chunked_lm_loss(h, w, labels, self.chunk, reduction="sum")
+        normalizer = batch.get("loss_normalizer")
+        loss = total / (normalizer.to(total.dtype) if normalizer is not None else max(1, labels.numel()))
         return loss, {"tokens": torch.tensor(float(labels.numel()))}
 
     @torch.no_grad()
@@ -149,9 +179,17 @@ class CausalLMModel(nn.Module):
         rows = next(v for v in batch.values() if torch.is_tensor(v)).shape[0]
         step = self.eval_rows or rows
         total, tokens, correct = 0.0, 0, 0
-        for r in range(0, rows, step):
+        starts = list(range(0, rows, step))
+        # Under ZeRO-3 every forward is collective: each rank runs the same number of forwards per batch, a short
+        # batch filling its missing slots with a stand-in whose outputs are dropped.
+        slots = max(len(starts), self.eval_slots or 0)
+        for i in range(slots):
+            stand_in = i >= len(starts)
+            r = 0 if stand_in else starts[i]
             part = {k: v[r:r + step] if torch.is_tensor(v) else v for k, v in batch.items()}
             h, labels, w = self._shifted(part)
+            if stand_in:
+                continue
             for s in range(0, h.shape[0], self.chunk):  # one chunk of logits at a time, as in training
                 logits = F.linear(h[s:s + self.chunk], w).float()
                 total += float(F.cross_entropy(logits, labels[s:s + self.chunk], reduction="sum"))

@@ -319,6 +319,11 @@ class Trainer:
             restore_rng(*self._pending_rng)  # the streams continue exactly where the checkpoint left them
             self._pending_rng = None
         batch = to_device(batch, self.engine.device)
+        if self.dist.world_size > 1 and hasattr(self.model, "loss_count"):
+            # A token-mean loss: every rank divides by the global batch's average tokens per rank, not its own
+            # count, so 2 ranks compute what one process computes on the same global batch (one small all-reduce).
+            tokens = self.engine.all_reduce_sum(self.model.loss_count(batch).to(torch.float64).reshape(1))
+            batch = {**batch, "loss_normalizer": (tokens / self.dist.world_size).clamp(min=1.0).reshape(())}
         with self.engine.autocast():
             loss, _stats = self.model.training_loss(batch)
         self.engine.backward(loss)

@@ -967,3 +967,15 @@ def test_unipt_forward_keeps_only_the_tapped_states():
     # the final output is kept beside the taps when the last hidden state is not tapped
     assert fwd("0,3")["stored_hidden_states"] == 3 * n * P * h
     assert fwd("last:2")["stored_hidden_states"] == 2 * n * P * h
+
+
+def test_a_tied_lm_head_is_held_whole_under_zero3_only(tmp_path):
+    """ZeRO-3 partitions the embeddings a tied head shares, so the task model reads that matrix whole (as it holds
+    an untied head): V x D more per rank under ZeRO-3, nothing more below it."""
+    cfg = _write_config(tmp_path, {**TINY_LM, "tie_word_embeddings": True})
+    head = {}
+    for stage in (2, 3):
+        p = _run_json(tmp_path, [cfg, "--task", "causal_lm", "--gpus-per-node", "2", "--zero-stage", str(stage),
+                                 "--batch-size", "1", "--seq-len", "16"])
+        head[stage] = p["unipt"]["parts"]["lm_head"] * GIB
+    assert head[2] == 0 and head[3] == 2 * 1000 * 64  # bf16

@@ -60,7 +60,8 @@ fine-tuning is refused, and so is ZeRO-3 (the trainer does not partition quantiz
 
 Language modelling on a decoder (--task causal_lm; task.kind=causal_lm, unipt_scale.lm). The LM head is frozen
 for every method, as the task model holds it: untied, a V x D matrix of its own (P bytes each) that every rank
-holds whole (a buffer, which ZeRO-3 does not partition); tied, the embedding matrix already counted. UniPT's side
+holds whole (a buffer, which ZeRO-3 does not partition); tied, the embedding matrix already counted (under ZeRO-3,
+which partitions the embeddings, the tied matrix is read whole too, and full fine-tuning of it is refused). UniPT's side
 network is the causal one: per token the bidirectional set plus the gate's prefix means ((L' + 1).P.d, saved by the
 per-position aggregation), its fp32 log-sum-exp and 3P of mask and prefix counts (causal_side_extra). The loss
 (lm_loss_bytes): chunked (unipt_scale.lm.chunked_lm_loss, UniPT's default) keeps P.D + 13 bytes per predicted
@@ -683,9 +684,10 @@ def lm_loss_kind(method: str, o: Options) -> str:
     return o.lm_loss
 
 
-def lm_head_params(t: Tower) -> int:
-    """The frozen LM head: a V x D matrix of its own when untied, the embedding matrix (counted) when tied."""
-    return 0 if t.tied_head else t.vocab * t.hidden
+def lm_head_params(t: Tower, zero_stage: int = 0) -> int:
+    """The frozen LM head: a V x D matrix of its own when untied, the embedding matrix (counted) when tied — except
+    under ZeRO-3, which partitions the embeddings: the task model then reads the tied matrix whole as well."""
+    return 0 if t.tied_head and zero_stage < 3 else t.vocab * t.hidden
 
 
 def lm_loss_bytes(t: Tower, kind: str, batch: int, o: Options) -> Dict[str, int]:
@@ -827,7 +829,7 @@ def plan_method(model: Model, method: str, o: Options) -> dict:
         t = _decoder(model)
         # The frozen head is a buffer of the task model (unipt_scale.lm.CausalLMModel) for every method: ZeRO-3
         # partitions parameters only, so every rank holds it whole.
-        parts["lm_head"] = P * lm_head_params(t)
+        parts["lm_head"] = P * lm_head_params(t, o.zero_stage)
         loss = lm_loss_bytes(t, lm_loss_kind(method, o), o.batch, o)
         parts["lm_loss"] = o.batch * loss["per_sample"] + loss["constant"]
         grow += loss["per_sample"]

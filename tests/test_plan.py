@@ -979,3 +979,47 @@ def test_a_tied_lm_head_is_held_whole_under_zero3_only(tmp_path):
                                  "--batch-size", "1", "--seq-len", "16"])
         head[stage] = p["unipt"]["parts"]["lm_head"] * GIB
     assert head[2] == 0 and head[3] == 2 * 1000 * 64  # bf16
+
+
+@pytest.mark.parametrize("blocks, heads", [(1, 0), (2, 2)])
+def test_deep_side_network_bytes_match_measured(tmp_path, blocks, heads):
+    """--side-blocks: the deep causal side network's parameters (as built), what its training step saves for
+    backward (bf16, CPU), and its blocks' keys and values in the side cache after generation."""
+    from unipt_scale.generation import generate
+    from unipt_scale.model import count_parameters
+
+    path, cfg = _tiny_lm_dir(tmp_path)
+    extra = [f"unipt.side_blocks={blocks}", f"unipt.side_heads={heads}", "task.loss_chunk_tokens=16"]
+    model = _lm_model(path, "unipt", torch.bfloat16, *extra).train()
+    B, N = 2, 32
+    measured, (loss, _) = _saved_bytes_of(lambda: model.training_loss(_lm_batch(B, N)), model)
+    loss.backward()
+    o = pl.Options(batch=B, seq_len=N, gpus_per_node=1, zero_stage=0, task="causal_lm", lm_loss="chunked",
+                   loss_chunk_tokens=16, side_blocks=blocks, side_heads=heads, profile=pl.cpu_profile(2))
+    m = pl.model_from_config(cfg, "tiny-lm")
+    r = pl.plan_method(m, "unipt", o)
+    d = r["activation_detail_gib"]
+    pred = (d["stored_hidden_states"] + d["side_network"]) * GIB + \
+        B * pl.lm_loss_bytes(m.towers[0], "chunked", B, o)["per_sample"]
+    _close(pred, measured, ACT_TOL, f"deep side network ({blocks} blocks) saved for backward")
+    assert r["trained_params"] == count_parameters(model)["trainable_params"]
+
+    captured = {}
+    side, step = model.encoder.side, model.encoder.side.step
+
+    def keep(*a, **k):
+        y, cache = step(*a, **k)
+        captured["cache"] = cache
+        return y, cache
+
+    side.step = keep
+    model.eval()
+    prompt, new = 20, 5
+    generate(model, _lm_batch(B, prompt)["input_ids"], torch.ones(B, prompt, dtype=torch.long), max_new_tokens=new)
+    n = prompt + new - 1
+    g = pl.generation_bytes(m.towers[0], "unipt", pl.Options(batch=B, seq_len=n, generate=True, side_blocks=blocks,
+                                                               side_heads=heads))
+    c = captured["cache"]
+    kv = sum(x.nbytes for bc in c.blocks for x in bc.filled())
+    core = sum(x.nbytes for x in (c.targets, c.mask, c.anchor_sum, c.target_sum, c.count))
+    assert kv == B * blocks * 2 * n * 32 * 2 and core + kv == B * g["side_cache"]

@@ -19,6 +19,8 @@ TOKEN_CASES = [  # (config fields, tapped hidden sizes, output width, causal)
     (dict(anchor="separate", mapping_dim=24), [64, 64], 96, False),
     (dict(output="direct", reduction_factor=1), [64, 64, 64], 64, True),
     (dict(down_norm="none"), [72] * 3, 72, False),
+    (dict(side_blocks=2, mapping_dim=32), [64] * 3, 64, True),
+    (dict(side_blocks=1, side_heads=4, side_mlp_ratio=3), [128] * 4, 128, True),
 ]
 
 

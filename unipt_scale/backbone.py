@@ -640,7 +640,9 @@ def validate_side_network(spec: BackboneSpec, unipt_cfg: UniPTConfig) -> List[in
             known = len(spec.stage_sizes) == n
             UniPTFeatureMapSideNetwork(unipt_cfg, sizes, [spec.stage_sizes[i] if known else (1, 1) for i in layers])
         else:
-            UniPTSideNetwork(unipt_cfg, sizes, spec.out_dim)
+            # side_blocks implies the causal form (the config refuses it otherwise).
+            UniPTSideNetwork(unipt_cfg, sizes, spec.out_dim,
+                             causal=unipt_cfg.causal == "true" or bool(unipt_cfg.side_blocks))
     return layers
 
 

@@ -63,6 +63,10 @@ class UniPTConfig:
                              "only positions <= t (cross attention over keys j <= t, the gate from prefix means).")
     kernels: str = _f("auto", "Side-network ops: auto (Triton on CUDA, memory-efficient torch on CPU) | triton | "
                               "efficient | reference.")
+    side_blocks: int = _f(0, "Causal UniPT only: K light causal transformer blocks at width d (rotary attention and "
+                             "an MLP) after the aggregation, KV-cached in generation; 0 = the paper's one step.")
+    side_heads: int = _f(0, "Attention heads of the side blocks; 0 = d // 64 (at least 1; d must divide evenly).")
+    side_mlp_ratio: int = _f(2, "The side blocks' MLP width, as a multiple of d.")
 
 
 # The methods one trainer runs, and each one's learning rate when train.lr is unset (see TrainConfig.lr).
@@ -422,6 +426,12 @@ def validate(cfg: RunConfig) -> None:
                           "data.source=bbc_headlines; the other sources are for classification and retrieval")
     if cfg.task.loss_chunk_tokens < 1:
         raise ConfigError("task.loss_chunk_tokens must be >= 1")
+    if cfg.unipt.side_blocks < 0 or cfg.unipt.side_heads < 0 or cfg.unipt.side_mlp_ratio < 1:
+        raise ConfigError("unipt.side_blocks and unipt.side_heads must be >= 0, unipt.side_mlp_ratio >= 1")
+    if cfg.unipt.side_blocks and not (cfg.unipt.causal == "true" or
+                                      (cfg.unipt.causal == "auto" and cfg.task.kind == "causal_lm")):
+        raise ConfigError("unipt.side_blocks is the deep form of the causal side network: use it with "
+                          "task.kind=causal_lm (or unipt.causal=true), or set unipt.side_blocks=0")
     if cfg.task.kind == "retrieval" and cfg.image_backbone is None:
         raise ConfigError("task.kind=retrieval needs image_backbone (the image tower), e.g. image_backbone.path=...")
     if cfg.data.source == "fashion-mnist":  # the spelling `unipt shards --source` uses

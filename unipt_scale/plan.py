@@ -91,7 +91,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 from unipt_scale.config import ConfigError
-from unipt_scale.side_spec import mapping_width, resolve_layers, token_side_params
+from unipt_scale.side_spec import mapping_width, resolve_layers, side_block_heads, token_side_params
 
 GIB = 1024 ** 3
 METHODS = ("unipt", "lora", "full")
@@ -394,7 +394,9 @@ def tower_side_params(t: "Tower", o: "Options") -> int:
     """The side network the trainer builds on this tower (VSE-infinity defaults: last-layer anchor, projected output,
     LayerNorm after each down-projection), counted by side_spec as the model builds it."""
     taps = resolve_taps(o.layers, t.layers + 1)
-    return token_side_params([t.hidden] * len(taps), t.hidden, side_width(t, o))
+    blocks = o.side_blocks if o.causal_lm else 0
+    return token_side_params([t.hidden] * len(taps), t.hidden, side_width(t, o), side_blocks=blocks,
+                             side_mlp_ratio=o.side_mlp_ratio)
 
 
 def lora_params(t: Tower, rank: int, targets: str) -> int:
@@ -546,6 +548,9 @@ class Options:
     layers: object = "all"
     side_kernels: str = "efficient"
     side_recompute: bool = False
+    side_blocks: int = 0             # unipt.side_blocks: the deep causal side network (causal_lm only)
+    side_heads: int = 0              # unipt.side_heads (0 = d // 64)
+    side_mlp_ratio: int = 2          # unipt.side_mlp_ratio
     attention: str = "eager"
     activation_checkpointing: bool = False
     task: str = "classification"     # classification | retrieval (the same plan) | causal_lm
@@ -623,6 +628,8 @@ def tower_activations(t: Tower, method: str, o: Options) -> dict:
             side += L * ((1 if o.side_recompute else 2) * P * d + 8) + Li * 4 + 1
         if o.causal_lm:
             side += causal_side_extra(Li, d, n, P, o.side_kernels)
+            side += o.side_blocks * side_block_saved(d, n, P, side_block_heads(d, o.side_heads), o.side_mlp_ratio,
+                                                     o.profile)
         # The tapped states, and the final output the residual adds to when the last state is not tapped.
         stored = n * (L + (taps[-1] != t.layers)) * P * t.hidden
         # The frozen forward keeps only the tapped states (forward hooks on the tapped blocks, HFBackbone.
@@ -671,6 +678,15 @@ def causal_side_extra(Li: int, d: int, n: int, P: int, kernels: str = "efficient
     if kernels == "reference":
         return (2 * Li + 1) * P * d + Li * P + 3 * P + P * n
     return (Li + 1) * P * d + 4 + 3 * P
+
+
+def side_block_saved(d: int, n: int, P: int, heads: int, mlp_ratio: int, prof: "SavedProfile" = CUDA) -> int:
+    """Bytes per token one deep side block (unipt_scale.side_blocks) keeps for backward: the q/k/v projection's
+    output (3.P.d, v is a view of it), the rotated q and k and the attention output (3.P.d), the inputs of the
+    out-projection, of both LayerNorms and of the first MLP Linear (4.P.d), the MLP's hidden before and after GELU
+    (2.r.P.d), the rotary cos and sin of q's and k's calls (4.P.hd), the attention's float mask row (P.n) and fp32
+    log-sum-exp per head (4.h), and two LayerNorms' statistics."""
+    return (10 + 2 * mlp_ratio) * P * d + 4 * P * (d // heads) + P * n + 4 * heads + 2 * prof.ln_stats_bytes
 
 
 # ---- the LM head, the LM loss and generation (task causal_lm) ----------------------------------------------------
@@ -758,7 +774,8 @@ def generation_bytes(t: Tower, method: str, o: Options) -> Dict[str, int]:
         d = side_width(t, o)
         tapped = L * n * t.hidden * P
         final = 0 if taps[-1] == t.layers else n * t.hidden * P
-        out["side_cache"] = Li * n * d * P + n + (Li + 1) * d * P + P
+        # the deep side blocks' keys and values: 2.d per position each
+        out["side_cache"] = Li * n * d * P + n + (Li + 1) * d * P + P + o.side_blocks * 2 * n * d * P
         out["prefill_backbone"] = layer + max(2, L) * n * P * t.hidden
         out["prefill_side"] = tapped + final + 2 * n * t.hidden * P + (5 + 3 * Li) * n * d * P
     out["transient"] = max(out["prefill_backbone"], out["prefill_side"], out["decode_step"])
@@ -987,6 +1004,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mapping-dim", type=int, default=None, help="side-network width d (default: hidden // factor)")
     p.add_argument("--reduction-factor", type=int, default=2)
     p.add_argument("--layers", default="all", help="tapped hidden states: all | every:K | last:K | i,j,k")
+    p.add_argument("--side-blocks", type=int, default=0,
+                   help="--task causal_lm: the deep side network's causal blocks (unipt.side_blocks)")
+    p.add_argument("--side-heads", type=int, default=0, help="their attention heads (unipt.side_heads; 0 = d // 64)")
+    p.add_argument("--side-mlp-ratio", type=int, default=2, help="their MLP width / d (unipt.side_mlp_ratio)")
     p.add_argument("--side-kernels", default="efficient",
                    help="efficient (fused/streaming cross attention, O(N) per row) | reference (N x N)")
     p.add_argument("--side-recompute", action="store_true",
@@ -1055,6 +1076,10 @@ def options_from_args(args) -> Options:
                         ("--mapping-dim", args.mapping_dim)):
         if value is not None and value < 1:
             raise PlanError(f"{flag} must be >= 1, got {value}")
+    if args.side_blocks < 0 or args.side_heads < 0 or args.side_mlp_ratio < 1:
+        raise PlanError("--side-blocks and --side-heads must be >= 0, --side-mlp-ratio >= 1")
+    if args.side_blocks and task != "causal_lm":
+        raise PlanError("--side-blocks is the deep causal side network: plan it with --task causal_lm")
     if args.gpu_mem_gib <= 0 or args.reserve_gib < 0 or args.reserve_gib >= args.gpu_mem_gib:
         raise PlanError("--gpu-mem-gib must be > 0 and --reserve-gib in [0, gpu memory)")
     return Options(batch=args.batch_size, seq_len=args.seq_len, image_size=args.image_size,
@@ -1062,6 +1087,7 @@ def options_from_args(args) -> Options:
                    reserve_gib=args.reserve_gib, zero_stage=args.zero_stage, offload=args.offload, dtype=args.dtype,
                    lora_rank=args.lora_rank, lora_targets=args.lora_targets, mapping_dim=args.mapping_dim,
                    reduction_factor=args.reduction_factor, layers=args.layers, side_kernels=args.side_kernels,
+                   side_blocks=args.side_blocks, side_heads=args.side_heads, side_mlp_ratio=args.side_mlp_ratio,
                    side_recompute=args.side_recompute, attention=args.attention,
                    activation_checkpointing=args.activation_checkpointing, task=task, lm_loss=args.lm_loss,
                    loss_chunk_tokens=args.loss_chunk_tokens, generate=args.generate, quantization=args.quantization)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from unipt_scale import kernels
 from unipt_scale.config import ConfigError, UniPTConfig
+from unipt_scale.side_blocks import SideBlocks
 from unipt_scale.side_spec import mapping_width as _width
 from unipt_scale.side_spec import resolve_layers  # noqa: F401  (its home is side_spec; callers import it here too)
 
@@ -62,25 +63,27 @@ class SideCache:
     copying the cache. `targets` and `mask` are views of the filled part."""
 
     def __init__(self, keys: torch.Tensor, mask: torch.Tensor, length: int, anchor_sum: torch.Tensor,
-                 target_sum: torch.Tensor, count: torch.Tensor):
+                 target_sum: torch.Tensor, count: torch.Tensor, blocks=None):
         self.keys = keys  # (L', B, capacity, d)
         self.key_mask = mask  # (B, capacity) bool
         self.length = length
         self.anchor_sum = anchor_sum  # (B, d): Σ m·A
         self.target_sum = target_sum  # (L', B, d): Σ m·T_i
         self.count = count  # (B, 1): Σ m
+        self.blocks = blocks  # the side blocks' key/value caches (unipt.side_blocks), or None
 
     @classmethod
-    def start(cls, targets: torch.Tensor, mask: torch.Tensor, capacity: Optional[int] = None, **sums) -> "SideCache":
+    def start(cls, targets: torch.Tensor, mask: torch.Tensor, capacity: Optional[int] = None, blocks=None,
+              **sums) -> "SideCache":
         """A cache holding `targets` (L', B, n, d); with room for `capacity` positions when that is larger."""
         n = targets.shape[2]
         if capacity is None or capacity <= n:
-            return cls(targets, mask, n, **sums)
+            return cls(targets, mask, n, blocks=blocks, **sums)
         keys = targets.new_empty(targets.shape[:2] + (capacity, targets.shape[3]))
         keys[:, :, :n] = targets
         key_mask = mask.new_zeros(mask.shape[0], capacity)
         key_mask[:, :n] = mask
-        return cls(keys, key_mask, n, **sums)
+        return cls(keys, key_mask, n, blocks=blocks, **sums)
 
     @property
     def targets(self) -> torch.Tensor:  # (L', B, t, d)
@@ -107,7 +110,8 @@ class SideCache:
     def select(self, index: torch.Tensor) -> "SideCache":
         """The rows `index` of the batch (beam/sequence bookkeeping)."""
         return SideCache(self.keys[:, index], self.key_mask[index], self.length, self.anchor_sum[index],
-                         self.target_sum[:, index], self.count[index])
+                         self.target_sum[:, index], self.count[index],
+                         [c.select(index) for c in self.blocks] if self.blocks is not None else None)
 
 
 class UniPTSideNetwork(nn.Module):
@@ -147,6 +151,14 @@ class UniPTSideNetwork(nn.Module):
         if cfg.output == "project":
             self.proj = nn.Linear(d, d)
             self.proj_norm = nn.LayerNorm(d)
+        self.blocks = None
+        if cfg.side_blocks:
+            if not causal:
+                raise ConfigError("unipt.side_blocks is the deep form of the causal side network (task.kind=causal_lm "
+                                  "or unipt.causal=true); set unipt.side_blocks=0 here")
+            if cfg.output != "project":
+                raise ConfigError("unipt.side_blocks runs after the output projection; keep unipt.output=project")
+            self.blocks = SideBlocks(d, cfg.side_blocks, cfg.side_heads, cfg.side_mlp_ratio)
         self.up = nn.Linear(d, out_dim)
         if cfg.zero_init_up:
             nn.init.zeros_(self.up.weight)
@@ -172,9 +184,15 @@ class UniPTSideNetwork(nn.Module):
         return self.anchor_proj(F.relu(x) if self.cfg.down_activation == "relu" else x), t
 
     def _output(self, anchor_tokens, fused, final):
+        return self._up(self._project(anchor_tokens, fused), final)
+
+    def _project(self, anchor_tokens, fused):
         if self.cfg.output == "project":
             fused = anchor_tokens + self.proj_norm(self.proj(fused))
-        y = self.up(F.relu(fused))
+        return fused
+
+    def _up(self, x, final):
+        y = self.up(F.relu(x))
         if self.cfg.residual:
             if final is None:
                 raise ValueError("unipt.residual=true needs the backbone's final output")
@@ -211,11 +229,17 @@ class UniPTSideNetwork(nn.Module):
         target_mean = t_sum / count.clamp(min=1.0)
         fused = kernels.confidence_aggregate(anchor_mean, target_mean, merged, self.gate.weight, self.gate.bias,
                                              backend=cfg.kernels)
-        y = self._output(anchor_tokens, fused, final)
+        x = self._project(anchor_tokens, fused)
+        block_caches = None
+        if self.blocks is not None:
+            positions = (count.squeeze(-1) - 1).clamp(min=0).long()  # from the mask, as the decoder's own
+            x, block_caches = self.blocks(x, positions, key_mask, cache.blocks if cache is not None else None,
+                                          capacity)
+        y = self._up(x, final)
         sums = dict(anchor_sum=a_sum[:, -1].detach(), target_sum=t_sum[:, :, -1].detach(),
                     count=count[:, -1].detach())
         if cache is None:
-            return y, SideCache.start(keys.detach(), key_mask, capacity, **sums)
+            return y, SideCache.start(keys.detach(), key_mask, capacity, blocks=block_caches, **sums)
         cache.anchor_sum, cache.target_sum, cache.count = sums["anchor_sum"], sums["target_sum"], sums["count"]
         return y, cache
 

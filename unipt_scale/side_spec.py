@@ -64,12 +64,27 @@ def _linear(n_in: int, n_out: int) -> int:
     return n_in * n_out + n_out
 
 
+def side_block_heads(d: int, heads: int = 0) -> int:
+    """Attention heads of a side block at width d: `heads`, or d // 64 (at least 1) when 0; d must divide evenly."""
+    h = heads or max(1, d // 64)
+    if h < 1 or d % h:
+        raise ConfigError(f"unipt.side_heads={heads} does not divide the side-network width d={d}; choose heads "
+                          "that divide d (or 0 for d // 64)")
+    return h
+
+
+def side_block_params(d: int, mlp_ratio: int = 2) -> int:
+    """One causal side block: LayerNorm, Linear(d -> 3d) for q/k/v, Linear(d -> d) out, LayerNorm, and the MLP
+    Linear(d -> r.d), Linear(r.d -> d)."""
+    return 2 * d + _linear(d, 3 * d) + _linear(d, d) + 2 * d + _linear(d, mlp_ratio * d) + _linear(mlp_ratio * d, d)
+
+
 def token_side_params(hidden_sizes: Sequence[int], out_dim: int, mapping_dim: Optional[int] = None,
                       reduction_factor: int = 2, anchor: str = "last_layer", output: str = "project",
-                      down_norm: str = "layernorm") -> int:
+                      down_norm: str = "layernorm", side_blocks: int = 0, side_mlp_ratio: int = 2) -> int:
     """Parameters of UniPTSideNetwork as it is built: per tapped layer Linear(D_i -> d) (+ LayerNorm(d)); with
     anchor=separate a Linear(D_out -> d); the gate Linear(d -> 1); with output=project Linear(d -> d) +
-    LayerNorm(d); the up-projection Linear(d -> D_out). The causal form has the same parameters."""
+    LayerNorm(d); the causal form's side blocks (side_block_params each); the up-projection Linear(d -> D_out)."""
     d = mapping_width(out_dim, mapping_dim, reduction_factor)
     n = sum(_linear(h, d) + (2 * d if down_norm == "layernorm" else 0) for h in hidden_sizes)
     if anchor == "separate":
@@ -77,6 +92,7 @@ def token_side_params(hidden_sizes: Sequence[int], out_dim: int, mapping_dim: Op
     n += _linear(d, 1)
     if output == "project":
         n += _linear(d, d) + 2 * d
+    n += side_blocks * side_block_params(d, side_mlp_ratio)
     return n + _linear(d, out_dim)
 
 
@@ -96,4 +112,4 @@ def feature_map_side_params(stage_channels: Sequence[int], mapping_dim: Optional
 def side_params(cfg, hidden_sizes: Sequence[int], out_dim: int) -> int:
     """token_side_params from a UniPTConfig (or anything with its fields)."""
     return token_side_params(hidden_sizes, out_dim, cfg.mapping_dim, cfg.reduction_factor, cfg.anchor, cfg.output,
-                             cfg.down_norm)
+                             cfg.down_norm, getattr(cfg, "side_blocks", 0), getattr(cfg, "side_mlp_ratio", 2))

@@ -4,13 +4,15 @@ Systems, each greedy, 64 new tokens by default, no early stop (every row decodes
 * `frozen` — transformers' `generate` of the decoder itself (AutoModelForCausalLM), the serving cost to match;
 * `unipt` — causal UniPT over every tapped layer (`unipt.layers=all`) through unipt_scale.generation;
 * `unipt-every3` — causal UniPT tapping every third layer;
+* `unipt-deep` — the deep causal side network (`unipt.side_blocks=2`) over every tapped layer;
 * `lora` — LoRA adapters unmerged (through unipt_scale.generation);
 * `lora-merged` — the same adapters merged into the weights (what LoRA serving costs once merged).
 Every (batch size, prompt length) shape runs all systems in turn, `--repeats` times interleaved, so drift of the
 machine reaches each system alike; the medians give tokens/s and the ratio of each system's time to `frozen`'s.
 
     unipt bench generate --json F [--backbone builtin:smollm2-135m] [--batch-sizes 1,8] [--prompt-lengths 128,512]
-        [--new-tokens 64] [--repeats 3] [--systems frozen,unipt,unipt-every3,lora,lora-merged] [--threads 2] [--quick]
+        [--new-tokens 64] [--repeats 3] [--systems frozen,unipt,unipt-every3,unipt-deep,lora,lora-merged] [--threads 2]
+        [--quick]
 
 The side networks and adapters are freshly initialised (the cost of decoding does not depend on the trained
 values). `--quick` builds a tiny random-init Llama in a temporary directory (the test).
@@ -26,7 +28,7 @@ import tempfile
 import time
 from typing import Dict, List, Optional
 
-SYSTEMS = ("frozen", "unipt", "unipt-every3", "lora", "lora-merged")
+SYSTEMS = ("frozen", "unipt", "unipt-every3", "unipt-deep", "lora", "lora-merged")
 
 
 def _parse_ints(text: str, flag: str) -> List[int]:
@@ -76,6 +78,7 @@ def _models(backbone: str, systems: List[str]):
                                                                  dtype=torch.float32).eval()
             continue
         extra = {"unipt": ["unipt.layers=all"], "unipt-every3": ["unipt.layers=every:3"],
+                 "unipt-deep": ["unipt.layers=all", "unipt.side_blocks=2"],
                  "lora": ["method=lora"], "lora-merged": ["method=lora"]}[system]
         model = build_model(load_config(None, base + extra)).eval()
         if system == "lora-merged":

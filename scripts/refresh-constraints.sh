@@ -51,4 +51,4 @@ fi
 tail -n 1 "$log"
 python3 "$root/scripts/refresh_constraints.py" apply "$root" "$work/freeze.txt"
 [[ -n "$keep" ]] || rm -rf "$work"
-echo "refresh-constraints: constraints.txt, setup.py, pyproject.toml and README.md updated; review and commit"
+echo "refresh-constraints: done; review \`git diff constraints.txt setup.py pyproject.toml README.md\` and commit it"

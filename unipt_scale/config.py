@@ -70,10 +70,23 @@ class UniPTConfig:
 
 
 # The methods one trainer runs, and each one's learning rate when train.lr is unset (see TrainConfig.lr).
-METHODS = ("unipt", "lora", "full", "linear_probe")
-DEFAULT_LR = {"unipt": 5e-4, "lora": 5e-4, "full": 3e-5, "linear_probe": 1e-3}
+METHODS = ("unipt", "lora", "full", "linear_probe", "ladder")
+DEFAULT_LR = {"unipt": 5e-4, "lora": 5e-4, "full": 3e-5, "linear_probe": 1e-3, "ladder": 1e-3}
 # backbone.quantization's schemes (unipt_scale.quantization loads them).
 QUANTIZATION_SCHEMES = ("none", "int8", "nf4")
+
+
+@dataclass
+class LadderConfig:
+    reduction: int = _f(16, "method=ladder: side width d = hidden size // reduction (QST: 16).")
+    rank: int = _f(16, "method=ladder: rank of each layer's low-rank downsampler (hidden -> rank -> d).")
+    gate_init: float = _f(0.5, "method=ladder: initial logit of the per-layer ladder gates (σ(0.5) of the old side "
+                               "state is kept).")
+    output: str = _f("blend", "method=ladder: blend (QST: y = σ(z) Up(s) + (1 - σ(z)) h_L, z = head_gate_init) | "
+                              "residual (y = h_L + Up(s), Up zero-initialised: a fresh model is the frozen LLM).")
+    head_gate_init: float = _f(1.0, "method=ladder, output=blend: initial logit of the output blend gate.")
+    heads: int = _f(0, "method=ladder: attention heads of each side block; 0 = d // 64 (at least 1).")
+    mlp_ratio: int = _f(2, "method=ladder: the side blocks' MLP width as a multiple of d.")
 
 
 @dataclass
@@ -181,6 +194,7 @@ class RunConfig:
     image_backbone: Optional[BackboneConfig] = field(default=None, metadata={"help": "Retrieval: the image tower."})
     unipt: UniPTConfig = field(default_factory=UniPTConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    ladder: LadderConfig = field(default_factory=LadderConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -364,6 +378,13 @@ def _validate_method(cfg: RunConfig) -> None:
     _choice("method", cfg.method, METHODS)
     if cfg.train.lr is None:
         cfg.train.lr = DEFAULT_LR[cfg.method]
+    ld = cfg.ladder
+    if cfg.method == "ladder" and cfg.task.kind != "causal_lm":
+        raise ConfigError("method=ladder is the decoder baseline of UniPT's family (LST/QST): use it with "
+                          "task.kind=causal_lm")
+    _choice("ladder.output", ld.output, ("blend", "residual"))
+    if ld.reduction < 1 or ld.rank < 1 or ld.heads < 0 or ld.mlp_ratio < 1:
+        raise ConfigError("ladder.reduction, ladder.rank and ladder.mlp_ratio must be >= 1, ladder.heads >= 0")
     lo = cfg.lora
     if lo.r < 1 or lo.alpha <= 0 or not 0 <= lo.dropout < 1:
         raise ConfigError(f"lora.r={lo.r}, lora.alpha={lo.alpha}, lora.dropout={lo.dropout}: need r >= 1, "

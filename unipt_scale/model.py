@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from unipt_scale.backbone import FrozenBackbone, load_backbone
-from unipt_scale.config import ConfigError, LoRAConfig, RunConfig, UniPTConfig
+from unipt_scale.config import ConfigError, LadderConfig, LoRAConfig, RunConfig, UniPTConfig
 from unipt_scale.methods import BackboneEncoder, resolve_pooling, trainable_for
 from unipt_scale.side_network import (UniPTFeatureMapSideNetwork, UniPTSideNetwork, pool_tokens,
                                       resolve_layers)
@@ -50,11 +50,30 @@ class UniPTEncoder(nn.Module):
         return [k for k in self.state_dict() if k.startswith("side.")]
 
 
+class LadderEncoder(UniPTEncoder):
+    """Backbone (frozen, no-grad) → every hidden state → the ladder side network (method=ladder, LST/QST)."""
+
+    def __init__(self, backbone: FrozenBackbone, cfg: LadderConfig, pooling: str = "auto"):
+        nn.Module.__init__(self)
+        from unipt_scale.ladder import LadderSideNetwork
+
+        if backbone.kind != "decoder" or backbone.is_feature_map:
+            raise ConfigError("method=ladder runs on a decoder backbone (a ladder of causal side blocks)")
+        self.backbone = backbone
+        backbone.tap(range(backbone.num_hidden_states))
+        self.side = LadderSideNetwork(cfg, backbone.hidden_sizes, backbone.out_dim)
+        self.out_dim = backbone.out_dim
+        self.pooling = resolve_pooling(pooling, backbone)
+
+
 def build_encoder(backbone: FrozenBackbone, method: str = "unipt", unipt: Optional[UniPTConfig] = None,
-                  lora: Optional[LoRAConfig] = None, what: str = "the backbone", causal: bool = False) -> nn.Module:
+                  lora: Optional[LoRAConfig] = None, what: str = "the backbone", causal: bool = False,
+                  ladder: Optional[LadderConfig] = None) -> nn.Module:
     """The encoder a method puts on a loaded backbone (any FrozenBackbone, wrap_module's included). `causal`:
     UniPT's causal form (the other methods are as causal as the backbone itself)."""
     unipt = unipt or UniPTConfig()
+    if method == "ladder":
+        return LadderEncoder(backbone, ladder or LadderConfig(), pooling=unipt.pooling)
     if method == "unipt":
         if causal and backbone.is_feature_map:
             raise ConfigError("the causal side network is for token sequences; unset unipt.causal for a CNN")
@@ -232,7 +251,8 @@ def build_model(cfg: RunConfig, num_classes: int = 0, trust_remote_code: bool = 
 
     def encoder(bb_cfg, what):
         bb = load_backbone(bb_cfg, trust_remote_code, side_cfg)
-        return build_encoder(bb, cfg.method, cfg.unipt, cfg.lora, what=f"{what} ({bb_cfg.path})", causal=causal)
+        return build_encoder(bb, cfg.method, cfg.unipt, cfg.lora, what=f"{what} ({bb_cfg.path})", causal=causal,
+                             ladder=cfg.ladder)
 
     if cfg.task.kind == "causal_lm":
         from unipt_scale.lm import CausalLMModel, load_lm_head

@@ -90,6 +90,9 @@ from unipt_scale.bench.memory import IsolatedRunError, PeakMeter, one_line, run_
 from unipt_scale.bench.schemes import SCHEMES, label, parse_schemes
 from unipt_scale.config import DEFAULT_LR, METHODS, ConfigError
 
+# The methods every suite runs by default (ladder, a decoder baseline, is asked for by name).
+DEFAULT_METHODS = ("unipt", "lora", "full", "linear_probe")
+
 
 SCHEMA = "unipt_scale.bench.quality/2"  # 2: per-scheme records (--quantization), frozen_weight_bytes per run
 RUN_TARGET = "unipt_scale.bench.quality:train_run"
@@ -1035,7 +1038,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="unipt bench quality", description=__doc__.split("\n\n")[0])
     p.add_argument("--suite", default="all", help=f"one of {', '.join(SUITES)}, a comma list, or all")
     p.add_argument("--seeds", type=int, default=3, help="runs per method at the chosen learning rate (train.seed)")
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {', '.join(METHODS)}")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                   help=f"comma-separated subset of {', '.join(METHODS)} (ladder: the causal-LM suites only)")
     p.add_argument("--lr-factors", default=",".join(f"{f:g}" for f in DEFAULT_FACTORS),
                    help="the sweep: each method's default learning rate times each of these, on the val split")
     p.add_argument("--json", metavar="FILE", help="write the results here (charts beside it unless --out-dir)")

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lm_helpers import left_padded, perturbed, write_pairs
 from tiny_models import tiny_causal_lm_dir
 from unipt_scale.config import UniPTConfig, load_config
 from unipt_scale.generation import generate
@@ -22,38 +23,10 @@ def dirs(tmp_path_factory):
     return {a: tiny_causal_lm_dir(root, a) for a in ARCHS} | {"tied": tiny_causal_lm_dir(root, "llama", tie=True)}
 
 
-def _jsonl(path, n=48):
-    words = ["good", "bad", "movie", "food", "day", "night", "happy", "sad"]
-    with open(path, "w") as fh:
-        for i in range(n):
-            w = [words[(i + k) % len(words)] for k in range(3)]
-            fh.write(json.dumps({"prompt": " ".join(w), "response": " ".join(reversed(w))}) + "\n")
-    return str(path)
-
-
 def _cfg(model_dir, tmp_path, *extra):
     return load_config(None, [f"backbone.path={model_dir}", "task.kind=causal_lm", "data.source=jsonl",
-                              f"data.path={_jsonl(tmp_path / 'pairs.jsonl')}", "unipt.mapping_dim=8",
+                              f"data.path={write_pairs(tmp_path / 'pairs.jsonl')}", "unipt.mapping_dim=8",
                               "data.batch_size=4", "train.tensorboard=false", f"output_dir={tmp_path / 'run'}", *extra])
-
-
-def _perturb_side(model, scale=0.3, seed=1):
-    """A trained-looking side network (the fresh one adds exactly zero, which would make every check trivial)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * scale)
-
-
-def _batch(texts_ids, left=True, pad=0):
-    n = max(len(t) for t in texts_ids)
-    ids = torch.full((len(texts_ids), n), pad)
-    mask = torch.zeros((len(texts_ids), n), dtype=torch.long)
-    for i, t in enumerate(texts_ids):
-        sl = slice(n - len(t), n) if left else slice(0, len(t))
-        ids[i, sl], mask[i, sl] = torch.tensor(t), 1
-    return {"input_ids": ids, "attention_mask": mask}
 
 
 def _causal_side_reference(side, hidden_states, mask, final):
@@ -100,8 +73,8 @@ def test_causal_side_network_is_the_equations(backend):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_changing_the_future_leaves_the_past_unchanged(dirs, tmp_path, arch):
     model = build_model(_cfg(dirs[arch], tmp_path)).eval()
-    _perturb_side(model)
-    a = _batch([[5, 6, 7, 8, 9, 10, 11, 12]])
+    perturbed(model, scale=0.3)
+    a = left_padded([[5, 6, 7, 8, 9, 10, 11, 12]])
     b = {k: v.clone() for k, v in a.items()}
     t = 4
     b["input_ids"][0, t + 1:] = torch.tensor([20, 21, 22])
@@ -119,7 +92,7 @@ def test_fresh_model_gives_the_frozen_llm_logits(dirs, tmp_path, arch):
 
     model = build_model(_cfg(dirs[arch], tmp_path)).eval()
     ref = AutoModelForCausalLM.from_pretrained(dirs[arch]).eval()
-    batch = _batch([[5, 6, 7, 8, 9], [10, 11, 12]])
+    batch = left_padded([[5, 6, 7, 8, 9], [10, 11, 12]])
     pos = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
         want = ref(**batch, position_ids=pos).logits
@@ -140,7 +113,7 @@ def test_training_lowers_the_loss_and_only_the_side_network_learns(dirs, tmp_pat
     model = build_model(cfg)
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trained and all(n.startswith("encoder.side.") for n in trained)
-    batch = {**_batch([[5, 6, 7, 8]]), "labels": torch.tensor([[-100, -100, 7, 8]])}
+    batch = {**left_padded([[5, 6, 7, 8]]), "labels": torch.tensor([[-100, -100, 7, 8]])}
     loss, _ = model.training_loss(batch)
     loss.backward()
     assert all(p.grad is None for n, p in model.named_parameters() if not n.startswith("encoder.side."))
@@ -151,8 +124,8 @@ def test_training_lowers_the_loss_and_only_the_side_network_learns(dirs, tmp_pat
 @pytest.mark.parametrize("arch", ARCHS)
 def test_incremental_generation_equals_full_recompute(dirs, tmp_path, arch):
     model = build_model(_cfg(dirs[arch], tmp_path)).eval()
-    _perturb_side(model, scale=0.2)
-    batch = _batch([[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16]])  # left-padded prompts
+    perturbed(model, scale=0.2)
+    batch = left_padded([[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16]])  # left-padded prompts
     fast = generate(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=32)
     slow = generate(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=32, incremental=False)
     assert fast.shape == (3, 32)
@@ -238,10 +211,10 @@ def test_other_methods_train_and_generate_on_the_same_task(dirs, tmp_path, metho
     cfg = _cfg(dirs["llama"], tmp_path, f"method={method}")
     model = build_model(cfg).eval()
     unipt = build_model(_cfg(dirs["llama"], tmp_path)).eval()
-    batch = {**_batch([[5, 6, 7, 8, 9]]), "labels": torch.tensor([[-100, -100, 7, 8, 9]])}
+    batch = {**left_padded([[5, 6, 7, 8, 9]]), "labels": torch.tensor([[-100, -100, 7, 8, 9]])}
     with torch.no_grad():
         torch.testing.assert_close(model.training_loss(batch)[0], unipt.training_loss(batch)[0], rtol=0, atol=1e-6)
-    _perturb_side(model, scale=0.05)
+    perturbed(model, scale=0.05)
     model.train()
     loss, _ = model.training_loss(batch)
     loss.backward()
@@ -249,7 +222,7 @@ def test_other_methods_train_and_generate_on_the_same_task(dirs, tmp_path, metho
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
     assert grads == trained and (method != "lora" or all("lora_" in n for n in trained))
     model.eval()
-    b = _batch([[5, 6, 7], [8, 9, 10, 11, 12]])
+    b = left_padded([[5, 6, 7], [8, 9, 10, 11, 12]])
     fast = generate(model, b["input_ids"], b["attention_mask"], max_new_tokens=12)
     slow = generate(model, b["input_ids"], b["attention_mask"], max_new_tokens=12, incremental=False)
     assert torch.equal(fast, slow)
@@ -292,10 +265,10 @@ def test_evaluation_runs_at_most_the_training_micro_batch_per_forward(dirs, tmp_
     """An eval batch of 128 long sequences would hold every tapped state of all of them at once (above the
     training step's peak); the causal task model evaluates data.batch_size sequences per forward, same result."""
     model = build_model(_cfg(dirs["llama"], tmp_path, "data.batch_size=2")).eval()
-    _perturb_side(model)
+    perturbed(model, scale=0.3)
     assert model.eval_rows == 2
     rows = [[5, 6, 7, 8, 9], [11, 12], [13, 14, 15, 16], [17, 18, 19], [20, 21, 22, 23, 24]]
-    batch = _batch(rows)
+    batch = left_padded(rows)
     batch["labels"] = torch.where(batch["attention_mask"].bool(), batch["input_ids"], torch.full_like(batch["input_ids"], -100))
     seen = []
     hook = model.encoder.register_forward_pre_hook(lambda m, args: seen.append(args[0]["input_ids"].shape[0]))

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from lm_helpers import left_padded, perturbed, write_pairs
 from tiny_models import tiny_causal_lm_dir
 from unipt_scale.config import ConfigError, load_config
 from unipt_scale.generation import GenerationOptions, cut_at_stop, generate, generate_texts
@@ -20,38 +21,15 @@ def llama(tmp_path_factory):
     return tiny_causal_lm_dir(str(tmp_path_factory.mktemp("gen")), "llama")
 
 
-def _pairs(path, n=32):
-    words = ["good", "bad", "movie", "food", "day", "night", "happy", "sad"]
-    with open(path, "w") as fh:
-        for i in range(n):
-            w = [words[(i + k) % len(words)] for k in range(3)]
-            fh.write(json.dumps({"prompt": " ".join(w), "response": " ".join(reversed(w))}) + "\n")
-    return str(path)
-
-
 def _cfg(model_dir, tmp_path, *extra):
     return load_config(None, [f"backbone.path={model_dir}", "task.kind=causal_lm", "data.source=jsonl",
-                              f"data.path={_pairs(tmp_path / 'pairs.jsonl')}", "unipt.mapping_dim=8",
+                              f"data.path={write_pairs(tmp_path / 'pairs.jsonl', 32)}", "unipt.mapping_dim=8",
                               "data.batch_size=4", "train.tensorboard=false", f"output_dir={tmp_path / 'run'}", *extra])
 
 
-def _perturbed(model, scale=0.2, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * scale)
-    return model
-
-
 def _prompts():
-    rows = [[2, 15, 16, 17, 18, 19], [2, 21], [2, 30, 31, 32]]
-    n = max(map(len, rows))
-    ids = torch.full((len(rows), n), PAD)
-    mask = torch.zeros(len(rows), n, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, n - len(r):], mask[i, n - len(r):] = torch.tensor(r), 1
-    return ids, mask
+    b = left_padded([[2, 15, 16, 17, 18, 19], [2, 21], [2, 30, 31, 32]], PAD)
+    return b["input_ids"], b["attention_mask"]
 
 
 def _until_eos(rows):
@@ -94,7 +72,7 @@ def test_a_fresh_unipt_model_generates_what_transformers_generates_for_the_froze
 @pytest.mark.parametrize("options", [dict(num_beams=3), dict(num_beams=2, length_penalty=2.0),
                                      dict(temperature=0.9, top_p=0.8, seed=3)], ids=["beams", "beams-lp", "sample"])
 def test_cached_decoding_equals_full_recompute_on_a_trained_side_network(llama, tmp_path, options):
-    model = _perturbed(build_model(_cfg(llama, tmp_path))).eval()
+    model = perturbed(build_model(_cfg(llama, tmp_path))).eval()
     ids, mask = _prompts()
     fast = generate(model, ids, mask, eos_token_id=EOS, max_new_tokens=14, **options)
     slow = generate(model, ids, mask, eos_token_id=EOS, max_new_tokens=14, incremental=False, **options)
@@ -102,7 +80,7 @@ def test_cached_decoding_equals_full_recompute_on_a_trained_side_network(llama, 
 
 
 def test_lora_generates_through_the_same_path(llama, tmp_path):
-    model = _perturbed(build_model(_cfg(llama, tmp_path, "method=lora")), scale=0.05).eval()
+    model = perturbed(build_model(_cfg(llama, tmp_path, "method=lora")), scale=0.05).eval()
     ids, mask = _prompts()
     for options in (dict(num_beams=3), dict(temperature=0.8, top_k=5, seed=2)):
         fast = generate(model, ids, mask, eos_token_id=EOS, max_new_tokens=10, **options)
@@ -111,7 +89,7 @@ def test_lora_generates_through_the_same_path(llama, tmp_path):
 
 
 def test_sampling_is_reproducible_and_top_k_1_is_greedy(llama, tmp_path):
-    model = _perturbed(build_model(_cfg(llama, tmp_path))).eval()
+    model = perturbed(build_model(_cfg(llama, tmp_path))).eval()
     ids, mask = _prompts()
     a = generate(model, ids, mask, max_new_tokens=10, temperature=1.0, seed=7)
     b = generate(model, ids, mask, max_new_tokens=10, temperature=1.0, seed=7)
@@ -124,7 +102,7 @@ def test_stop_strings_end_the_completion_before_the_string(llama, tmp_path):
     from unipt_scale.preprocessors import load_tokenizer
 
     cfg = _cfg(llama, tmp_path)
-    model = _perturbed(build_model(cfg)).eval()
+    model = perturbed(build_model(cfg)).eval()
     tokenizer = load_tokenizer(cfg.backbone)
     records = [{"prompt": "good movie"}, {"prompt": "bad day night"}]
     full = generate_texts(model, tokenizer, records, max_new_tokens=12)
@@ -161,7 +139,7 @@ def test_unipt_generate_reads_and_writes_jsonl(llama, tmp_path, capsys):
 
     out = tmp_path / "run"
     assert main(["train", "--output-dir", str(out), f"backbone.path={llama}", "task.kind=causal_lm",
-                 "data.source=jsonl", f"data.path={_pairs(tmp_path / 'pairs.jsonl')}", "unipt.mapping_dim=8",
+                 "data.source=jsonl", f"data.path={write_pairs(tmp_path / 'pairs.jsonl', 32)}", "unipt.mapping_dim=8",
                  "data.batch_size=4", "train.tensorboard=false", "train.max_steps=3", "data.max_length=32"]) == 0
     checkpoint = str(out / "checkpoint")
     records = [{"prompt": "good movie", "id": 1},

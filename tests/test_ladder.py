@@ -4,6 +4,7 @@ refuses."""
 import pytest
 import torch
 
+from lm_helpers import left_padded, perturbed
 from tiny_models import tiny_causal_lm_dir
 from unipt_scale.config import ConfigError, LadderConfig, load_config
 from unipt_scale.generation import generate
@@ -25,24 +26,6 @@ def _cfg(model_dir, tmp_path, *extra):
                               "data.batch_size=4", "train.tensorboard=false", f"output_dir={tmp_path / 'run'}", *extra])
 
 
-def _perturbed(model, scale=0.2, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * scale)
-    return model
-
-
-def _batch(rows, pad=0):
-    n = max(map(len, rows))
-    ids = torch.full((len(rows), n), pad)
-    mask = torch.zeros(len(rows), n, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, n - len(r):], mask[i, n - len(r):] = torch.tensor(r), 1
-    return {"input_ids": ids, "attention_mask": mask}
-
-
 @pytest.mark.parametrize("output", ["blend", "residual"])
 def test_the_parameter_count_is_the_built_module(llama, tmp_path, output):
     model = build_model(_cfg(llama, tmp_path, f"ladder.output={output}"))
@@ -51,9 +34,9 @@ def test_the_parameter_count_is_the_built_module(llama, tmp_path, output):
 
 
 def test_the_side_network_is_the_ladder_equations(llama, tmp_path):
-    model = _perturbed(build_model(_cfg(llama, tmp_path))).eval()
+    model = perturbed(build_model(_cfg(llama, tmp_path))).eval()
     side = model.encoder.side
-    batch = _batch([[5, 6, 7, 8, 9], [10, 11, 12]])
+    batch = left_padded([[5, 6, 7, 8, 9], [10, 11, 12]])
     with torch.no_grad():
         out = model.encoder.backbone(batch)
         got = side(out.hidden_states, out.mask, out.final)
@@ -74,7 +57,7 @@ def test_the_residual_form_starts_at_the_frozen_llm_and_blend_does_not(llama, tm
     from transformers import AutoModelForCausalLM
 
     ref = AutoModelForCausalLM.from_pretrained(llama).eval()
-    batch = _batch([[5, 6, 7, 8, 9], [10, 11, 12]])
+    batch = left_padded([[5, 6, 7, 8, 9], [10, 11, 12]])
     pos = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
     m = batch["attention_mask"].bool()
     with torch.no_grad():
@@ -88,12 +71,12 @@ def test_the_residual_form_starts_at_the_frozen_llm_and_blend_does_not(llama, tm
 @pytest.mark.parametrize("options", [dict(), dict(num_beams=3), dict(temperature=0.9, top_p=0.9, seed=2)],
                          ids=["greedy", "beams", "sample"])
 def test_cached_decoding_equals_full_recompute_and_the_past_ignores_the_future(llama, tmp_path, options):
-    model = _perturbed(build_model(_cfg(llama, tmp_path))).eval()
-    b = _batch([[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16]])
+    model = perturbed(build_model(_cfg(llama, tmp_path))).eval()
+    b = left_padded([[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16]])
     fast = generate(model, b["input_ids"], b["attention_mask"], max_new_tokens=10, **options)
     slow = generate(model, b["input_ids"], b["attention_mask"], max_new_tokens=10, incremental=False, **options)
     assert torch.equal(fast, slow)
-    a = _batch([[5, 6, 7, 8, 9, 10, 11, 12]])
+    a = left_padded([[5, 6, 7, 8, 9, 10, 11, 12]])
     c = {k: v.clone() for k, v in a.items()}
     c["input_ids"][0, 5:] = torch.tensor([20, 21, 22])
     with torch.no_grad():

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from lm_helpers import left_padded, perturbed
 from tiny_models import tiny_causal_lm_dir
 from unipt_scale.config import ConfigError, UniPTConfig, load_config
 from unipt_scale.generation import generate
@@ -25,24 +26,6 @@ def _cfg(model_dir, tmp_path, *extra):
     return load_config(None, [f"backbone.path={model_dir}", "task.kind=causal_lm", "data.source=jsonl",
                               f"data.path={path}", "unipt.mapping_dim=16", "unipt.side_blocks=2", "unipt.side_heads=2",
                               "data.batch_size=4", "train.tensorboard=false", f"output_dir={tmp_path / 'run'}", *extra])
-
-
-def _perturbed(model, scale=0.2, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * scale)
-    return model
-
-
-def _batch(rows, pad=0):
-    n = max(map(len, rows))
-    ids = torch.full((len(rows), n), pad)
-    mask = torch.zeros(len(rows), n, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, n - len(r):], mask[i, n - len(r):] = torch.tensor(r), 1
-    return {"input_ids": ids, "attention_mask": mask}
 
 
 def _block_reference(block, x, mask):
@@ -97,7 +80,7 @@ def test_a_fresh_deep_model_is_the_frozen_llm(llama, tmp_path):
     model = build_model(_cfg(llama, tmp_path)).eval()
     assert len(model.encoder.side.blocks.blocks) == 2
     ref = AutoModelForCausalLM.from_pretrained(llama).eval()
-    batch = _batch([[5, 6, 7, 8, 9], [10, 11, 12]])
+    batch = left_padded([[5, 6, 7, 8, 9], [10, 11, 12]])
     pos = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
         want, got = ref(**batch, position_ids=pos).logits, model.logits(batch)
@@ -106,14 +89,14 @@ def test_a_fresh_deep_model_is_the_frozen_llm(llama, tmp_path):
 
 
 def test_the_future_does_not_reach_the_past_and_padding_does_not_shift_positions(llama, tmp_path):
-    model = _perturbed(build_model(_cfg(llama, tmp_path))).eval()
-    a = _batch([[5, 6, 7, 8, 9, 10, 11, 12]])
+    model = perturbed(build_model(_cfg(llama, tmp_path))).eval()
+    a = left_padded([[5, 6, 7, 8, 9, 10, 11, 12]])
     b = {k: v.clone() for k, v in a.items()}
     b["input_ids"][0, 5:] = torch.tensor([20, 21, 22])
     with torch.no_grad():
         la, lb = model.logits(a), model.logits(b)
-        padded = model.logits(_batch([[5, 6, 7, 8, 9, 10, 11, 12], [5, 6, 7]]))
-        alone = model.logits(_batch([[5, 6, 7]]))
+        padded = model.logits(left_padded([[5, 6, 7, 8, 9, 10, 11, 12], [5, 6, 7]]))
+        alone = model.logits(left_padded([[5, 6, 7]]))
     assert (la[0, 5:] - lb[0, 5:]).abs().max() > 1e-3
     torch.testing.assert_close(la[0, :5], lb[0, :5], rtol=0, atol=1e-6)
     torch.testing.assert_close(padded[1, -3:], alone[0], rtol=0, atol=1e-5)
@@ -122,8 +105,8 @@ def test_the_future_does_not_reach_the_past_and_padding_does_not_shift_positions
 @pytest.mark.parametrize("options", [dict(), dict(num_beams=3), dict(temperature=0.8, top_k=10, seed=4)],
                          ids=["greedy", "beams", "sample"])
 def test_cached_decoding_equals_full_recompute(llama, tmp_path, options):
-    model = _perturbed(build_model(_cfg(llama, tmp_path))).eval()
-    b = _batch([[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16]])
+    model = perturbed(build_model(_cfg(llama, tmp_path))).eval()
+    b = left_padded([[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16]])
     fast = generate(model, b["input_ids"], b["attention_mask"], max_new_tokens=12, **options)
     slow = generate(model, b["input_ids"], b["attention_mask"], max_new_tokens=12, incremental=False, **options)
     assert torch.equal(fast, slow)
@@ -131,8 +114,8 @@ def test_cached_decoding_equals_full_recompute(llama, tmp_path, options):
 
 def test_training_moves_the_blocks(llama, tmp_path):
     model = build_model(_cfg(llama, tmp_path))
-    _perturbed(model, scale=0.05)
-    batch = {**_batch([[5, 6, 7, 8, 9]]), "labels": torch.tensor([[-100, -100, 7, 8, 9]])}
+    perturbed(model, scale=0.05)
+    batch = {**left_padded([[5, 6, 7, 8, 9]]), "labels": torch.tensor([[-100, -100, 7, 8, 9]])}
     loss, _ = model.training_loss(batch)
     loss.backward()
     grads = {n: p.grad for n, p in model.named_parameters() if ".blocks." in n}

@@ -8,7 +8,7 @@ from lm_helpers import left_padded, perturbed
 from tiny_models import tiny_causal_lm_dir
 from unipt_scale.config import ConfigError, LadderConfig, load_config
 from unipt_scale.generation import generate
-from unipt_scale.ladder import ladder_params
+from unipt_scale.side_spec import ladder_params
 from unipt_scale.model import build_model, count_parameters
 
 
@@ -30,7 +30,8 @@ def _cfg(model_dir, tmp_path, *extra):
 def test_the_parameter_count_is_the_built_module(llama, tmp_path, output):
     model = build_model(_cfg(llama, tmp_path, f"ladder.output={output}"))
     cfg = LadderConfig(reduction=4, rank=8, output=output)
-    assert count_parameters(model)["trainable_params"] == ladder_params(4, 64, cfg)
+    want = ladder_params(4, 64, cfg.reduction, cfg.rank, cfg.mlp_ratio, cfg.output)
+    assert count_parameters(model)["trainable_params"] == want
 
 
 def test_the_side_network_is_the_ladder_equations(llama, tmp_path):
@@ -109,4 +110,4 @@ def test_on_an_nf4_base_it_is_qst_and_trains(llama, tmp_path):
 
     metrics = train(_cfg(llama, tmp_path, "backbone.quantization=nf4", "train.max_steps=3", "data.max_length=24"))
     assert metrics["steps"] == 3 and metrics["train_loss"][-1][1] is not None
-    assert metrics["trainable_params"] == ladder_params(4, 64, LadderConfig(reduction=4, rank=8))
+    assert metrics["trainable_params"] == ladder_params(4, 64, 4, 8)

@@ -12,6 +12,7 @@ cache and SideCache after generate() exactly, generation's transients within 8.4
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -1023,3 +1024,31 @@ def test_deep_side_network_bytes_match_measured(tmp_path, blocks, heads):
     kv = sum(x.nbytes for bc in c.blocks for x in bc.filled())
     core = sum(x.nbytes for x in (c.targets, c.mask, c.anchor_sum, c.target_sum, c.count))
     assert kv == B * blocks * 2 * n * 32 * 2 and core + kv == B * g["side_cache"]
+
+
+@pytest.mark.parametrize("output", ["blend", "residual"])
+def test_ladder_bytes_match_measured(tmp_path, output):
+    """method=ladder's column (--task causal_lm): its parameters as built and what its training step saves for
+    backward (bf16, CPU): every hidden state, the downsamplers, gates and side blocks."""
+    from unipt_scale.model import count_parameters
+
+    path, cfg = _tiny_lm_dir(tmp_path)
+    model = _lm_model(path, "ladder", torch.bfloat16, "ladder.reduction=4", "ladder.rank=8",
+                      f"ladder.output={output}", "task.loss_chunk_tokens=16").train()
+    B, N = 2, 32
+    measured, (loss, _) = _saved_bytes_of(lambda: model.training_loss(_lm_batch(B, N)), model)
+    loss.backward()
+    o = pl.Options(batch=B, seq_len=N, gpus_per_node=1, zero_stage=0, task="causal_lm", lm_loss="chunked",
+                   loss_chunk_tokens=16, ladder_reduction=4, ladder_rank=8, ladder_output=output,
+                   profile=pl.cpu_profile(2))
+    m = pl.model_from_config(cfg, "tiny-lm")
+    r = pl.plan_method(m, "ladder", o)
+    d = r["activation_detail_gib"]
+    acts = pl.tower_activations(m.towers[0], "ladder", o)
+    pred = (d["stored_hidden_states"] + d["side_network"]) * GIB + acts["constant"] + \
+        B * pl.lm_loss_bytes(m.towers[0], "chunked", B, o)["per_sample"]
+    _close(pred, measured, ACT_TOL, f"ladder ({output}) saved for backward")
+    assert r["trained_params"] == count_parameters(model)["trainable_params"]
+    assert r["lm_loss"] == "chunked" and r["parts"]["gradients"] == r["parts"]["optimizer"] == 0
+    cols = pl.plan(m, dataclasses.replace(o, ladder_output=output))
+    assert pl.columns(cols) == ("unipt", "lora", "full", "ladder")

@@ -100,14 +100,3 @@ class LadderSideNetwork(nn.Module):
     def step(self, hidden_states, mask, final, cache: Optional[LadderCache] = None, capacity: Optional[int] = None):
         """Incremental decoding: the outputs of the new positions and the cache extended by them."""
         return self._run(hidden_states, mask, final, cache, capacity)
-
-
-def ladder_params(num_hidden_states: int, hidden: int, cfg: LadderConfig) -> int:
-    """Parameters of LadderSideNetwork as built (the torch-free count the tests check against the module)."""
-    from unipt_scale.side_spec import side_block_params
-
-    d = hidden // cfg.reduction
-    n = num_hidden_states
-    down = n * (hidden * cfg.rank + cfg.rank + cfg.rank * d + d)
-    head = hidden if cfg.output == "blend" else 0
-    return down + (n - 1) * d + (n - 1) * side_block_params(d, cfg.mlp_ratio) + 2 * d + d * hidden + hidden + head

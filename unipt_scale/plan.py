@@ -91,10 +91,12 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 from unipt_scale.config import ConfigError
-from unipt_scale.side_spec import mapping_width, resolve_layers, side_block_heads, token_side_params
+from unipt_scale.side_spec import (ladder_params, mapping_width, resolve_layers, side_block_heads,
+                                    token_side_params)
 
 GIB = 1024 ** 3
 METHODS = ("unipt", "lora", "full")
+SIDE_METHODS = ("unipt", "ladder")  # a side network beside a frozen, no-grad backbone
 
 # Published architectures (Touvron et al. 2023; Raffel et al. 2020; Radford et al. 2021; Devlin et al. 2019),
 # written as the fields of their Hugging Face config.json so presets and files take the same path.
@@ -551,6 +553,9 @@ class Options:
     side_blocks: int = 0             # unipt.side_blocks: the deep causal side network (causal_lm only)
     side_heads: int = 0              # unipt.side_heads (0 = d // 64)
     side_mlp_ratio: int = 2          # unipt.side_mlp_ratio
+    ladder_reduction: int = 16       # method=ladder (--task causal_lm): ladder.reduction, ladder.rank, ladder.output
+    ladder_rank: int = 16
+    ladder_output: str = "blend"
     attention: str = "eager"
     activation_checkpointing: bool = False
     task: str = "classification"     # classification | retrieval (the same plan) | causal_lm
@@ -612,6 +617,8 @@ def tower_activations(t: Tower, method: str, o: Options) -> dict:
     n = t.tokens(o.seq_len, o.image_size)
     P = o.P
     roles = frozenset(t.linears())
+    if method == "ladder":
+        return ladder_activations(t, n, o)
     if method == "unipt":
         taps = resolve_taps(o.layers, t.layers + 1)
         L, Li = len(taps), len(taps) - 1
@@ -680,6 +687,27 @@ def causal_side_extra(Li: int, d: int, n: int, P: int, kernels: str = "efficient
     return (Li + 1) * P * d + 4 + 3 * P
 
 
+def ladder_activations(t: "Tower", n: int, o: "Options") -> dict:
+    """method=ladder (unipt_scale.ladder): every hidden state stored (L = layers + 1 of them), then the side network:
+    per hidden state the downsampler's SiLU input and output (2.rank.P), per layer the gate mix's two operands
+    (2.P.d) and a side block (side_block_saved), the final LayerNorm's input and statistics and Up's input (2.P.d),
+    and with output=blend the side output the gate multiplies (P.D); per forward the gates' sigmoids. The frozen
+    forward is UniPT's with every state tapped; the two phases do not overlap."""
+    P, d = o.P, t.hidden // o.ladder_reduction
+    L = t.layers + 1
+    st = o.profile.ln_stats_bytes
+    blend = o.ladder_output == "blend"
+    side = (2 * L * o.ladder_rank * P + (L - 1) * (2 * P * d + side_block_saved(d, n, P, side_block_heads(d, 0), 2,
+                                                                                  o.profile))
+            + 2 * P * d + st + (P * t.hidden if blend else 0))
+    stored = n * L * P * t.hidden
+    work = sum(layer_saved(t, n, frozenset(t.linears()), True, P, o.attention, o.profile).values())
+    forward = n * work  # every state is tapped: only one block's working set beside them
+    constant = (L - 1) * 2 * P * d + (P * t.hidden if blend else 0)
+    detail = {"stored_hidden_states": stored, "side_network": n * side, "backbone_forward": forward}
+    return {"detail": detail, "per_sample": stored + max(n * side, forward), "constant": constant}
+
+
 def side_block_saved(d: int, n: int, P: int, heads: int, mlp_ratio: int, prof: "SavedProfile" = CUDA) -> int:
     """Bytes per token one deep side block (unipt_scale.side_blocks) keeps for backward: the q/k/v projection's
     output (3.P.d, v is a view of it), the rotated q and k and the attention output (3.P.d), the inputs of the
@@ -696,7 +724,7 @@ CHUNKED_WORK_BYTES = 16      # per logit of one chunk: see lm_loss_bytes
 
 def lm_loss_kind(method: str, o: Options) -> str:
     if o.lm_loss == "auto":
-        return "chunked" if method == "unipt" else "full"
+        return "chunked" if method in SIDE_METHODS else "full"
     return o.lm_loss
 
 
@@ -792,6 +820,9 @@ def trained_params(model: Model, method: str, o: Options) -> int:
         return model.params()
     if method == "lora":
         return sum(lora_params(t, o.lora_rank, o.lora_targets) for t in model.towers)
+    if method == "ladder":
+        t = _decoder(model)
+        return ladder_params(t.layers + 1, t.hidden, o.ladder_reduction, o.ladder_rank, 2, o.ladder_output)
     total = 0
     for t in model.towers:
         total += tower_side_params(t, o)
@@ -811,7 +842,7 @@ def plan_method(model: Model, method: str, o: Options) -> dict:
     on_gpu_w = 0 if off_par else 1
     base_bytes = backbone_weight_bytes(model, o, method)
     parts = {}
-    if method == "unipt":
+    if method in SIDE_METHODS:
         parts["weights"] = on_gpu_w * base_bytes / shard_w
         parts["gradients"] = 0.0
         parts["optimizer"] = 0.0
@@ -924,6 +955,8 @@ def plan(model: Model, o: Options) -> dict:
     if o.generate:
         head["mode"] = "generate"
     if o.quantization == "none":
+        if o.causal_lm and not o.generate:  # ladder side tuning, the decoder baseline of UniPT's family
+            return {**head, "columns": [*METHODS, "ladder"], **{m: one(model, m, o) for m in (*METHODS, "ladder")}}
         return {**head, **{m: one(model, m, o) for m in METHODS}}
     plain = dataclasses.replace(o, quantization="none")
     return {**head, "columns": ["unipt", "qlora", "lora", "full"], "unipt": one(model, "unipt", o),
@@ -1008,6 +1041,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--task causal_lm: the deep side network's causal blocks (unipt.side_blocks)")
     p.add_argument("--side-heads", type=int, default=0, help="their attention heads (unipt.side_heads; 0 = d // 64)")
     p.add_argument("--side-mlp-ratio", type=int, default=2, help="their MLP width / d (unipt.side_mlp_ratio)")
+    p.add_argument("--ladder-reduction", type=int, default=16, help="--task causal_lm: method=ladder's side width "
+                                                                        "d = hidden // this (ladder.reduction)")
+    p.add_argument("--ladder-rank", type=int, default=16, help="its downsamplers' rank (ladder.rank)")
+    p.add_argument("--ladder-output", default="blend", choices=["blend", "residual"], help="ladder.output")
     p.add_argument("--side-kernels", default="efficient",
                    help="efficient (fused/streaming cross attention, O(N) per row) | reference (N x N)")
     p.add_argument("--side-recompute", action="store_true",
@@ -1076,6 +1113,8 @@ def options_from_args(args) -> Options:
                         ("--mapping-dim", args.mapping_dim)):
         if value is not None and value < 1:
             raise PlanError(f"{flag} must be >= 1, got {value}")
+    if args.ladder_reduction < 1 or args.ladder_rank < 1:
+        raise PlanError("--ladder-reduction and --ladder-rank must be >= 1")
     if args.side_blocks < 0 or args.side_heads < 0 or args.side_mlp_ratio < 1:
         raise PlanError("--side-blocks and --side-heads must be >= 0, --side-mlp-ratio >= 1")
     if args.side_blocks and task != "causal_lm":
@@ -1088,6 +1127,8 @@ def options_from_args(args) -> Options:
                    lora_rank=args.lora_rank, lora_targets=args.lora_targets, mapping_dim=args.mapping_dim,
                    reduction_factor=args.reduction_factor, layers=args.layers, side_kernels=args.side_kernels,
                    side_blocks=args.side_blocks, side_heads=args.side_heads, side_mlp_ratio=args.side_mlp_ratio,
+                   ladder_reduction=args.ladder_reduction, ladder_rank=args.ladder_rank,
+                   ladder_output=args.ladder_output,
                    side_recompute=args.side_recompute, attention=args.attention,
                    activation_checkpointing=args.activation_checkpointing, task=task, lm_loss=args.lm_loss,
                    loss_chunk_tokens=args.loss_chunk_tokens, generate=args.generate, quantization=args.quantization)

@@ -113,3 +113,15 @@ def side_params(cfg, hidden_sizes: Sequence[int], out_dim: int) -> int:
     """token_side_params from a UniPTConfig (or anything with its fields)."""
     return token_side_params(hidden_sizes, out_dim, cfg.mapping_dim, cfg.reduction_factor, cfg.anchor, cfg.output,
                              cfg.down_norm, getattr(cfg, "side_blocks", 0), getattr(cfg, "side_mlp_ratio", 2))
+
+
+def ladder_params(num_hidden_states: int, hidden: int, reduction: int = 16, rank: int = 16, mlp_ratio: int = 2,
+                  output: str = "blend") -> int:
+    """Parameters of the ladder side network (method=ladder) as built: per hidden state the low-rank downsampler
+    Linear(D -> rank), Linear(rank -> d); per backbone layer a gate vector (d) and a side block; the final
+    LayerNorm(d) and Up Linear(d -> D); with output=blend the output gate (D)."""
+    d = hidden // reduction
+    n = num_hidden_states
+    down = n * (_linear(hidden, rank) + _linear(rank, d))
+    blocks = (n - 1) * (d + side_block_params(d, mlp_ratio))
+    return down + blocks + 2 * d + _linear(d, hidden) + (hidden if output == "blend" else 0)

@@ -15,7 +15,9 @@ from PIL import Image
 from unipt_scale import assets
 from unipt_scale.bench import quality
 from unipt_scale.cli import main as cli_main
-from unipt_scale.config import DEFAULT_LR, METHODS
+from unipt_scale.config import DEFAULT_LR
+
+METHODS = quality.DEFAULT_METHODS  # what a suite runs unless --methods names others
 
 SEEDS = 2
 FACTORS = [0.5, 2.0]

@@ -277,12 +277,12 @@ def tower(config: dict) -> plan.Tower:
     return plan.model_from_config(config, "readme").towers[0]
 
 
-def token_counts(config: dict, classes: int, whole: bool = True, layers: str = "all") -> dict:
+def token_counts(config: dict, classes: int, whole: bool = True, layers: str = "all", side_blocks: int = 0) -> dict:
     """Trainable parameters per method of a text backbone + a classification head (none for causal LM)."""
     t = tower(config)
     head = linear(t.hidden, classes) if classes else 0
     taps = len(side_spec.resolve_layers(layers, t.layers + 1))
-    return {"unipt": side_spec.token_side_params([t.hidden] * taps, t.hidden) + head,
+    return {"unipt": side_spec.token_side_params([t.hidden] * taps, t.hidden, side_blocks=side_blocks) + head,
             "lora": plan.lora_params(t, 8, "qv") + head, "linear_probe": head,
             "full": t.params() + head if whole else None, "zero_shot": 0}
 
@@ -324,8 +324,13 @@ def same_count(written: str, n: int) -> bool:
     return written.replace(",", "") == str(n)
 
 
-def expected_counts(table: Table) -> dict:
-    command = table.commands[0]
+def _override(argv, key: str, default: str) -> str:
+    return next((a.split("=", 1)[1] for a in argv if a.startswith(f"{key}=")), default)
+
+
+def expected_counts(table: Table, row: int = 0) -> dict:
+    """The counts the row's command gives (each row's own under 'rows in order')."""
+    command = table.row_commands()[row]
     argv = shlex.split(command)
     if argv[:3] == ["unipt", "bench", "quality"]:
         return suite_counts(argv[argv.index("--suite") + 1])
@@ -334,8 +339,8 @@ def expected_counts(table: Table) -> dict:
         return token_counts(MINILM, TWEET_CLASSES)
     if argv[:3] == ["unipt", "bench", "headlines"]:  # SmolLM2, causal LM: no head
         assert "--backbone" not in argv, command
-        layers = next((a.split("=", 1)[1] for a in argv if a.startswith("unipt.layers=")), "all")
-        return token_counts(SMOLLM2, 0, layers=layers)
+        return token_counts(SMOLLM2, 0, layers=_override(argv, "unipt.layers", "all"),
+                            side_blocks=int(_override(argv, "unipt.side_blocks", "0")))
     raise AssertionError(f"{table.where()}: a trainable-parameter column after `{command}`: add its counts here")
 
 
@@ -345,19 +350,18 @@ def test_measured_tables_count_parameters_as_side_spec_and_the_planner():
         col = t.column("trainable")
         if col is None or t.header[col].lower() != "trainable":
             continue
-        counts = expected_counts(t)
         for r, row in enumerate(t.rows):
             if not row[col]:
                 assert "refused" in " ".join(row).lower(), f"{t.where(r)}: no count"
                 continue
-            n = counts[method_of(row[0])]
+            n = expected_counts(t, r)[method_of(row[0])]
             if n is None:  # not countable without the weights (EfficientNet, MPNet as a whole)
                 continue
             assert same_count(row[col], n), f"{t.where(r)}: trainable README {row[col]}, counted {n:,}"
             checked += 1
             shape = re.search(r"(\d+) tapped states, d = (\d+)", row[0])
             if shape:  # the headline run's side network: SmolLM2, the command's unipt.layers
-                argv = shlex.split(t.commands[0])
+                argv = shlex.split(t.row_commands()[r])
                 assert argv[:3] == ["unipt", "bench", "headlines"], f"{t.where(r)}: whose side network?"
                 layers = next((a.split("=", 1)[1] for a in argv if a.startswith("unipt.layers=")), "all")
                 taps = len(side_spec.resolve_layers(layers, SMOLLM2["num_hidden_layers"] + 1))

@@ -22,17 +22,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from unipt_scale.config import ConfigError, LadderConfig
+from unipt_scale.decode_buffer import SequenceBuffer
 from unipt_scale.side_blocks import CausalSideBlock
 
 
 class LadderCache:
     """Incremental decoding state: each side block's keys and values, the key mask and the real-token count."""
 
-    def __init__(self, blocks, mask: torch.Tensor, count: torch.Tensor):
-        self.blocks, self.mask, self.count = blocks, mask, count
+    def __init__(self, blocks, key_mask: SequenceBuffer, count: torch.Tensor):
+        self.blocks, self.key_mask, self.count = blocks, key_mask, count
 
     def select(self, index: torch.Tensor) -> "LadderCache":
-        return LadderCache([c.select(index) for c in self.blocks], self.mask[index], self.count[index])
+        return LadderCache([c.select(index) for c in self.blocks], self.key_mask.select(index, 0),
+                           self.count[index])
 
 
 class LadderSideNetwork(nn.Module):
@@ -78,7 +80,12 @@ class LadderSideNetwork(nn.Module):
         prev = cache.count if cache is not None else torch.zeros(b, 1, device=new_mask.device)
         count = prev + new_mask.to(prev.dtype).cumsum(1)  # (B, n): real tokens up to each position
         positions = (count - 1).clamp(min=0).long()
-        key_mask = torch.cat([cache.mask, new_mask], 1) if cache is not None else new_mask
+        if cache is None:
+            mask_buffer = SequenceBuffer.start(new_mask, 1, capacity)
+        else:
+            mask_buffer = cache.key_mask
+            mask_buffer.append(new_mask)
+        key_mask = mask_buffer.filled
         s = self._down(0, hidden_states[0])
         caches = []
         for i, block in enumerate(self.side):
@@ -92,7 +99,7 @@ class LadderSideNetwork(nn.Module):
         else:
             g = torch.sigmoid(self.head_gate).to(side.dtype)
             y = g * side + (1 - g) * final.to(side.dtype)
-        return y, LadderCache(caches, key_mask, count[:, -1:].detach())
+        return y, LadderCache(caches, mask_buffer, count[:, -1:].detach())
 
     def forward(self, hidden_states, mask=None, final=None) -> torch.Tensor:
         return self._run(hidden_states, mask, final, None, None)[0]

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from unipt_scale.decode_buffer import SequenceBuffer
 from unipt_scale.side_spec import side_block_heads
 
 
@@ -32,35 +33,22 @@ def rotary(x: torch.Tensor, positions: torch.Tensor, base: float = 10000.0) -> t
 class BlockCache:
     """Keys and values (B, h, capacity, hd) of one side block for the positions decoded so far."""
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int):
-        self.keys, self.values, self.length = keys, values, length
+    def __init__(self, keys: SequenceBuffer, values: SequenceBuffer):
+        self.keys, self.values = keys, values
 
     @classmethod
     def start(cls, k: torch.Tensor, v: torch.Tensor, capacity: Optional[int]) -> "BlockCache":
-        n = k.shape[2]
-        if capacity is None or capacity <= n:
-            return cls(k, v, n)
-        keys = k.new_empty(k.shape[:2] + (capacity, k.shape[3]))
-        values = v.new_empty(keys.shape)
-        keys[:, :, :n], values[:, :, :n] = k, v
-        return cls(keys, values, n)
+        return cls(SequenceBuffer.start(k, 2, capacity), SequenceBuffer.start(v, 2, capacity))
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        end = self.length + k.shape[2]
-        if end > self.keys.shape[2]:
-            capacity = max(end, 2 * self.keys.shape[2])
-            keys = self.keys.new_empty(self.keys.shape[:2] + (capacity, self.keys.shape[3]))
-            values = self.values.new_empty(keys.shape)
-            keys[:, :, :self.length], values[:, :, :self.length] = self.filled()
-            self.keys, self.values = keys, values
-        self.keys[:, :, self.length:end], self.values[:, :, self.length:end] = k, v
-        self.length = end
+        self.keys.append(k)
+        self.values.append(v)
 
     def filled(self):
-        return self.keys[:, :, :self.length], self.values[:, :, :self.length]
+        return self.keys.filled, self.values.filled
 
     def select(self, index: torch.Tensor) -> "BlockCache":
-        return BlockCache(self.keys[index], self.values[index], self.length)
+        return BlockCache(self.keys.select(index, 0), self.values.select(index, 0))
 
 
 class CausalSideBlock(nn.Module):
@@ -81,7 +69,7 @@ class CausalSideBlock(nn.Module):
         q, k, v = self.qkv(self.norm1(x)).view(b, n, 3, h, d // h).permute(2, 0, 3, 1, 4)  # (B, h, n, hd) each
         q, k = rotary(q, positions), rotary(k, positions)
         if cache is None:
-            cache = BlockCache.start(k.detach() if capacity else k, v.detach() if capacity else v, capacity)
+            cache = BlockCache.start(k.detach(), v.detach(), capacity)
             keys, values = k, v
         else:
             cache.append(k.detach(), v.detach())

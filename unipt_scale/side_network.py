@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from unipt_scale import kernels
 from unipt_scale.config import ConfigError, UniPTConfig
+from unipt_scale.decode_buffer import SequenceBuffer
 from unipt_scale.side_blocks import SideBlocks
 from unipt_scale.side_spec import mapping_width as _width
 from unipt_scale.side_spec import resolve_layers  # noqa: F401  (its home is side_spec; callers import it here too)
@@ -58,15 +59,13 @@ class SideCache:
     """What incremental decoding keeps of the past for the causal side network: the projected states of every
     interacting layer (the keys and values), the key mask, and the prefix sums the gate's means are made of.
 
-    The keys live in a buffer sized once for the whole generation (prompt + new tokens): each step writes its
-    position in place instead of concatenating the past again, so a step's side-network cost does not include
-    copying the cache. `targets` and `mask` are views of the filled part."""
+    Keys and mask are SequenceBuffers sized once for the whole generation (prompt + new tokens): each step writes
+    its positions in place instead of concatenating the past again. `targets` and `mask` are the filled parts."""
 
-    def __init__(self, keys: torch.Tensor, mask: torch.Tensor, length: int, anchor_sum: torch.Tensor,
+    def __init__(self, keys: SequenceBuffer, key_mask: SequenceBuffer, anchor_sum: torch.Tensor,
                  target_sum: torch.Tensor, count: torch.Tensor, blocks=None):
-        self.keys = keys  # (L', B, capacity, d)
-        self.key_mask = mask  # (B, capacity) bool
-        self.length = length
+        self.keys = keys  # (L', B, capacity, d) along dim 2
+        self.key_mask = key_mask  # (B, capacity) bool along dim 1
         self.anchor_sum = anchor_sum  # (B, d): Σ m·A
         self.target_sum = target_sum  # (L', B, d): Σ m·T_i
         self.count = count  # (B, 1): Σ m
@@ -76,40 +75,24 @@ class SideCache:
     def start(cls, targets: torch.Tensor, mask: torch.Tensor, capacity: Optional[int] = None, blocks=None,
               **sums) -> "SideCache":
         """A cache holding `targets` (L', B, n, d); with room for `capacity` positions when that is larger."""
-        n = targets.shape[2]
-        if capacity is None or capacity <= n:
-            return cls(targets, mask, n, blocks=blocks, **sums)
-        keys = targets.new_empty(targets.shape[:2] + (capacity, targets.shape[3]))
-        keys[:, :, :n] = targets
-        key_mask = mask.new_zeros(mask.shape[0], capacity)
-        key_mask[:, :n] = mask
-        return cls(keys, key_mask, n, blocks=blocks, **sums)
+        return cls(SequenceBuffer.start(targets, 2, capacity), SequenceBuffer.start(mask, 1, capacity),
+                   blocks=blocks, **sums)
 
     @property
     def targets(self) -> torch.Tensor:  # (L', B, t, d)
-        return self.keys[:, :, :self.length]
+        return self.keys.filled
 
     @property
     def mask(self) -> torch.Tensor:  # (B, t) bool: real tokens so far
-        return self.key_mask[:, :self.length]
+        return self.key_mask.filled
 
     def append(self, targets: torch.Tensor, mask: torch.Tensor) -> None:
-        """Write n new positions after the filled part (the buffer grows by doubling when it is full)."""
-        end = self.length + targets.shape[2]
-        if end > self.keys.shape[2]:
-            capacity = max(end, 2 * self.keys.shape[2])
-            keys = self.keys.new_empty(self.keys.shape[:2] + (capacity, self.keys.shape[3]))
-            keys[:, :, :self.length] = self.targets
-            key_mask = self.key_mask.new_zeros(self.key_mask.shape[0], capacity)
-            key_mask[:, :self.length] = self.mask
-            self.keys, self.key_mask = keys, key_mask
-        self.keys[:, :, self.length:end] = targets.to(self.keys.dtype)
-        self.key_mask[:, self.length:end] = mask
-        self.length = end
+        self.keys.append(targets)
+        self.key_mask.append(mask)
 
     def select(self, index: torch.Tensor) -> "SideCache":
         """The rows `index` of the batch (beam/sequence bookkeeping)."""
-        return SideCache(self.keys[:, index], self.key_mask[index], self.length, self.anchor_sum[index],
+        return SideCache(self.keys.select(index, 1), self.key_mask.select(index, 0), self.anchor_sum[index],
                          self.target_sum[:, index], self.count[index],
                          [c.select(index) for c in self.blocks] if self.blocks is not None else None)
 

@@ -12,6 +12,7 @@ def test_every_system_decodes_every_shape_and_the_numbers_are_its_times(tmp_path
     assert bench.main(["--quick", "--repeats", "2", "--batch-sizes", "1,2", "--prompt-lengths", "8,20",
                        "--new-tokens", "5", "--threads", "1", "--json", str(path)]) == 0
     result = json.loads(path.read_text())
+    assert len(result["loadavg_start"]) == len(result["loadavg_end"]) == 3
     rows = result["rows"]
     assert {(r["system"], r["batch"], r["prompt_tokens"]) for r in rows} == {
         (s, b, n) for s in bench.SYSTEMS for b in (1, 2) for n in (8, 20)}

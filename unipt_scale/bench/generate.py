@@ -118,6 +118,8 @@ def run(args) -> dict:
     if args.new_tokens < 1 or args.repeats < 1:
         raise ValueError("--new-tokens and --repeats must be >= 1")
     torch.set_num_threads(args.threads)
+    # Ratios move when other jobs share the cores: the load average around the run says whether they did.
+    load_start = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     t0 = time.perf_counter()
     if args.quick:
         with tempfile.TemporaryDirectory(prefix="unipt-bench-generate-") as work:
@@ -156,12 +158,16 @@ def run(args) -> dict:
                              "tokens_per_second": batch * args.new_tokens / median,
                              "time_vs_frozen": median / frozen if frozen else None})
     return {"backbone": "tiny random-init Llama (--quick)" if args.quick else backbone, "rows": rows,
-            "repeats": args.repeats, "threads": args.threads, "load_seconds": load_s,
+            "repeats": args.repeats, "threads": args.threads, "load_seconds": load_s, "loadavg_start": load_start,
+            "loadavg_end": list(os.getloadavg()) if load_start else None,
             "machine": f"{platform.node() or 'host'} ({os.cpu_count()} cpus), torch {torch.__version__}"}
 
 
 def format_rows(result: dict) -> str:
     lines = [f"{'system':<14}{'batch':>6}{'prompt':>8}{'tok/s':>10}{'s (median)':>12}{'vs frozen':>11}"]
+    if result.get("loadavg_start"):
+        lines.insert(0, f"# load average at start {result['loadavg_start'][0]:.2f}, at end "
+                        f"{result['loadavg_end'][0]:.2f} (ratios are only meaningful with the cores otherwise idle)")
     for r in result["rows"]:
         ratio = f"{r['time_vs_frozen']:.2f}x" if r["time_vs_frozen"] is not None else "-"
         lines.append(f"{r['system']:<14}{r['batch']:>6}{r['prompt_tokens']:>8}{r['tokens_per_second']:>10.1f}"

@@ -192,7 +192,7 @@ def test_train_then_unipt_generate(dirs, tmp_path, capsys):
     from unipt_scale.preprocessors import load_tokenizer
 
     want = generate_texts(model, load_tokenizer(cfg2.backbone), [{"prompt": "good movie"}, {"prompt": "bad day"}],
-                          max_new_tokens=5, max_prompt_tokens=32)
+                          max_new_tokens=5, trained_length=cfg2.data.max_length)
     assert [x["completion"] for x in lines] == want
     assert main(["generate", "--checkpoint", str(out / "checkpoint"), "--max-new-tokens", "0", "x"]) == 2
 

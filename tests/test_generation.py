@@ -10,7 +10,7 @@ import torch
 from lm_helpers import left_padded, perturbed, write_pairs
 from tiny_models import tiny_causal_lm_dir
 from unipt_scale.config import ConfigError, load_config
-from unipt_scale.generation import GenerationOptions, cut_at_stop, generate, generate_texts
+from unipt_scale.generation import GenerationOptions, cut_at_stop, generate, generate_texts, prompt_budget
 from unipt_scale.model import build_model
 
 EOS, PAD = 3, 0
@@ -119,6 +119,25 @@ def test_stop_strings_end_the_completion_before_the_string(llama, tmp_path):
     assert [line.strip() for line in sink.getvalue().splitlines()] == full
 
 
+def test_a_long_prompt_leaves_room_for_the_completion_inside_the_trained_length(llama, tmp_path):
+    from unipt_scale.data.lm import prompt_ids
+    from unipt_scale.preprocessors import load_tokenizer
+
+    assert (prompt_budget(192, 20), prompt_budget(192, 150), prompt_budget(7, 100)) == (172, 96, 4)
+    cfg = _cfg(llama, tmp_path)
+    model = perturbed(build_model(cfg)).eval()
+    tokenizer = load_tokenizer(cfg.backbone)
+    record = {"prompt": " ".join(["good movie happy night food bad day"] * 9)}
+    assert len(prompt_ids(tokenizer, record, 10_000)) > 30
+    got = generate_texts(model, tokenizer, [record], max_new_tokens=6, trained_length=30)
+    # The same completion as from the prompt shortened by hand to 30 - 6 tokens, as training shortens prompts.
+    ids = torch.tensor([prompt_ids(tokenizer, record, 24)])
+    assert ids.shape[1] == 24
+    new = generate(model, ids, torch.ones_like(ids), max_new_tokens=6, eos_token_id=tokenizer.eos_token_id)[0].tolist()
+    new = new[:new.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in new else new
+    assert got == [tokenizer.decode(new, skip_special_tokens=True).strip()]
+
+
 @pytest.mark.parametrize("options, says", [
     (dict(max_new_tokens=0), "--max-new-tokens"),
     (dict(top_p=0.0, temperature=1.0), "--top-p"),
@@ -156,13 +175,13 @@ def test_unipt_generate_reads_and_writes_jsonl(llama, tmp_path, capsys):
     assert [{k: v for k, v in line.items() if k != "completion"} for line in lines] == records
     model, cfg, _ = load_trained(checkpoint)
     want = generate_texts(model, load_tokenizer(cfg.backbone), records, max_new_tokens=6, num_beams=2,
-                          max_prompt_tokens=32)
+                          trained_length=32)
     assert [line["completion"] for line in lines] == want
     # Without --output: JSON lines on stdout; with --stream: the completions as text.
     capsys.readouterr()
     assert main(["generate", "--checkpoint", checkpoint, "--max-new-tokens", "6", "good movie"]) == 0
     assert json.loads(capsys.readouterr().out)["completion"] == generate_texts(
-        model, load_tokenizer(cfg.backbone), [{"prompt": "good movie"}], max_new_tokens=6, max_prompt_tokens=32)[0]
+        model, load_tokenizer(cfg.backbone), [{"prompt": "good movie"}], max_new_tokens=6, trained_length=32)[0]
 
 
 @pytest.mark.parametrize("problem", ["bad-json", "no-prompt", "missing-dir", "bad-option", "both"])

@@ -230,7 +230,7 @@ def test_causal_unipt_on_int8_trains_and_generates_from_the_checkpoint(dirs, tmp
     model, cfg2, _ = load_trained(str(out / "checkpoint"))
     assert quantized_scheme(model) == "int8"
     want = generate_texts(model, load_tokenizer(cfg2.backbone), [{"prompt": "good movie"}], max_new_tokens=4,
-                          max_prompt_tokens=16)
+                          trained_length=cfg2.data.max_length)
     assert line["completion"] == want[0]
 
 

@@ -178,7 +178,7 @@ def cmd_generate(args) -> int:
         raise ConfigError("unipt generate serves task.kind=causal_lm checkpoints; this one is "
                           f"task.kind={cfg.task.kind}")
     texts = generate_texts(model, _tokenizer(cfg, args.trust_remote_code), records, options,
-                           batch_size=args.batch_size, max_prompt_tokens=cfg.data.max_length,
+                           batch_size=args.batch_size, trained_length=cfg.data.max_length,
                            stream=sys.stdout if args.stream else None)
     lines = [json.dumps({**record, "completion": text}, ensure_ascii=False) for record, text in zip(records, texts)]
     if output:

@@ -291,12 +291,23 @@ def cut_at_stop(text: str, stops: Sequence[str]) -> str:
     return text[:at] if at >= 0 else text
 
 
+def prompt_budget(trained_length: int, max_new_tokens: int) -> int:
+    """Tokens a prompt keeps so that prompt and completion stay within the length the model was trained at.
+
+    A side network with positions of its own (unipt.side_blocks, the ladder's blocks) never saw a later position,
+    and training data cut to data.max_length put every response's end at the same place: a deep side network
+    trained on such data and handed a prompt of max_length tokens ends its completion at once. At least half the
+    trained length stays for the prompt."""
+    return max(trained_length - max_new_tokens, (trained_length + 1) // 2)
+
+
 def generate_texts(model, tokenizer, records: Sequence[dict], options: Optional[GenerationOptions] = None, *,
-                   batch_size: int = 8, max_prompt_tokens: Optional[int] = None, stream=None,
+                   batch_size: int = 8, trained_length: Optional[int] = None, stream=None,
                    **option_fields) -> List[str]:
     """Completions of records ({"prompt"} or {"messages"}), rendered with the chat template as in training, batched
-    with left padding. `stream` (a text file such as sys.stdout) prints each completion as it grows (one prompt
-    at a time)."""
+    with left padding. With `trained_length` (the checkpoint's data.max_length) a long prompt is shortened as
+    training shortens it, to prompt_budget. `stream` (a text file such as sys.stdout) prints each completion as it
+    grows (one prompt at a time)."""
     from unipt_scale.data.lm import prompt_ids, render_prompt
 
     options = _options(options, option_fields)
@@ -308,8 +319,9 @@ def generate_texts(model, tokenizer, records: Sequence[dict], options: Optional[
     step = 1 if stream is not None else batch_size
     texts = []
     for s in range(0, len(records), step):
-        if max_prompt_tokens:
-            rows = [prompt_ids(tokenizer, r, max_prompt_tokens) for r in records[s:s + step]]
+        if trained_length:
+            budget = prompt_budget(trained_length, options.max_new_tokens)
+            rows = [prompt_ids(tokenizer, r, budget) for r in records[s:s + step]]
         else:
             rows = [tokenizer(render_prompt(tokenizer, r), add_special_tokens=False)["input_ids"]
                     for r in records[s:s + step]]

@@ -21,14 +21,14 @@ def rouge_l(predictions: List[str], references: List[str]) -> Dict[str, float]:
 
 
 def generate_scored(model, tokenizer, records: Sequence[dict], max_new_tokens: int,
-                    max_prompt_tokens: Optional[int], batch_size: int = 8) -> dict:
+                    trained_length: Optional[int], batch_size: int = 8) -> dict:
     """Greedy completions of `records` by a CausalLMModel, scored against each record's response:
     {"scores": rouge_l(...), "predictions", "references", "generate_s"}."""
     from unipt_scale.generation import generate_texts
 
     t0 = time.perf_counter()
     predictions = generate_texts(model, tokenizer, list(records), max_new_tokens=max_new_tokens,
-                                 max_prompt_tokens=max_prompt_tokens, batch_size=batch_size)
+                                 trained_length=trained_length, batch_size=batch_size)
     seconds = time.perf_counter() - t0
     references = [r["response"] for r in records]
     return {"scores": rouge_l(predictions, references), "predictions": predictions, "references": references,

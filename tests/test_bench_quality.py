@@ -495,3 +495,37 @@ def test_scheme_lists_agree_and_bad_ones_are_one_line(tmp_path, capsys):
     assert quality.SCHEMES == headlines.SCHEMES == quantization.SCHEMES
     assert quality.main(["--quick", "--quantization", "none,int4", "--json", str(tmp_path / "x.json")]) == 2
     assert "--quantization: unknown ['int4']" in capsys.readouterr().err
+
+
+def test_variants_are_their_method_with_their_overrides(tmp_path):
+    path = tmp_path / "q.json"
+    assert quality.main(["--quick", "--suite", HEADLINES, "--methods", "unipt,lora,deep,qlora",
+                         "--variant", "deep=unipt unipt.side_blocks=1 train.lr=2e-3",
+                         "--variant", "qlora=lora backbone.quantization=nf4", "--seeds", "1", "--lr-factors", "1",
+                         "--threads", "1", "--json", str(path)]) == 0
+    res = json.loads(path.read_text())
+    assert res["config"]["variants"] == {"deep": {"method": "unipt", "overrides": ["unipt.side_blocks=1"]},
+                                         "qlora": {"method": "lora", "overrides": ["backbone.quantization=nf4"]}}
+    assert res["config"]["default_lr"] == {"unipt": DEFAULT_LR["unipt"], "lora": DEFAULT_LR["lora"], "deep": 2e-3,
+                                           "qlora": DEFAULT_LR["lora"]}
+    m = res["suites"][HEADLINES]["methods"]
+    assert all(m[k]["status"] == "completed" for k in ("unipt", "lora", "deep", "qlora")), m
+    assert m["deep"]["lr"] == 2e-3 and m["unipt"]["lr"] == DEFAULT_LR["unipt"]
+    assert m["deep"]["trainable_params"] > m["unipt"]["trainable_params"]  # the side block's own weights
+    assert m["qlora"]["trainable_params"] == m["lora"]["trainable_params"]  # the same adapters ...
+    assert m["qlora"]["runs"][0]["frozen_weight_bytes"] < m["lora"]["runs"][0]["frozen_weight_bytes"]  # ... on NF4
+
+
+@pytest.mark.parametrize("variant, says", [
+    ("deep", "write NAME=METHOD"),
+    ("deep=prefix", "unknown method 'prefix'"),
+    ("lora=unipt", "that is not a method's"),
+    ("deep=unipt train.seed=3", "train.seed is the benchmark's to set"),
+    ("deep=unipt train.lr=fast", "train.lr='fast' is not a positive number"),
+    ("deep=unipt side_blocks", "'side_blocks' is not KEY=VALUE"),
+])
+def test_bad_variants_are_one_line(variant, says, tmp_path, capsys):
+    assert quality.main(["--quick", "--methods", "unipt", "--variant", variant, "--json",
+                         str(tmp_path / "x.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert says in err and "\n" not in err

@@ -62,6 +62,12 @@ method=full, the `none` row's set-up, is refused on a quantized base). The suite
 `ratios` are the first scheme's (`none` when listed), `schemes` holds the others' in the same shape, and
 `quantization.rows` is one line per (method, scheme) with the comparison.
 
+Variants (`--variant 'NAME=METHOD KEY=VALUE ...'`, repeatable, then NAME in --methods): a named form of a
+method with config overrides of its own, swept and seeded like the method, e.g. `unipt-deep=unipt
+unipt.side_blocks=2` or `qlora=lora backbone.quantization=nf4` (QLoRA beside LoRA in one scheme). A `train.lr`
+there is the variant's default learning rate, the one --lr-factors multiply; the JSON's config records each
+variant's method and overrides.
+
 Charts (matplotlib, Agg): per suite, the test metric against peak memory per method (error bars over seeds; each
 quantization scheme its own marker, quantized points labelled method@scheme), and the step time per method and
 scheme, as PNGs next to the JSON (or in --out-dir).
@@ -83,7 +89,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 from unipt_scale.atomic import atomic_write_bytes, atomic_write_json
 from unipt_scale.bench.memory import IsolatedRunError, PeakMeter, one_line, run_isolated
@@ -92,6 +98,52 @@ from unipt_scale.config import DEFAULT_LR, METHODS, ConfigError
 
 # The methods every suite runs by default (ladder, a decoder baseline, is asked for by name).
 DEFAULT_METHODS = ("unipt", "lora", "full", "linear_probe")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A named form of a method (`--variant NAME=METHOD KEY=VALUE ...`): the method with config overrides of its
+    own, e.g. unipt-deep = unipt with unipt.side_blocks=2, or qlora = lora on an NF4 base. A `train.lr` among the
+    overrides is the variant's default learning rate, the one the sweep's factors multiply."""
+    name: str
+    method: str
+    overrides: Tuple[str, ...] = ()
+    default_lr: float = 0.0
+
+    @classmethod
+    def plain(cls, method: str) -> "Variant":
+        return cls(method, method, (), DEFAULT_LR[method])
+
+    @classmethod
+    def parse(cls, text: str) -> "Variant":
+        head, *overrides = text.split()
+        name, sep, method = head.partition("=")
+        if not sep or not name or not method:
+            raise QualityInputError(f"--variant {text!r}: write NAME=METHOD [KEY=VALUE ...], e.g. "
+                                    "'unipt-deep=unipt unipt.side_blocks=2'")
+        if method not in METHODS:
+            raise QualityInputError(f"--variant {name}: unknown method {method!r}; choose from {', '.join(METHODS)}")
+        if name in METHODS or name == "zero_shot" or not all(c.isalnum() or c in "-_." for c in name):
+            raise QualityInputError(f"--variant {name!r}: give it a name of letters, digits, '-', '_' or '.' that "
+                                    "is not a method's")
+        lr, kept = DEFAULT_LR[method], []
+        for item in overrides:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise QualityInputError(f"--variant {name}: {item!r} is not KEY=VALUE")
+            if key in ("method", "train.seed", "output_dir"):
+                raise QualityInputError(f"--variant {name}: {key} is the benchmark's to set (NAME=METHOD names the "
+                                        "method; --seeds the seeds)")
+            if key == "train.lr":
+                try:
+                    lr = float(value)
+                except ValueError:
+                    lr = -1.0
+                if not (math.isfinite(lr) and lr > 0):
+                    raise QualityInputError(f"--variant {name}: train.lr={value!r} is not a positive number")
+                continue
+            kept.append(item)
+        return cls(name, method, tuple(kept), lr)
 
 
 SCHEMA = "unipt_scale.bench.quality/2"  # 2: per-scheme records (--quantization), frozen_weight_bytes per run
@@ -662,15 +714,22 @@ class Runner:
     """Runs one suite's (method, lr, seed) configs, each in its own process, with their logs under `work`."""
 
     def __init__(self, suite: Suite, prepared: Prepared, budget: Dict[str, int], threads: int, work: str,
-                 timeout_s: float, log=print, generation: Optional[Dict[str, int]] = None):
+                 timeout_s: float, log=print, generation: Optional[Dict[str, int]] = None,
+                 variants: Optional[Dict[str, Variant]] = None):
         self.suite, self.prepared, self.budget = suite, prepared, budget
         self.threads, self.work, self.timeout_s, self.log = threads, work, timeout_s, log
         self.generation = generation
+        self.variants = dict(variants or {})
+
+    def variant(self, name: str) -> Variant:
+        return self.variants.get(name) or Variant.plain(name)
 
     def overrides(self, method: str, lr: float, seed: int, out: str, scheme: str = "none") -> List[str]:
+        """`method` is a method's or a variant's name: a variant's overrides come after the suite's own."""
         quantized = [f"{tower}.quantization={scheme}" for tower in self.suite.towers] if scheme != "none" else []
-        return (self.prepared.overrides + self.suite.extra + budget_overrides(self.budget)
-                + [f"method={method}", f"train.lr={lr!r}", f"train.seed={seed}", f"output_dir={out}",
+        form = self.variant(method)
+        return (self.prepared.overrides + self.suite.extra + budget_overrides(self.budget) + list(form.overrides)
+                + [f"method={form.method}", f"train.lr={lr!r}", f"train.seed={seed}", f"output_dir={out}",
                    f"train.num_threads={self.threads}", "train.tensorboard=false", "train.save=false",
                    "train.log_every=1"] + quantized)
 
@@ -749,7 +808,7 @@ def run_method(runner: Runner, method: str, seeds: List[int], factors: List[floa
     """The validation sweep, then every seed at the chosen learning rate, aggregated. With `lr` (a quantized
     scheme reusing the `none` sweep's choice) no sweep runs: every seed at that learning rate."""
     metric = runner.suite.metric
-    default = DEFAULT_LR[method]
+    default = runner.variant(method).default_lr
     tag = {} if scheme == "none" else {"scheme": scheme}
     if lr is not None:
         runs = []
@@ -1039,7 +1098,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--suite", default="all", help=f"one of {', '.join(SUITES)}, a comma list, or all")
     p.add_argument("--seeds", type=int, default=3, help="runs per method at the chosen learning rate (train.seed)")
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                   help=f"comma-separated subset of {', '.join(METHODS)} (ladder: the causal-LM suites only)")
+                   help=f"comma-separated subset of {', '.join(METHODS)} (ladder: the causal-LM suites only), and "
+                        "--variant names")
+    p.add_argument("--variant", action="append", metavar="'NAME=METHOD KEY=VALUE ...'",
+                   help="a named form of a method to list in --methods, with config overrides of its own (repeat "
+                        "for more), e.g. 'unipt-deep=unipt unipt.side_blocks=2' or 'qlora=lora "
+                        "backbone.quantization=nf4'; a train.lr there is its default learning rate for the sweep")
     p.add_argument("--lr-factors", default=",".join(f"{f:g}" for f in DEFAULT_FACTORS),
                    help="the sweep: each method's default learning rate times each of these, on the val split")
     p.add_argument("--json", metavar="FILE", help="write the results here (charts beside it unless --out-dir)")
@@ -1065,10 +1129,18 @@ def _check(args) -> tuple:
     bad = [s for s in names if s not in SUITES]
     if bad or not names:
         raise QualityInputError(f"--suite: unknown {bad or 'empty list'}; choose from {', '.join(SUITES)} or all")
+    variants = {}
+    for text in args.variant or []:
+        v = Variant.parse(text)
+        if v.name in variants:
+            raise QualityInputError(f"--variant {v.name}: named twice")
+        variants[v.name] = v
+    args.variants = variants
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    badm = [m for m in methods if m not in METHODS]
+    badm = [m for m in methods if m not in METHODS and m not in variants]
     if badm or not methods:
-        raise QualityInputError(f"--methods: unknown {badm or 'empty list'}; choose from {', '.join(METHODS)}")
+        raise QualityInputError(f"--methods: unknown {badm or 'empty list'}; choose from {', '.join(METHODS)} or a "
+                                "--variant's name")
     if len(set(methods)) != len(methods) or len(set(names)) != len(names):
         raise QualityInputError("--methods and --suite list each name once")
     try:
@@ -1169,7 +1241,8 @@ def run(args, suites: List[str], methods: List[str], factors: List[float], log=p
             prepared = Prepared(**env["prepared"])
             log(f"# {name}: {suite.description}" + (f" [quick: {prepared.stand_in}]" if args.quick else ""))
             generation = suite.quick_generation if args.quick else suite.generation
-            runner = Runner(suite, prepared, budget, args.threads, work, args.run_timeout, log, generation)
+            runner = Runner(suite, prepared, budget, args.threads, work, args.run_timeout, log, generation,
+                            getattr(args, "variants", None))
             recs: Dict[str, dict] = {}
             rec = dict(head, status="running", config_file=prepared.config_file, overrides=prepared.overrides
                        + suite.extra + budget_overrides(budget), stand_in=prepared.stand_in, methods=recs)
@@ -1210,6 +1283,10 @@ def run(args, suites: List[str], methods: List[str], factors: List[float], log=p
     return result(True)
 
 
+def _variant(args, name: str) -> Variant:
+    return (getattr(args, "variants", None) or {}).get(name) or Variant.plain(name)
+
+
 def _result(args, env: dict, suites: List[str], methods: List[str], seeds: List[int], factors: List[float],
             result_suites: Dict[str, dict], t0: float, load_start, complete: bool,
             schemes: Optional[List[str]] = None) -> dict:
@@ -1218,7 +1295,10 @@ def _result(args, env: dict, suites: List[str], methods: List[str], seeds: List[
     config = {"suites": suites, "methods": methods, "seeds": seeds, "seed_key": "train.seed", "lr_factors": factors,
               "lr_selection": "best val metric of the sweep at seed 0 (a tie: the factor nearest 1); the test "
                               "split is not used to choose",
-              "default_lr": {m: DEFAULT_LR[m] for m in methods}, "quick": bool(args.quick), "threads": args.threads,
+              "default_lr": {m: _variant(args, m).default_lr for m in methods},
+              "variants": {m: {"method": v.method, "overrides": list(v.overrides)}
+                           for m, v in (getattr(args, "variants", None) or {}).items() if m in methods},
+              "quick": bool(args.quick), "threads": args.threads,
               "isolation": "one process per (method, lr, seed) run, forked from a server that only imported the "
                            "libraries (unipt_scale.bench.memory)",
               "memory": "peak RSS above the run's loaded baseline on CPU, torch.cuda.max_memory_allocated above "

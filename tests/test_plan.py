@@ -463,7 +463,7 @@ def _capture_caches(model):
     return caps, None
 
 
-@pytest.mark.parametrize("method", ["unipt", "lora"])
+@pytest.mark.parametrize("method", ["unipt", "lora", "ladder"])
 def test_generation_caches_match_measured(tmp_path, monkeypatch, method):
     """After unipt_scale.generation.generate, the KV cache and UniPT's SideCache hold exactly what the planner counts."""
     import unipt_scale.generation as lm
@@ -486,11 +486,18 @@ def test_generation_caches_match_measured(tmp_path, monkeypatch, method):
         assert tuple(c.targets.shape) == (3, B, n, 32)  # the interacting layers' projected states
         side = sum(x.nbytes for x in (c.targets, c.mask, c.anchor_sum, c.target_sum, c.count))
         assert side == B * g["side_cache"]
+    elif method == "ladder":
+        c = caps["side"]
+        d = 64 // 16  # TINY_LM's width over ladder.reduction
+        assert len(c.blocks) == 3 and tuple(c.blocks[0].keys.filled.shape)[-2:] == (n, d)
+        side = sum(b.keys.filled.nbytes + b.values.filled.nbytes for b in c.blocks)
+        side += c.key_mask.filled.nbytes + c.count.nbytes
+        assert side == B * g["side_cache"] == B * (3 * 2 * n * d * 2 + n + 4)
     else:
         assert g["side_cache"] == 0 and "side" not in caps
 
 
-@pytest.mark.parametrize("method", ["unipt", "lora"])
+@pytest.mark.parametrize("method", ["unipt", "lora", "ladder"])
 def test_generation_transients_match_measured(tmp_path, monkeypatch, method):
     """Live bytes while generate runs (fp32, so the CPU path makes no dtype copies) against the planner's phases:
     the prompt's frozen forward, UniPT's side network over the prompt, and the last decoding step."""
@@ -507,7 +514,7 @@ def test_generation_transients_match_measured(tmp_path, monkeypatch, method):
             return real(*a, **k)
         return call
 
-    if method == "unipt":
+    if method in ("unipt", "ladder"):
         bb, side = model.encoder.backbone, model.encoder.side
         bb.forward_cached = marked("backbone", bb.forward_cached)
         side.step = marked("side", side.step)
@@ -526,7 +533,7 @@ def test_generation_transients_match_measured(tmp_path, monkeypatch, method):
     t = pl.model_from_config(cfg, "tiny-lm").towers[0]
     g = pl.generation_bytes(t, method, pl.Options(batch=B, seq_len=N, generate=True, dtype="fp32",
                                                   attention="flash"))  # transformers' default: sdpa
-    if method == "unipt":
+    if method in ("unipt", "ladder"):
         side_start = [i for kind, i in marks if kind == "side"][0]
         _close(B * (g["prefill_backbone"] + g["kv_cache"]), max(log[:side_start]), 0.15, "prompt's frozen forward")
         _close(B * (g["prefill_side"] + g["kv_cache"] + g["side_cache"]), max(log[side_start:steps[1]]), 0.15,
@@ -579,6 +586,10 @@ def test_hand_computed_small_llama_generation(tmp_path, capsys):
     # Side cache: 3 interacting layers * 16 tokens * d=32 * 2 B = 3072, mask 16, prefix sums 4 * 32 * 2 = 256,
     # count 2 -> 3346 per sequence.
     assert b("unipt", "side_cache") == 2 * 3346 and b("lora", "side_cache") == b("full", "side_cache") == 0
+    # The ladder (d = 64 // 16 = 4): 3 blocks * (k, v) * 16 tokens * 4 * 2 B = 768, mask 16, fp32 count 4 -> 788.
+    assert p["columns"] == [*pl.METHODS, "ladder"] and b("ladder", "side_cache") == 2 * 788
+    assert b("ladder", "side_network") == 2 * pl.trained_params(pl.model_from_config(TINY_LM, "x"), "ladder",
+                                                                 pl.Options())
     assert b("unipt", "side_network") == 2 * pl.trained_params(pl.model_from_config(TINY_LM, "x"), "unipt",
                                                                 pl.Options())
     # LoRA r=8 on q (64 -> 64) and v (64 -> 32, the kv heads) of 3 layers, unmerged, 2 B each.

@@ -72,7 +72,8 @@ log-softmax's backward. --lm-loss chunked|full sets every method.
 Generation (--generate: incremental decoding of --batch-size sequences of --seq-len tokens on each GPU;
 generation_bytes): the KV cache 2 x layers x kv_heads x head_dim x N x B x P for every method; UniPT's side cache
 L' x B x N x d x P projected states + the gate's prefix sums; and the largest transient of the prompt's forward,
-UniPT's side network over the prompt and one decoding step, beside the caches.
+UniPT's side network over the prompt and one decoding step, beside the caches. The ladder baseline (a fourth
+column) caches every side block's keys and values at its width D // --ladder-reduction.
 
 Not modelled: task heads (tiny and the same for all methods), the CUDA context and NCCL buffers beyond
 --reserve-gib, allocator fragmentation, DeepSpeed's bucket buffers (reduce_bucket_size etc.), and
@@ -786,6 +787,10 @@ def generation_bytes(t: Tower, method: str, o: Options) -> Dict[str, int]:
     * one decoding step: DynamicCache's torch.cat copies one layer's keys or values (kv_heads.head_dim.N.P), plus
       the step's logits (V x (P + 4)); UniPT's side cache is a buffer sized once for the whole generation, written
       in place (its step's own tensors are a few d-wide rows per layer).
+    method=ladder (unipt_scale.ladder, d = D // ladder.reduction): its cache is every side block's keys and values
+    (layers x 2.N.d.P), the key mask (N) and the fp32 real-token count (4); over the prompt it reads every hidden
+    state ((layers + 1).N.D.P, the last one the final output) and its output path holds Up's output, the two blended
+    terms and their sum (4.N.D.P; residual: 2.N.D.P) beside a few d-wide tensors.
     The prompt is planned as long as the context (an upper bound)."""
     n = t.tokens(o.seq_len, None)
     P = o.P
@@ -806,6 +811,12 @@ def generation_bytes(t: Tower, method: str, o: Options) -> Dict[str, int]:
         out["side_cache"] = Li * n * d * P + n + (Li + 1) * d * P + P + o.side_blocks * 2 * n * d * P
         out["prefill_backbone"] = layer + max(2, L) * n * P * t.hidden
         out["prefill_side"] = tapped + final + 2 * n * t.hidden * P + (5 + 3 * Li) * n * d * P
+    elif method == "ladder":
+        d = t.hidden // o.ladder_reduction
+        states = (t.layers + 1) * n * t.hidden * P
+        out["side_cache"] = t.layers * 2 * n * d * P + n + 4
+        out["prefill_backbone"] = layer + states
+        out["prefill_side"] = states + (4 if o.ladder_output == "blend" else 2) * n * t.hidden * P + 8 * n * d * P
     out["transient"] = max(out["prefill_backbone"], out["prefill_side"], out["decode_step"])
     return out
 
@@ -917,7 +928,7 @@ def plan_generate(model: Model, method: str, o: Options) -> dict:
     g = generation_bytes(t, method, o)
     B = o.batch
     parts = {"weights": on_gpu_w * backbone_weight_bytes(model, o) / shard_w, "lm_head": P * lm_head_params(t),
-             ("side_network" if method == "unipt" else "adapters"): on_gpu_w * P * extra / shard_w,
+             ("side_network" if method in SIDE_METHODS else "adapters"): on_gpu_w * P * extra / shard_w,
              "kv_cache": B * g["kv_cache"], "side_cache": B * g["side_cache"], "transient": B * g["transient"],
              "zero3_gather": P * t.largest_module_params() if z == 3 else 0.0}
     if method == "full":
@@ -955,7 +966,7 @@ def plan(model: Model, o: Options) -> dict:
     if o.generate:
         head["mode"] = "generate"
     if o.quantization == "none":
-        if o.causal_lm and not o.generate:  # ladder side tuning, the decoder baseline of UniPT's family
+        if o.causal_lm:  # ladder side tuning, the decoder baseline of UniPT's family
             return {**head, "columns": [*METHODS, "ladder"], **{m: one(model, m, o) for m in (*METHODS, "ladder")}}
         return {**head, **{m: one(model, m, o) for m in METHODS}}
     plain = dataclasses.replace(o, quantization="none")
@@ -1282,12 +1293,14 @@ def _format_generate(p: dict, lines: List[str], row, header: str) -> str:
     row("caches / sequence", ".3f", lambda r: r["per_sample_gib"]["kv_cache"] + r["per_sample_gib"]["side_cache"])
     lines.append("")
     notes = ["KV cache = 2 x layers x kv heads x head dim x N x B x dtype bytes (every method); UniPT's side cache "
-             "adds its interacting layers' projected states (L' x B x N x d) and the gate's prefix sums. LoRA and "
-             "full fine-tuning add no cache (LoRA's adapters are counted unmerged).",
+             "adds its interacting layers' projected states (L' x B x N x d), the gate's prefix sums and the deep "
+             "side blocks' keys and values; the ladder's, every side block's keys and values at its own width. "
+             "LoRA and full fine-tuning add no cache (LoRA's adapters are counted unmerged).",
              "transient = the largest of: the prompt's frozen forward (one layer's working set; UniPT also collects "
-             "the tapped hidden states), UniPT's side network over the prompt (tapped states, merged features, "
-             "prefix sums and means) and one decoding step (torch.cat copies UniPT's side cache whole, and one "
-             "layer's keys or values). The prompt is planned as long as the context: an upper bound."]
+             "the tapped hidden states, the ladder every one), the side network over the prompt (tapped states, "
+             "merged features, prefix sums and means; the ladder's output blend) and one decoding step (one "
+             "layer's keys or values copied by torch.cat; the side caches are sized once and written in place). "
+             "The prompt is planned as long as the context: an upper bound."]
     lines += [textwrap.fill(x, 116) for x in notes]
     return "\n".join(lines)
 

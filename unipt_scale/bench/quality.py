@@ -361,8 +361,9 @@ def _headlines() -> Suite:
                                  "whose headline is their body's first 3 words")
 
     return Suite(name, "SmolLM2-135M-Instruct (frozen Llama decoder, 30 layers, 576 wide) writing BBC news headlines "
-                       "from the article (its first ~1,200 characters in the chat template, of which the last 192 "
-                       "tokens are kept, as the trainer's data.max_length cuts prompts from their start), "
+                       "from the article (its first ~1,200 characters in the chat template, shortened at the end of "
+                       "the article to fit data.max_length = 192 tokens with the headline; in generation, to leave "
+                       "room for the 20 new tokens), "
                        "configs/headlines_smollm2.yaml (UniPT: causal, every 3rd hidden state, d = 288); metric: "
                        "ROUGE-L F1 of greedy 20-token headlines", "rougeL",
                  {"max_steps": 60, "batch_size": 4, "eval_batch_size": 8, "limit_eval": 40},

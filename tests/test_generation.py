@@ -79,6 +79,24 @@ def test_cached_decoding_equals_full_recompute_on_a_trained_side_network(llama, 
     assert torch.equal(fast, slow)
 
 
+@pytest.mark.parametrize("form", [(), ("unipt.side_blocks=1",), ("method=ladder", "ladder.output=residual"),
+                                  ("method=lora",)], ids=["unipt", "deep", "ladder", "lora"])
+def test_a_chunked_prefill_is_the_whole_prompt_at_once(llama, tmp_path, form):
+    from unipt_scale.generation import DecodingState
+
+    model = perturbed(build_model(_cfg(llama, tmp_path, *form)), scale=0.05).eval()
+    ids, mask = _prompts()  # the second row is 4 pads then 2 tokens: its first chunks are all padding
+    whole = DecodingState(model, capacity=ids.shape[1]).next_logits(ids, mask, ids.shape[1])
+    for chunk in (1, 4):
+        state = DecodingState(model, capacity=ids.shape[1], prefill_chunk=chunk)
+        torch.testing.assert_close(state.next_logits(ids, mask, ids.shape[1]), whole, rtol=1e-5, atol=1e-5)
+        assert state.past.get_seq_length() == ids.shape[1]
+    for options in (dict(), dict(num_beams=2)):
+        assert torch.equal(generate(model, ids, mask, eos_token_id=EOS, max_new_tokens=8, prefill_chunk=4,
+                                    **options),
+                           generate(model, ids, mask, eos_token_id=EOS, max_new_tokens=8, **options))
+
+
 def test_lora_generates_through_the_same_path(llama, tmp_path):
     model = perturbed(build_model(_cfg(llama, tmp_path, "method=lora")), scale=0.05).eval()
     ids, mask = _prompts()
@@ -145,6 +163,7 @@ def test_a_long_prompt_leaves_room_for_the_completion_inside_the_trained_length(
     (dict(num_beams=2, temperature=0.5), "deterministic"),
     (dict(repetition_penalty=0.0), "--repetition-penalty"),
     (dict(stop=("",)), "--stop"),
+    (dict(prefill_chunk=-1), "--prefill-chunk"),
 ])
 def test_bad_options_are_refused_in_one_line(options, says):
     with pytest.raises(ConfigError, match=says):

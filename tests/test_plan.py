@@ -545,6 +545,41 @@ def test_generation_transients_match_measured(tmp_path, monkeypatch, method):
     _close(B * last["decode_step"], max(log[steps[-1]:]) - log[steps[-1] - 1], 0.15, "one decoding step")
 
 
+@pytest.mark.parametrize("method", ["unipt", "lora", "ladder"])
+def test_a_chunked_prefill_holds_what_the_plan_says(tmp_path, monkeypatch, method):
+    """generate(prefill_chunk=16) on a 64-token prompt: the live bytes of the prompt's forward (every chunk, the KV
+    cache growing to the whole prompt) against the planner's caches plus its transient at --prefill-chunk 16."""
+    import unipt_scale.generation as lm
+
+    live = _LiveBytes()
+    path, cfg = _tiny_lm_dir(tmp_path, hidden_size=256, intermediate_size=512)
+    model = _lm_model(path, method, torch.float32, "unipt.kernels=efficient").eval()
+    marks = []
+    if method == "lora":
+        real = lm._backbone_cached
+        monkeypatch.setattr(lm, "_backbone_cached", lambda *a, **k: (marks.append(len(live.log)), real(*a, **k))[1])
+    else:
+        bb = model.encoder.backbone
+        real = bb.forward_cached
+        bb.forward_cached = lambda *a, **k: (marks.append(len(live.log)), real(*a, **k))[1]
+    B, N, chunk = 4, 64, 16
+    b = _lm_batch(B, N)
+
+    def run():
+        marks.clear()
+        lm.generate(model, b["input_ids"], b["attention_mask"], max_new_tokens=2, prefill_chunk=chunk)
+
+    log = live.trace(run)
+    assert len(marks) == N // chunk + 1  # four chunks, then one decoding step
+    t = pl.model_from_config(cfg, "tiny-lm").towers[0]
+    o = dict(batch=B, seq_len=N, generate=True, dtype="fp32", attention="flash")
+    g = pl.generation_bytes(t, method, pl.Options(**o, prefill_chunk=chunk))
+    whole = pl.generation_bytes(t, method, pl.Options(**o))
+    planned = B * (g["kv_cache"] + g["side_cache"] + max(g["prefill_backbone"], g["prefill_side"]))
+    _close(planned, max(log[:marks[-1]]), 0.15, "chunked prefill")
+    assert max(g["prefill_backbone"], g["prefill_side"]) < max(whole["prefill_backbone"], whole["prefill_side"])
+
+
 def test_hand_computed_small_llama_causal_lm(tmp_path, capsys):
     cfg = _write_config(tmp_path, TINY_LM)
     p = _run_json(tmp_path, [cfg, "--task", "causal_lm", "--gpus-per-node", "1", "--zero-stage", "0",

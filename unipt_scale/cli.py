@@ -136,7 +136,8 @@ def _generation_options(args):
 
     return GenerationOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                              top_p=args.top_p, repetition_penalty=args.repetition_penalty, num_beams=args.num_beams,
-                             length_penalty=args.length_penalty, stop=tuple(args.stop), seed=args.seed).check()
+                             length_penalty=args.length_penalty, stop=tuple(args.stop), seed=args.seed,
+                             prefill_chunk=args.prefill_chunk).check()
 
 
 def _writable_file(path: str, flag: str) -> str:
@@ -277,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", default=[], metavar="S",
                    help="end a completion at this string (repeatable; the string is not kept)")
     g.add_argument("--seed", type=int, default=0, help="sampling seed (temperature > 0)")
+    g.add_argument("--prefill-chunk", type=int, default=0, metavar="N",
+                   help="run each prompt through the model N positions at a time (0 = all at once): the same "
+                        "completions, with the prompt's forward holding one chunk's states")
     g.add_argument("--stream", action="store_true", help="print each completion to stdout as it is generated, "
                                                            "one prompt at a time")
     g.add_argument("prompts", nargs="*")

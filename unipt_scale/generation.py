@@ -29,6 +29,9 @@ class GenerationOptions:
     length_penalty: float = 1.0  # beam search: a finished beam's score is Σ log p / length ** length_penalty
     stop: Tuple[str, ...] = ()  # a completion ends at the first of these strings (which is not kept)
     seed: int = 0  # sampling
+    # The prompt goes through the model this many positions at a time against the caches (0: all at once), so
+    # its forward holds the tapped states of one chunk, not of the whole prompt; the result is the same.
+    prefill_chunk: int = 0
 
     @property
     def sampling(self) -> bool:
@@ -42,6 +45,7 @@ class GenerationOptions:
                     (0 < self.top_p <= 1, "--top-p must be in (0, 1]"),
                     (self.repetition_penalty > 0, "--repetition-penalty must be > 0 (1 is none)"),
                     (self.num_beams >= 1, "--num-beams must be >= 1"),
+                    (self.prefill_chunk >= 0, "--prefill-chunk must be >= 0 (0 runs the prompt at once)"),
                     (all(isinstance(s, str) and s for s in self.stop), "--stop takes non-empty strings")]
         for ok, message in problems:
             if not ok:
@@ -78,8 +82,9 @@ class DecodingState:
     """The model's view of the sequences decoded so far: `next_logits` runs only the new positions against the
     caches (incremental) or the whole sequence again (the reference); `reorder` follows the beams."""
 
-    def __init__(self, model, incremental: bool = True, capacity: Optional[int] = None):
+    def __init__(self, model, incremental: bool = True, capacity: Optional[int] = None, prefill_chunk: int = 0):
         self.capacity = capacity  # positions the side cache will hold by the end (its buffer is sized once)
+        self.prefill_chunk = prefill_chunk
         self.encoder = model.encoder
         self.side = getattr(self.encoder, "side", None)
         self.backbone = self.encoder.backbone
@@ -89,19 +94,28 @@ class DecodingState:
         self.side_cache = None  # UniPT's SideCache
 
     def next_logits(self, ids: torch.Tensor, mask: torch.Tensor, new: int) -> torch.Tensor:
-        """fp32 logits (B, V) of the position after `ids` (B, N), whose last `new` tokens the caches lack."""
+        """fp32 logits (B, V) of the position after `ids` (B, N), whose last `new` tokens the caches lack (the
+        prompt in chunks of prefill_chunk positions)."""
         if not self.incremental:
             tokens, _ = self.encoder({"input_ids": ids, "attention_mask": mask})
             last = tokens[:, -1]
-        elif self.side is not None:
-            states, self.past = self.backbone.forward_cached(ids[:, -new:], mask, self.past)
+        else:
+            n = ids.shape[1]
+            chunk = self.prefill_chunk or new
+            for start in range(n - new, n, chunk):
+                end = min(start + chunk, n)
+                last = self._advance(ids[:, start:end], mask[:, :end])
+        return F.linear(last.to(self.head.dtype), self.head).float()
+
+    def _advance(self, step_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Run the new positions `step_ids` against the caches (extending them); the last position's output."""
+        if self.side is not None:
+            states, self.past = self.backbone.forward_cached(step_ids, mask, self.past)
             y, self.side_cache = self.side.step(states.hidden_states, states.mask, states.final, self.side_cache,
                                                 capacity=self.capacity)
-            last = y[:, -1]
         else:
-            y, self.past = _backbone_cached(self.backbone, ids[:, -new:], mask, self.past)
-            last = y[:, -1]
-        return F.linear(last.to(self.head.dtype), self.head).float()
+            y, self.past = _backbone_cached(self.backbone, step_ids, mask, self.past)
+        return y[:, -1]
 
     def reorder(self, rows: torch.Tensor) -> None:
         if self.past is not None:
@@ -155,7 +169,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     options = _options(options, option_fields)
     model.eval()
     # The last new token is produced, never fed back: the caches end at prompt + max_new_tokens - 1 positions.
-    state = DecodingState(model, incremental, capacity=input_ids.shape[1] + options.max_new_tokens - 1)
+    state = DecodingState(model, incremental, capacity=input_ids.shape[1] + options.max_new_tokens - 1,
+                          prefill_chunk=options.prefill_chunk)
     if options.stop and tokenizer is None:
         raise ValueError("stop strings need the tokenizer")
     stops = StopStrings(tokenizer, options.stop, input_ids.shape[1]) if options.stop else None

@@ -557,6 +557,7 @@ class Options:
     ladder_reduction: int = 16       # method=ladder (--task causal_lm): ladder.reduction, ladder.rank, ladder.output
     ladder_rank: int = 16
     ladder_output: str = "blend"
+    prefill_chunk: int = 0           # --generate: the prompt's positions per forward (0: all at once)
     attention: str = "eager"
     activation_checkpointing: bool = False
     task: str = "classification"     # classification | retrieval (the same plan) | causal_lm
@@ -791,32 +792,37 @@ def generation_bytes(t: Tower, method: str, o: Options) -> Dict[str, int]:
     (layers x 2.N.d.P), the key mask (N) and the fp32 real-token count (4); over the prompt it reads every hidden
     state ((layers + 1).N.D.P, the last one the final output) and its output path holds Up's output, the two blended
     terms and their sum (4.N.D.P; residual: 2.N.D.P) beside a few d-wide tensors.
-    The prompt is planned as long as the context (an upper bound)."""
+    The prompt is planned as long as the context (an upper bound). With --prefill-chunk C (`unipt generate
+    --prefill-chunk`) the prompt's two phases hold C positions' states, not N's."""
     n = t.tokens(o.seq_len, None)
     P = o.P
     kv = 2 * t.layers * t.kv_dim * n * P
     rope = 2 * P * t.head_dim if t.family == "llama" else 0
-    layer = n * (layer_forward_bytes(t, n, P, o.attention) + rope)
     step = t.kv_dim * n * P
+    # A chunked prefill runs c positions at a time (each query still scores every earlier key) and, past the first
+    # chunk, extends the KV cache by torch.cat as a decoding step does.
+    c = min(o.prefill_chunk, n) if o.prefill_chunk else n
+    cat = step if c < n else 0
+    layer = c * (layer_forward_bytes(t, n, P, o.attention) + rope) + cat
     logits = t.vocab * (P + 4)
-    out = {"kv_cache": kv, "side_cache": 0, "prefill_backbone": layer + 2 * n * P * t.hidden, "prefill_side": 0,
+    out = {"kv_cache": kv, "side_cache": 0, "prefill_backbone": layer + 2 * c * P * t.hidden, "prefill_side": 0,
            "decode_step": step + logits}
     if method == "unipt":
         taps = resolve_taps(o.layers, t.layers + 1)
         L, Li = len(taps), len(taps) - 1
         d = side_width(t, o)
-        tapped = L * n * t.hidden * P
-        final = 0 if taps[-1] == t.layers else n * t.hidden * P
+        tapped = L * c * t.hidden * P
+        final = 0 if taps[-1] == t.layers else c * t.hidden * P
         # the deep side blocks' keys and values: 2.d per position each
         out["side_cache"] = Li * n * d * P + n + (Li + 1) * d * P + P + o.side_blocks * 2 * n * d * P
-        out["prefill_backbone"] = layer + max(2, L) * n * P * t.hidden
-        out["prefill_side"] = tapped + final + 2 * n * t.hidden * P + (5 + 3 * Li) * n * d * P
+        out["prefill_backbone"] = layer + max(2, L) * c * P * t.hidden
+        out["prefill_side"] = tapped + final + 2 * c * t.hidden * P + (5 + 3 * Li) * c * d * P
     elif method == "ladder":
         d = t.hidden // o.ladder_reduction
-        states = (t.layers + 1) * n * t.hidden * P
+        states = (t.layers + 1) * c * t.hidden * P
         out["side_cache"] = t.layers * 2 * n * d * P + n + 4
         out["prefill_backbone"] = layer + states
-        out["prefill_side"] = states + (4 if o.ladder_output == "blend" else 2) * n * t.hidden * P + 8 * n * d * P
+        out["prefill_side"] = states + (4 if o.ladder_output == "blend" else 2) * c * t.hidden * P + 8 * c * d * P
     out["transient"] = max(out["prefill_backbone"], out["prefill_side"], out["decode_step"])
     return out
 
@@ -1020,6 +1026,8 @@ def _inputs(model: Model, o: Options) -> dict:
            "activation_checkpointing": o.activation_checkpointing, "quantization": o.quantization}
     if o.causal_lm:
         out.update(task="causal_lm", lm_loss=o.lm_loss, loss_chunk_tokens=o.loss_chunk_tokens, generate=o.generate)
+        if o.generate:
+            out["prefill_chunk"] = o.prefill_chunk
     return out
 
 
@@ -1075,6 +1083,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--generate", action="store_true",
                    help="plan incremental decoding (implies --task causal_lm): weights, KV cache, UniPT's side cache "
                         "for --batch-size sequences of --seq-len tokens per GPU")
+    p.add_argument("--prefill-chunk", type=int, default=0, metavar="C",
+                   help="--generate: the prompt goes through the model C positions at a time (unipt generate "
+                        "--prefill-chunk; 0 = all at once)")
     p.add_argument("--quantization", default="none",
                    help="none (default) | int8 (LLM.int8) | nf4 (4-bit NormalFloat): the frozen base's Linears as "
                         "bitsandbytes holds them (backbone.quantization); LoRA on it is planned as QLoRA, beside "
@@ -1126,6 +1137,9 @@ def options_from_args(args) -> Options:
             raise PlanError(f"{flag} must be >= 1, got {value}")
     if args.ladder_reduction < 1 or args.ladder_rank < 1:
         raise PlanError("--ladder-reduction and --ladder-rank must be >= 1")
+    if args.prefill_chunk < 0 or (args.prefill_chunk and not args.generate):
+        raise PlanError("--prefill-chunk plans decoding: give it with --generate, as a number >= 0 (0 = the whole "
+                        "prompt at once)")
     if args.side_blocks < 0 or args.side_heads < 0 or args.side_mlp_ratio < 1:
         raise PlanError("--side-blocks and --side-heads must be >= 0, --side-mlp-ratio >= 1")
     if args.side_blocks and task != "causal_lm":
@@ -1142,7 +1156,8 @@ def options_from_args(args) -> Options:
                    ladder_output=args.ladder_output,
                    side_recompute=args.side_recompute, attention=args.attention,
                    activation_checkpointing=args.activation_checkpointing, task=task, lm_loss=args.lm_loss,
-                   loss_chunk_tokens=args.loss_chunk_tokens, generate=args.generate, quantization=args.quantization)
+                   loss_chunk_tokens=args.loss_chunk_tokens, generate=args.generate, quantization=args.quantization,
+                   prefill_chunk=args.prefill_chunk)
 
 
 def check_model(model: Model, o: Options) -> None:
@@ -1274,7 +1289,9 @@ def _loss_note(p: dict, i: dict) -> str:
 def _format_generate(p: dict, lines: List[str], row, header: str) -> str:
     i = p["inputs"]
     n = p["model"]["towers"][0]["tokens"]
-    lines.append(f"incremental decoding: {i['batch_size']} sequence(s) of {n} tokens per GPU (prompt + new tokens)")
+    chunk = i.get("prefill_chunk") or 0
+    lines.append(f"incremental decoding: {i['batch_size']} sequence(s) of {n} tokens per GPU (prompt + new tokens)"
+                 + (f"; the prompt {chunk} positions at a time" if chunk else ""))
     lines.append("")
     lines.append(header)
     rows = (("weights", "weights"), ("LM head (frozen)", "lm_head"), ("side network / adapters", None),

@@ -283,8 +283,11 @@ def test_headline_scores_are_rouge_score_on_the_recorded_texts(out):
     articles = _override(s, "data.path")
     keys = {}
     nonzero = False
+    chose = {(m, id(r["runs"][0])) for m, r in s["methods"].items() if r.get("runs")}  # the sweep's seed-0 runs
     for m, x in _headline_runs(s):
-        for split in ("val", "test"):
+        # Only a sweep's runs write val headlines (their val ROUGE-L chooses the learning rate).
+        assert set(x["generations"]) == ({"val", "test"} if (m, id(x)) in chose else {"test"}), m
+        for split in x["generations"]:
             rows = x["generations"][split]
             rouge, exact = _rouge_reference(rows)
             assert x[split]["rougeL"] == pytest.approx(rouge, abs=1e-12), (m, split)
@@ -502,8 +505,12 @@ def test_variants_are_their_method_with_their_overrides(tmp_path):
     assert quality.main(["--quick", "--suite", HEADLINES, "--methods", "unipt,lora,deep,qlora",
                          "--variant", "deep=unipt unipt.side_blocks=1 train.lr=2e-3",
                          "--variant", "qlora=lora backbone.quantization=nf4", "--seeds", "1", "--lr-factors", "1",
-                         "--threads", "1", "--json", str(path)]) == 0
+                         "--threads", "1", "--no-zero-shot", "--json", str(path)]) == 0
     res = json.loads(path.read_text())
+    assert "zero_shot" not in res["suites"][HEADLINES]
+    # A sweep of one learning rate chooses nothing: its runs write test headlines only.
+    runs = [r for m in res["suites"][HEADLINES]["methods"].values() for r in m["runs"]]
+    assert all(set(r["generations"]) == {"test"} and "rougeL" not in (r["val"] or {}) for r in runs)
     assert res["config"]["variants"] == {"deep": {"method": "unipt", "overrides": ["unipt.side_blocks=1"]},
                                          "qlora": {"method": "lora", "overrides": ["backbone.quantization=nf4"]}}
     assert res["config"]["default_lr"] == {"unipt": DEFAULT_LR["unipt"], "lora": DEFAULT_LR["lora"], "deep": 2e-3,

@@ -19,9 +19,10 @@ EfficientNet's Conv2dStaticSamePadding; linear_probe, which has nothing to train
 head) is recorded with the refusal's reason; the suite goes on.
 
 The causal-LM suite (headlines-smollm2, configs/headlines_smollm2.yaml: BBC article -> headline) trains with the
-trainer's token loss, then each run writes greedy headlines for its val and test articles (bench.generation, the
+trainer's token loss, then each run writes greedy headlines for its test articles (bench.generation, the
 code `bench headlines` uses) and scores them with ROUGE-L (rouge-score, stemmed) and exact match; the sweep picks
-on val ROUGE-L. Each run records its generated and reference texts. The suite also records one `zero_shot` row (the
+on val ROUGE-L, so a sweep's runs write val headlines too (no other run does: generation is most of a run's
+evaluation, and a sweep of one learning rate chooses nothing). Each run records its generated and reference texts. The suite also records one `zero_shot` row (the
 same record shape as a method's, without sweep or seeds): the frozen pretrained model, evaluated and generating
 through the same trainer set-up with no optimizer step taken; greedy decoding makes it seed-independent.
 
@@ -643,7 +644,7 @@ def generate_splits(model, cfg, generation: dict) -> Dict[str, dict]:
     return {name: dict(generate_scored(model, tokenizer, splits[name], int(generation["max_new_tokens"]),
                                        cfg.data.max_length, batch_size=cfg.data.eval_batch_size),
                        keys=[r.get("key") for r in splits[name]])
-            for name in ("val", "test") if splits[name]}
+            for name in generation.get("splits", ("val", "test")) if splits[name]}
 
 
 def _with_generation(metrics: dict, generated: Dict[str, dict]) -> dict:
@@ -734,11 +735,15 @@ class Runner:
                    f"train.num_threads={self.threads}", "train.tensorboard=false", "train.save=false",
                    "train.log_every=1"] + quantized)
 
-    def _spec(self, method: str, lr: float, seed: int, name: str, scheme: str = "none") -> tuple:
+    def _spec(self, method: str, lr: float, seed: int, name: str, scheme: str = "none",
+              choosing: bool = True) -> tuple:
+        """`choosing`: the run's val metric chooses something (a sweep's run); generation, the slow part of a
+        causal-LM run's evaluation, then covers val as well as test, and only then."""
         out = os.path.join(self.work, "runs", self.suite.name, name)
         os.makedirs(out, exist_ok=True)
+        generation = self.generation and dict(self.generation, splits=["val", "test"] if choosing else ["test"])
         return ({"overrides": self.overrides(method, lr, seed, out, scheme), "config_file": self.prepared.config_file,
-                 "tiny_cnn": self.prepared.tiny_cnn, "threads": self.threads, "generation": self.generation},
+                 "tiny_cnn": self.prepared.tiny_cnn, "threads": self.threads, "generation": generation},
                 os.path.join(out, "run.log"))
 
     def zero_shot(self, scheme: str = "none") -> dict:
@@ -746,7 +751,7 @@ class Runner:
         quantized base it is set up as a fresh UniPT (method=full is refused there), which adds exactly zero."""
         method = "full" if scheme == "none" else "unipt"
         name = "zero_shot" if scheme == "none" else f"zero_shot-{scheme}"
-        spec, log_path = self._spec(method, DEFAULT_LR[method], 0, name, scheme)
+        spec, log_path = self._spec(method, DEFAULT_LR[method], 0, name, scheme, choosing=False)
         try:
             res = run_isolated(ZERO_SHOT_TARGET, spec, timeout_s=self.timeout_s, log_path=log_path)
         except IsolatedRunError as err:
@@ -773,9 +778,9 @@ class Runner:
                 "scheme": scheme, "steps": 0, "test_samples": rec["test"].get("num_samples"),
                 "val_samples": (rec.get("val") or {}).get("num_samples")}
 
-    def run(self, method: str, lr: float, seed: int, scheme: str = "none") -> dict:
+    def run(self, method: str, lr: float, seed: int, scheme: str = "none", choosing: bool = True) -> dict:
         name = f"{method}-lr{lr:.3g}-seed{seed}" + ("" if scheme == "none" else f"-{scheme}")
-        spec, log_path = self._spec(method, lr, seed, name, scheme)
+        spec, log_path = self._spec(method, lr, seed, name, scheme, choosing)
         try:
             res = run_isolated(RUN_TARGET, spec, timeout_s=self.timeout_s, log_path=log_path)
         except IsolatedRunError as err:
@@ -814,32 +819,34 @@ def run_method(runner: Runner, method: str, seeds: List[int], factors: List[floa
     if lr is not None:
         runs = []
         for seed in seeds:
-            runs.append(runner.run(method, lr, seed, scheme))
+            runs.append(runner.run(method, lr, seed, scheme, choosing=False))
             if runs[-1]["status"] == "refused":
                 return dict(tag, status="refused", reason=runs[-1]["reason"], lr=lr, lr_source=LR_FROM_NONE)
         return _aggregate(dict(tag, lr=lr, lr_source=LR_FROM_NONE, seeds=seeds, runs=runs), metric)
     sweep = {"split": "val", "seed": seeds[0], "metric": metric, "default_lr": default, "factors": list(factors),
              "runs": []}
     by_lr: Dict[float, dict] = {}
+    choosing = len(factors) > 1  # one candidate is chosen without looking at val
     for f in factors:
         lr = float(f"{default * f:.6g}")
-        rec = runner.run(method, lr, seeds[0], scheme)
+        rec = runner.run(method, lr, seeds[0], scheme, choosing)
         if rec["status"] == "refused":
             return dict(tag, status="refused", reason=rec["reason"], lr_sweep=sweep)
         sweep["runs"].append({"lr": lr, "factor": f, "status": rec["status"], f"val_{metric}": _val(rec, metric),
                               **({"reason": rec["reason"]} if "reason" in rec else {})})
         by_lr[lr] = rec
-    usable = [r for r in sweep["runs"] if r[f"val_{metric}"] is not None]
+    usable = [r for r in sweep["runs"] if r[f"val_{metric}"] is not None
+              or (not choosing and r["status"] == "completed")]
     if not usable:
         reasons = "; ".join(sorted({r.get("reason", r["status"]) for r in sweep["runs"]}))
         return dict(tag, status="failed", reason=f"no learning rate of the sweep completed ({reasons})",
                     lr_sweep=sweep)
     # Best validation metric; a tie goes to the learning rate nearest the method's default.
-    best = max(usable, key=lambda r: (r[f"val_{metric}"], -abs(math.log(r["factor"]))))
+    best = max(usable, key=lambda r: (r[f"val_{metric}"] or 0.0, -abs(math.log(r["factor"]))))
     sweep["chosen_lr"] = best["lr"]
     runs = [by_lr[best["lr"]]]
     for seed in seeds[1:]:
-        runs.append(runner.run(method, best["lr"], seed, scheme))
+        runs.append(runner.run(method, best["lr"], seed, scheme, choosing=False))
     extra = {} if scheme == "none" else {"lr_source": LR_OWN_SWEEP}
     return _aggregate(dict(tag, lr=best["lr"], lr_sweep=sweep, seeds=seeds, runs=runs, **extra), metric)
 
@@ -1118,6 +1125,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quantization", default="none",
                    help=f"comma list of {', '.join(SCHEMES)}: every suite again with its frozen towers quantized "
                         "(backbone.quantization); quantized runs reuse the none sweep's learning rate per method")
+    p.add_argument("--no-zero-shot", action="store_true",
+                   help="causal-LM suites: leave out the frozen model's row (for a run that adds methods to an "
+                        "earlier one's)")
     p.add_argument("--run-timeout", type=float, default=3600.0, help="seconds one run may take before it is stopped")
     p.add_argument("--work-dir", metavar="DIR", help="keep the runs' outputs and logs here (default: a temporary "
                                                      "directory, removed at the end)")
@@ -1260,7 +1270,7 @@ def run(args, suites: List[str], methods: List[str], factors: List[float], log=p
                 part = rec if scheme == schemes[0] else {"methods": {}}
                 if scheme != schemes[0]:
                     rec["schemes"][scheme] = part
-                if generation:
+                if generation and not getattr(args, "no_zero_shot", False):
                     part["zero_shot"] = runner.zero_shot(scheme)
                     if save is not None:
                         save(result(False))

@@ -14,7 +14,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["unipt_scale", "unipt_scale.data", "unipt_scale.bench", "unipt_scale.kernels"],
+    packages=["unipt_scale", "unipt_scale.data", "unipt_scale.bench", "unipt_scale.encoders", "unipt_scale.tasks",
+              "unipt_scale.kernels"],
     package_dir={"unipt_scale": "unipt_scale", "unipt_scale.kernels": "kernels/src"},
     # Each range stops at the newest release the test suite passed with (scripts/refresh-constraints.sh raises
     # these bounds together with constraints.txt).

@@ -114,7 +114,7 @@ def cmd_predict(args) -> int:
 
     from unipt_scale.data import text_collate
     from unipt_scale.export import load_trained
-    from unipt_scale.model import ClassificationModel
+    from unipt_scale.tasks.classification import ClassificationModel
 
     device = _device()
     model, cfg, meta = load_trained(args.checkpoint, device=device, trust_remote_code=args.trust_remote_code)
@@ -158,7 +158,7 @@ def cmd_generate(args) -> int:
     from unipt_scale.data.lm import read_prompt_records
     from unipt_scale.export import load_trained
     from unipt_scale.generation import generate_texts
-    from unipt_scale.lm import CausalLMModel
+    from unipt_scale.tasks.causal_lm import CausalLMModel
 
     options = _generation_options(args)
     if args.batch_size < 1:
@@ -192,7 +192,8 @@ def cmd_generate(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from unipt_scale.model import build_model, count_parameters, trained_state_keys
+    from unipt_scale.tasks import build_model
+    from unipt_scale.trained import count_parameters, trained_state_keys
     from unipt_scale.quantization import frozen_weight_bytes
 
     cfg = _load(args)

@@ -69,6 +69,8 @@ class UniPTConfig:
     side_mlp_ratio: int = _f(2, "The side blocks' MLP width, as a multiple of d.")
 
 
+# The task kinds (one module each in unipt_scale.tasks, whose TASKS lists the same names).
+TASK_KINDS = ("classification", "retrieval", "causal_lm")
 # The methods one trainer runs, and each one's learning rate when train.lr is unset (see TrainConfig.lr).
 METHODS = ("unipt", "lora", "full", "linear_probe", "ladder")
 DEFAULT_LR = {"unipt": 5e-4, "lora": 5e-4, "full": 3e-5, "linear_probe": 1e-3, "ladder": 1e-3}
@@ -432,7 +434,7 @@ def validate(cfg: RunConfig) -> None:
     _choice("backbone.kind", cfg.backbone.kind, ("auto", "encoder", "decoder", "encoder_decoder", "vision"))
     _choice("backbone.dtype", cfg.backbone.dtype, ("float32", "bfloat16", "float16"))
     _choice("backbone.padding_side", cfg.backbone.padding_side, ("auto", "left", "right"))
-    _choice("task.kind", cfg.task.kind, ("classification", "retrieval", "causal_lm"))
+    _choice("task.kind", cfg.task.kind, TASK_KINDS)
     _choice("unipt.causal", str(u.causal).lower(), ("auto", "true", "false"))
     u.causal = str(u.causal).lower()
     lm = cfg.task.kind == "causal_lm"

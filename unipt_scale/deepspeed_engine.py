@@ -20,7 +20,7 @@ from unipt_scale.config import ConfigError, RunConfig
 from unipt_scale.distributed import DistContext, pick_accelerator
 from unipt_scale.ds_config import offloads_optimizer
 from unipt_scale.engine import Engine, param_groups, trained_names, warmup_cosine
-from unipt_scale.model import count_parameters
+from unipt_scale.trained import count_parameters
 
 log = logging.getLogger("unipt_scale")
 

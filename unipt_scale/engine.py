@@ -61,7 +61,7 @@ def trained_names(model: nn.Module) -> List[str]:
     """State-dict keys of what the model's method trains, by the model's own rule (model.trained_state_keys:
     UniPT side network + head, LoRA adapters + head, the head alone, or everything for full fine-tuning).
     Engines save, check and export exactly these."""
-    from unipt_scale.model import trained_state_keys
+    from unipt_scale.trained import trained_state_keys
 
     return trained_state_keys(model)
 
@@ -243,7 +243,7 @@ class LocalEngine(Engine):
         pass
 
     def parameter_counts(self) -> Dict[str, int]:
-        from unipt_scale.model import count_parameters
+        from unipt_scale.trained import count_parameters
 
         return count_parameters(self.model)
 

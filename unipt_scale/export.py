@@ -207,7 +207,8 @@ def read_checkpoint(directory: str, overrides=()) -> Tuple[RunConfig, Dict[str, 
 def load_trained(directory: str, overrides=(), device: str = "cpu", trust_remote_code: bool = False):
     """Rebuild the model a checkpoint was trained as (its config's method included) and load exactly the keys
     that method trains; returns (model, cfg, meta)."""
-    from unipt_scale.model import build_model, trained_state_keys
+    from unipt_scale.tasks import build_model
+    from unipt_scale.trained import trained_state_keys
 
     cfg, state, meta = read_checkpoint(directory, overrides)
     model = build_model(cfg, num_classes=meta.get("num_classes", 0), trust_remote_code=trust_remote_code)

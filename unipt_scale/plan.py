@@ -58,13 +58,13 @@ in the compute dtype (nf4 every method; int8 only in QLoRA's backward). LoRA on 
 every Linear keeps its input for backward. LoRA on the unquantized base stays beside it for comparison; full
 fine-tuning is refused, and so is ZeRO-3 (the trainer does not partition quantized weights).
 
-Language modelling on a decoder (--task causal_lm; task.kind=causal_lm, unipt_scale.lm). The LM head is frozen
+Language modelling on a decoder (--task causal_lm; task.kind=causal_lm, unipt_scale.tasks.causal_lm). The LM head is frozen
 for every method, as the task model holds it: untied, a V x D matrix of its own (P bytes each) that every rank
 holds whole (a buffer, which ZeRO-3 does not partition); tied, the embedding matrix already counted (under ZeRO-3,
 which partitions the embeddings, the tied matrix is read whole too, and full fine-tuning of it is refused). UniPT's side
 network is the causal one: per token the bidirectional set plus the gate's prefix means ((L' + 1).P.d, saved by the
 per-position aggregation), its fp32 log-sum-exp and 3P of mask and prefix counts (causal_side_extra). The loss
-(lm_loss_bytes): chunked (unipt_scale.lm.chunked_lm_loss, UniPT's default) keeps P.D + 13 bytes per predicted
+(lm_loss_bytes): chunked (unipt_scale.tasks.causal_lm.chunked_lm_loss, UniPT's default) keeps P.D + 13 bytes per predicted
 token and holds one chunk's logits working set, 16 bytes per logit of --loss-chunk-tokens rows x V; full (LoRA's
 and full fine-tuning's default, the model's B x N x V logits upcast for the loss) costs (12 + P) bytes per logit at
 log-softmax's backward. --lm-loss chunked|full sets every method.
@@ -442,7 +442,7 @@ def quantized_params(model: "Model") -> int:
 def backbone_weight_bytes(model: "Model", o: "Options", method: str = "unipt") -> int:
     """The frozen backbone's resident weight bytes: P per parameter, or with --quantization the quantized Linears
     (quantized_linear_bytes) and the rest (embeddings, norms, biases, unquantized Linears) in the compute dtype -
-    in fp32 for QLoRA, whose preparation (peft's prepare_model_for_kbit_training, as unipt_scale.methods runs it)
+    in fp32 for QLoRA, whose preparation (peft's prepare_model_for_kbit_training, as unipt_scale.encoders.backbone_tuning runs it)
     upcasts every non-quantized base weight to fp32."""
     if o.quantization == "none":
         return o.P * model.params()
@@ -739,7 +739,7 @@ def lm_head_params(t: Tower, zero_stage: int = 0) -> int:
 def lm_loss_bytes(t: Tower, kind: str, batch: int, o: Options) -> Dict[str, int]:
     """What the LM loss adds to a training step: bytes per sample and per step (the chunk working set).
 
-    chunked (unipt_scale.lm.chunked_lm_loss): saved per predicted row (N - 1 per sequence) the gathered hidden
+    chunked (unipt_scale.tasks.causal_lm.chunked_lm_loss): saved per predicted row (N - 1 per sequence) the gathered hidden
     row (P.D), its int64 label, its fp32 log-sum-exp and one mask byte; alive at a time is one chunk of logits:
     16 bytes per logit of min(chunk, B(N - 1)) rows x V: in backward two chunks' fp32 logits and probabilities
     (the loop computes the next chunk's logits before it drops the last's), the subtraction and its exp.
@@ -892,7 +892,7 @@ def plan_method(model: Model, method: str, o: Options) -> dict:
     loss_extra = 0.0  # the chunk working set at a full chunk minus at this batch (for the largest batch)
     if o.causal_lm:
         t = _decoder(model)
-        # The frozen head is a buffer of the task model (unipt_scale.lm.CausalLMModel) for every method: ZeRO-3
+        # The frozen head is a buffer of the task model (unipt_scale.tasks.causal_lm.CausalLMModel) for every method: ZeRO-3
         # partitions parameters only, so every rank holds it whole.
         parts["lm_head"] = P * lm_head_params(t, o.zero_stage)
         loss = lm_loss_bytes(t, lm_loss_kind(method, o), o.batch, o)
@@ -1010,7 +1010,7 @@ def _model_summary(model: Model, o: Options) -> dict:
         out["lm_head_params"] = lm_head_params(t)
         out["tied_head"] = t.tied_head
         out["notes"] = [f"causal LM: the {'tied' if t.tied_head else 'untied'} LM head is frozen for every method "
-                        "(unipt_scale.lm.CausalLMModel)" + ("" if t.tied_head else
+                        "(unipt_scale.tasks.causal_lm.CausalLMModel)" + ("" if t.tied_head else
                                                             f", {t.vocab} x {t.hidden} held whole on every rank "
                                                             "(a buffer: ZeRO-3 partitions parameters only)")]
     return out

@@ -165,7 +165,7 @@ class Trainer:
             recover_outputs(cfg.output_dir)
 
         from unipt_scale.data import build_data
-        from unipt_scale.model import build_model
+        from unipt_scale.tasks import build_model
         from unipt_scale.preprocessors import load_image_transform, load_tokenizer
 
         tokenizer = load_tokenizer(cfg.backbone, trust_remote_code=self.trust_remote_code)

@@ -67,7 +67,7 @@ def _models(backbone: str, systems: List[str]):
 
     from unipt_scale.backbone import _resolve_path
     from unipt_scale.config import load_config
-    from unipt_scale.model import build_model
+    from unipt_scale.tasks import build_model
 
     base = [f"backbone.path={backbone}", "task.kind=causal_lm", "data.source=jsonl", "data.path=unused.jsonl"]
     built = {}

@@ -63,7 +63,7 @@ def run_one(args) -> dict:
 
     from unipt_scale.config import load_config
     from unipt_scale.data.lm import lm_splits
-    from unipt_scale.model import build_model
+    from unipt_scale.tasks import build_model
     from unipt_scale.preprocessors import load_tokenizer
     from unipt_scale.quantization import frozen_weight_bytes
 

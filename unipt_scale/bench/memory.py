@@ -38,7 +38,7 @@ from typing import Callable, Dict, Optional
 PRELOAD = ["torch", "transformers", "transformers.modeling_utils", "transformers.models.auto.modeling_auto",
            "transformers.models.auto.tokenization_auto", "transformers.models.bert.modeling_bert",
            "transformers.models.mpnet.modeling_mpnet", "transformers.models.llama.modeling_llama", "peft",
-           "peft.tuners.lora", "safetensors.torch", "tqdm.auto", "unipt_scale.model", "unipt_scale.trainer",
+           "peft.tuners.lora", "safetensors.torch", "tqdm.auto", "unipt_scale.tasks", "unipt_scale.trainer",
            "unipt_scale.export", "unipt_scale.preprocessors", "unipt_scale.data", "unipt_scale.data.pipeline",
            "unipt_scale.data.stream", "unipt_scale.bench.memory", "unipt_scale.bench.methods",
            "unipt_scale.bench.quality"]

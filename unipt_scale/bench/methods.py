@@ -14,7 +14,7 @@ bytes autograd keeps for backward in one forward (distinct storages; parameters 
 are held anyway), the part of them saved inside the backbone's own forward, trainable parameters, gradient
 bytes, AdamW state bytes after a step, and on CUDA the per-step torch.cuda.max_memory_allocated.
 Every backbone runs in eval mode (its own dropout off), as the trainer runs it for every method (see
-unipt_scale.methods); AdamW takes each method's default learning rate (config.DEFAULT_LR).
+unipt_scale.encoders); AdamW takes each method's default learning rate (config.DEFAULT_LR).
 
 On CPU the methods are stepped round-robin (one step of each in turn), so a change of machine load during
 the run falls on every method alike rather than on whichever ran last; on CUDA they run one after another, so
@@ -59,7 +59,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # model first: it imports unipt_scale.kernels, so bench.kernels below does not pick the Triton interpreter.
-from unipt_scale.model import build_model, count_parameters  # noqa: I001
+from unipt_scale.tasks import build_model  # noqa: I001
+from unipt_scale.trained import count_parameters
 from unipt_scale.backbone import BackboneLoadError, HFBackbone, load_backbone
 from unipt_scale.bench.kernels import saved_tensor_bytes
 from unipt_scale.bench.memory import IsolatedRunError, PeakMeter, is_refusal, one_line, run_isolated
@@ -67,7 +68,7 @@ from unipt_scale.atomic import atomic_write_json
 from unipt_scale.config import (DEFAULT_LR, BackboneConfig, ConfigError, LoRAConfig, RunConfig, TaskConfig,
                                 TrainConfig, validate)
 from unipt_scale.engine import autocast_dtype, param_groups
-from unipt_scale.methods import resolve_lora_targets
+from unipt_scale.encoders.backbone_tuning import resolve_lora_targets
 from unipt_scale.bench.schemes import SCHEMES, label, parse_schemes
 from unipt_scale.quantization import frozen_weight_bytes
 

@@ -284,10 +284,15 @@ def token_counts(config: dict, classes: int, whole: bool = True, layers: str = "
     taps = len(side_spec.resolve_layers(layers, t.layers + 1))
     return {"unipt": side_spec.token_side_params([t.hidden] * taps, t.hidden, side_blocks=side_blocks) + head,
             "lora": plan.lora_params(t, 8, "qv") + head, "linear_probe": head,
-            "full": t.params() + head if whole else None, "zero_shot": 0}
+            "full": t.params() + head if whole else None, "zero_shot": 0,
+            "ladder": side_spec.ladder_params(t.layers + 1, t.hidden, 16, 16, 2, "blend") if not classes else None}
 
 
-def suite_counts(suite: str) -> dict:
+def suite_counts(suite: str, side_blocks: int = 0) -> dict:
+    if suite == "headlines-smollm2":  # SmolLM2, causal LM (no head), the suite config's tapped layers
+        with open(os.path.join(ROOT, "configs", "headlines_smollm2.yaml"), encoding="utf-8") as fh:
+            layers = yaml.safe_load(fh)["unipt"]["layers"]
+        return token_counts(SMOLLM2, 0, layers=layers, side_blocks=side_blocks)
     if suite == "tweets-minilm":
         return token_counts(MINILM, TWEET_CLASSES)
     if suite == "tweets-mpnet":
@@ -310,7 +315,7 @@ def suite_counts(suite: str) -> dict:
 def method_of(label: str) -> str:
     low = label.replace("**", "").strip().lower()
     for prefix, method in (("unipt", "unipt"), ("full", "full"), ("lora", "lora"), ("linear probe", "linear_probe"),
-                           ("frozen model", "zero_shot")):
+                           ("frozen model", "zero_shot"), ("ladder", "ladder")):
         if low.startswith(prefix):
             return method
     raise AssertionError(f"row {label!r}: which method is it?")
@@ -333,7 +338,9 @@ def expected_counts(table: Table, row: int = 0) -> dict:
     command = table.row_commands()[row]
     argv = shlex.split(command)
     if argv[:3] == ["unipt", "bench", "quality"]:
-        return suite_counts(argv[argv.index("--suite") + 1])
+        variants = [shlex.split(b) for a, b in zip(argv, argv[1:]) if a == "--variant"]
+        blocks = max([int(_override(v[1:], "unipt.side_blocks", "0")) for v in variants] or [0])
+        return suite_counts(argv[argv.index("--suite") + 1], side_blocks=blocks)
     if argv[:3] == ["unipt", "bench", "methods"]:  # its default backbone and data: MiniLM on the tweets
         assert "--backbone" not in argv, command
         return token_counts(MINILM, TWEET_CLASSES)

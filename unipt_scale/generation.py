@@ -332,10 +332,10 @@ def generate_texts(model, tokenizer, records: Sequence[dict], options: Optional[
     generator = torch.Generator(device=device).manual_seed(options.seed) if options.sampling else None
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     step = 1 if stream is not None else batch_size
+    budget = prompt_budget(trained_length, options.max_new_tokens) if trained_length else None
     texts = []
     for s in range(0, len(records), step):
-        if trained_length:
-            budget = prompt_budget(trained_length, options.max_new_tokens)
+        if budget:
             rows = [prompt_ids(tokenizer, r, budget) for r in records[s:s + step]]
         else:
             rows = [tokenizer(render_prompt(tokenizer, r), add_special_tokens=False)["input_ids"]

@@ -717,14 +717,14 @@ class Runner:
 
     def __init__(self, suite: Suite, prepared: Prepared, budget: Dict[str, int], threads: int, work: str,
                  timeout_s: float, log=print, generation: Optional[Dict[str, int]] = None,
-                 variants: Optional[Dict[str, Variant]] = None):
+                 forms: Optional[Dict[str, Variant]] = None):
         self.suite, self.prepared, self.budget = suite, prepared, budget
         self.threads, self.work, self.timeout_s, self.log = threads, work, timeout_s, log
         self.generation = generation
-        self.variants = dict(variants or {})
+        self.forms = dict(forms or {})  # each listed name's method and overrides (plain methods need none)
 
     def variant(self, name: str) -> Variant:
-        return self.variants.get(name) or Variant.plain(name)
+        return self.forms.get(name) or Variant.plain(name)
 
     def overrides(self, method: str, lr: float, seed: int, out: str, scheme: str = "none") -> List[str]:
         """`method` is a method's or a variant's name: a variant's overrides come after the suite's own."""
@@ -1146,7 +1146,6 @@ def _check(args) -> tuple:
         if v.name in variants:
             raise QualityInputError(f"--variant {v.name}: named twice")
         variants[v.name] = v
-    args.variants = variants
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     badm = [m for m in methods if m not in METHODS and m not in variants]
     if badm or not methods:
@@ -1173,7 +1172,7 @@ def _check(args) -> tuple:
             raise QualityInputError(f"{flag} {path!r} is a file; give a directory")
         if path and flag == "--json" and os.path.isdir(path):
             raise QualityInputError(f"--json {path!r} is a directory; give a file name")
-    return names, methods, factors
+    return names, methods, factors, {m: variants.get(m) or Variant.plain(m) for m in methods}
 
 
 def _prewarm(prepared: Prepared, suite: Suite, budget: dict) -> None:
@@ -1202,11 +1201,12 @@ def prepare_suite(spec: dict) -> dict:
 
 
 def run(args, suites: List[str], methods: List[str], factors: List[float], log=print,
-        save: Optional[Callable[[dict], None]] = None) -> dict:
+        save: Optional[Callable[[dict], None]] = None, forms: Optional[Dict[str, Variant]] = None) -> dict:
     """Every suite and method; `save` gets the result so far (complete=False) after each method, so a long run
-    that is stopped keeps what it measured."""
+    that is stopped keeps what it measured. `forms`: each name's method and overrides (--variant)."""
     import dataclasses
 
+    forms = {m: (forms or {}).get(m) or Variant.plain(m) for m in methods}
     seeds = list(range(args.seeds))
     schemes = _schemes(getattr(args, "quantization", "none"))
     work = args.work_dir or tempfile.mkdtemp(prefix="unipt-quality-")
@@ -1219,7 +1219,7 @@ def run(args, suites: List[str], methods: List[str], factors: List[float], log=p
     t0 = time.perf_counter()
 
     def result(complete: bool) -> dict:
-        return _result(args, env, suites, methods, seeds, factors, result_suites, t0, load_start, complete, schemes)
+        return _result(args, env, suites, forms, seeds, factors, result_suites, t0, load_start, complete, schemes)
     try:
         for name in suites:
             suite = SUITES[name]
@@ -1252,8 +1252,7 @@ def run(args, suites: List[str], methods: List[str], factors: List[float], log=p
             prepared = Prepared(**env["prepared"])
             log(f"# {name}: {suite.description}" + (f" [quick: {prepared.stand_in}]" if args.quick else ""))
             generation = suite.quick_generation if args.quick else suite.generation
-            runner = Runner(suite, prepared, budget, args.threads, work, args.run_timeout, log, generation,
-                            getattr(args, "variants", None))
+            runner = Runner(suite, prepared, budget, args.threads, work, args.run_timeout, log, generation, forms)
             recs: Dict[str, dict] = {}
             rec = dict(head, status="running", config_file=prepared.config_file, overrides=prepared.overrides
                        + suite.extra + budget_overrides(budget), stand_in=prepared.stand_in, methods=recs)
@@ -1294,21 +1293,17 @@ def run(args, suites: List[str], methods: List[str], factors: List[float], log=p
     return result(True)
 
 
-def _variant(args, name: str) -> Variant:
-    return (getattr(args, "variants", None) or {}).get(name) or Variant.plain(name)
-
-
-def _result(args, env: dict, suites: List[str], methods: List[str], seeds: List[int], factors: List[float],
+def _result(args, env: dict, suites: List[str], forms: Dict[str, Variant], seeds: List[int], factors: List[float],
             result_suites: Dict[str, dict], t0: float, load_start, complete: bool,
             schemes: Optional[List[str]] = None) -> dict:
     dev = (f"cuda: {env['device_name']}" if env["device"] == "cuda"
            else f"cpu: {env['device_name']}, {args.threads} threads per run")
-    config = {"suites": suites, "methods": methods, "seeds": seeds, "seed_key": "train.seed", "lr_factors": factors,
+    config = {"suites": suites, "methods": list(forms), "seeds": seeds, "seed_key": "train.seed", "lr_factors": factors,
               "lr_selection": "best val metric of the sweep at seed 0 (a tie: the factor nearest 1); the test "
                               "split is not used to choose",
-              "default_lr": {m: _variant(args, m).default_lr for m in methods},
+              "default_lr": {m: v.default_lr for m, v in forms.items()},
               "variants": {m: {"method": v.method, "overrides": list(v.overrides)}
-                           for m, v in (getattr(args, "variants", None) or {}).items() if m in methods},
+                           for m, v in forms.items() if m != v.method},
               "quick": bool(args.quick), "threads": args.threads,
               "isolation": "one process per (method, lr, seed) run, forked from a server that only imported the "
                            "libraries (unipt_scale.bench.memory)",
@@ -1333,8 +1328,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     path = args.json or os.path.join(args.out_dir or ".", "quality.json")
     try:
-        suites, methods, factors = _check(args)
-        result = run(args, suites, methods, factors, save=lambda partial: atomic_write_json(path, partial))
+        suites, methods, factors, forms = _check(args)
+        result = run(args, suites, methods, factors, save=lambda partial: atomic_write_json(path, partial),
+                     forms=forms)
     except (QualityInputError, ConfigError) as err:
         print(f"unipt bench quality: {one_line(err)}", file=sys.stderr)
         return 2

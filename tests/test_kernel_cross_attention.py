@@ -19,7 +19,7 @@ pytestmark = pytest.mark.usefixtures("poison_empty")
 TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2, torch.float64: 1e-10}
 # small tiles so that 37 queries / 29 keys span several partial blocks
 TRITON_SMALL = dict(block_m=16, block_n=16)
-IMPLS = ["triton", "efficient"]
+IMPLS = ["triton", "efficient", "batched"]
 
 
 def run_impl(impl, q, k, m, eps=1e-6, causal=False, tiles=None, chunk=7):
@@ -29,6 +29,8 @@ def run_impl(impl, q, k, m, eps=1e-6, causal=False, tiles=None, chunk=7):
         return CA.relu_l1_attention_triton(q, k, m, eps, causal, **(TRITON_SMALL if tiles is None else tiles))
     if impl == "efficient":
         return CA.relu_l1_attention_efficient(q, k, m, eps, causal, chunk=chunk)  # several chunks, last partial
+    if impl == "batched":  # whole layers, two per batched product (L = 3: a full group and a partial one)
+        return CA.ReLUL1AttentionEfficientBatched.apply(q, k, m, eps, causal, 2)
     if impl == "reference":
         return reference(q, k, m, eps, causal)
     raise AssertionError(impl)
@@ -106,7 +108,7 @@ def test_causal_triton_with_unequal_tiles(tiles):
 
 
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("impl", ["triton", "efficient", "reference"])
+@pytest.mark.parametrize("impl", [*IMPLS, "reference"])
 def test_all_keys_padded_gives_zero_without_nan(impl, causal):
     q = torch.randn(2, 9, 16).to(DEV).requires_grad_()
     k = torch.randn(2, 2, 11, 16).to(DEV).requires_grad_()
@@ -175,6 +177,9 @@ def test_gradcheck_fp64(impl, causal):
     if impl == "triton":
         fn = lambda q, k: CA.relu_l1_attention_triton(q, k, m.view(torch.uint8), 1e-6, causal,  # noqa: E731
                                                       block_m=16, block_n=16)
+    elif impl == "batched":
+        fn = lambda q, k: CA.ReLUL1AttentionEfficientBatched.apply(q, k, m.view(torch.uint8), 1e-6,  # noqa: E731
+                                                                   causal, 1)
     else:
         fn = lambda q, k: CA.relu_l1_attention_efficient(q, k, m.view(torch.uint8), 1e-6, causal,  # noqa: E731
                                                          chunk=4)
@@ -214,7 +219,7 @@ CAUSALITY_TOL = 0.0 if not CUDA else 1e-6  # CPU: bit-identical; CUDA: within 1e
 
 
 @pytest.mark.parametrize("t", [0, 15, 16, 30])  # the first row, both sides of a 16-tile boundary, mid-tile
-@pytest.mark.parametrize("impl", ["triton", "efficient", "reference"])
+@pytest.mark.parametrize("impl", [*IMPLS, "reference"])
 def test_causality_later_positions_change_nothing_before(impl, t):
     """Changing queries, keys and padding after position t leaves every output at positions ≤ t unchanged, and
     a loss on positions ≤ t sends no gradient to later queries or keys."""
@@ -236,7 +241,7 @@ def test_causality_later_positions_change_nothing_before(impl, t):
     assert t == 0 or dq[:, :t + 1].abs().sum() > 0  # position 0 reads key 0 alone: o_0 = k_0, dq_0 = 0
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", ["triton", "efficient"])  # batched reads whole rows by design
 def test_causal_never_reads_blocks_above_the_diagonal(impl):
     """NaN in keys the first query tile cannot see (and in queries no later key tile needs): a kernel that
     visited those blocks would carry NaN into its sums (masked scores are 0, but 0·NaN in p·k is NaN)."""
@@ -267,7 +272,7 @@ def test_causal_never_reads_blocks_above_the_diagonal(impl):
     assert torch.isfinite(c_dk).all() and torch.equal(dk[:, :, 16:], c_dk[:, :, 16:])
 
 
-@pytest.mark.parametrize("impl", ["triton", "efficient", "reference"])
+@pytest.mark.parametrize("impl", [*IMPLS, "reference"])
 def test_causal_queries_sit_at_the_last_positions(impl):
     """Nq < Nk: query row i is position i + Nk − Nq, so the last rows of the square problem come out; one query
     (the newest token of incremental decoding) reads every key, as the plain op does."""
@@ -441,3 +446,36 @@ def test_the_no_grad_all_layers_path_is_the_reference(NQ, NK, mask_kind, causal,
         chunked = CA.ReLUL1AttentionEfficient.apply(qv, kv, mv, 1e-6, causal, 7)
     assert_close(got, reference(qv, kv, mv, 1e-6, causal), TOL[dtype], "all layers at once")
     assert_close(got, chunked, TOL[dtype], "all layers at once vs chunked")
+
+
+@pytest.mark.parametrize("causal, NQ, NK, budget, want", [
+    (False, 64, 64, None, "Batched"),                  # the encoder's training shapes: whole layers at once
+    (True, 192, 192, None, "Batched"),                 # a short decoder sequence: little of the triangle to skip
+    (True, 300, 300, None, "Efficient"),               # a long causal square: the chunks skip the triangle
+    (True, 2, 300, None, "Batched"),                   # decoding against a long cache: no triangle to speak of
+    (False, 64, 64, 64 * 64 * 4 - 1, "Efficient"),     # one layer's scores over the budget: key chunks
+])
+def test_the_efficient_path_picks_whole_layers_where_they_pay(causal, NQ, NK, budget, want, monkeypatch):
+    if budget is not None:
+        monkeypatch.setattr(CA, "AT_ONCE_SCORE_BYTES", budget)
+    q = torch.randn(1, NQ, 8, requires_grad=True)
+    k = torch.randn(2, 1, NK, 8, requires_grad=True)
+    out = CA.relu_l1_attention_efficient(*CA.validate(q, k, None, 1e-6, causal), 1e-6, causal)
+    name = type(out.grad_fn).__name__
+    assert name.startswith("ReLUL1AttentionEfficient") and ("Batched" in name) == (want == "Batched"), name
+    torch.testing.assert_close(out, reference(q, k, None, 1e-6, causal), rtol=1e-4, atol=1e-5)
+
+
+def test_batched_groups_cover_every_layer(monkeypatch):
+    """A budget of two layers' scores splits five layers into groups of 2, 2 and 1; the result is the reference's."""
+    L, B, N, d = 5, 2, 9, 8
+    monkeypatch.setattr(CA, "AT_ONCE_SCORE_BYTES", 2 * B * N * N * 4)
+    assert CA.layers_per_group(L, B, N, N) == 2
+    q, k, m = make(L, B, N, N, d, torch.float32, "random")
+    do = torch.randn(L, B, N, d).to(DEV)
+    out = CA.relu_l1_attention_efficient(*CA.validate(q, k, m, 1e-6, False), 1e-6, False)
+    dq, dk = torch.autograd.grad(out, [q, k], do)
+    r_out, r_dq, r_dk = reference_fp64(q, k, m, do)
+    assert_close(out, r_out, 2e-5, "forward")
+    assert_close(dq, r_dq, 8e-5, "dq")
+    assert_close(dk, r_dk, 8e-5, "dk")

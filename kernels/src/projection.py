@@ -491,17 +491,20 @@ def _row_chunk(width: int, chunk: Optional[int]) -> int:
     return max(1, int(chunk) if chunk else (1 << 21) // max(1, width))
 
 
-def _pre_norm(x, w, b, relu, at):
-    """act(x) Wᵀ + b in the accumulation dtype for one chunk of rows."""
+def _pre_norm(x, w, b, relu, at, out=None):
+    """act(x) Wᵀ + b in the accumulation dtype for one chunk of rows (into `out` when given)."""
     x = x.to(at)
     if relu:
         x = torch.relu(x)
-    y = x @ w.to(at).t()
-    return y + b if b is not None else y
+    w = w.to(at).t()
+    if b is None:
+        return torch.mm(x, w, out=out)
+    return torch.addmm(b, x, w, out=out)
 
 
 class GroupedProjectionEfficient(torch.autograd.Function):
-    """Torch ops, one layer and one chunk of rows at a time; saves what the fused path saves."""
+    """Torch ops, one layer and one chunk of rows at a time; saves what the fused path saves. The GEMM writes the
+    pre-norm rows straight into their saved buffer, and LayerNorm runs as torch's one fused op each way."""
 
     @staticmethod
     def forward(ctx, meta: _Meta, chunk, *tensors):
@@ -522,15 +525,21 @@ class GroupedProjectionEfficient(torch.autograd.Function):
             x = hs[g].reshape(M, -1)
             rc = _row_chunk(max(x.shape[1], N), chunk)
             for r0 in range(0, M, rc):
-                y = _pre_norm(x[r0:r0 + rc], ws[g], bias[g] if bias is not None else None, meta.relu, at)
-                if meta.layernorm:
-                    if keep is not None:
-                        keep[g, r0:r0 + rc] = y.to(out_dtype)
-                    var, mu = torch.var_mean(y, dim=-1, unbiased=False)
-                    rs = torch.rsqrt(var + meta.eps)
-                    mean[g, r0:r0 + rc], rstd[g, r0:r0 + rc] = mu, rs
-                    y = (y - mu[:, None]) * rs[:, None] * gamma[g] + beta[g]
-                out[g, r0:r0 + rc] = y.to(out_dtype)
+                r1 = min(M, r0 + rc)
+                b = bias[g] if bias is not None else None
+                if not meta.layernorm:
+                    if out_dtype == at:
+                        _pre_norm(x[r0:r1], ws[g], b, meta.relu, at, out=out[g, r0:r1])
+                    else:
+                        out[g, r0:r1] = _pre_norm(x[r0:r1], ws[g], b, meta.relu, at)
+                    continue
+                into = keep[g, r0:r1] if keep is not None and out_dtype == at else None
+                y = _pre_norm(x[r0:r1], ws[g], b, meta.relu, at, out=into)
+                if keep is not None and into is None:
+                    keep[g, r0:r1] = y.to(out_dtype)
+                normed, mu, rs = torch.native_layer_norm(y, (N,), gamma[g], beta[g], meta.eps)
+                mean[g, r0:r1], rstd[g, r0:r1] = mu.view(-1), rs.view(-1)
+                out[g, r0:r1] = normed
         ctx.meta, ctx.chunk = meta, chunk
         _Saved(ctx, ctx.needs_input_grad[2:], meta, hs, ws, bias, gamma, mean, rstd, keep, out_dtype)
         return out.view(L, B, T, N)
@@ -560,18 +569,17 @@ class GroupedProjectionEfficient(torch.autograd.Function):
                 if meta.layernorm:
                     y = (keep[g, r0:r1].to(at) if keep is not None else
                          _pre_norm(x[r0:r1], ws[g], bias[g] if bias is not None else None, meta.relu, at))
-                    rs = rstd[g, r0:r1, None]
-                    xhat = (y - mean[g, r0:r1, None]) * rs
-                    dgamma[g] += (dt * xhat).sum(0)
+                    dy, dg, _ = torch.ops.aten.native_layer_norm_backward(
+                        dt, y, (N,), mean[g, r0:r1, None], rstd[g, r0:r1, None], gamma[g], None,
+                        [True, True, False])
+                    dgamma[g] += dg
                     dbeta[g] += dt.sum(0)
-                    gx = dt * gamma[g]
-                    dy = (gx - gx.mean(-1, keepdim=True) - xhat * (gx * xhat).mean(-1, keepdim=True)) * rs
                 else:
                     dy = dt
                 dbias[g] += dy.sum(0)
                 if need_w:
                     xa = x[r0:r1].to(at)
-                    dws[g] += dy.t() @ (torch.relu(xa) if meta.relu else xa)
+                    dws[g].addmm_(dy.t(), torch.relu(xa) if meta.relu else xa)
                 if need_h:
                     dx = dy @ ws[g].to(at)
                     if meta.relu:

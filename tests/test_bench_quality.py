@@ -536,3 +536,73 @@ def test_bad_variants_are_one_line(variant, says, tmp_path, capsys):
                          str(tmp_path / "x.json")]) == 2
     err = capsys.readouterr().err.strip()
     assert says in err and "\n" not in err
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --merge: several invocations' methods as one result
+# ----------------------------------------------------------------------------------------------------------------
+def _split(res, keep, suites=None):
+    """The result as if an invocation had run only the methods `keep` (and the zero-shot row where kept)."""
+    part = json.loads(json.dumps(res))
+    for name in list(part["suites"]):
+        if suites is not None and name not in suites:
+            del part["suites"][name]
+            continue
+        s = part["suites"][name]
+        s["methods"] = {m: r for m, r in s["methods"].items() if m in keep}
+        if "zero_shot" not in keep:
+            s.pop("zero_shot", None)
+    part["config"]["methods"] = [m for m in part["config"]["methods"] if m in keep]
+    return part
+
+
+def _write(path, data):
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+def test_merge_is_the_union_of_the_invocations(out, tmp_path, capsys):
+    res, _ = out
+    a = _write(tmp_path / "a.json", _split(res, {"unipt", "full", "zero_shot"}))
+    b = _write(tmp_path / "b.json", _split(res, {"lora", "linear_probe"}))
+    merged_path = tmp_path / "merged" / "all.json"
+    assert quality.main(["--merge", a, b, "--json", str(merged_path)]) == 0
+    merged = json.loads(merged_path.read_text())
+    assert merged["complete"] and merged["config"]["merged_from"] == [a, b]
+    assert merged["suites"].keys() == {n for n, s in res["suites"].items() if s["status"] == "completed"}
+    for name, s in merged["suites"].items():
+        original = res["suites"][name]
+        assert s["methods"] == original["methods"]  # every record as measured, none altered
+        assert s.get("zero_shot") == original.get("zero_shot")
+        assert s["ratios"] == original["ratios"]  # recomputed over the union: the single run's ratios
+        assert s["merged_from"] == [a, b]
+        for chart in s["charts"].values():
+            assert chart.startswith(str(merged_path.parent)) and open(chart, "rb").read(8) == PNG
+    printed = capsys.readouterr().out
+    assert "lora" in printed and "unipt" in printed and f"wrote {merged_path}" in printed
+
+
+def test_merge_refuses_what_does_not_compare_in_one_line(out, tmp_path, capsys):
+    res, _ = out
+    a = _write(tmp_path / "a.json", _split(res, {"unipt"}))
+    cases = []
+    cases.append(([a, _write(tmp_path / "dup.json", _split(res, {"unipt", "lora"}))], "has unipt and so has"))
+    other = _split(res, {"lora"})
+    for s in other["suites"].values():
+        s["budget"] = dict(s["budget"], max_steps=s["budget"]["max_steps"] + 1)
+    cases.append(([a, _write(tmp_path / "budget.json", other)], "budget differs from"))
+    unfinished = dict(_split(res, {"lora"}), complete=False)
+    cases.append(([a, _write(tmp_path / "partial.json", unfinished)], "did not finish"))
+    cases.append(([a, _write(tmp_path / "device.json", dict(_split(res, {"lora"}), device="cuda: H100"))],
+                  "one device only"))
+    cases.append(([a, _write(tmp_path / "junk.json", {"schema": "other"})], "not a bench quality result"))
+    cases.append(([a, str(tmp_path / "missing.json")], "cannot read it as JSON"))
+    cases.append(([a], "two or more"))
+    for files, says in cases:
+        target = tmp_path / "m.json"
+        assert quality.main(["--merge", *files, "--json", str(target)]) == 2, says
+        err = capsys.readouterr().err.strip()
+        assert says in err and "\n" not in err, (says, err)
+        assert not target.exists()
+    assert quality.main(["--merge", a, a, "--json", a]) == 2
+    assert "one of the files to merge" in capsys.readouterr().err

@@ -72,12 +72,21 @@ variant's method and overrides.
 Charts (matplotlib, Agg): per suite, the test metric against peak memory per method (error bars over seeds; each
 quantization scheme its own marker, quantized points labelled method@scheme), and the step time per method and
 scheme, as PNGs next to the JSON (or in --out-dir).
+
+Merging (`--merge A.json B.json ... --json OUT`): invocations that each ran some methods of a suite at one budget
+(one process per invocation keeps a long suite resumable by method) become one result, with one table, one
+set of charts and the ratios over every method. It runs nothing. Each file must be a complete result of this
+schema with one quantization scheme; a suite's budget, data overrides, metric and generation settings must agree
+across the files, and a method (or the zero-shot row) may come from one file only, so nothing measured under
+other conditions is put side by side. The merged config lists the files it came from.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import gzip
 import io
+import json
 import math
 import os
 import platform
@@ -939,7 +948,19 @@ def unipt_ratios(methods: Dict[str, dict]) -> Dict[str, Optional[dict]]:
 # --------------------------------------------------------------------------------------------------------------
 # Charts
 # --------------------------------------------------------------------------------------------------------------
-COLORS = {"unipt": "#d62728", "lora": "#1f77b4", "full": "#2ca02c", "linear_probe": "#7f7f7f", "zero_shot": "#9467bd"}
+COLORS = {"unipt": "#d62728", "lora": "#1f77b4", "full": "#2ca02c", "linear_probe": "#7f7f7f", "zero_shot": "#9467bd",
+          "ladder": "#ff7f0e"}
+SPARE_COLORS = ("#8c564b", "#e377c2", "#17becf", "#bcbd22", "#393b79", "#637939", "#843c39", "#7b4173")
+
+
+def chart_colors(names) -> Dict[str, str]:
+    """A colour per method: the fixed ones for the plain methods, distinct spare ones for variants in order."""
+    out = dict(COLORS)
+    spare = iter(c for c in SPARE_COLORS)
+    for n in names:
+        if n not in out:
+            out[n] = next(spare, "#333333")
+    return out
 
 
 def _mib(v) -> str:
@@ -993,6 +1014,7 @@ def write_charts(name: str, suite: dict, out_dir: str, stem: str, device: str) -
             else:
                 left_out.append(f"{label(m, scheme)}: {r['status'] if 'metric' not in r else 'no memory reading'}")
     metric = suite["metric"]
+    colors = chart_colors(dict.fromkeys(m for m, _ in done))
     mem_label = ("CUDA max allocated above the loaded model (MiB)" if device.startswith("cuda")
                  else "peak RSS above the loaded baseline (MiB)")
     paths = {}
@@ -1004,17 +1026,17 @@ def write_charts(name: str, suite: dict, out_dir: str, stem: str, device: str) -
         xs.append(x)
         shown = label(m, scheme) if quant else m
         ax.errorbar(x, y, xerr=(r["peak_memory_bytes"]["std"] or 0) / 2 ** 20, yerr=r["metric"]["std"] or 0,
-                    fmt=MARKERS.get(scheme, "o"), ms=8, capsize=4, color=COLORS.get(m),
+                    fmt=MARKERS.get(scheme, "o"), ms=8, capsize=4, color=colors.get(m),
                     mfc="white" if scheme != "none" else None,
                     label=f"{shown} (lr {r['lr']:.2g}, n={r['metric']['n']})")
         if scheme != "none":
-            ax.annotate(shown, (x, y), textcoords="offset points", xytext=(6, 4), fontsize=7, color=COLORS.get(m))
+            ax.annotate(shown, (x, y), textcoords="offset points", xytext=(6, 4), fontsize=7, color=colors.get(m))
     any_zero = False
     for scheme, part in parts.items():
         zero = part.get("zero_shot") or {}
         if "metric" in zero:  # no training, so no memory of training: a level, not a point
             any_zero = True
-            ax.axhline(zero["metric"]["mean"], ls=ZERO_LINES.get(scheme, "--"), lw=1.2, color=COLORS["zero_shot"],
+            ax.axhline(zero["metric"]["mean"], ls=ZERO_LINES.get(scheme, "--"), lw=1.2, color=colors["zero_shot"],
                        label=f"zero-shot{'@' + scheme if quant else ''}, no training ({zero['metric']['mean']:.3g})")
         elif zero:
             left_out.append(f"{label('zero_shot', scheme)}: {zero['status']}")
@@ -1037,7 +1059,7 @@ def write_charts(name: str, suite: dict, out_dir: str, stem: str, device: str) -
     names = [label(m, q) if quant else m for m, q in keys]
     means = [done[k]["step_ms_median"]["mean"] for k in keys]
     errs = [done[k]["step_ms_median"]["std"] or 0 for k in keys]
-    ax.bar(names, means, yerr=errs, capsize=4, color=[COLORS.get(m, "#333333") for m, _ in keys],
+    ax.bar(names, means, yerr=errs, capsize=4, color=[colors.get(m, "#333333") for m, _ in keys],
            hatch=None, edgecolor="black", linewidth=0.5)
     for bar, (_, q) in zip(ax.patches, keys):
         if q != "none":
@@ -1131,6 +1153,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--run-timeout", type=float, default=3600.0, help="seconds one run may take before it is stopped")
     p.add_argument("--work-dir", metavar="DIR", help="keep the runs' outputs and logs here (default: a temporary "
                                                      "directory, removed at the end)")
+    p.add_argument("--merge", nargs="+", metavar="FILE",
+                   help="run nothing: merge these complete results (methods of one suite at one budget, each from "
+                        "one file) into one table and one set of charts, written to --json / --out-dir")
     return p
 
 
@@ -1319,6 +1344,76 @@ def _result(args, env: dict, suites: List[str], forms: Dict[str, Variant], seeds
     return {"schema": SCHEMA, "complete": complete, "config": config, "device": dev, "suites": result_suites}
 
 
+# What must agree, per suite, for runs of separate invocations to stand in one table.
+MERGE_SAME = ("budget", "quick", "overrides", "metric", "generation", "stand_in")
+
+
+def merge_results(paths: List[str]) -> dict:
+    """One result from several complete invocations' JSONs (see the module doc); QualityInputError names what
+    keeps two files apart."""
+    loaded = []
+    for path in paths:
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except (OSError, ValueError) as err:
+            raise QualityInputError(f"--merge {path}: cannot read it as JSON ({one_line(err)})") from None
+        if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+            raise QualityInputError(f"--merge {path}: not a bench quality result of schema {SCHEMA}")
+        if not data.get("complete"):
+            raise QualityInputError(f"--merge {path}: the result of a run that did not finish; merge complete ones")
+        loaded.append((path, data))
+    if len(loaded) < 2:
+        raise QualityInputError("--merge needs two or more result files")
+    first_path, first = loaded[0]
+    suites: Dict[str, dict] = {}
+    owner: Dict[tuple, str] = {}
+    for path, data in loaded:
+        if data.get("device") != first.get("device"):
+            raise QualityInputError(f"--merge {path}: measured on {data.get('device')!r}, {first_path} on "
+                                    f"{first.get('device')!r}; times and memory compare on one device only")
+        for name, suite in data.get("suites", {}).items():
+            if suite.get("status") != "completed":
+                continue
+            if "schemes" in suite:
+                raise QualityInputError(f"--merge {path}: suite {name} holds several quantization schemes; merge "
+                                        "results of one scheme each (a quantized form can be a --variant)")
+            if name not in suites:
+                suites[name] = dict(copy.deepcopy(suite), methods={}, merged_from=[])
+                suites[name].pop("zero_shot", None)
+                suites[name].pop("charts", None)
+            merged = suites[name]
+            for key in MERGE_SAME:
+                if merged.get(key) != suite.get(key):
+                    raise QualityInputError(f"--merge {path}: suite {name}'s {key} differs from "
+                                            f"{merged['merged_from'][0]}'s; merge runs of one budget and data")
+            rows = dict(suite["methods"], **({"zero_shot": suite["zero_shot"]} if "zero_shot" in suite else {}))
+            for m, rec in rows.items():
+                if (name, m) in owner:
+                    raise QualityInputError(f"--merge {path}: suite {name} has {m} and so has {owner[name, m]}; keep "
+                                            "one (or name a form apart with --variant)")
+                owner[name, m] = path
+                if m == "zero_shot":
+                    merged["zero_shot"] = rec
+                else:
+                    merged["methods"][m] = rec
+            merged["merged_from"].append(path)
+    if not suites:
+        raise QualityInputError("--merge: none of the files has a completed suite")
+    for merged in suites.values():
+        merged["ratios"] = unipt_ratios(merged["methods"])
+    configs = [data["config"] for _, data in loaded]
+    config = dict(copy.deepcopy(configs[0]), merged_from=[os.path.abspath(p) for p in paths],
+                  suites=list(suites), wall_s=sum(c.get("wall_s") or 0.0 for c in configs))
+    for key in ("methods",):
+        config[key] = [m for c in configs for m in c.get(key, [])]
+    for key in ("default_lr", "variants"):
+        config[key] = {k: v for c in configs for k, v in (c.get(key) or {}).items()}
+    config["seeds"] = sorted({s for c in configs for s in c.get("seeds", [])})
+    config["lr_factors"] = {os.path.basename(p): c.get("lr_factors") for p, c in zip(paths, configs)}
+    return {"schema": SCHEMA, "complete": True, "config": config, "device": first.get("device"), "suites": suites}
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     p = _parser()
     try:
@@ -1328,9 +1423,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     path = args.json or os.path.join(args.out_dir or ".", "quality.json")
     try:
-        suites, methods, factors, forms = _check(args)
-        result = run(args, suites, methods, factors, save=lambda partial: atomic_write_json(path, partial),
-                     forms=forms)
+        if args.merge:
+            if not args.json and not args.out_dir:
+                raise QualityInputError("give --json FILE (charts beside it) or --out-dir DIR for the merged result")
+            if os.path.abspath(path) in {os.path.abspath(m) for m in args.merge}:
+                raise QualityInputError(f"--json {path}: it is one of the files to merge; write the merge elsewhere")
+            result = merge_results(args.merge)
+            out_dir = args.out_dir or os.path.dirname(os.path.abspath(path))
+            os.makedirs(out_dir, exist_ok=True)
+            for name, suite in result["suites"].items():
+                suite["charts"] = write_charts(name, suite, out_dir, Path(path).stem, result["device"] or "cpu")
+        else:
+            suites, methods, factors, forms = _check(args)
+            result = run(args, suites, methods, factors, save=lambda partial: atomic_write_json(path, partial),
+                         forms=forms)
     except (QualityInputError, ConfigError) as err:
         print(f"unipt bench quality: {one_line(err)}", file=sys.stderr)
         return 2

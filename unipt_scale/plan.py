@@ -64,9 +64,10 @@ holds whole (a buffer, which ZeRO-3 does not partition); tied, the embedding mat
 which partitions the embeddings, the tied matrix is read whole too, and full fine-tuning of it is refused). UniPT's side
 network is the causal one: per token the bidirectional set plus the gate's prefix means ((L' + 1).P.d, saved by the
 per-position aggregation), its fp32 log-sum-exp and 3P of mask and prefix counts (causal_side_extra). The loss
-(lm_loss_bytes): chunked (unipt_scale.tasks.causal_lm.chunked_lm_loss, UniPT's default) keeps P.D + 13 bytes per predicted
-token and holds one chunk's logits working set, 16 bytes per logit of --loss-chunk-tokens rows x V; full (LoRA's
-and full fine-tuning's default, the model's B x N x V logits upcast for the loss) costs (12 + P) bytes per logit at
+(lm_loss_bytes): chunked (unipt_scale.tasks.causal_lm.chunked_lm_loss, UniPT's default) keeps P.D + 1 bytes per predicted
+token (the gradient row its forward writes) and holds one chunk's logits, 4 + P bytes per logit of --loss-chunk-tokens
+rows x V (4 in fp32); full (LoRA's and full fine-tuning's default, the model's B x N x V logits upcast for the
+loss) costs (12 + P) bytes per logit at
 log-softmax's backward. --lm-loss chunked|full sets every method.
 
 Generation (--generate: incremental decoding of --batch-size sequences of --seq-len tokens on each GPU;
@@ -720,8 +721,7 @@ def side_block_saved(d: int, n: int, P: int, heads: int, mlp_ratio: int, prof: "
 
 
 # ---- the LM head, the LM loss and generation (task causal_lm) ----------------------------------------------------
-LM_LOSS_SAVED_PER_ROW = 13   # int64 label + fp32 log-sum-exp + the 1-byte mask that picks the labelled rows
-CHUNKED_WORK_BYTES = 16      # per logit of one chunk: see lm_loss_bytes
+LM_LOSS_SAVED_PER_ROW = 1    # the 1-byte mask that picks the labelled rows (the loss saves its P.D gradient row)
 
 
 def lm_loss_kind(method: str, o: Options) -> str:
@@ -739,10 +739,10 @@ def lm_head_params(t: Tower, zero_stage: int = 0) -> int:
 def lm_loss_bytes(t: Tower, kind: str, batch: int, o: Options) -> Dict[str, int]:
     """What the LM loss adds to a training step: bytes per sample and per step (the chunk working set).
 
-    chunked (unipt_scale.tasks.causal_lm.chunked_lm_loss): saved per predicted row (N - 1 per sequence) the gathered hidden
-    row (P.D), its int64 label, its fp32 log-sum-exp and one mask byte; alive at a time is one chunk of logits:
-    16 bytes per logit of min(chunk, B(N - 1)) rows x V: in backward two chunks' fp32 logits and probabilities
-    (the loop computes the next chunk's logits before it drops the last's), the subtraction and its exp.
+    chunked (unipt_scale.tasks.causal_lm.chunked_lm_loss): saved per predicted row (N - 1 per sequence) the gradient
+    row the forward wrote (P.D) and the one mask byte that picked it; alive at a time is one chunk of fp32 logits,
+    turned into probabilities in place, 4 bytes per logit of min(chunk, B(N - 1)) rows x V, and with a 16-bit head
+    P more (the head's product before its upcast, the probabilities' cast for the gradient product).
     full (the model returns B x N x V logits, the loss upcasts them, as transformers' ForCausalLMLoss does):
     (12 + P) bytes per logit at the peak, in log-softmax's backward: the returned P-byte logits, log-softmax's
     saved fp32 output, and its fp32 incoming and outgoing gradients (the fp32 copy of the logits lives only in the
@@ -750,9 +750,10 @@ def lm_loss_bytes(t: Tower, kind: str, batch: int, o: Options) -> Dict[str, int]
     n = t.tokens(o.seq_len, None)
     rows = max(0, n - 1)
     if kind == "chunked":
+        work = 4 + (o.P if o.P < 4 else 0)
         return {"per_sample": rows * (o.P * t.hidden + LM_LOSS_SAVED_PER_ROW),
-                "constant": CHUNKED_WORK_BYTES * t.vocab * min(o.loss_chunk_tokens, batch * rows),
-                "constant_max": CHUNKED_WORK_BYTES * t.vocab * o.loss_chunk_tokens}
+                "constant": work * t.vocab * min(o.loss_chunk_tokens, batch * rows),
+                "constant_max": work * t.vocab * o.loss_chunk_tokens}
     return {"per_sample": n * t.vocab * (12 + o.P), "constant": 0, "constant_max": 0}
 
 
@@ -1281,7 +1282,8 @@ def _loss_note(p: dict, i: dict) -> str:
     how = ("the default: chunked for UniPT, as unipt_scale trains it, and B x N x V logits for LoRA and full "
            "fine-tuning, as they are usually run" if i["lm_loss"] == "auto" else f"--lm-loss {i['lm_loss']}")
     return (f"LM loss ({how}): {kinds}. chunked = {i['loss_chunk_tokens']} rows x vocab of logits alive at a time, "
-            "recomputed in backward (16 B per logit), plus P x D + 13 B saved per predicted token; full logits = "
+            "with the gradient written in the forward (4 + P B per logit, 4 in fp32), plus P x D + 1 B saved per "
+            "predicted token; full logits = "
             "(12 + P) B per logit of B x N x vocab at the loss's backward (the returned logits, log-softmax's fp32 "
             "output and its two fp32 gradients). --lm-loss chunked|full sets every method.")
 

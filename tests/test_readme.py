@@ -277,22 +277,26 @@ def tower(config: dict) -> plan.Tower:
     return plan.model_from_config(config, "readme").towers[0]
 
 
-def token_counts(config: dict, classes: int, whole: bool = True, layers: str = "all", side_blocks: int = 0) -> dict:
+def token_counts(config: dict, classes: int, whole: bool = True, layers: str = "all", side_blocks: int = 0,
+                 reduction_factor: int = 2, ladder_output: str = "blend") -> dict:
     """Trainable parameters per method of a text backbone + a classification head (none for causal LM)."""
     t = tower(config)
     head = linear(t.hidden, classes) if classes else 0
     taps = len(side_spec.resolve_layers(layers, t.layers + 1))
-    return {"unipt": side_spec.token_side_params([t.hidden] * taps, t.hidden, side_blocks=side_blocks) + head,
+    return {"unipt": side_spec.token_side_params([t.hidden] * taps, t.hidden, side_blocks=side_blocks,
+                                                 reduction_factor=reduction_factor) + head,
             "lora": plan.lora_params(t, 8, "qv") + head, "linear_probe": head,
             "full": t.params() + head if whole else None, "zero_shot": 0,
-            "ladder": side_spec.ladder_params(t.layers + 1, t.hidden, 16, 16, 2, "blend") if not classes else None}
+            "ladder": (side_spec.ladder_params(t.layers + 1, t.hidden, 16, 16, 2, ladder_output) if not classes
+                       else None)}
 
 
-def suite_counts(suite: str, side_blocks: int = 0) -> dict:
+def suite_counts(suite: str, **form) -> dict:
+    """Per method; `form`: a --variant's side_blocks, reduction_factor or ladder_output."""
     if suite == "headlines-smollm2":  # SmolLM2, causal LM (no head), the suite config's tapped layers
         with open(os.path.join(ROOT, "configs", "headlines_smollm2.yaml"), encoding="utf-8") as fh:
             layers = yaml.safe_load(fh)["unipt"]["layers"]
-        return token_counts(SMOLLM2, 0, layers=layers, side_blocks=side_blocks)
+        return token_counts(SMOLLM2, 0, layers=layers, **form)
     if suite == "tweets-minilm":
         return token_counts(MINILM, TWEET_CLASSES)
     if suite == "tweets-mpnet":
@@ -314,8 +318,8 @@ def suite_counts(suite: str, side_blocks: int = 0) -> dict:
 
 def method_of(label: str) -> str:
     low = label.replace("**", "").strip().lower()
-    for prefix, method in (("unipt", "unipt"), ("full", "full"), ("lora", "lora"), ("linear probe", "linear_probe"),
-                           ("frozen model", "zero_shot"), ("ladder", "ladder")):
+    for prefix, method in (("unipt", "unipt"), ("full", "full"), ("lora", "lora"), ("qlora", "lora"),
+                           ("linear probe", "linear_probe"), ("frozen model", "zero_shot"), ("ladder", "ladder")):
         if low.startswith(prefix):
             return method
     raise AssertionError(f"row {label!r}: which method is it?")
@@ -338,9 +342,12 @@ def expected_counts(table: Table, row: int = 0) -> dict:
     command = table.row_commands()[row]
     argv = shlex.split(command)
     if argv[:3] == ["unipt", "bench", "quality"]:
-        variants = [shlex.split(b) for a, b in zip(argv, argv[1:]) if a == "--variant"]
-        blocks = max([int(_override(v[1:], "unipt.side_blocks", "0")) for v in variants] or [0])
-        return suite_counts(argv[argv.index("--suite") + 1], side_blocks=blocks)
+        variants = [shlex.split(b)[1:] for a, b in zip(argv, argv[1:]) if a == "--variant"]
+        assert len(variants) <= 1, f"{command}: one variant per measured row"
+        v = variants[0] if variants else []
+        return suite_counts(argv[argv.index("--suite") + 1], side_blocks=int(_override(v, "unipt.side_blocks", "0")),
+                            reduction_factor=int(_override(v, "unipt.reduction_factor", "2")),
+                            ladder_output=_override(v, "ladder.output", "blend"))
     if argv[:3] == ["unipt", "bench", "methods"]:  # its default backbone and data: MiniLM on the tweets
         assert "--backbone" not in argv, command
         return token_counts(MINILM, TWEET_CLASSES)
@@ -435,3 +442,34 @@ def test_measured_commands_are_the_recorded_runs():
                     assert run[key] == int(flags[flag]), f"`{command}`: {flag}"
             assert run["overrides"] == [a for a in argv[3:] if "=" in a and not a.startswith("-")], command
             assert run.get("quantization", ["none"]) == flags.get("--quantization", "none").split(","), command
+
+
+def _expand_braces(path: str) -> List[str]:
+    m = re.search(r"\{([^{}]+)\}", path)
+    if not m:
+        return [path]
+    return [x for part in m.group(1).split(",") for x in _expand_braces(path[:m.start()] + part + path[m.end():])]
+
+
+def test_linked_charts_exist_and_merged_results_are_their_runs():
+    text = open(README, encoding="utf-8").read()
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+    assert images and all(os.path.isfile(os.path.join(ROOT, p)) for p in images), \
+        [p for p in images if not os.path.isfile(os.path.join(ROOT, p))]
+    merges = [c for c in re.findall(r"`(unipt bench quality --merge [^`]+)`", text)]
+    assert merges, "the README's merged headline suite was not found"
+    for command in merges:
+        argv = shlex.split(command)
+        out = argv[argv.index("--json") + 1]
+        files = [f for a in argv[4:argv.index("--json")] for f in _expand_braces(a)]
+        with open(os.path.join(ROOT, out), encoding="utf-8") as fh:
+            merged = json.load(fh)
+        assert [os.path.basename(p) for p in merged["config"]["merged_from"]] == [os.path.basename(f) for f in files]
+        for name, suite in merged["suites"].items():
+            parts = []
+            for f in files:
+                with open(os.path.join(ROOT, f), encoding="utf-8") as fh:
+                    parts.append(json.load(fh)["suites"][name])
+            assert suite["methods"] == {m: r for p in parts for m, r in p["methods"].items()}, command
+            for chart in suite["charts"].values():  # the charts beside the merged JSON are the ones linked
+                assert os.path.join(os.path.dirname(out), os.path.basename(chart)) in images, chart

@@ -27,6 +27,7 @@ import ctypes
 import gc
 import importlib
 import os
+import subprocess
 import sys
 import tempfile
 import threading
@@ -289,7 +290,6 @@ class _Server:
 
     def __init__(self):
         import json
-        import subprocess
 
         env = dict(os.environ)
         env.setdefault("HF_HUB_OFFLINE", "1")  # the server's imports read it
@@ -338,7 +338,11 @@ class _Server:
     def close(self) -> None:
         if self.proc.poll() is None:
             self.proc.stdin.close()
-            self.proc.wait(timeout=30)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:  # a server that does not answer its closed stdin (stopped, hung)
+                self.proc.kill()
+                self.proc.wait()
 
 
 def _close_server() -> None:

@@ -1403,7 +1403,7 @@ def merge_results(paths: List[str]) -> dict:
     for merged in suites.values():
         merged["ratios"] = unipt_ratios(merged["methods"])
     configs = [data["config"] for _, data in loaded]
-    config = dict(copy.deepcopy(configs[0]), merged_from=[os.path.abspath(p) for p in paths],
+    config = dict(copy.deepcopy(configs[0]), merged_from=list(paths),
                   suites=list(suites), wall_s=sum(c.get("wall_s") or 0.0 for c in configs))
     for key in ("methods",):
         config[key] = [m for c in configs for m in c.get(key, [])]

@@ -97,6 +97,8 @@ class FrozenBackbone(nn.Module):
 
     is_feature_map = False
     kind = "encoder"
+    # Whether `final` is the last tapped state (a wrapped module's hooks) rather than the model's own output.
+    final_is_last_tapped = False
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -297,6 +299,8 @@ class HookedBackbone(FrozenBackbone):
 
     `final` is the last hooked output. `example_input` is run once to learn the stage shapes.
     """
+
+    final_is_last_tapped = True
 
     def __init__(self, model: nn.Module, layer_names: Sequence[str], example_input: torch.Tensor,
                  input_key: str = "pixel_values", preprocess: Optional[Callable] = None):

@@ -36,6 +36,17 @@ class TrainState:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed)
+    except ImportError:
+        pass
+
+
 def capture_rng() -> Tuple[dict, Dict[str, torch.Tensor]]:
     """Every RNG stream of this process as (JSON part, tensors)."""
     py = random.getstate()

@@ -10,7 +10,6 @@ import contextlib
 import logging
 import math
 import os
-import random
 import shutil
 import tempfile
 import time
@@ -27,7 +26,7 @@ from unipt_scale.distributed import DistContext, broadcast_object, init_process_
     single_process
 from unipt_scale.engine import Engine, LocalEngine
 from unipt_scale.export import CHECKPOINT, METRICS, commit_outputs, recover_outputs
-from unipt_scale.train_state import TrainState, capture_rng, finite_or_none, restore_rng
+from unipt_scale.train_state import TrainState, capture_rng, finite_or_none, restore_rng, seed_everything
 
 log = logging.getLogger("unipt_scale")
 
@@ -43,17 +42,6 @@ class Callback:
         pass
 
     def on_checkpoint(self, trainer: "Trainer", path: str) -> None:
-        pass
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-    try:
-        import numpy as np
-
-        np.random.seed(seed)
-    except ImportError:
         pass
 
 
@@ -88,26 +76,40 @@ def evaluate(model, loader, engine: Optional[Engine], desc: str = "eval",
              device: Optional[torch.device] = None) -> Optional[Dict[str, float]]:
     """eval_step over a loader, metrics on the outputs. With an engine each rank runs its part (in lockstep
     where forwards are collective) and the outputs are gathered; without one it is a plain loop on `device`."""
+    return evaluate_many([model], loader, engine, desc, device)[0]
+
+
+def evaluate_many(models: Sequence, loader, engine: Optional[Engine], desc: str = "eval",
+                  device: Optional[torch.device] = None, shared: Sequence = ()) -> List[Optional[Dict[str, float]]]:
+    """`evaluate` for several models over one pass of the loader; with `shared` backbones (SharedBackbone) the
+    frozen forward of each batch runs once for all of them."""
     if loader is None:
-        return None
-    was_training = model.training
-    model.eval()
-    outputs = []
+        return [None] * len(models)
+    from unipt_scale.shared_forward import shared_batch
+
+    was_training = [m.training for m in models]
+    for m in models:
+        m.eval()
+    outputs: List[List] = [[] for _ in models]
     pairs = engine.lockstep(loader) if engine is not None else ((b, True) for b in loader)
     device = engine.device if engine is not None else (device or torch.device("cpu"))
     main = engine.is_main if engine is not None else True
     autocast = engine.autocast() if engine is not None else contextlib.nullcontext()
     with torch.no_grad(), autocast:
         for batch, real in tqdm(pairs, total=_length(loader), desc=desc, leave=False, disable=not main):
-            out = model.eval_step(to_device(batch, device))
-            if real:
-                outputs.append(out)
-    if engine is not None and _rank_sharded(loader):
-        outputs = engine.gather(outputs)
-    model.train(was_training)
-    if not outputs:
-        return None
-    return model.eval_metrics(outputs)
+            batch = to_device(batch, device)
+            with shared_batch(shared):
+                for m, kept in zip(models, outputs):
+                    out = m.eval_step(batch)
+                    if real:
+                        kept.append(out)
+    results = []
+    for m, kept, training in zip(models, outputs, was_training):
+        if engine is not None and _rank_sharded(loader):
+            kept = engine.gather(kept)
+        m.train(training)
+        results.append(m.eval_metrics(kept) if kept else None)
+    return results
 
 
 class Trainer:
@@ -125,10 +127,14 @@ class Trainer:
         self.last_checkpoint: Optional[str] = None
         self.resumed_from_step: Optional[int] = None
         self._created_output = False
+        self._rng = None  # a sweep variant's own RNG streams while the others run (None: the process's own)
+        self.failure: Optional[str] = None  # a sweep variant stopped for non-finite values: why
 
     # ------------------------------------------------------------------------------------------- set-up
 
-    def setup(self) -> None:
+    def setup(self, data=None, backbones: Optional[Dict] = None) -> None:
+        """`data` (a DataBundle) and `backbones` (by config field) are given by a sweep, which builds them once for
+        every variant; a run of its own builds both."""
         cfg = self.cfg
         self.start_time = time.time()
         # Everything that can be checked without weights or data fails here, in a second, with one line.
@@ -168,20 +174,24 @@ class Trainer:
         from unipt_scale.tasks import build_model
         from unipt_scale.preprocessors import load_image_transform, load_tokenizer
 
-        tokenizer = load_tokenizer(cfg.backbone, trust_remote_code=self.trust_remote_code)
-        kind = cfg.task.kind
-        vision = cfg.image_backbone or (cfg.backbone if tokenizer is None else None)
-        image_transform = load_image_transform(vision, cfg.data.image_size, trust_remote_code=self.trust_remote_code) \
-            if vision is not None else None
-        self.data = build_data(cfg.data, tokenizer, rank=self.dist.rank, world_size=self.dist.world_size,
-                               needs_image=kind == "retrieval", needs_labels=kind == "classification" or None,
-                               image_transform=image_transform)
+        if data is None:
+            tokenizer = load_tokenizer(cfg.backbone, trust_remote_code=self.trust_remote_code)
+            kind = cfg.task.kind
+            vision = cfg.image_backbone or (cfg.backbone if tokenizer is None else None)
+            image_transform = load_image_transform(vision, cfg.data.image_size,
+                                                   trust_remote_code=self.trust_remote_code) \
+                if vision is not None else None
+            data = build_data(cfg.data, tokenizer, rank=self.dist.rank, world_size=self.dist.world_size,
+                              needs_image=kind == "retrieval", needs_labels=kind == "classification" or None,
+                              image_transform=image_transform)
+        self.data = data
         if self.data.train_batches < 1:
             raise ConfigError(f"the training data gives no full batch of data.batch_size={cfg.data.batch_size} on "
                               f"each of {self.dist.world_size} rank(s) (batches drop their remainder); use more "
                               "data (data.limit_train, data.split) or a smaller data.batch_size")
         num_classes = cfg.task.num_classes or self.data.num_classes
-        model = build_model(cfg, num_classes=num_classes, trust_remote_code=self.trust_remote_code)
+        model = build_model(cfg, num_classes=num_classes, trust_remote_code=self.trust_remote_code,
+                            backbones=backbones)
         self.steps_per_epoch = max(1, self.data.train_batches // cfg.train.grad_accum)
         self.total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * self.steps_per_epoch))
         if ds_config is not None:
@@ -305,13 +315,25 @@ class Trainer:
                 self.tb.add_scalar("train/loss", mean, self.state.step)
                 self.tb.add_scalar("train/lr", self.engine.lr(), self.state.step)
 
-    def _validate(self, **extra) -> None:
-        val = evaluate(self.model, self.data.val, self.engine, "val")
+    def _record_val(self, val: Optional[Dict], **extra) -> None:
         if val:
             self.state.val_history.append({"step": self.state.step, **extra, **val})
             if self.tb:
                 for k, v in val.items():
                     self.tb.add_scalar(f"val/{k}", v, self.state.step)
+
+    @contextlib.contextmanager
+    def _own_rng(self):
+        """A sweep variant's RNG streams (dropout, checkpointed state) in place while it runs, so it draws exactly
+        what it would draw alone; a run of its own keeps the process's streams."""
+        if self._rng is None:
+            yield
+            return
+        restore_rng(*self._rng)
+        try:
+            yield
+        finally:
+            self._rng = capture_rng()
 
     def _train_micro(self, batch) -> bool:
         """Forward + backward of one micro batch; True when it closed an optimizer step that was applied."""
@@ -367,71 +389,46 @@ class Trainer:
             return False
 
     def fit(self) -> None:
-        cfg, st = self.cfg, self.state
-        device = self.engine.device
+        fit_together([self])
+
+    def finish(self) -> Dict:
+        """Final evaluation, then metrics.json and checkpoint/ committed as a pair (rank 0)."""
+        return finish_together([self])[0]
+
+    def _open_fit(self) -> None:
+        st, device = self.state, self.engine.device
         self._window = torch.tensor([st.window_sum, float(st.window_count)], dtype=torch.float64, device=device)
         self._step_window = torch.zeros(2, dtype=torch.float64, device=device)
         self._bad_step = torch.tensor(-1, dtype=torch.int64, device=device)
         self.model.train()
         self.bar = tqdm(total=self.total_steps, initial=st.step, desc="train", disable=not self.dist.is_main)
-        every = cfg.train.checkpoint_every
-        # train.epochs counts passes: a pass over damaged shards ends early, and is not topped up by another.
-        max_epochs = math.ceil(cfg.train.epochs) if not cfg.train.max_steps else None
-        while st.step < self.total_steps and (max_epochs is None or st.epoch < max_epochs):
-            self._timing_since = time.time()
-            # Every train loader of build_data seeks: the consumed part of the epoch is not read again.
-            self.data.train.set_epoch(st.epoch)
-            if st.data_position:
-                self.data.train.load_state_dict(st.data_position)
-            else:
-                st.epoch_batches = 0
-            fed = bool(st.data_position)
-            finished = True
-            for batch in self.data.train:
-                fed = True
-                st.epoch_batches += 1
-                if not self._train_micro(batch):
-                    continue
-                st.step += 1
-                self.bar.update(1)
-                if st.step % cfg.train.log_every == 0 or st.step == self.total_steps:
-                    self._log_loss()
-                if cfg.train.eval_every and st.step % cfg.train.eval_every == 0 and st.step < self.total_steps:
-                    self._pause_timing()
-                    self._validate()
-                    self._timing_since = time.time()
-                if every and st.step % every == 0:
-                    self._pause_timing()
-                    self.save_checkpoint()
-                    self._timing_since = time.time()
-                for cb in self.callbacks:
-                    cb.on_step_end(self)
-                if st.step >= self.total_steps:
-                    finished = self._epoch_consumed()  # the step budget may end exactly with the epoch
-                    break
+
+    def _stepped(self) -> None:
+        """After an applied optimizer step: count it, log the loss when due."""
+        st, cfg = self.state, self.cfg
+        st.step += 1
+        self.bar.update(1)
+        if st.step % cfg.train.log_every == 0 or st.step == self.total_steps:
+            self._log_loss()
+
+    def _after_validation(self) -> None:
+        every = self.cfg.train.checkpoint_every
+        if every and self.state.step % every == 0:
             self._pause_timing()
-            if not fed:
-                raise RuntimeError("the training loader yielded no batch this epoch; check the data source and "
-                                   "data.batch_size (batches drop their remainder)")
-            if finished:  # the epoch ran out: on to the next one
-                st.epoch += 1
-                st.epoch_batches = 0
-                st.data_position = {}
-                more = st.step < self.total_steps and (max_epochs is None or st.epoch < max_epochs)
-                if more and not cfg.train.eval_every:
-                    self._validate(epoch=st.epoch)
+            self.save_checkpoint()
+            self._timing_since = time.time()
+        for cb in self.callbacks:
+            cb.on_step_end(self)
+
+    def _close_fit(self) -> None:
         self.bar.close()
+        every, st = self.cfg.train.checkpoint_every, self.state
         if every and (self.last_checkpoint is None or not self.last_checkpoint.endswith(f"{st.step:08d}")):
             self.save_checkpoint()  # a resumed finished run goes straight to evaluation and export
         self._check_finite(weights=True)
 
-    def finish(self) -> Dict:
-        """Final evaluation, then metrics.json and checkpoint/ committed as a pair (rank 0)."""
+    def _commit(self, val: Optional[Dict], test: Optional[Dict]) -> Dict:
         cfg, st = self.cfg, self.state
-        self._validate()
-        val = st.val_history[-1] if st.val_history and st.val_history[-1]["step"] == st.step else None
-        val = {k: v for k, v in val.items() if k != "step"} if val else None
-        test = evaluate(self.model, self.data.test, self.engine, "test")
         if self.tb:
             for k, v in (test or {}).items():
                 self.tb.add_scalar(f"test/{k}", v, st.step)
@@ -503,6 +500,138 @@ class Trainer:
         if failed and self._created_output and os.path.isdir(out) and not any(
                 os.path.exists(os.path.join(out, n)) for n in valuable):
             shutil.rmtree(out, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- the loop, for one or many
+
+@contextlib.contextmanager
+def _isolated(trainer: Trainer, live: List[Trainer], isolate: bool):
+    """In a sweep, a variant that goes non-finite stops alone: its stopped metrics are written and the others go
+    on. A run of its own raises."""
+    try:
+        yield
+    except NonFiniteError as err:
+        if not isolate:
+            raise
+        trainer.failure = str(err)
+        trainer.write_stopped(str(err))
+        live.remove(trainer)
+        log.warning("%s: stopped (%s); the other variants go on", trainer.cfg.output_dir, err)
+
+
+def _validate_together(live: List[Trainer], shared: Sequence, **extra) -> None:
+    if not live:
+        return
+    lead = live[0]
+    for t in live:
+        t._pause_timing()
+    results = evaluate_many([t.model for t in live], lead.data.val, lead.engine, "val", shared=shared)
+    for t, val in zip(live, results):
+        t._record_val(val, **extra)
+
+
+def fit_together(trainers: Sequence[Trainer], shared: Sequence = (), isolate: bool = False) -> None:
+    """The training loop. One trainer: a run of its own. Several (a sweep): set up on one DataBundle and views of
+    `shared` backbones, in lockstep (same data, steps, evaluation and checkpoint points); each batch's frozen
+    forward runs once and every trainer steps its own model, optimizer, RNG streams and checkpoints on it."""
+    from unipt_scale.shared_forward import shared_batch
+
+    live = list(trainers)
+    for t in live:
+        t._open_fit()
+    lead = live[0]
+    cfg = lead.cfg
+    # train.epochs counts passes: a pass over damaged shards ends early, and is not topped up by another.
+    max_epochs = math.ceil(cfg.train.epochs) if not cfg.train.max_steps else None
+
+    def going() -> bool:
+        st = live[0].state
+        return st.step < live[0].total_steps and (max_epochs is None or st.epoch < max_epochs)
+
+    while live and going():
+        lead, st = live[0], live[0].state
+        for t in live:
+            t._timing_since = time.time()
+        # Every train loader of build_data seeks: the consumed part of the epoch is not read again.
+        lead.data.train.set_epoch(st.epoch)
+        if st.data_position:
+            lead.data.train.load_state_dict(st.data_position)
+        else:
+            for t in live:
+                t.state.epoch_batches = 0
+        fed = bool(st.data_position)
+        finished = True
+        for batch in lead.data.train:
+            fed = True
+            batch = to_device(batch, lead.engine.device)
+            applied = []
+            with shared_batch(shared):
+                for t in list(live):
+                    t.state.epoch_batches += 1
+                    with _isolated(t, live, isolate), t._own_rng():
+                        applied.append(t._train_micro(batch))
+            if not live:
+                break
+            if not any(applied):
+                continue
+            for t in list(live):
+                with _isolated(t, live, isolate), t._own_rng():
+                    t._stepped()
+            if not live:
+                break
+            lead, st = live[0], live[0].state
+            if cfg.train.eval_every and st.step % cfg.train.eval_every == 0 and st.step < lead.total_steps:
+                _validate_together(live, shared)
+                for t in live:
+                    t._timing_since = time.time()
+            for t in list(live):
+                with _isolated(t, live, isolate), t._own_rng():
+                    t._after_validation()
+            if not live:
+                break
+            lead, st = live[0], live[0].state
+            if st.step >= lead.total_steps:
+                finished = lead._epoch_consumed()  # the step budget may end exactly with the epoch
+                break
+        for t in live:
+            t._pause_timing()
+        if not live:
+            break
+        lead, st = live[0], live[0].state
+        if not fed:
+            raise RuntimeError("the training loader yielded no batch this epoch; check the data source and "
+                               "data.batch_size (batches drop their remainder)")
+        if finished:  # the epoch ran out: on to the next one
+            for t in live:
+                t.state.epoch += 1
+                t.state.epoch_batches = 0
+                t.state.data_position = {}
+            if going() and not cfg.train.eval_every:
+                _validate_together(live, shared, epoch=st.epoch)
+    for t in list(live):
+        with _isolated(t, live, isolate), t._own_rng():
+            t._close_fit()
+    for t in trainers:
+        if getattr(t, "bar", None) is not None:
+            t.bar.close()
+
+
+def finish_together(trainers: Sequence[Trainer], shared: Sequence = ()) -> List[Dict]:
+    """Final evaluation (one pass over val and test for every trainer still live), then each one's metrics.json and
+    checkpoint/ committed as a pair (rank 0)."""
+    live = [t for t in trainers if t.failure is None]
+    if not live:
+        return []
+    lead = live[0]
+    _validate_together(live, shared)
+    tests = evaluate_many([t.model for t in live], lead.data.test, lead.engine, "test", shared=shared)
+    out = []
+    for t, test in zip(live, tests):
+        st = t.state
+        val = st.val_history[-1] if st.val_history and st.val_history[-1]["step"] == st.step else None
+        val = {k: v for k, v in val.items() if k != "step"} if val else None
+        out.append(t._commit(val, test))
+    return out
 
 
 def check_output_dir(path: str) -> None:

@@ -223,7 +223,9 @@ def build_lm_data(cfg: DataConfig, tokenizer, rank: int = 0, world_size: int = 1
         if not rows:
             return None
         part = rows[rank::world_size]
-        loader = DataLoader(part, batch_size=cfg.eval_batch_size, shuffle=False, collate_fn=collate)
+        gen = torch.Generator()  # an iterator of its own: evaluation draws nothing from the training RNG
+        gen.manual_seed(cfg.seed)
+        loader = DataLoader(part, batch_size=cfg.eval_batch_size, shuffle=False, collate_fn=collate, generator=gen)
         loader.rank_sharded = world_size > 1
         return loader
 

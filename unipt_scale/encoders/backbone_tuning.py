@@ -162,7 +162,7 @@ class BackboneEncoder(nn.Module):
             # hook sits on the inner base layer and would miss the adapter's contribution.
             last = dict(backbone.model.named_modules())[backbone.layer_names[-1]]
             last.register_forward_hook(self._keep)
-        elif not isinstance(backbone, HFBackbone):
+        elif trainable != "none" and not isinstance(backbone, HFBackbone):
             raise ConfigError(f"BackboneEncoder takes an HFBackbone or a wrapped module, got {type(backbone).__name__}")
 
     def _keep(self, _module, _inputs, output):
@@ -176,6 +176,9 @@ class BackboneEncoder(nn.Module):
 
     def _final(self, batch):
         bb = self.backbone
+        if self.trainable == "none":  # the frozen forward itself (shareable: unipt_scale.shared_forward)
+            out = bb(batch)
+            return out.final, out.mask
         if isinstance(bb, HFBackbone):
             kwargs, mask = bb._inputs(batch)
             return bb.model(**kwargs).last_hidden_state, mask

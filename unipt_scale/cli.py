@@ -74,6 +74,25 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from unipt_scale.sweep import SWEEP_JSON, run_sweep
+
+    result = run_sweep(args.config, args.overrides, args.grid, args.output_dir, args.trust_remote_code)
+    rule = result["selection"]
+    metric = rule["metric"]
+    print(f"{'variant':<40} {'status':<9} {'val ' + metric:>14} {'test ' + metric:>14}")
+    for row in result["variants"]:
+        val = (row.get("val") or {}).get(metric)
+        test = (row.get("test") or {}).get(metric)
+        print(f"{row['name']:<40} {row['status']:<9} {'' if val is None else f'{val:.4f}':>14} "
+              f"{'' if test is None else f'{test:.4f}':>14}")
+    chosen = result["chosen"] or f"none (no variant has a validation {metric})"
+    print(f"chosen on val {metric} ({rule['mode']}): {chosen}")
+    print(f"{len(result['variants'])} variants on {result['frozen_forwards']} frozen forwards, "
+          f"{result['wall_time_s']:.0f} s; wrote {os.path.join(os.path.abspath(args.output_dir), SWEEP_JSON)}")
+    return 0 if all(r["status"] == "completed" for r in result["variants"]) else 3
+
+
 def _tokenizer(cfg, trust_remote_code: bool):
     from unipt_scale.preprocessors import load_tokenizer
 
@@ -247,6 +266,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     _remote_code_arg(t)
     t.set_defaults(func=cmd_train)
+
+    w = sub.add_parser("sweep", help="train every variant of a grid (learning rates, seeds, side-network settings) "
+                                     "on one frozen forward per batch")
+    w.add_argument("--config", help="YAML run config shared by every variant")
+    w.add_argument("--output-dir", required=True, help="D: each variant writes D/<variant>/, the sweep D/sweep.json")
+    w.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...", required=True,
+                   help="a swept key and its values (repeatable; the variants are every combination), e.g. "
+                        "--grid train.lr=1e-4,3e-4 --grid train.seed=0,1,2")
+    w.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides shared by every variant")
+    _remote_code_arg(w)
+    w.set_defaults(func=cmd_sweep)
 
     e = sub.add_parser("eval", help="evaluate a checkpoint written by `unipt train`")
     e.add_argument("--checkpoint", required=True, help="OUTPUT_DIR/checkpoint of a training run")

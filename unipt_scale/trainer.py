@@ -112,6 +112,21 @@ def evaluate_many(models: Sequence, loader, engine: Optional[Engine], desc: str 
     return results
 
 
+def build_run_data(cfg: RunConfig, dist: DistContext, trust_remote_code: bool = False):
+    """The run's DataBundle: preprocessors from the backbone paths (no weights), then the data."""
+    from unipt_scale.data import build_data
+    from unipt_scale.preprocessors import load_image_transform, load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.backbone, trust_remote_code=trust_remote_code)
+    kind = cfg.task.kind
+    vision = cfg.image_backbone or (cfg.backbone if tokenizer is None else None)
+    image_transform = load_image_transform(vision, cfg.data.image_size, trust_remote_code=trust_remote_code) \
+        if vision is not None else None
+    return build_data(cfg.data, tokenizer, rank=dist.rank, world_size=dist.world_size,
+                      needs_image=kind == "retrieval", needs_labels=kind == "classification" or None,
+                      image_transform=image_transform)
+
+
 class Trainer:
     """One training run: setup(), fit(), finish() (returns the metrics), close(); `train(cfg)` runs them in that
     order. The state lives in `self.state` (a TrainState)."""
@@ -129,6 +144,7 @@ class Trainer:
         self._created_output = False
         self._rng = None  # a sweep variant's own RNG streams while the others run (None: the process's own)
         self.failure: Optional[str] = None  # a sweep variant stopped for non-finite values: why
+        self.progress = True  # its own progress bar (a sweep shows one, its first variant's)
 
     # ------------------------------------------------------------------------------------------- set-up
 
@@ -170,21 +186,9 @@ class Trainer:
             os.makedirs(cfg.output_dir, exist_ok=True)
             recover_outputs(cfg.output_dir)
 
-        from unipt_scale.data import build_data
         from unipt_scale.tasks import build_model
-        from unipt_scale.preprocessors import load_image_transform, load_tokenizer
 
-        if data is None:
-            tokenizer = load_tokenizer(cfg.backbone, trust_remote_code=self.trust_remote_code)
-            kind = cfg.task.kind
-            vision = cfg.image_backbone or (cfg.backbone if tokenizer is None else None)
-            image_transform = load_image_transform(vision, cfg.data.image_size,
-                                                   trust_remote_code=self.trust_remote_code) \
-                if vision is not None else None
-            data = build_data(cfg.data, tokenizer, rank=self.dist.rank, world_size=self.dist.world_size,
-                              needs_image=kind == "retrieval", needs_labels=kind == "classification" or None,
-                              image_transform=image_transform)
-        self.data = data
+        self.data = data if data is not None else build_run_data(cfg, self.dist, self.trust_remote_code)
         if self.data.train_batches < 1:
             raise ConfigError(f"the training data gives no full batch of data.batch_size={cfg.data.batch_size} on "
                               f"each of {self.dist.world_size} rank(s) (batches drop their remainder); use more "
@@ -401,7 +405,8 @@ class Trainer:
         self._step_window = torch.zeros(2, dtype=torch.float64, device=device)
         self._bad_step = torch.tensor(-1, dtype=torch.int64, device=device)
         self.model.train()
-        self.bar = tqdm(total=self.total_steps, initial=st.step, desc="train", disable=not self.dist.is_main)
+        self.bar = tqdm(total=self.total_steps, initial=st.step, desc="train",
+                        disable=not (self.dist.is_main and self.progress))
 
     def _stepped(self) -> None:
         """After an applied optimizer step: count it, log the loss when due."""

@@ -72,6 +72,9 @@ def load_lm_head(backbone, path: str) -> Optional[torch.Tensor]:
                           "task.kind=causal_lm needs the checkpoint of a *ForCausalLM model (save_pretrained of it)")
     return head
 
+# The validation metric a sweep chooses its variant by, and whether higher or lower is better.
+SELECTION = ("loss", "min")
+
 
 class _ChunkedLMLoss(torch.autograd.Function):
     """Σ cross_entropy(h W^T, y) over rows, computed `chunk` rows at a time; W is frozen (no gradient).

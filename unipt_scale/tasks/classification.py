@@ -12,6 +12,9 @@ from unipt_scale.config import ConfigError, RunConfig
 from unipt_scale.trained import task_trained_keys
 
 
+# The validation metric a sweep chooses its variant by, and whether higher or lower is better.
+SELECTION = ("accuracy", "max")
+
 
 class ClassificationModel(nn.Module):
     """Encoder (any method's) → pooled feature → dropout → Linear."""

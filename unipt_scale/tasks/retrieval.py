@@ -23,6 +23,9 @@ def recall_at_k(sim: torch.Tensor, positives: torch.Tensor, ks=(1, 5, 10)) -> Di
         out[k] = positives.gather(1, top).any(1).float().mean().item()
     return out
 
+# The validation metric a sweep chooses its variant by, and whether higher or lower is better.
+SELECTION = ("rsum", "max")
+
 
 class RetrievalModel(nn.Module):
     """Dual encoder (image tower, text tower, each with its own encoder of the method) trained with symmetric

@@ -1,0 +1,190 @@
+"""`unipt sweep`: every variant of a grid trained on one frozen forward per batch.
+
+Variants may differ only in what is trained (the side network's and the head's settings, learning rates,
+schedule, clipping, seed, and the frozen-backbone method: unipt, ladder or linear_probe). Each has its own
+model, optimizer, schedule, RNG streams, checkpoints and outputs — `D/<variant>/metrics.json` and `checkpoint/`,
+exactly what `unipt train` writes for it (fp32 on one process: the same bits) — and `D/sweep.json` names the
+variant chosen on validation. A variant that goes non-finite stops alone.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import re
+import time
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from unipt_scale.atomic import atomic_write_json
+from unipt_scale.config import ConfigError, RunConfig, load_config
+
+log = logging.getLogger("unipt_scale")
+
+# What a variant may change: none of it reaches the frozen forward or the data.
+SWEEPABLE_PREFIXES = ("unipt.", "ladder.")
+SWEEPABLE_KEYS = ("method", "task.dropout", "task.embed_dim", "task.init_temperature", "train.lr", "train.head_lr",
+                  "train.weight_decay", "train.warmup_ratio", "train.clip_norm", "train.seed", "train.log_every")
+# Methods whose backbone is frozen and read only through its forward (so one forward serves them all).
+SHARED_FORWARD_METHODS = ("unipt", "ladder", "linear_probe")
+SWEEP_JSON = "sweep.json"
+
+
+def parse_grid(items: Sequence[str]) -> List[Tuple[str, List[str]]]:
+    """`key=v1,v2,...` per item (commas inside [...] stay with their value: unipt.layers=[1,2],all)."""
+    grid: List[Tuple[str, List[str]]] = []
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--grid {item!r} is not key=v1,v2,... (e.g. --grid train.lr=1e-4,3e-4)")
+        key, raw = (part.strip() for part in item.split("=", 1))
+        values, depth, cur = [], 0, ""
+        for ch in raw:
+            depth += {"[": 1, "]": -1}.get(ch, 0)
+            if ch == "," and depth == 0:
+                values.append(cur.strip())
+                cur = ""
+            else:
+                cur += ch
+        values.append(cur.strip())
+        if not key or any(v == "" for v in values):
+            raise ConfigError(f"--grid {item!r} has an empty key or value; write key=v1,v2,...")
+        if any(k == key for k, _ in grid):
+            raise ConfigError(f"--grid names {key} twice; give all its values in one --grid {key}=v1,v2,...")
+        if len(set(values)) != len(values):
+            raise ConfigError(f"--grid {key} lists a value twice ({raw}); give each value once")
+        if not (key in SWEEPABLE_KEYS or key.startswith(SWEEPABLE_PREFIXES)):
+            raise ConfigError(f"--grid {key}: a sweep shares one frozen forward per batch, so its variants may "
+                              f"differ only in what is trained ({', '.join(SWEEPABLE_KEYS)}, unipt.*, ladder.*); "
+                              f"run a separate `unipt train` (or sweep) per {key}")
+        grid.append((key, values))
+    if not grid:
+        raise ConfigError("a sweep needs at least one --grid key=v1,v2,...")
+    return grid
+
+
+def variant_name(assignment: Sequence[Tuple[str, str]]) -> str:
+    """A directory name that says what the variant sets: lr=1e-4_seed=0."""
+    short = [k.rsplit(".", 1)[-1] for k, _ in assignment]
+    parts = []
+    for (key, value), name in zip(assignment, short):
+        name = key.replace(".", "-") if short.count(name) > 1 else name
+        parts.append(f"{name}={re.sub(r'[^A-Za-z0-9._+:-]', '', value.replace(',', '+')) or 'x'}")
+    return "_".join(parts)
+
+
+def expand(grid: List[Tuple[str, List[str]]]) -> List[Tuple[str, List[Tuple[str, str]]]]:
+    keys = [k for k, _ in grid]
+    out = []
+    for values in itertools.product(*(v for _, v in grid)):
+        assignment = list(zip(keys, values))
+        out.append((variant_name(assignment), assignment))
+    return out
+
+
+def variant_configs(config: Optional[str], overrides: Sequence[str], grid_items: Sequence[str],
+                    output_dir: str) -> List[Tuple[str, List[Tuple[str, str]], RunConfig]]:
+    """Every variant's resolved config, refused in one line where a sweep cannot share the frozen forward."""
+    grid = parse_grid(grid_items)
+    for item in overrides:
+        if item.split("=", 1)[0].strip() == "output_dir":
+            raise ConfigError("a sweep writes each variant under --output-dir D (D/<variant>/); drop output_dir=")
+    variants = []
+    for name, assignment in expand(grid):
+        extra = [f"{k}={v}" for k, v in assignment]
+        cfg = load_config(config, [*overrides, *extra, f"output_dir={os.path.join(output_dir, name)}"])
+        variants.append((name, assignment, cfg))
+    first = variants[0][2]
+    swept = {k for k, _ in grid}
+    for name, _, cfg in variants:
+        if cfg.method not in SHARED_FORWARD_METHODS:
+            raise ConfigError(f"method={cfg.method} trains inside the backbone (its forward cannot be shared); a "
+                              f"sweep runs {', '.join(SHARED_FORWARD_METHODS)}: train {cfg.method} with `unipt train`")
+        if cfg.deepspeed.enabled:
+            raise ConfigError("a sweep runs on one process (DeepSpeed: one `unipt train` per variant); set "
+                              "deepspeed.enabled=false")
+        if cfg.train.resume:
+            raise ConfigError("train.resume: a sweep starts fresh (each variant still writes checkpoints with "
+                              "train.checkpoint_every); resume one variant with `unipt train`")
+        if cfg.train.on_nonfinite == "skip":
+            raise ConfigError("train.on_nonfinite=skip lets variants take different batches for their steps, and a "
+                              "sweep keeps them in lockstep; use train.on_nonfinite=stop (a variant that goes "
+                              "non-finite stops alone)")
+    if "train.seed" in swept and any(bb is not None and bb.random_init
+                                     for bb in (first.backbone, first.image_backbone)):
+        raise ConfigError("backbone.random_init=true draws the frozen backbone from train.seed, so each seed needs a "
+                          "backbone (and a forward) of its own; sweep train.seed over a saved backbone")
+    return variants
+
+
+def _select(variants: List[dict], task_kind: str) -> Tuple[Optional[str], dict]:
+    from unipt_scale.tasks import TASKS
+
+    metric, mode = TASKS[task_kind].SELECTION
+    scored = [(v["val"][metric], v["name"]) for v in variants
+              if v["status"] == "completed" and v.get("val") and v["val"].get(metric) is not None]
+    rule = {"split": "val", "metric": metric, "mode": mode}
+    if not scored:
+        return None, rule
+    best = (max if mode == "max" else min)(scored, key=lambda s: s[0])
+    return best[1], rule
+
+
+def run_sweep(config: Optional[str], overrides: Sequence[str], grid_items: Sequence[str], output_dir: str,
+              trust_remote_code: bool = False) -> dict:
+    """Train every variant of the grid on one frozen forward per batch; returns (and writes) D/sweep.json."""
+    import torch
+
+    from unipt_scale.distributed import single_process
+    from unipt_scale.shared_forward import SharedBackbone
+    from unipt_scale.tasks import load_backbones
+    from unipt_scale.train_state import capture_rng, seed_everything
+    from unipt_scale.trainer import (Trainer, build_run_data, check_backbones, check_output_dir, finish_together,
+                                     fit_together)
+
+    start = time.time()
+    output_dir = os.path.abspath(os.path.expanduser(output_dir))
+    check_output_dir(output_dir)
+    variants = variant_configs(config, overrides, grid_items, output_dir)
+    for _, _, cfg in variants:
+        check_backbones(cfg, trust_remote_code)
+    lead = variants[0][2]
+    if lead.train.num_threads > 0:
+        torch.set_num_threads(lead.train.num_threads)
+    os.makedirs(output_dir, exist_ok=True)
+    seed_everything(lead.train.seed)
+    data = build_run_data(lead, single_process(), trust_remote_code)
+    shared = {name: SharedBackbone(bb) for name, bb in load_backbones(lead, trust_remote_code).items()}
+    trainers: List[Trainer] = []
+    failed = True
+    try:
+        for _, _, cfg in variants:
+            t = Trainer(cfg, trust_remote_code=trust_remote_code)
+            t.progress = not trainers
+            trainers.append(t)
+            t.setup(data=data, backbones={name: sb.view() for name, sb in shared.items()})
+            t._rng = capture_rng()  # its streams from here on, as if it ran alone
+        log.info("sweep: %d variants on one frozen forward per batch", len(trainers))
+        fit_together(trainers, list(shared.values()), isolate=True)
+        finished = {id(t): m for t, m in zip([t for t in trainers if t.failure is None],
+                                             finish_together(trainers, list(shared.values())))}
+        failed = False
+    finally:
+        for t in trainers:
+            t.close(failed)
+    rows = []
+    for (name, assignment, cfg), t in zip(variants, trainers):
+        m = finished.get(id(t))
+        row = {"name": name, "overrides": dict(assignment), "output_dir": cfg.output_dir,
+               "status": "completed" if m is not None else "stopped"}
+        if m is not None:
+            row.update(val=m.get("val"), test=m.get("test"), steps=m.get("steps"),
+                       trainable_params=m.get("trainable_params"))
+        else:
+            row["reason"] = t.failure
+        rows.append(row)
+    chosen, rule = _select(rows, lead.task.kind)
+    result = {"grid": {k: v for k, v in parse_grid(grid_items)}, "selection": rule, "chosen": chosen,
+              "variants": rows, "frozen_forwards": sum(sb.forwards for sb in shared.values()),
+              "train_time_s": max((t.state.train_time_s for t in trainers), default=0.0),
+              "wall_time_s": time.time() - start}
+    atomic_write_json(os.path.join(output_dir, SWEEP_JSON), result)
+    return result

@@ -15,7 +15,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from unipt_scale.config import ConfigError, config_help, dump_config, load_config  # noqa: E402
 
 log = logging.getLogger("unipt_scale")
-BENCHES = ("kernels", "data", "methods", "quality", "headlines", "quantization", "generate")
+BENCHES = ("kernels", "data", "methods", "quality", "headlines", "quantization", "generate", "shared")
 
 
 def _quiet_libraries():

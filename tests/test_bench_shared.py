@@ -1,0 +1,48 @@
+"""`unipt bench shared` on a tiny backbone: the rows it reports are the measurements divided as they say, the nine
+separate runs equal the sweep's variants, and bad arguments are one line."""
+import json
+
+import pytest
+
+from test_resume import _write_csv
+from tiny_models import tiny_bert_dir
+from unipt_scale.bench import shared
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench-shared")
+    model = tiny_bert_dir(str(root))
+    data = _write_csv(root / "d.csv")
+    out = root / "shared.json"
+    code = shared.main(["--ks", "1,3", "--steps", "2", "--warmup", "1", "--sweep-steps", "2", "--threads", "1",
+                        "--json", str(out), f"backbone.path={model}", "data.source=csv", f"data.path={data}",
+                        "data.batch_size=16", "data.limit_train=0", "data.limit_eval=0", "unipt.mapping_dim=8"])
+    assert code == 0
+    return json.load(open(out))
+
+
+def test_step_rows_are_their_medians_divided(result):
+    st = result["step"]
+    assert [r["k"] for r in st["per_k"]] == [1, 3]
+    for row in st["per_k"]:
+        assert row["shared_step_ms"] == pytest.approx(sorted(st["samples_ms"][f"shared_k{row['k']}"])[0] / 2
+                                                      + sorted(st["samples_ms"][f"shared_k{row['k']}"])[1] / 2)
+        assert row["separate_steps_ms"] == pytest.approx(row["k"] * st["one_step_ms"])
+        assert row["shared_over_one_step"] == pytest.approx(row["shared_step_ms"] / st["one_step_ms"])
+    assert len(st["samples_ms"]["one_step"]) == 2 and st["batch_size"] == 16
+
+
+def test_the_sweep_equals_nine_separate_runs(result):
+    sw = result["sweep"]
+    assert sw["variants"] == 9 and sw["identical_variants"] == 9
+    assert sw["sweep_over_separate"] == pytest.approx(sw["sweep_wall_s"] / sw["separate_wall_s"])
+    # one frozen forward per training batch for all nine (2 steps), plus one per evaluation batch
+    assert sw["frozen_forwards_in_sweep"] < 9 * 2
+
+
+@pytest.mark.parametrize("argv", [["--ks", "0"], ["--ks", "a"], ["--steps", "0"]])
+def test_bad_arguments_are_one_line(argv, capsys):
+    assert shared.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("unipt bench shared: ")

@@ -132,8 +132,13 @@ def test_learning_rate_is_chosen_on_validation(out):
                 assert set(x) == {"lr", "factor", "status", f"val_{metric}"}, "nothing of the test split"
             best = max(sweep["runs"], key=lambda x: (x[f"val_{metric}"], -abs(math.log(x["factor"]))))
             assert sweep["chosen_lr"] == r["lr"] == best["lr"], (name, m)
-            # the seed-0 run is the sweep's run at that learning rate
+            # the seed-0 run is the sweep's run at that learning rate; a frozen-forward method's sweep trained every
+            # rate on one forward per batch, and its chosen variant, run again alone, came out the same
             assert r["runs"][0]["val"][metric] == best[f"val_{metric}"]
+            shared = m in ("unipt", "linear_probe")
+            assert sweep.get("shared_forward", False) is shared, (name, m)
+            if shared:
+                assert sweep["same_as_alone"] is True and sweep["frozen_forwards"] > 0
 
 
 def test_lora_on_the_conv_backbones_is_refused_with_its_reason(out):

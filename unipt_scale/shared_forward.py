@@ -18,10 +18,16 @@ from unipt_scale.backbone import BackboneOutput, FrozenBackbone
 INPUT_KEYS = ("input_ids", "attention_mask", "pixel_values")
 
 
-def _input_identity(batch: Dict) -> Tuple:
-    """The tensors a backbone reads, by identity: a shared output is only ever handed to the batch it was
-    computed from."""
-    return tuple(id(batch[k]) if torch.is_tensor(batch.get(k)) else None for k in INPUT_KEYS)
+def _input_key(batch: Dict) -> Tuple:
+    """The inputs a backbone reads, by the memory they occupy and their in-place version: the same rows of the same
+    batch give the same key for every view (a slice taken again included), a different batch or an edited one
+    another. The memo holds the inputs themselves, so their memory cannot be reused for other data meanwhile."""
+    key = []
+    for name in INPUT_KEYS:
+        t = batch.get(name)
+        key.append(None if not torch.is_tensor(t) else
+                   (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t.device, t._version))
+    return tuple(key)
 
 
 class SharedBackbone:
@@ -31,7 +37,7 @@ class SharedBackbone:
         self.backbone = backbone
         self.views: List["BackboneView"] = []
         self._open = False
-        self._memo: Optional[Tuple[Tuple, BackboneOutput, List[int]]] = None
+        self._memo: Dict[Tuple, Tuple[BackboneOutput, List[int], list]] = {}
         self.forwards = 0  # frozen forwards run (the sharing is measurable)
 
     def view(self) -> "BackboneView":
@@ -41,30 +47,28 @@ class SharedBackbone:
 
     @contextlib.contextmanager
     def batch(self) -> Iterator[None]:
-        """Inside, the first view to read a batch runs the frozen forward and the others reuse it."""
-        self._open, self._memo = True, None
+        """Inside, the first view to read a batch (or a slice of its rows) runs the frozen forward and the others
+        reuse it; what was computed is kept until the block ends."""
+        self._open, self._memo = True, {}
         try:
             yield
         finally:
-            self._open, self._memo = False, None
+            self._open, self._memo = False, {}
 
     def _union(self) -> List[int]:
         return sorted({i for v in self.views for i in v.layer_indices})
 
     def output_for(self, view: "BackboneView", batch: Dict) -> BackboneOutput:
-        key = _input_identity(batch)
-        if self._open and self._memo is not None:
-            memo_key, out, layers = self._memo
-            if memo_key != key:
-                raise RuntimeError("a shared frozen forward was asked for two different batches inside one "
-                                   "SharedBackbone.batch(); open one block per batch")
+        key = _input_key(batch) if self._open else None
+        if key is not None and key in self._memo:
+            out, layers, _inputs = self._memo[key]
         else:
             layers = self._union() if self._open else list(view.layer_indices)
             self.backbone.tap(layers)
             out = self.backbone(batch)
             self.forwards += 1
-            if self._open:
-                self._memo = (key, out, layers)
+            if key is not None:
+                self._memo[key] = (out, layers, [batch.get(k) for k in INPUT_KEYS])
         where = {layer: n for n, layer in enumerate(layers)}
         states = [out.hidden_states[where[i]] for i in view.layer_indices]
         final = states[-1] if self.backbone.final_is_last_tapped else out.final

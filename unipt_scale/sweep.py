@@ -13,7 +13,7 @@ import logging
 import os
 import re
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 from unipt_scale.atomic import atomic_write_json
 from unipt_scale.config import ConfigError, RunConfig, load_config
@@ -129,8 +129,11 @@ def _select(variants: List[dict], task_kind: str) -> Tuple[Optional[str], dict]:
 
 
 def run_sweep(config: Optional[str], overrides: Sequence[str], grid_items: Sequence[str], output_dir: str,
-              trust_remote_code: bool = False) -> dict:
-    """Train every variant of the grid on one frozen forward per batch; returns (and writes) D/sweep.json."""
+              trust_remote_code: bool = False, on_finished: Optional[Callable] = None) -> dict:
+    """Train every variant of the grid on one frozen forward per batch; returns (and writes) D/sweep.json.
+
+    `on_finished(trainers)` sees the variants' trainers (models still built; `failure` set on the stopped ones)
+    after the final evaluation, before they close: e.g. to generate with each trained model."""
     import torch
 
     from unipt_scale.distributed import single_process
@@ -166,6 +169,8 @@ def run_sweep(config: Optional[str], overrides: Sequence[str], grid_items: Seque
         fit_together(trainers, list(shared.values()), isolate=True)
         finished = {id(t): m for t, m in zip([t for t in trainers if t.failure is None],
                                              finish_together(trainers, list(shared.values())))}
+        if on_finished is not None:
+            on_finished(trainers)
         failed = False
     finally:
         for t in trainers:

@@ -13,8 +13,12 @@ trainer (unipt_scale.trainer, `method=`), each in a process of its own (bench.me
 - peak memory of the training steps above the run's loaded baseline (peak RSS on CPU, max_memory_allocated on
   CUDA; see bench.memory), median step time, wall time of the run, trainable parameters, AdamW state bytes.
 
-The seed-0 run at the chosen learning rate is the sweep's own run (same config, same process rules): it is
-reused, not repeated. A method the model code refuses for a backbone (peft cannot put LoRA into
+Methods whose backbone is frozen and read only through its forward (unipt and its variants, linear_probe, the
+ladder) sweep with `unipt sweep` (unipt_scale.sweep): every learning rate of the sweep trains in one process on
+one frozen forward per batch, and the seed-0 run at the chosen rate then runs alone like every other seed, so its
+time and memory are its own; its validation metric equals the sweep's (the sweep is bit-identical to separate
+runs) and `lr_sweep.same_as_alone` records that it did. For lora and full, whose forward cannot be shared, the
+sweep is one run per rate, and the seed-0 run at the chosen rate is the sweep's own run, reused, not repeated. A method the model code refuses for a backbone (peft cannot put LoRA into
 EfficientNet's Conv2dStaticSamePadding; linear_probe, which has nothing to train under a causal LM's frozen
 head) is recorded with the refusal's reason; the suite goes on.
 
@@ -105,6 +109,7 @@ from unipt_scale.atomic import atomic_write_bytes, atomic_write_json
 from unipt_scale.bench.memory import IsolatedRunError, PeakMeter, one_line, run_isolated
 from unipt_scale.bench.schemes import SCHEMES, label, parse_schemes
 from unipt_scale.config import DEFAULT_LR, METHODS, ConfigError
+from unipt_scale.sweep import SHARED_FORWARD_METHODS
 
 # The methods every suite runs by default (ladder, a decoder baseline, is asked for by name).
 DEFAULT_METHODS = ("unipt", "lora", "full", "linear_probe")
@@ -158,6 +163,7 @@ class Variant:
 
 SCHEMA = "unipt_scale.bench.quality/2"  # 2: per-scheme records (--quantization), frozen_weight_bytes per run
 RUN_TARGET = "unipt_scale.bench.quality:train_run"
+SWEEP_TARGET = "unipt_scale.bench.quality:sweep_run"
 ZERO_SHOT_TARGET = "unipt_scale.bench.quality:zero_shot_run"
 PREPARE_TARGET = "unipt_scale.bench.quality:prepare_suite"
 DEFAULT_FACTORS = (0.3, 1.0, 3.0)
@@ -641,6 +647,39 @@ def train_run(spec: dict) -> dict:
             "train_loss_last": losses[-1] if losses else None, "device": str(trainer.engine.device)}
 
 
+def sweep_run(spec: dict) -> dict:
+    """Every learning rate of a method's validation sweep, one process, one frozen forward per batch
+    (unipt_scale.sweep); a causal-LM suite's variants then generate their val headlines, which choose."""
+    import torch
+
+    from unipt_scale.sweep import run_sweep
+
+    torch.set_num_threads(int(spec["threads"]))
+    if spec.get("tiny_cnn"):
+        register_tiny_cnn(**spec["tiny_cnn"])
+    generated: Dict[str, dict] = {}
+
+    def generate(trainers):
+        if not spec.get("generation"):
+            return
+        for t in trainers:
+            if t.failure is None:
+                generated[t.cfg.output_dir] = generate_splits(t.model, t.cfg, spec["generation"])
+
+    result = run_sweep(spec.get("config_file"), spec["overrides"], [f"train.lr={','.join(spec['lrs'])}"],
+                       spec["output_dir"], on_finished=generate)
+    rows = []
+    for row in result["variants"]:
+        rec = {"lr": row["overrides"]["train.lr"], "status": "completed" if row["status"] == "completed"
+               else "nonfinite"}
+        if row["status"] == "completed":
+            rec["val"] = _with_generation({"val": row["val"], "test": None}, generated.get(row["output_dir"], {}))["val"]
+        else:
+            rec["reason"] = one_line(row["reason"])
+        rows.append(rec)
+    return {"variants": rows, "frozen_forwards": result["frozen_forwards"], "wall_s": result["wall_time_s"]}
+
+
 def generate_splits(model, cfg, generation: dict) -> Dict[str, dict]:
     """Greedy completions of the val and test records the trainer evaluated (the same split and limit), scored
     by bench.generation (ROUGE-L, exact match)."""
@@ -787,6 +826,32 @@ class Runner:
                 "scheme": scheme, "steps": 0, "test_samples": rec["test"].get("num_samples"),
                 "val_samples": (rec.get("val") or {}).get("num_samples")}
 
+    def sweep(self, method: str, lrs: List[float], seed: int, scheme: str = "none") -> dict:
+        """Every learning rate of a frozen-forward method's sweep in one process (sweep_run): {lr: record} with
+        each one's status and val metrics, or {"status": "refused"|"failed", "reason"}."""
+        name = f"{method}-sweep-seed{seed}" + ("" if scheme == "none" else f"-{scheme}")
+        spec, log_path = self._spec(method, lrs[0], seed, name, scheme, choosing=True)
+        out = next(o.split("=", 1)[1] for o in spec["overrides"] if o.startswith("output_dir="))
+        spec["overrides"] = [o for o in spec["overrides"] if not o.startswith(("output_dir=", "train.lr="))]
+        spec["lrs"], spec["output_dir"] = [repr(lr) for lr in lrs], out
+        if spec["generation"]:
+            spec["generation"] = dict(spec["generation"], splits=["val"])
+        try:
+            res = run_isolated(SWEEP_TARGET, spec, timeout_s=self.timeout_s * len(lrs), log_path=log_path)
+        except IsolatedRunError as err:
+            return {"status": "failed", "reason": one_line(err)}
+        if "error" in res:
+            return {"status": "refused" if res["error"]["kind"] == "refused" else "failed",
+                    "reason": res["error"]["message"]}
+        metric = self.suite.metric
+        for rec in res["result"]["variants"]:
+            val = (rec.get("val") or {}).get(metric)
+            self.log(f"#   {self.suite.name} {method}-lr{float(rec['lr']):.3g} (sweep): val {metric} "
+                     f"{'-' if val is None else format(val, '.4f')}")
+        by_lr = {float(rec["lr"]): rec for rec in res["result"]["variants"]}
+        return {"status": "completed", "by_lr": by_lr, "wall_s": res["result"]["wall_s"],
+                "process_wall_s": res["process_wall_s"], "frozen_forwards": res["result"]["frozen_forwards"]}
+
     def run(self, method: str, lr: float, seed: int, scheme: str = "none", choosing: bool = True) -> dict:
         name = f"{method}-lr{lr:.3g}-seed{seed}" + ("" if scheme == "none" else f"-{scheme}")
         spec, log_path = self._spec(method, lr, seed, name, scheme, choosing)
@@ -836,9 +901,16 @@ def run_method(runner: Runner, method: str, seeds: List[int], factors: List[floa
              "runs": []}
     by_lr: Dict[float, dict] = {}
     choosing = len(factors) > 1  # one candidate is chosen without looking at val
-    for f in factors:
-        lr = float(f"{default * f:.6g}")
-        rec = runner.run(method, lr, seeds[0], scheme, choosing)
+    lrs = [float(f"{default * f:.6g}") for f in factors]
+    shared = choosing and runner.variant(method).method in SHARED_FORWARD_METHODS
+    if shared:  # every rate in one process on one frozen forward per batch; the chosen one reruns alone below
+        together = runner.sweep(method, lrs, seeds[0], scheme)
+        if together["status"] != "completed":
+            return dict(tag, status=together["status"], reason=together["reason"], lr_sweep=sweep)
+        sweep.update(shared_forward=True, wall_s=together["wall_s"], process_wall_s=together["process_wall_s"],
+                     frozen_forwards=together["frozen_forwards"])
+    for f, lr in zip(factors, lrs):
+        rec = together["by_lr"][lr] if shared else runner.run(method, lr, seeds[0], scheme, choosing)
         if rec["status"] == "refused":
             return dict(tag, status="refused", reason=rec["reason"], lr_sweep=sweep)
         sweep["runs"].append({"lr": lr, "factor": f, "status": rec["status"], f"val_{metric}": _val(rec, metric),
@@ -853,7 +925,12 @@ def run_method(runner: Runner, method: str, seeds: List[int], factors: List[floa
     # Best validation metric; a tie goes to the learning rate nearest the method's default.
     best = max(usable, key=lambda r: (r[f"val_{metric}"] or 0.0, -abs(math.log(r["factor"]))))
     sweep["chosen_lr"] = best["lr"]
-    runs = [by_lr[best["lr"]]]
+    if shared:  # the chosen rate's seed-0 run alone: its own time and memory, and the sweep's bits
+        runs = [runner.run(method, best["lr"], seeds[0], scheme, choosing=True)]
+        alone = _val(runs[0], metric)
+        sweep["same_as_alone"] = alone is not None and alone == best[f"val_{metric}"]
+    else:
+        runs = [by_lr[best["lr"]]]
     for seed in seeds[1:]:
         runs.append(runner.run(method, best["lr"], seed, scheme, choosing=False))
     extra = {} if scheme == "none" else {"lr_source": LR_OWN_SWEEP}

@@ -140,6 +140,12 @@ class DataConfig:
     limit_train: int = _f(0, "Use at most this many training samples (0 = all).")
     limit_eval: int = _f(0, "Use at most this many val/test samples (0 = all).")
     cache_dir: str = _f("", "Where derived data (e.g. the demo's shards) is cached; default ~/.cache/unipt_scale.")
+    feature_cache: str = _f("", "Directory of the tapped-state cache ('' = off): each sample's tapped states are "
+                                "written once (WebDataset shards keyed by the backbone, its dtype and quantization, "
+                                "the tapped layers and the sample's sha256) and read instead of running the frozen "
+                                "backbone again, in later epochs and later runs. Methods unipt, ladder, linear_probe.")
+    feature_cache_dtype: str = _f("float16", "How the cache stores states: float32 (exact) | float16 | int8 (one "
+                                             "float32 scale per position).")
     max_lost_fraction: float = _f(0.01, "Fail the run when more than this share of a pass's indexed samples could "
                                         "not be read (corrupt or truncated shards); 0 = any loss fails, 1 = never.")
 
@@ -447,6 +453,13 @@ def validate(cfg: RunConfig) -> None:
     if lm != (cfg.data.source in ("jsonl", "bbc_headlines")):
         raise ConfigError("task.kind=causal_lm reads prompt/response data: data.source=jsonl data.path=FILE or "
                           "data.source=bbc_headlines; the other sources are for classification and retrieval")
+    _choice("data.feature_cache_dtype", cfg.data.feature_cache_dtype, ("float32", "float16", "int8"))
+    if cfg.data.feature_cache and cfg.method not in ("unipt", "ladder", "linear_probe"):
+        raise ConfigError(f"data.feature_cache: method={cfg.method} trains inside the backbone, so its states change "
+                          "every step and cannot be cached; use it with method=unipt, ladder or linear_probe, or set "
+                          "data.feature_cache=''")
+    if cfg.data.feature_cache and cfg.deepspeed.enabled:
+        raise ConfigError("data.feature_cache runs on one process; set data.feature_cache='' under DeepSpeed")
     if cfg.task.loss_chunk_tokens < 1:
         raise ConfigError("task.loss_chunk_tokens must be >= 1")
     if cfg.unipt.side_blocks < 0 or cfg.unipt.side_heads < 0 or cfg.unipt.side_mlp_ratio < 1:

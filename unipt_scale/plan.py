@@ -567,6 +567,8 @@ class Options:
     generate: bool = False           # plan incremental decoding instead of training
     quantization: str = "none"       # none | int8 | nf4: the frozen base's Linears (bitsandbytes)
     quant_layout: str = "cuda"       # nf4's scales: cuda (double-quantized) | cpu (bitsandbytes' CPU repack)
+    cache_samples: int = 0           # data.feature_cache: samples whose tapped states go to disk (0: no cache)
+    cache_dtype: str = "float16"     # data.feature_cache_dtype
     profile: SavedProfile = field(default=CUDA)
 
     @property
@@ -970,6 +972,8 @@ def plan(model: Model, o: Options) -> dict:
     quantized base, `lora` on the base in --dtype for comparison, `full` refused."""
     one = plan_generate if o.generate else plan_method
     head = {"inputs": _inputs(model, o), "model": _model_summary(model, o)}
+    if o.cache_samples:
+        head["feature_cache"] = feature_cache_plan(head["model"]["towers"], o)
     if o.generate:
         head["mode"] = "generate"
     if o.quantization == "none":
@@ -980,6 +984,18 @@ def plan(model: Model, o: Options) -> dict:
     return {**head, "columns": ["unipt", "qlora", "lora", "full"], "unipt": one(model, "unipt", o),
             "qlora": one(model, "lora", o), "lora": one(model, "lora", plain),
             "full": {"refused": FULL_REFUSED, "fits": False, "max_batch_per_gpu": 0}}
+
+
+def feature_cache_plan(towers: List[dict], o: Options) -> dict:
+    """Disk bytes of the tapped-state cache (unipt_scale.feature_cache) before it is written: per sample, every
+    tapped state at every position plus the final output, in the cache's dtype (int8 adds a float32 scale per
+    position); padding is not stored, so a run with shorter samples writes less."""
+    from unipt_scale.feature_cache import estimate_bytes
+
+    per_tower = {t["name"]: estimate_bytes(o.cache_samples, t["tokens"], [t["hidden"]] * (t["tapped_layers"] + 1),
+                                           o.cache_dtype) for t in towers}
+    return {"samples": o.cache_samples, "dtype": o.cache_dtype, "bytes": sum(per_tower.values()),
+            "per_tower_bytes": per_tower}
 
 
 def _model_summary(model: Model, o: Options) -> dict:
@@ -1091,6 +1107,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="none (default) | int8 (LLM.int8) | nf4 (4-bit NormalFloat): the frozen base's Linears as "
                         "bitsandbytes holds them (backbone.quantization); LoRA on it is planned as QLoRA, beside "
                         "LoRA on the unquantized base; full fine-tuning is refused")
+    p.add_argument("--cache-samples", type=int, default=0, metavar="N",
+                   help="also size the tapped-state cache (data.feature_cache) of N samples on disk")
+    p.add_argument("--cache-dtype", default="float16", help="float32 | float16 | int8 (data.feature_cache_dtype)")
     p.add_argument("--json", metavar="FILE", help="also write the plan as JSON")
     return p
 
@@ -1136,6 +1155,9 @@ def options_from_args(args) -> Options:
                         ("--mapping-dim", args.mapping_dim)):
         if value is not None and value < 1:
             raise PlanError(f"{flag} must be >= 1, got {value}")
+    _choice("--cache-dtype", args.cache_dtype, ("float32", "float16", "int8"))
+    if args.cache_samples < 0:
+        raise PlanError(f"--cache-samples must be >= 0, got {args.cache_samples}")
     if args.ladder_reduction < 1 or args.ladder_rank < 1:
         raise PlanError("--ladder-reduction and --ladder-rank must be >= 1")
     if args.prefill_chunk < 0 or (args.prefill_chunk and not args.generate):
@@ -1158,7 +1180,8 @@ def options_from_args(args) -> Options:
                    side_recompute=args.side_recompute, attention=args.attention,
                    activation_checkpointing=args.activation_checkpointing, task=task, lm_loss=args.lm_loss,
                    loss_chunk_tokens=args.loss_chunk_tokens, generate=args.generate, quantization=args.quantization,
-                   prefill_chunk=args.prefill_chunk)
+                   prefill_chunk=args.prefill_chunk, cache_samples=args.cache_samples,
+                   cache_dtype=args.cache_dtype)
 
 
 def check_model(model: Model, o: Options) -> None:
@@ -1192,6 +1215,10 @@ def format_plan(p: dict) -> str:
                      f"d={t['mapping_dim']} over {t['tapped_layers']} hidden states")
     for note in m["notes"]:
         lines.append(f"  note: {note}")
+    fc = p.get("feature_cache")
+    if fc:
+        lines.append(f"tapped-state cache (data.feature_cache): {fc['bytes'] / 2 ** 30:.2f} GiB on disk for "
+                     f"{fc['samples']:,} samples in {fc['dtype']}, written once, before the epochs that read it")
     lines.append(f"cluster: {i['nodes']} node(s) x {i['gpus_per_node']} GPUs = {i['world_size']} ranks, "
                  f"{i['gpu_mem_gib']:g} GiB each ({i['gpu_mem_gib'] - i['reserve_gib']:g} usable)")
     lm = i.get("task") == "causal_lm"

@@ -9,11 +9,14 @@ backbone runs once over the union of the views' layers and every view reads its 
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 
 from unipt_scale.backbone import BackboneOutput, FrozenBackbone
+
+if TYPE_CHECKING:
+    from unipt_scale.feature_cache import TappedStateCache
 
 INPUT_KEYS = ("input_ids", "attention_mask", "pixel_values")
 
@@ -33,12 +36,16 @@ def _input_key(batch: Dict) -> Tuple:
 class SharedBackbone:
     """A loaded frozen backbone whose forward several views share (see the module docstring)."""
 
-    def __init__(self, backbone: FrozenBackbone):
+    def __init__(self, backbone: FrozenBackbone, cache: Optional[Callable[[List[int]], "TappedStateCache"]] = None):
+        """`cache(layers)`: opens the tapped-state cache for the tapped layers (unipt_scale.feature_cache); blocks
+        then read each sample's states from it and run the backbone only for batches with samples it lacks."""
         self.backbone = backbone
         self.views: List["BackboneView"] = []
         self._open = False
         self._memo: Dict[Tuple, Tuple[BackboneOutput, List[int], list]] = {}
         self.forwards = 0  # frozen forwards run (the sharing is measurable)
+        self._cache_factory = cache
+        self.cache: Optional["TappedStateCache"] = None
 
     def view(self) -> "BackboneView":
         v = BackboneView(self)
@@ -64,15 +71,86 @@ class SharedBackbone:
             out, layers, _inputs = self._memo[key]
         else:
             layers = self._union() if self._open else list(view.layer_indices)
-            self.backbone.tap(layers)
-            out = self.backbone(batch)
-            self.forwards += 1
+            if self._open and self._cache_factory is not None:
+                out = self._through_cache(batch, layers)
+            else:
+                self.backbone.tap(layers)
+                out = self.backbone(batch)
+                self.forwards += 1
             if key is not None:
                 self._memo[key] = (out, layers, [batch.get(k) for k in INPUT_KEYS])
         where = {layer: n for n, layer in enumerate(layers)}
         states = [out.hidden_states[where[i]] for i in view.layer_indices]
         final = states[-1] if self.backbone.final_is_last_tapped else out.final
         return BackboneOutput(states, out.mask, final)
+
+
+    def _through_cache(self, batch: Dict, layers: List[int]) -> BackboneOutput:
+        """Each row's states from the cache; a batch with rows it lacks runs the backbone once and stores them.
+        Either way the states handed on are the cached ones (stored, then read back), so every epoch trains on
+        the same values."""
+        from unipt_scale.feature_cache import sample_keys
+
+        if self.cache is None:
+            self.cache = self._cache_factory(layers)
+            self._cache_layers = list(layers)
+        if layers != self._cache_layers:
+            raise RuntimeError("the tapped layers changed after the feature cache opened")
+        mask = self._mask(batch)
+        keys = sample_keys(batch, mask)
+        rows = [self.cache.get(k) for k in keys]
+        dtype, device = self.cache.state_dtype, None
+        if any(r is None for r in rows):
+            self.cache.misses += sum(r is None for r in rows)
+            self.backbone.tap(layers)
+            out = self.backbone(batch)
+            self.forwards += 1
+            dtype, device = out.final.dtype, out.final.device
+            # The final output is stored only where it is not the last tapped state itself (BERT's is).
+            final_apart = not self.backbone.final_is_last_tapped and not (
+                out.final.shape == out.hidden_states[-1].shape and torch.equal(out.final, out.hidden_states[-1]))
+            for b, (key, row) in enumerate(zip(keys, rows)):
+                if row is None:
+                    sel = (lambda t: t[b][mask[b]]) if mask is not None else (lambda t: t[b])
+                    tensors = {f"layer{i}": sel(h) for i, h in zip(layers, out.hidden_states)}
+                    if final_apart:
+                        tensors["final"] = sel(out.final)
+                    self.cache.put(key, tensors)
+            rows = [self.cache.get(k) for k in keys]
+        else:
+            self.cache.hits += len(keys)
+        device = device or next(iter(v for v in batch.values() if torch.is_tensor(v))).device
+
+        def assemble(name: str) -> torch.Tensor:
+            parts = [r[name] for r in rows]
+            if mask is None:
+                return torch.stack(parts).to(device=device, dtype=dtype)
+            full = torch.zeros(*mask.shape, parts[0].shape[-1], dtype=dtype, device=device)
+            full[mask.to(device)] = torch.cat(parts).to(device=device, dtype=dtype)
+            return full
+
+        states = [assemble(f"layer{i}") for i in layers]
+        final = assemble("final") if all("final" in r for r in rows) else states[-1]
+        return BackboneOutput(states, mask, final)
+
+    def _mask(self, batch: Dict) -> Optional[torch.Tensor]:
+        if not torch.is_tensor(batch.get("input_ids")):
+            return None
+        attn = batch.get("attention_mask")
+        return (attn if attn is not None else torch.ones_like(batch["input_ids"])).bool()
+
+    def cache_estimate(self, num_samples: int, positions: int, dtype: str) -> int:
+        """Disk bytes the cache will take for these samples (the tapped layers as the views now tap them, and the
+        final output; an upper bound: padding is not stored)."""
+        from unipt_scale.feature_cache import estimate_bytes
+
+        sizes = self.backbone.all_hidden_sizes()
+        widths = [sizes[i] for i in self._union()] + [self.backbone.out_dim]
+        return estimate_bytes(num_samples, positions, widths, dtype)
+
+    def close(self) -> None:
+        if self.cache is not None:
+            self.cache.close()
 
 
 @contextlib.contextmanager
@@ -124,3 +202,23 @@ class BackboneView(FrozenBackbone):
 
     def forward(self, batch: Dict[str, torch.Tensor]) -> BackboneOutput:
         return self._shared.output_for(self, batch)
+
+
+def share_backbones(cfg, loaded: Dict[str, FrozenBackbone]) -> Dict[str, SharedBackbone]:
+    """The loaded backbones of a config (by field) as shared ones, each with its tapped-state cache when
+    data.feature_cache names a directory."""
+    from unipt_scale.feature_cache import TappedStateCache, backbone_fingerprint
+
+    out = {}
+    for name, bb in loaded.items():
+        factory = None
+        if cfg.data.feature_cache:
+            bb_cfg = getattr(cfg, name)
+
+            def factory(layers, bb=bb, bb_cfg=bb_cfg, name=name):
+                identity = {"backbone": backbone_fingerprint(bb, bb_cfg), "layers": list(layers), "tower": name}
+                cache = TappedStateCache(cfg.data.feature_cache, identity, cfg.data.feature_cache_dtype)
+                cache.state_dtype = getattr(torch, bb_cfg.dtype)
+                return cache
+        out[name] = SharedBackbone(bb, cache=factory)
+    return out

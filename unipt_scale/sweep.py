@@ -137,7 +137,7 @@ def run_sweep(config: Optional[str], overrides: Sequence[str], grid_items: Seque
     import torch
 
     from unipt_scale.distributed import single_process
-    from unipt_scale.shared_forward import SharedBackbone
+    from unipt_scale.shared_forward import share_backbones
     from unipt_scale.tasks import load_backbones
     from unipt_scale.train_state import capture_rng, seed_everything
     from unipt_scale.trainer import (Trainer, build_run_data, check_backbones, check_output_dir, finish_together,
@@ -155,7 +155,7 @@ def run_sweep(config: Optional[str], overrides: Sequence[str], grid_items: Seque
     os.makedirs(output_dir, exist_ok=True)
     seed_everything(lead.train.seed)
     data = build_run_data(lead, single_process(), trust_remote_code)
-    shared = {name: SharedBackbone(bb) for name, bb in load_backbones(lead, trust_remote_code).items()}
+    shared = share_backbones(lead, load_backbones(lead, trust_remote_code))
     trainers: List[Trainer] = []
     failed = True
     try:
@@ -175,6 +175,8 @@ def run_sweep(config: Optional[str], overrides: Sequence[str], grid_items: Seque
     finally:
         for t in trainers:
             t.close(failed)
+        for sb in shared.values():
+            sb.close()
     rows = []
     for (name, assignment, cfg), t in zip(variants, trainers):
         m = finished.get(id(t))

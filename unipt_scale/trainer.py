@@ -145,6 +145,7 @@ class Trainer:
         self._rng = None  # a sweep variant's own RNG streams while the others run (None: the process's own)
         self.failure: Optional[str] = None  # a sweep variant stopped for non-finite values: why
         self.progress = True  # its own progress bar (a sweep shows one, its first variant's)
+        self.shared: list = []  # SharedBackbones this run's models read (a feature cache, or a sweep's forward)
 
     # ------------------------------------------------------------------------------------------- set-up
 
@@ -194,8 +195,23 @@ class Trainer:
                               f"each of {self.dist.world_size} rank(s) (batches drop their remainder); use more "
                               "data (data.limit_train, data.split) or a smaller data.batch_size")
         num_classes = cfg.task.num_classes or self.data.num_classes
+        if backbones is None and cfg.data.feature_cache:
+            from unipt_scale.shared_forward import share_backbones
+            from unipt_scale.tasks import load_backbones
+
+            shared = share_backbones(cfg, load_backbones(cfg, self.trust_remote_code))
+            self.shared = list(shared.values())
+            backbones = {name: sb.view() for name, sb in shared.items()}
         model = build_model(cfg, num_classes=num_classes, trust_remote_code=self.trust_remote_code,
                             backbones=backbones)
+        if self.shared and cfg.data.feature_cache and self.dist.is_main:
+            samples = sum(v for k, v in self.data.stats.items() if k.endswith("_samples")) or \
+                self.data.train_batches * cfg.data.batch_size
+            estimate = sum(sb.cache_estimate(samples, cfg.data.max_length, cfg.data.feature_cache_dtype)
+                           for sb in self.shared)
+            log.info("tapped-state cache %s: up to %.1f MiB on disk for %d samples of up to %d positions "
+                     "(%s); written once, then read instead of the frozen forward", cfg.data.feature_cache,
+                     estimate / 2 ** 20, samples, cfg.data.max_length, cfg.data.feature_cache_dtype)
         self.steps_per_epoch = max(1, self.data.train_batches // cfg.train.grad_accum)
         self.total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * self.steps_per_epoch))
         if ds_config is not None:
@@ -393,11 +409,11 @@ class Trainer:
             return False
 
     def fit(self) -> None:
-        fit_together([self])
+        fit_together([self], self.shared)
 
     def finish(self) -> Dict:
         """Final evaluation, then metrics.json and checkpoint/ committed as a pair (rank 0)."""
-        return finish_together([self])[0]
+        return finish_together([self], self.shared)[0]
 
     def _open_fit(self) -> None:
         st, device = self.state, self.engine.device
@@ -474,6 +490,11 @@ class Trainer:
             "resumed_from_step": self.resumed_from_step,
             "data": stats,
         }
+        caches = [sb.cache for sb in self.shared if sb.cache is not None]
+        if caches:
+            metrics["feature_cache"] = {"dirs": [c.dir for c in caches], "dtype": self.cfg.data.feature_cache_dtype,
+                                        "hits": sum(c.hits for c in caches), "misses": sum(c.misses for c in caches),
+                                        "samples": sum(len(c) for c in caches)}
         if reason:
             metrics["reason"] = reason
         return _strict(metrics)
@@ -496,6 +517,8 @@ class Trainer:
         if self.tb:
             self.tb.close()
             self.tb = None
+        for sb in self.shared:
+            sb.close()  # the feature cache's last shard
         if self.engine is not None:
             self.engine.close()
         if self.cfg.deepspeed.enabled and self.dist is not None:

@@ -16,6 +16,7 @@ def result(tmp_path_factory):
     data = _write_csv(root / "d.csv")
     out = root / "shared.json"
     code = shared.main(["--ks", "1,3", "--steps", "2", "--warmup", "1", "--sweep-steps", "2", "--threads", "1",
+                        "--cache-limit-train", "64", "--cache-dtype", "float32",
                         "--json", str(out), f"backbone.path={model}", "data.source=csv", f"data.path={data}",
                         "data.batch_size=16", "data.limit_train=0", "data.limit_eval=0", "unipt.mapping_dim=8"])
     assert code == 0
@@ -39,6 +40,14 @@ def test_the_sweep_equals_nine_separate_runs(result):
     assert sw["sweep_over_separate"] == pytest.approx(sw["sweep_wall_s"] / sw["separate_wall_s"])
     # one frozen forward per training batch for all nine (2 steps), plus one per evaluation batch
     assert sw["frozen_forwards_in_sweep"] < 9 * 2
+
+
+def test_cached_epochs_are_measured_on_the_same_run(result):
+    ca = result["cache"]
+    assert ca["cached"]["steps_per_epoch"] == ca["uncached"]["steps_per_epoch"] == 64 // 16
+    assert ca["epoch2_speedup"] == pytest.approx(ca["uncached"]["epoch2_s"] / ca["cached"]["epoch2_s"])
+    # float32: the cached run trains on the same states, so it ends at the same loss
+    assert ca["cached"]["train_loss_last"] == ca["uncached"]["train_loss_last"]
 
 
 @pytest.mark.parametrize("argv", [["--ks", "0"], ["--ks", "a"], ["--steps", "0"]])

@@ -7,6 +7,10 @@
 2. **A sweep against separate runs.** A 3-rate × 3-seed grid through `unipt sweep` (sweep.run_sweep) against the
    same nine variants each trained by `unipt train` (trainer.train) one after another: wall time of each, and
    whether every variant's trained weights and test metrics came out bit-identical.
+3. **Cached epochs.** Two epochs of one UniPT run without and with a fresh tapped-state cache (data.feature_cache):
+   epoch 1 writes the cache, epoch 2 reads it instead of running the backbone. Epoch time comes from the trainer's
+   step clock (epoch 2: its steps after the first, scaled to the whole epoch, so the validation between the epochs
+   is not counted).
 
 Presets: `minilm-tweets` (builtin:all-MiniLM-L6-v2, the tweets demo, batch 32, 64 tokens) and `smollm2-headlines`
 (builtin:smollm2-135m, causal LM on BBC headlines, configs/headlines_smollm2.yaml's side network, batch 4).
@@ -144,6 +148,50 @@ def sweep_vs_separate(args, work: str) -> dict:
             "frozen_forwards_in_sweep": result["frozen_forwards"]}
 
 
+def cache_epochs(args, work: str) -> dict:
+    """Two epochs of one UniPT run without the tapped-state cache and with it (a fresh cache: epoch 1 writes it,
+    epoch 2 reads it): each epoch's training time, from the trainer's own step clock."""
+    from unipt_scale.config import load_config
+    from unipt_scale.trainer import Callback, Trainer
+
+    class Clock(Callback):
+        def __init__(self):
+            self.marks: List[float] = []
+
+        def on_step_end(self, trainer):
+            self.marks.append(time.perf_counter())
+
+    out = {}
+    for name, extra in (("uncached", []), ("cached", [f"data.feature_cache={os.path.join(work, 'cache')}",
+                                                      f"data.feature_cache_dtype={args.cache_dtype}"])):
+        cfg = load_config(None, [*_base(args), "train.epochs=2", "train.eval_every=0", *extra,
+                                 f"output_dir={os.path.join(work, name)}", *args.cache_overrides])
+        clock = Clock()
+        trainer = Trainer(cfg, [clock])
+        failed = True
+        try:
+            trainer.setup()
+            spe = trainer.steps_per_epoch
+            clock.marks.append(time.perf_counter())
+            trainer.fit()
+            failed = False
+        finally:
+            trainer.close(failed)
+        marks = clock.marks
+        # the end-of-epoch validation falls between epoch 1's last step and epoch 2's first: not counted
+        first = marks[spe] - marks[0]
+        if spe < 2 or len(marks) < 2 * spe + 1:
+            raise SharedBenchInputError(f"the cached-epoch runs need 2 steps per epoch or more (got {spe}); raise "
+                                        "--cache-limit-train")
+        per_step = (marks[2 * spe] - marks[spe + 1]) / (spe - 1)  # epoch 2's steps after its first
+        out[name] = {"epoch1_s": first, "epoch2_s": per_step * spe, "steps_per_epoch": spe,
+                     "train_loss_last": trainer.state.train_loss[-1][1] if trainer.state.train_loss else None}
+    out["cache_dtype"] = args.cache_dtype
+    out["epoch2_speedup"] = out["uncached"]["epoch2_s"] / out["cached"]["epoch2_s"]
+    out["epoch1_write_overhead"] = out["cached"]["epoch1_s"] / out["uncached"]["epoch1_s"]
+    return out
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="unipt bench shared", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="minilm-tweets", choices=list(PRESETS))
@@ -151,11 +199,16 @@ def parse_args(argv):
     p.add_argument("--steps", type=int, default=20, help="timed steps per row (after --warmup)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--sweep-steps", type=int, default=30, help="optimizer steps of each sweep variant")
-    p.add_argument("--skip-sweep", action="store_true", help="only the step times")
+    p.add_argument("--skip-sweep", action="store_true", help="leave out the sweep against nine runs")
+    p.add_argument("--skip-cache", action="store_true", help="leave out the cached epochs")
+    p.add_argument("--cache-dtype", default="float16", choices=["float32", "float16", "int8"])
+    p.add_argument("--cache-limit-train", type=int, default=640,
+                   help="training samples of the cached-epoch runs (two epochs of them)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", help="write the result here")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides for every model")
     args = p.parse_args(argv)
+    args.cache_overrides = [f"data.limit_train={args.cache_limit_train}"] if args.cache_limit_train else []
     try:
         args.ks = [int(k) for k in args.ks.split(",") if k.strip()]
     except ValueError:
@@ -188,6 +241,12 @@ def main(argv=None) -> int:
         print(f"3 x 3 sweep ({sw['steps']} steps each): one sweep {sw['sweep_wall_s']:.0f} s, nine runs "
               f"{sw['separate_wall_s']:.0f} s ({sw['sweep_over_separate']:.2f}x); identical variants "
               f"{sw['identical_variants']}/{sw['variants']}")
+    if not args.skip_cache:
+        with tempfile.TemporaryDirectory(prefix="unipt-bench-cache-") as work:
+            result["cache"] = ca = cache_epochs(args, work)
+        print(f"tapped-state cache ({ca['cache_dtype']}): epoch 2 {ca['cached']['epoch2_s']:.1f} s against "
+              f"{ca['uncached']['epoch2_s']:.1f} s uncached ({ca['epoch2_speedup']:.2f}x faster); epoch 1, which "
+              f"writes it, {ca['epoch1_write_overhead']:.2f}x the uncached epoch")
     if args.json:
         atomic_write_json(args.json, result)
         print(f"wrote {args.json}")

@@ -46,6 +46,7 @@ def test_cached_epochs_are_measured_on_the_same_run(result):
     ca = result["cache"]
     assert ca["cached"]["steps_per_epoch"] == ca["uncached"]["steps_per_epoch"] == 64 // 16
     assert ca["epoch2_speedup"] == pytest.approx(ca["uncached"]["epoch2_s"] / ca["cached"]["epoch2_s"])
+    assert ca["cached"]["cache_hits"] > 0 and ca["uncached"]["cache_hits"] == 0
     # float32: the cached run trains on the same states, so it ends at the same loss
     assert ca["cached"]["train_loss_last"] == ca["uncached"]["train_loss_last"]
 

@@ -129,6 +129,8 @@ def cmd_eval(args) -> int:
 
 
 def cmd_predict(args) -> int:
+    if len(args.checkpoint) > 1:
+        return _predict_many(args)
     import torch
 
     from unipt_scale.data import text_collate
@@ -136,7 +138,7 @@ def cmd_predict(args) -> int:
     from unipt_scale.tasks.classification import ClassificationModel
 
     device = _device()
-    model, cfg, meta = load_trained(args.checkpoint, device=device, trust_remote_code=args.trust_remote_code)
+    model, cfg, meta = load_trained(args.checkpoint[0], device=device, trust_remote_code=args.trust_remote_code)
     if not isinstance(model, ClassificationModel):
         raise ConfigError("unipt predict serves classification checkpoints")
     texts = list(args.texts) or [line.rstrip("\n") for line in sys.stdin if line.strip()]
@@ -147,6 +149,29 @@ def cmd_predict(args) -> int:
     names = meta.get("label_names") or [str(i) for i in range(probs.shape[-1])]
     for t, p in zip(texts, probs):
         print(json.dumps({"text": t, "label": names[int(p.argmax())], "probability": round(float(p.max()), 4)}))
+    return 0
+
+
+def _predict_many(args) -> int:
+    """Several checkpoints of one backbone, one frozen forward per batch (unipt_scale.serving)."""
+    from unipt_scale.serving import MultiModel, checkpoint_name
+
+    named = {}
+    for item in args.checkpoint:
+        name, sep, path = item.partition("=")
+        if not sep or os.path.isdir(item):  # no NAME=: named after its output directory
+            name, path = checkpoint_name(item), item
+        if name in named:
+            raise ConfigError(f"two checkpoints are named {name!r}; name them: --checkpoint NAME=DIR")
+        named[name] = path
+    mm = MultiModel.load(named, device=_device(), trust_remote_code=args.trust_remote_code)
+    texts = list(args.texts) or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    for start in range(0, len(texts), args.batch_size):
+        chunk = texts[start:start + args.batch_size]
+        for text, preds in zip(chunk, mm.classify(chunk)):
+            print(json.dumps({"text": text, "predictions": {n: {"label": p["label"],
+                                                                "probability": round(p["probability"], 4)}
+                                                            for n, p in preds.items()}}))
     return 0
 
 
@@ -287,7 +312,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_eval)
 
     r = sub.add_parser("predict", help="classify texts with a checkpoint (arguments, or one per line on stdin)")
-    r.add_argument("--checkpoint", required=True)
+    r.add_argument("--checkpoint", required=True, action="append", metavar="[NAME=]DIR",
+                   help="OUTPUT_DIR/checkpoint of a classification run; repeat it to serve several checkpoints of "
+                        "one backbone from one frozen forward per batch (unipt, ladder, linear_probe)")
+    r.add_argument("--batch-size", type=int, default=64, help="texts per forward (several checkpoints)")
     r.add_argument("texts", nargs="*")
     _remote_code_arg(r)
     r.set_defaults(func=cmd_predict)

@@ -73,6 +73,8 @@ class UniPTConfig:
 TASK_KINDS = ("classification", "retrieval", "causal_lm")
 # The methods one trainer runs, and each one's learning rate when train.lr is unset (see TrainConfig.lr).
 METHODS = ("unipt", "lora", "full", "linear_probe", "ladder")
+# Methods whose backbone is frozen and read only through its forward: one forward (or a cache of it) serves many.
+FROZEN_FORWARD_METHODS = ("unipt", "ladder", "linear_probe")
 DEFAULT_LR = {"unipt": 5e-4, "lora": 5e-4, "full": 3e-5, "linear_probe": 1e-3, "ladder": 1e-3}
 # backbone.quantization's schemes (unipt_scale.quantization loads them).
 QUANTIZATION_SCHEMES = ("none", "int8", "nf4")
@@ -454,7 +456,7 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("task.kind=causal_lm reads prompt/response data: data.source=jsonl data.path=FILE or "
                           "data.source=bbc_headlines; the other sources are for classification and retrieval")
     _choice("data.feature_cache_dtype", cfg.data.feature_cache_dtype, ("float32", "float16", "int8"))
-    if cfg.data.feature_cache and cfg.method not in ("unipt", "ladder", "linear_probe"):
+    if cfg.data.feature_cache and cfg.method not in FROZEN_FORWARD_METHODS:
         raise ConfigError(f"data.feature_cache: method={cfg.method} trains inside the backbone, so its states change "
                           "every step and cannot be cached; use it with method=unipt, ladder or linear_probe, or set "
                           "data.feature_cache=''")

@@ -65,12 +65,31 @@ class SharedBackbone:
     def _union(self) -> List[int]:
         return sorted({i for v in self.views for i in v.layer_indices})
 
-    def output_for(self, view: "BackboneView", batch: Dict) -> BackboneOutput:
+    def split(self, batch: Dict, groups: List[torch.Tensor]) -> List[Dict]:
+        """Inside a block: one frozen forward over `batch`, and for each group of row indices a sub-batch whose
+        frozen forward (for any view) is those rows of it: rows of one batch served by different models."""
+        if not self._open:
+            raise RuntimeError("SharedBackbone.split runs inside a SharedBackbone.batch() block")
+        layers = self._union()
+        out = self.read(layers, batch)
+        subs = []
+        for rows in groups:
+            sub = {k: (v[rows] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == len(out.final) else v)
+                   for k, v in batch.items()}
+            sliced = BackboneOutput([h[rows] for h in out.hidden_states],
+                                    None if out.mask is None else out.mask[rows], out.final[rows])
+            self._memo[_input_key(sub)] = (sliced, layers, [sub.get(k) for k in INPUT_KEYS])
+            subs.append(sub)
+        return subs
+
+    def read(self, layer_indices: List[int], batch: Dict) -> BackboneOutput:
+        """The states of `layer_indices` for `batch`: inside a block from the block's one forward (over the
+        union of the views' layers), outside it from a forward of these layers alone."""
         key = _input_key(batch) if self._open else None
         if key is not None and key in self._memo:
             out, layers, _inputs = self._memo[key]
         else:
-            layers = self._union() if self._open else list(view.layer_indices)
+            layers = self._union() if self._open else list(layer_indices)
             if self._open and self._cache_factory is not None:
                 out = self._through_cache(batch, layers)
             else:
@@ -80,7 +99,7 @@ class SharedBackbone:
             if key is not None:
                 self._memo[key] = (out, layers, [batch.get(k) for k in INPUT_KEYS])
         where = {layer: n for n, layer in enumerate(layers)}
-        states = [out.hidden_states[where[i]] for i in view.layer_indices]
+        states = [out.hidden_states[where[i]] for i in layer_indices]
         final = states[-1] if self.backbone.final_is_last_tapped else out.final
         return BackboneOutput(states, out.mask, final)
 
@@ -201,7 +220,7 @@ class BackboneView(FrozenBackbone):
         return self._shared.backbone.out_dim
 
     def forward(self, batch: Dict[str, torch.Tensor]) -> BackboneOutput:
-        return self._shared.output_for(self, batch)
+        return self._shared.read(self.layer_indices, batch)
 
 
 def share_backbones(cfg, loaded: Dict[str, FrozenBackbone]) -> Dict[str, SharedBackbone]:

@@ -16,7 +16,7 @@ import time
 from typing import Callable, List, Optional, Sequence, Tuple
 
 from unipt_scale.atomic import atomic_write_json
-from unipt_scale.config import ConfigError, RunConfig, load_config
+from unipt_scale.config import FROZEN_FORWARD_METHODS, ConfigError, RunConfig, load_config
 
 log = logging.getLogger("unipt_scale")
 
@@ -24,8 +24,7 @@ log = logging.getLogger("unipt_scale")
 SWEEPABLE_PREFIXES = ("unipt.", "ladder.")
 SWEEPABLE_KEYS = ("method", "task.dropout", "task.embed_dim", "task.init_temperature", "train.lr", "train.head_lr",
                   "train.weight_decay", "train.warmup_ratio", "train.clip_norm", "train.seed", "train.log_every")
-# Methods whose backbone is frozen and read only through its forward (so one forward serves them all).
-SHARED_FORWARD_METHODS = ("unipt", "ladder", "linear_probe")
+SHARED_FORWARD_METHODS = FROZEN_FORWARD_METHODS
 SWEEP_JSON = "sweep.json"
 
 

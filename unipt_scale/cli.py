@@ -58,6 +58,8 @@ def cmd_train(args) -> int:
     if args.print_config:
         print(dump_config(cfg))
         return 0
+    if cfg.tasks:
+        return _train_tasks(cfg, args)
     from unipt_scale.trainer import train
 
     metrics = train(cfg, trust_remote_code=args.trust_remote_code)
@@ -72,6 +74,19 @@ def cmd_train(args) -> int:
     elif test:
         print("test " + "  ".join(f"{k} {v:.4f}" for k, v in test.items() if isinstance(v, float)))
     return 0
+
+
+def _train_tasks(cfg, args) -> int:
+    from unipt_scale.multitask import TASKS_JSON, train_tasks
+
+    result = train_tasks(cfg, trust_remote_code=args.trust_remote_code)
+    for row in result["tasks"]:
+        test = row.get("test") or {}
+        shown = "  ".join(f"{k} {v:.4f}" for k, v in test.items() if isinstance(v, float))
+        print(f"{row['name']}: {row['status']}" + (f"  test {shown}" if shown else f" ({row.get('reason', '')})"))
+    print(f"{len(result['tasks'])} tasks in {len(result['groups'])} lockstep group(s) on one backbone, "
+          f"{result['wall_time_s']:.0f} s; wrote {os.path.join(cfg.output_dir, TASKS_JSON)}")
+    return 0 if all(r["status"] == "completed" for r in result["tasks"]) else 3
 
 
 def cmd_sweep(args) -> int:

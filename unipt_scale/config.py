@@ -210,6 +210,10 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     output_dir: str = _f("runs/demo", "Where the run writes metrics.json, checkpoints and TensorBoard logs.")
+    tasks: list = _f([], "Several tasks on one frozen backbone in one run: a list of mappings, each a name and the "
+                         "config keys it sets on top of the run's own (data, task, head, side network, learning "
+                         "rate); each trains into OUTPUT_DIR/<name>/, tasks on the same data in lockstep on one "
+                         "frozen forward per batch (unipt_scale.multitask). Methods unipt, ladder, linear_probe.")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -388,6 +392,7 @@ def _validate_method(cfg: RunConfig) -> None:
     _choice("method", cfg.method, METHODS)
     if cfg.train.lr is None:
         cfg.train.lr = DEFAULT_LR[cfg.method]
+        cfg.train.lr_from_method = True  # not a field: a task of a multi-task run resolves its own method's default
     ld = cfg.ladder
     if cfg.method == "ladder" and cfg.task.kind != "causal_lm":
         raise ConfigError("method=ladder is the decoder baseline of UniPT's family (LST/QST): use it with "
@@ -455,6 +460,10 @@ def validate(cfg: RunConfig) -> None:
     if lm != (cfg.data.source in ("jsonl", "bbc_headlines")):
         raise ConfigError("task.kind=causal_lm reads prompt/response data: data.source=jsonl data.path=FILE or "
                           "data.source=bbc_headlines; the other sources are for classification and retrieval")
+    if cfg.tasks:
+        from unipt_scale.multitask import task_configs
+
+        task_configs(cfg)  # every task's config checked now, before any weights or data load
     _choice("data.feature_cache_dtype", cfg.data.feature_cache_dtype, ("float32", "float16", "int8"))
     if cfg.data.feature_cache and cfg.method not in FROZEN_FORWARD_METHODS:
         raise ConfigError(f"data.feature_cache: method={cfg.method} trains inside the backbone, so its states change "

@@ -19,8 +19,6 @@ import torch
 
 from unipt_scale.config import FROZEN_FORWARD_METHODS, ConfigError
 
-# What must agree for checkpoints to read one forward: the backbone as loaded and the inputs it is given.
-SAME_BACKBONE_KEYS = ("path", "kind", "dtype", "random_init", "quantization", "padding_side")
 
 
 def checkpoint_name(path: str) -> str:
@@ -31,17 +29,18 @@ def checkpoint_name(path: str) -> str:
 
 
 def _same_inputs(cfgs: Dict[str, object]) -> None:
+    from unipt_scale.shared_forward import different_backbone
+
     names = list(cfgs)
     first = cfgs[names[0]]
     for name in names[1:]:
         cfg = cfgs[name]
-        for field in ("backbone", "image_backbone"):
-            a, b = getattr(first, field), getattr(cfg, field)
-            if (a is None) != (b is None) or (a is not None and any(getattr(a, k) != getattr(b, k)
-                                                                     for k in SAME_BACKBONE_KEYS)):
-                raise ConfigError(f"checkpoints {names[0]} and {name} are on different backbones ({field}: "
-                                  f"{a and a.path} vs {b and b.path}, or another dtype, quantization or padding); "
-                                  "serve them separately")
+        field = different_backbone(first, cfg)
+        if field:
+            raise ConfigError(f"checkpoints {names[0]} and {name} are on different backbones ({field}: "
+                              f"{getattr(first, field) and getattr(first, field).path} vs "
+                              f"{getattr(cfg, field) and getattr(cfg, field).path}, or another dtype, quantization "
+                              "or padding); serve them separately")
         if cfg.data.max_length != first.data.max_length:
             raise ConfigError(f"checkpoints {names[0]} and {name} tokenize differently (data.max_length "
                               f"{first.data.max_length} vs {cfg.data.max_length}); serve them separately")

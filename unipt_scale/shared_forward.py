@@ -19,6 +19,18 @@ if TYPE_CHECKING:
     from unipt_scale.feature_cache import TappedStateCache
 
 INPUT_KEYS = ("input_ids", "attention_mask", "pixel_values")
+# What must agree for models to read one loaded backbone: the backbone as loaded, and how its inputs are padded.
+SAME_BACKBONE_KEYS = ("path", "kind", "dtype", "random_init", "quantization", "padding_side")
+
+
+def different_backbone(a, b) -> Optional[str]:
+    """The config field (backbone, image_backbone) on which two run configs load different backbones, or None."""
+    for field in ("backbone", "image_backbone"):
+        x, y = getattr(a, field), getattr(b, field)
+        if (x is None) != (y is None) or (x is not None and any(getattr(x, k) != getattr(y, k)
+                                                                 for k in SAME_BACKBONE_KEYS)):
+            return field
+    return None
 
 
 def _input_key(batch: Dict) -> Tuple:
@@ -119,25 +131,29 @@ class SharedBackbone:
         keys = sample_keys(batch, mask)
         rows = [self.cache.get(k) for k in keys]
         dtype, device = self.cache.state_dtype, None
-        if any(r is None for r in rows):
-            self.cache.misses += sum(r is None for r in rows)
+        missing = [b for b, r in enumerate(rows) if r is None]
+        self.cache.hits += len(keys) - len(missing)
+        self.cache.misses += len(missing)
+        if missing:
+            # The backbone runs on the rows the cache lacks (all of them on a first pass), at the batch's length.
+            whole = len(missing) == len(keys)
+            sub = batch if whole else {k: (v[missing] if torch.is_tensor(v) and v.dim() > 0
+                                           and v.shape[0] == len(keys) else v) for k, v in batch.items()}
+            sub_mask = mask if (whole or mask is None) else mask[missing]
             self.backbone.tap(layers)
-            out = self.backbone(batch)
+            out = self.backbone(sub)
             self.forwards += 1
             dtype, device = out.final.dtype, out.final.device
             # The final output is stored only where it is not the last tapped state itself (BERT's is).
             final_apart = not self.backbone.final_is_last_tapped and not (
                 out.final.shape == out.hidden_states[-1].shape and torch.equal(out.final, out.hidden_states[-1]))
-            for b, (key, row) in enumerate(zip(keys, rows)):
-                if row is None:
-                    sel = (lambda t: t[b][mask[b]]) if mask is not None else (lambda t: t[b])
-                    tensors = {f"layer{i}": sel(h) for i, h in zip(layers, out.hidden_states)}
-                    if final_apart:
-                        tensors["final"] = sel(out.final)
-                    self.cache.put(key, tensors)
+            for j, b in enumerate(missing):
+                sel = (lambda t: t[j][sub_mask[j]]) if sub_mask is not None else (lambda t: t[j])
+                tensors = {f"layer{i}": sel(h) for i, h in zip(layers, out.hidden_states)}
+                if final_apart:
+                    tensors["final"] = sel(out.final)
+                self.cache.put(keys[b], tensors)
             rows = [self.cache.get(k) for k in keys]
-        else:
-            self.cache.hits += len(keys)
         device = device or next(iter(v for v in batch.values() if torch.is_tensor(v))).device
 
         def assemble(name: str) -> torch.Tensor:

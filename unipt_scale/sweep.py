@@ -135,12 +135,9 @@ def run_sweep(config: Optional[str], overrides: Sequence[str], grid_items: Seque
     after the final evaluation, before they close: e.g. to generate with each trained model."""
     import torch
 
-    from unipt_scale.distributed import single_process
     from unipt_scale.shared_forward import share_backbones
     from unipt_scale.tasks import load_backbones
-    from unipt_scale.train_state import capture_rng, seed_everything
-    from unipt_scale.trainer import (Trainer, build_run_data, check_backbones, check_output_dir, finish_together,
-                                     fit_together)
+    from unipt_scale.trainer import check_backbones, check_output_dir, train_together
 
     start = time.time()
     output_dir = os.path.abspath(os.path.expanduser(output_dir))
@@ -152,33 +149,16 @@ def run_sweep(config: Optional[str], overrides: Sequence[str], grid_items: Seque
     if lead.train.num_threads > 0:
         torch.set_num_threads(lead.train.num_threads)
     os.makedirs(output_dir, exist_ok=True)
-    seed_everything(lead.train.seed)
-    data = build_run_data(lead, single_process(), trust_remote_code)
     shared = share_backbones(lead, load_backbones(lead, trust_remote_code))
-    trainers: List[Trainer] = []
-    failed = True
     try:
-        for _, _, cfg in variants:
-            t = Trainer(cfg, trust_remote_code=trust_remote_code)
-            t.progress = not trainers
-            trainers.append(t)
-            t.setup(data=data, backbones={name: sb.view() for name, sb in shared.items()})
-            t._rng = capture_rng()  # its streams from here on, as if it ran alone
-        log.info("sweep: %d variants on one frozen forward per batch", len(trainers))
-        fit_together(trainers, list(shared.values()), isolate=True)
-        finished = {id(t): m for t, m in zip([t for t in trainers if t.failure is None],
-                                             finish_together(trainers, list(shared.values())))}
-        if on_finished is not None:
-            on_finished(trainers)
-        failed = False
+        log.info("sweep: %d variants on one frozen forward per batch", len(variants))
+        trainers, finished = train_together([cfg for _, _, cfg in variants], shared, trust_remote_code, on_finished)
     finally:
-        for t in trainers:
-            t.close(failed)
         for sb in shared.values():
             sb.close()
     rows = []
     for (name, assignment, cfg), t in zip(variants, trainers):
-        m = finished.get(id(t))
+        m = finished.get(id(t))  # None: stopped
         row = {"name": name, "overrides": dict(assignment), "output_dir": cfg.output_dir,
                "status": "completed" if m is not None else "stopped"}
         if m is not None:

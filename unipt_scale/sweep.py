@@ -137,7 +137,7 @@ def run_sweep(config: Optional[str], overrides: Sequence[str], grid_items: Seque
 
     from unipt_scale.shared_forward import share_backbones
     from unipt_scale.tasks import load_backbones
-    from unipt_scale.trainer import check_backbones, check_output_dir, train_together
+    from unipt_scale.trainer import check_backbones, check_output_dir, outcome, train_together
 
     start = time.time()
     output_dir = os.path.abspath(os.path.expanduser(output_dir))
@@ -158,15 +158,8 @@ def run_sweep(config: Optional[str], overrides: Sequence[str], grid_items: Seque
             sb.close()
     rows = []
     for (name, assignment, cfg), t in zip(variants, trainers):
-        m = finished.get(id(t))  # None: stopped
-        row = {"name": name, "overrides": dict(assignment), "output_dir": cfg.output_dir,
-               "status": "completed" if m is not None else "stopped"}
-        if m is not None:
-            row.update(val=m.get("val"), test=m.get("test"), steps=m.get("steps"),
-                       trainable_params=m.get("trainable_params"))
-        else:
-            row["reason"] = t.failure
-        rows.append(row)
+        rows.append({"name": name, "overrides": dict(assignment), "output_dir": cfg.output_dir,
+                     **outcome(t, finished.get(id(t)))})
     chosen, rule = _select(rows, lead.task.kind)
     result = {"grid": {k: v for k, v in parse_grid(grid_items)}, "selection": rule, "chosen": chosen,
               "variants": rows, "frozen_forwards": sum(sb.forwards for sb in shared.values()),

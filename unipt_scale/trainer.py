@@ -692,6 +692,14 @@ def train_together(cfgs: Sequence[RunConfig], shared: Dict, trust_remote_code: b
     return trainers, finished
 
 
+def outcome(trainer: Trainer, metrics: Optional[Dict]) -> Dict:
+    """A grouped run's line in sweep.json / tasks.json: its status, and its metrics or why it stopped."""
+    if metrics is None:
+        return {"status": "stopped", "reason": trainer.failure}
+    return {"status": "completed", "val": metrics.get("val"), "test": metrics.get("test"),
+            "steps": metrics.get("steps"), "trainable_params": metrics.get("trainable_params")}
+
+
 def check_output_dir(path: str) -> None:
     """The output directory is a directory (or can be created) and writable: checked before any heavy work."""
     path = os.path.abspath(os.path.expanduser(path))

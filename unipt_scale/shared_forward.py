@@ -238,6 +238,12 @@ class BackboneView(FrozenBackbone):
     def forward(self, batch: Dict[str, torch.Tensor]) -> BackboneOutput:
         return self._shared.read(self.layer_indices, batch)
 
+    def forward_cached(self, *args, **kwargs):
+        """Incremental decoding reads the backbone's own taps: this view's layers, set for the call."""
+        backbone = self._shared.backbone
+        backbone.tap(self.layer_indices)
+        return backbone.forward_cached(*args, **kwargs)
+
 
 def share_backbones(cfg, loaded: Dict[str, FrozenBackbone]) -> Dict[str, SharedBackbone]:
     """The loaded backbones of a config (by field) as shared ones, each with its tapped-state cache when

@@ -147,3 +147,24 @@ def test_plan_reports_the_cache_size():
     tower = p["model"]["towers"][0]
     assert p["feature_cache"]["bytes"] == estimate_bytes(1000, 128, [768] * (tower["tapped_layers"] + 1), "int8")
     assert "tapped-state cache" in format_plan(p)
+
+
+def test_the_identity_follows_the_weight_files_and_a_random_backbones_seed(ws, tmp_path):
+    import shutil
+
+    from unipt_scale.backbone import load_backbone
+    from unipt_scale.config import BackboneConfig
+    from unipt_scale.feature_cache import backbone_fingerprint
+
+    model = str(tmp_path / "model")
+    shutil.copytree(load_config(None, ws["common"]).backbone.path, model)
+    cfg = BackboneConfig(path=model)
+    bb = load_backbone(cfg)
+    before = backbone_fingerprint(bb, cfg, seed=0)
+    assert before == backbone_fingerprint(bb, cfg, seed=1), "a saved backbone does not depend on the seed"
+    weights = [n for n in os.listdir(model) if n.endswith(".safetensors")][0]
+    st = os.stat(os.path.join(model, weights))
+    os.utime(os.path.join(model, weights), ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))  # saved again
+    assert backbone_fingerprint(bb, cfg, seed=0) != before
+    rand = BackboneConfig(path=model, random_init=True)
+    assert backbone_fingerprint(bb, rand, seed=0) != backbone_fingerprint(bb, rand, seed=1)

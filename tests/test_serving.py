@@ -95,3 +95,12 @@ def test_cli_predict_with_several_checkpoints(ckpts):
                               "--checkpoint", ckpts["lora"], "x"], cwd=REPO, env=env, capture_output=True,
                              text=True, timeout=180)
     assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
+
+
+def test_loading_for_use_leaves_the_callers_random_streams(ckpts):
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    load_trained(ckpts["a"])
+    MultiModel.load([ckpts["a"], ckpts["b"]])
+    assert torch.equal(torch.rand(3), expected)

@@ -3,7 +3,7 @@ block, rows of one batch can be handed to different models, and incremental deco
 import pytest
 import torch
 
-from tiny_models import tiny_causal_lm_dir
+from tiny_models import tiny_causal_lm_dir, tiny_vit_dir
 from unipt_scale.backbone import load_backbone
 from unipt_scale.config import BackboneConfig
 from unipt_scale.shared_forward import SharedBackbone
@@ -89,3 +89,27 @@ def test_two_batches_in_one_block_get_a_forward_each(llama):
     with shared.batch():
         a, b = v(one), v(two)
     assert shared.forwards == 2 and not torch.equal(a.final, b.final)
+
+
+def test_an_image_tower_is_keyed_by_its_pixels_not_the_caption(tmp_path):
+    """A retrieval batch carries captions and images: the image tower's memo and cache read its pixels alone."""
+    from unipt_scale.feature_cache import TappedStateCache
+
+    vit = load_backbone(BackboneConfig(path=tiny_vit_dir(str(tmp_path))))
+    shared = SharedBackbone(vit, cache=lambda layers: TappedStateCache(str(tmp_path / "c"), {"layers": layers},
+                                                                        "float32"))
+    assert shared.inputs == ("pixel_values",)
+    v = shared.view()
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.randn(2, 1, 16, 16, generator=g)
+    same_caption = {"input_ids": torch.tensor([[5, 6, 0], [5, 6, 0]]), "attention_mask": torch.tensor([[1, 1, 0]] * 2),
+                    "pixel_values": pixels}
+    with shared.batch():
+        first = v(same_caption)
+    assert len(shared.cache) == 2, "two images, two samples, though their captions are the same"
+    ref = vit(same_caption)
+    assert all(torch.equal(x, y) for x, y in zip(first.hidden_states, ref.hidden_states)) and first.mask is None
+    with shared.batch():
+        again = v({**same_caption, "input_ids": torch.tensor([[7, 8, 9], [9, 8, 7]])})
+    assert shared.forwards == 1 and shared.cache.hits == 2
+    assert all(torch.equal(x, y) for x, y in zip(again.hidden_states, ref.hidden_states))

@@ -139,6 +139,7 @@ def test_a_variant_that_goes_non_finite_stops_alone(ws, tmp_path):
     (["train.lr=1e-3,1e-3"], [], "twice"),
     (["train.lr=1e-3", "train.lr=3e-3"], [], "twice"),
     (["train.lr=1e-3"], ["output_dir=x"], "drop output_dir"),
+    (["unipt.layers=[1,2],[1, 2]"], [], "both name a variant"),
 ])
 def test_what_cannot_share_the_forward_is_refused(ws, tmp_path, grid, overrides, words):
     with pytest.raises(ConfigError, match=words):

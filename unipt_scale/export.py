@@ -208,10 +208,12 @@ def load_trained(directory: str, overrides=(), device: str = "cpu", trust_remote
     """Rebuild the model a checkpoint was trained as (its config's method included) and load exactly the keys
     that method trains; returns (model, cfg, meta)."""
     from unipt_scale.tasks import build_model
+    from unipt_scale.train_state import preserved_rng
     from unipt_scale.trained import trained_state_keys
 
     cfg, state, meta = read_checkpoint(directory, overrides)
-    model = build_model(cfg, num_classes=meta.get("num_classes", 0), trust_remote_code=trust_remote_code)
+    with preserved_rng():  # loading for use leaves the caller's random streams as they were
+        model = build_model(cfg, num_classes=meta.get("num_classes", 0), trust_remote_code=trust_remote_code)
     expected = set(trained_state_keys(model))
     missing, unexpected = expected - set(state), set(state) - expected
     if missing or unexpected:

@@ -6,11 +6,16 @@ batches of a later epoch are other combinations of the same samples), keyed by t
 reads of that sample (its real tokens, or its pixels), under a directory keyed by everything that decides them:
 the backbone (path and config.json), its dtype and quantization, the tapped layers and the storage format.
 
-Storage: WebDataset shards (tar; one `KEY.states.safetensors` member per sample, read back by random access
-through unipt_scale.data.tario), each written atomically once it holds `shard_samples` samples or the run ends.
-Per layer a sample keeps its real positions only (padding is not stored; it reads back as zeros, which the
-side network masks), as float32 (exact), float16, or int8 with one float32 scale per position (absmax / 127).
-A shard that cannot be read is skipped with a warning; its samples are computed again.
+Storage: WebDataset shards (tar; one `KEY.states.safetensors` member per sample, indexed by scanning each shard
+with unipt_scale.data.tario and read back by offset; no file is held open), each written atomically once it holds
+`shard_samples` samples or `shard_bytes` bytes, or the run ends. Per layer a sample keeps its real positions only
+(padding is not stored; it reads back as zeros, which the side network masks), as float32, float16, or int8 with
+one float32 scale per position of a token sequence (per channel of a feature map; absmax / 127). A shard that
+cannot be read is skipped with a warning; its samples are computed again.
+
+float32 hands back exactly what the backbone computed for the row. That equals the uncached run bit for bit where a
+row's states do not depend on which rows share its batch (so on the CPU in the tests); elsewhere the two differ by
+the backbone's own batch-to-batch rounding.
 """
 from __future__ import annotations
 
@@ -27,7 +32,7 @@ import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from unipt_scale.atomic import atomic_write_bytes, atomic_write_json
+from unipt_scale.atomic import atomic_write_json
 
 log = logging.getLogger("unipt_scale")
 
@@ -36,19 +41,12 @@ CACHE_DTYPES = ("float32", "float16", "int8")
 MEMBER = "states.safetensors"
 
 
-def sample_keys(batch: Dict, mask: Optional[torch.Tensor]) -> List[str]:
-    """Per row: sha256 of what the backbone reads of it (real token ids, or the pixel values)."""
-    keys = []
-    if torch.is_tensor(batch.get("input_ids")):
-        ids = batch["input_ids"].detach().to("cpu", torch.int64)
-        rows = ids.unbind(0) if mask is None else [r[m] for r, m in zip(ids, mask.cpu())]
-        for r in rows:
-            keys.append(hashlib.sha256(r.contiguous().numpy().tobytes()).hexdigest())
-    else:
-        px = batch["pixel_values"].detach().to("cpu", torch.float32)
-        for r in px:
-            keys.append(hashlib.sha256(r.contiguous().numpy().tobytes()).hexdigest())
-    return keys
+def sample_keys(inputs: torch.Tensor, mask: Optional[torch.Tensor]) -> List[str]:
+    """Per row: sha256 of what the backbone reads of it (its real token ids under `mask`, or its pixels)."""
+    x = inputs.detach().to("cpu")
+    x = x.to(torch.int64) if not x.is_floating_point() else x.to(torch.float32)
+    rows = x.unbind(0) if mask is None else [r[m] for r, m in zip(x, mask.cpu())]
+    return [hashlib.sha256(r.contiguous().numpy().tobytes()).hexdigest() for r in rows]
 
 
 def _encode(t: torch.Tensor, dtype: str) -> Dict[str, torch.Tensor]:
@@ -71,12 +69,23 @@ def _decode(parts: Dict[str, torch.Tensor]) -> torch.Tensor:
     return (flat.to(torch.float32) * scale[:, None]).reshape(q.shape)
 
 
-def backbone_fingerprint(backbone, bb_cfg) -> dict:
-    """What decides a backbone's states besides its inputs: its path, config.json, dtype and quantization."""
+def backbone_fingerprint(backbone, bb_cfg, seed: int) -> dict:
+    """What decides a backbone's states besides its inputs: its path, config.json, weight files (name, size,
+    modification time), dtype and quantization; for a random-init backbone, the seed that drew it."""
+    from unipt_scale.backbone import _model_directory
+
     model_config = getattr(getattr(backbone, "model", None), "config", None)
     text = model_config.to_json_string() if hasattr(model_config, "to_json_string") else ""
-    return {"path": bb_cfg.path, "config_sha256": hashlib.sha256(text.encode()).hexdigest(),
-            "dtype": bb_cfg.dtype, "quantization": bb_cfg.quantization, "random_init": bb_cfg.random_init,
+    weights = []
+    directory = _model_directory(bb_cfg.path) if not bb_cfg.path.startswith("builtin:") else None
+    if directory and os.path.isdir(directory):
+        for name in sorted(os.listdir(directory)):
+            if name.endswith((".safetensors", ".bin", ".gguf", ".pt")):
+                st = os.stat(os.path.join(directory, name))
+                weights.append([name, st.st_size, st.st_mtime_ns])
+    return {"path": bb_cfg.path, "config_sha256": hashlib.sha256(text.encode()).hexdigest(), "weights": weights,
+            "dtype": bb_cfg.dtype, "quantization": bb_cfg.quantization,
+            "random_init_seed": seed if bb_cfg.random_init else None,
             "kind": getattr(backbone, "kind", ""), "class": type(getattr(backbone, "model", backbone)).__name__}
 
 
@@ -91,38 +100,43 @@ def estimate_bytes(num_samples: int, positions: int, widths: Sequence[int], dtyp
 class TappedStateCache:
     """Per-sample tapped states of one backbone configuration (see the module docstring)."""
 
-    def __init__(self, root: str, identity: dict, dtype: str = "float16", shard_samples: int = 256):
+    def __init__(self, root: str, identity: dict, dtype: str = "float16", shard_samples: int = 256,
+                 shard_bytes: int = 256 << 20):
         if dtype not in CACHE_DTYPES:
             raise ValueError(f"cache dtype {dtype!r}; choose one of {', '.join(CACHE_DTYPES)}")
         self.identity = {"format": CACHE_FORMAT, "dtype": dtype, **identity}
         digest = hashlib.sha256(json.dumps(self.identity, sort_keys=True).encode()).hexdigest()[:20]
         self.dir = os.path.join(os.path.abspath(os.path.expanduser(root)), digest)
-        self.dtype, self.shard_samples = dtype, shard_samples
+        self.dtype, self.shard_samples, self.shard_bytes = dtype, shard_samples, shard_bytes
         os.makedirs(self.dir, exist_ok=True)
         ident = os.path.join(self.dir, "identity.json")
         if not os.path.isfile(ident):
             atomic_write_json(ident, self.identity)
-        self._readers: list = []
-        self._index: Dict[str, tuple] = {}
+        self._index: Dict[str, tuple] = {}  # key -> (shard path, member offset, size); no file is held open
         self._pending: Dict[str, bytes] = {}
+        self._pending_bytes = 0
         self.hits = self.misses = 0
         self.state_dtype = torch.float32  # the dtype states are handed on in (the backbone's)
         self._load_index()
 
-    def _load_index(self) -> None:
+    def _index_shard(self, path: str) -> None:
         from unipt_scale.data.tario import ShardReader
 
-        for name in sorted(os.listdir(self.dir)):
-            if not name.endswith(".tar"):
-                continue
-            reader = ShardReader(os.path.join(self.dir, name))
+        reader = ShardReader(path)
+        try:
             if reader.scan.problems:
-                log.warning("feature cache: %s is damaged (%s); its samples are computed again", name,
-                            reader.scan.problems[0])
-            self._readers.append(reader)
-            for i, s in enumerate(reader.scan.samples):
+                log.warning("feature cache: %s is damaged (%s); its samples are computed again",
+                            os.path.basename(path), reader.scan.problems[0])
+            for s in reader.scan.samples:
                 if MEMBER in s.members:
-                    self._index.setdefault(s.key, (reader, i))
+                    self._index.setdefault(s.key, (path, *s.members[MEMBER]))
+        finally:
+            reader.close()
+
+    def _load_index(self) -> None:
+        for name in sorted(os.listdir(self.dir)):
+            if name.endswith(".tar") and not name.startswith("."):
+                self._index_shard(os.path.join(self.dir, name))
 
     def __len__(self) -> int:
         return len(self._index) + len(self._pending)
@@ -134,10 +148,13 @@ class TappedStateCache:
             where = self._index.get(key)
             if where is None:
                 return None
-            reader, i = where
+            path, offset, size = where
             try:
-                data = reader.read(i, [MEMBER])[MEMBER]
-            except (OSError, KeyError) as err:
+                with open(path, "rb") as fh:
+                    data = os.pread(fh.fileno(), size, offset)
+                if len(data) != size:
+                    raise OSError(f"{path} cut short")
+            except OSError as err:
                 log.warning("feature cache: sample %s unreadable (%s); computed again", key[:12], err)
                 self._index.pop(key, None)
                 return None
@@ -155,36 +172,41 @@ class TappedStateCache:
         if key in self._index or key in self._pending:
             return
         flat = {f"{name}.{part}": v for name, t in tensors.items() for part, v in _encode(t, self.dtype).items()}
-        self._pending[key] = save_tensors(flat)
-        if len(self._pending) >= self.shard_samples:
+        data = save_tensors(flat)
+        self._pending[key] = data
+        self._pending_bytes += len(data)
+        if len(self._pending) >= self.shard_samples or self._pending_bytes >= self.shard_bytes:
             self.flush()
 
     def flush(self) -> None:
-        """Write the pending samples as one shard, atomically (a crash leaves no partial shard)."""
+        """Write the pending samples as one shard: streamed to a hidden temporary file, then renamed into place
+        (a crash leaves no partial shard under a shard's name)."""
         if not self._pending:
             return
-        from unipt_scale.data.tario import ShardReader
+        from unipt_scale.atomic import fsync_dir
 
-        buf = io.BytesIO()
-        with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
-            for key, data in self._pending.items():
-                info = tarfile.TarInfo(f"{key}.{MEMBER}")
-                info.size, info.mtime = len(data), 0
-                tf.addfile(info, io.BytesIO(data))
         name = f"shard-{time.time_ns():x}-{os.getpid()}.tar"
         path = os.path.join(self.dir, name)
-        atomic_write_bytes(path, buf.getvalue())
-        reader = ShardReader(path)
-        self._readers.append(reader)
-        for i, s in enumerate(reader.scan.samples):
-            self._index.setdefault(s.key, (reader, i))
-        self._pending = {}
+        tmp = os.path.join(self.dir, f".{name}.tmp")
+        try:
+            with open(tmp, "wb") as fh:
+                with tarfile.open(fileobj=fh, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+                    for key, data in self._pending.items():
+                        info = tarfile.TarInfo(f"{key}.{MEMBER}")
+                        info.size, info.mtime = len(data), 0
+                        tf.addfile(info, io.BytesIO(data))
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+            fsync_dir(self.dir)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        self._index_shard(path)
+        self._pending, self._pending_bytes = {}, 0
 
     def disk_bytes(self) -> int:
         return sum(os.path.getsize(os.path.join(self.dir, n)) for n in os.listdir(self.dir) if n.endswith(".tar"))
 
     def close(self) -> None:
         self.flush()
-        for r in self._readers:
-            r.close()
-        self._readers = []

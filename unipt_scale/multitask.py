@@ -73,6 +73,11 @@ def task_configs(cfg: RunConfig) -> Dict[str, RunConfig]:
         if c.deepspeed.enabled or c.train.resume or c.train.on_nonfinite == "skip":
             raise ConfigError(f"task {name}: a multi-task run is one process that starts fresh and keeps its tasks "
                               "in lockstep; drop deepspeed.enabled, train.resume and train.on_nonfinite=skip")
+        if c.train.seed != first.train.seed and any(bb is not None and bb.random_init
+                                                    for bb in (c.backbone, c.image_backbone)):
+            raise ConfigError(f"tasks {first_name} and {name} set different train.seed on a backbone.random_init "
+                              "backbone, which is drawn from the seed: each would need a backbone of its own; give "
+                              "them one seed, or use a saved backbone")
         field = different_backbone(first, c)
         if field:
             raise ConfigError(f"tasks {first_name} and {name} name different backbones ({field}); the tasks of a "
@@ -96,6 +101,7 @@ def train_tasks(cfg: RunConfig, trust_remote_code: bool = False) -> dict:
 
     from unipt_scale.shared_forward import share_backbones
     from unipt_scale.tasks import load_backbones
+    from unipt_scale.train_state import seed_everything
     from unipt_scale.trainer import check_backbones, check_output_dir, outcome, train_together
 
     start = time.time()
@@ -107,6 +113,7 @@ def train_tasks(cfg: RunConfig, trust_remote_code: bool = False) -> dict:
     if first.train.num_threads > 0:
         torch.set_num_threads(first.train.num_threads)
     os.makedirs(cfg.output_dir, exist_ok=True)
+    seed_everything(first.train.seed)  # as `unipt train` seeds before its backbone loads (random_init draws from it)
     loaded = load_backbones(first, trust_remote_code)
     groups = lockstep_groups(cfgs)
     rows, forwards = {}, 0

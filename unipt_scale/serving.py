@@ -61,6 +61,7 @@ class MultiModel:
         from unipt_scale.preprocessors import load_tokenizer
         from unipt_scale.shared_forward import share_backbones
         from unipt_scale.tasks import build_model, load_backbones
+        from unipt_scale.train_state import preserved_rng
         from unipt_scale.trained import trained_state_keys
 
         if not isinstance(checkpoints, dict):
@@ -85,8 +86,10 @@ class MultiModel:
         device = torch.device(device)
         models, metas = {}, {}
         for name, (cfg, state, meta) in read.items():
-            model = build_model(cfg, num_classes=meta.get("num_classes", 0), trust_remote_code=trust_remote_code,
-                                backbones={n: sb.view() for n, sb in shared.items()})
+            with preserved_rng():  # loading for use leaves the caller's random streams as they were
+                model = build_model(cfg, num_classes=meta.get("num_classes", 0),
+                                    trust_remote_code=trust_remote_code,
+                                    backbones={n: sb.view() for n, sb in shared.items()})
             expected = set(trained_state_keys(model))
             if expected != set(state):
                 raise ConfigError(f"checkpoint {name} does not match its config (trained keys differ); retrain it")

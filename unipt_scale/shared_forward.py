@@ -9,7 +9,7 @@ backbone runs once over the union of the views' layers and every view reads its 
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -18,7 +18,6 @@ from unipt_scale.backbone import BackboneOutput, FrozenBackbone
 if TYPE_CHECKING:
     from unipt_scale.feature_cache import TappedStateCache
 
-INPUT_KEYS = ("input_ids", "attention_mask", "pixel_values")
 # What must agree for models to read one loaded backbone: the backbone as loaded, and how its inputs are padded.
 SAME_BACKBONE_KEYS = ("path", "kind", "dtype", "random_init", "quantization", "padding_side")
 
@@ -33,12 +32,22 @@ def different_backbone(a, b) -> Optional[str]:
     return None
 
 
-def _input_key(batch: Dict) -> Tuple:
+def backbone_inputs(backbone: FrozenBackbone) -> Tuple[str, ...]:
+    """The batch fields a backbone reads: a vision model its pixels (or a wrapped module its input key), a text
+    model its token ids and mask. A retrieval batch carries both; each tower is keyed by its own."""
+    if getattr(backbone, "input_key", None):
+        return (backbone.input_key,)
+    if backbone.kind == "vision":
+        return ("pixel_values",)
+    return ("input_ids", "attention_mask")
+
+
+def _input_key(batch: Dict, names: Sequence[str]) -> Tuple:
     """The inputs a backbone reads, by the memory they occupy and their in-place version: the same rows of the same
     batch give the same key for every view (a slice taken again included), a different batch or an edited one
     another. The memo holds the inputs themselves, so their memory cannot be reused for other data meanwhile."""
     key = []
-    for name in INPUT_KEYS:
+    for name in names:
         t = batch.get(name)
         key.append(None if not torch.is_tensor(t) else
                    (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t.device, t._version))
@@ -58,6 +67,7 @@ class SharedBackbone:
         self.forwards = 0  # frozen forwards run (the sharing is measurable)
         self._cache_factory = cache
         self.cache: Optional["TappedStateCache"] = None
+        self.inputs = backbone_inputs(backbone)
 
     def view(self) -> "BackboneView":
         v = BackboneView(self)
@@ -90,14 +100,14 @@ class SharedBackbone:
                    for k, v in batch.items()}
             sliced = BackboneOutput([h[rows] for h in out.hidden_states],
                                     None if out.mask is None else out.mask[rows], out.final[rows])
-            self._memo[_input_key(sub)] = (sliced, layers, [sub.get(k) for k in INPUT_KEYS])
+            self._memo[_input_key(sub, self.inputs)] = (sliced, layers, [sub.get(k) for k in self.inputs])
             subs.append(sub)
         return subs
 
     def read(self, layer_indices: List[int], batch: Dict) -> BackboneOutput:
         """The states of `layer_indices` for `batch`: inside a block from the block's one forward (over the
         union of the views' layers), outside it from a forward of these layers alone."""
-        key = _input_key(batch) if self._open else None
+        key = _input_key(batch, self.inputs) if self._open else None
         if key is not None and key in self._memo:
             out, layers, _inputs = self._memo[key]
         else:
@@ -109,7 +119,7 @@ class SharedBackbone:
                 out = self.backbone(batch)
                 self.forwards += 1
             if key is not None:
-                self._memo[key] = (out, layers, [batch.get(k) for k in INPUT_KEYS])
+                self._memo[key] = (out, layers, [batch.get(k) for k in self.inputs])
         where = {layer: n for n, layer in enumerate(layers)}
         states = [out.hidden_states[where[i]] for i in layer_indices]
         final = states[-1] if self.backbone.final_is_last_tapped else out.final
@@ -117,9 +127,9 @@ class SharedBackbone:
 
 
     def _through_cache(self, batch: Dict, layers: List[int]) -> BackboneOutput:
-        """Each row's states from the cache; a batch with rows it lacks runs the backbone once and stores them.
-        Either way the states handed on are the cached ones (stored, then read back), so every epoch trains on
-        the same values."""
+        """Each row's states from the cache; the rows it lacks go through the backbone (one forward, at the
+        batch's length) and are stored. Either way the states handed on are the cached ones (stored, then read
+        back, in the backbone's configured dtype), so every epoch trains on the same values."""
         from unipt_scale.feature_cache import sample_keys
 
         if self.cache is None:
@@ -128,7 +138,7 @@ class SharedBackbone:
         if layers != self._cache_layers:
             raise RuntimeError("the tapped layers changed after the feature cache opened")
         mask = self._mask(batch)
-        keys = sample_keys(batch, mask)
+        keys = sample_keys(batch[self.inputs[0]], mask)
         rows = [self.cache.get(k) for k in keys]
         dtype, device = self.cache.state_dtype, None
         missing = [b for b, r in enumerate(rows) if r is None]
@@ -143,7 +153,7 @@ class SharedBackbone:
             self.backbone.tap(layers)
             out = self.backbone(sub)
             self.forwards += 1
-            dtype, device = out.final.dtype, out.final.device
+            device = out.final.device
             # The final output is stored only where it is not the last tapped state itself (BERT's is).
             final_apart = not self.backbone.final_is_last_tapped and not (
                 out.final.shape == out.hidden_states[-1].shape and torch.equal(out.final, out.hidden_states[-1]))
@@ -169,7 +179,7 @@ class SharedBackbone:
         return BackboneOutput(states, mask, final)
 
     def _mask(self, batch: Dict) -> Optional[torch.Tensor]:
-        if not torch.is_tensor(batch.get("input_ids")):
+        if self.inputs[0] != "input_ids":
             return None
         attn = batch.get("attention_mask")
         return (attn if attn is not None else torch.ones_like(batch["input_ids"])).bool()
@@ -254,7 +264,8 @@ def share_backbones(cfg, loaded: Dict[str, FrozenBackbone]) -> Dict[str, SharedB
         bb_cfg = getattr(cfg, name)
 
         def open_cache(layers):
-            identity = {"backbone": backbone_fingerprint(bb, bb_cfg), "layers": list(layers), "tower": name}
+            identity = {"backbone": backbone_fingerprint(bb, bb_cfg, cfg.train.seed), "layers": list(layers),
+                        "tower": name}
             cache = TappedStateCache(cfg.data.feature_cache, identity, cfg.data.feature_cache_dtype)
             cache.state_dtype = getattr(torch, bb_cfg.dtype)
             return cache

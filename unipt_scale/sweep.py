@@ -72,10 +72,15 @@ def variant_name(assignment: Sequence[Tuple[str, str]]) -> str:
 
 def expand(grid: List[Tuple[str, List[str]]]) -> List[Tuple[str, List[Tuple[str, str]]]]:
     keys = [k for k, _ in grid]
-    out = []
+    out, seen = [], {}
     for values in itertools.product(*(v for _, v in grid)):
         assignment = list(zip(keys, values))
-        out.append((variant_name(assignment), assignment))
+        name = variant_name(assignment)
+        if name in seen:
+            raise ConfigError(f"--grid values {seen[name]} and {dict(assignment)} both name a variant {name!r} "
+                              "(its directory); give values that differ in letters or digits")
+        seen[name] = dict(assignment)
+        out.append((name, assignment))
     return out
 
 
@@ -137,6 +142,7 @@ def run_sweep(config: Optional[str], overrides: Sequence[str], grid_items: Seque
 
     from unipt_scale.shared_forward import share_backbones
     from unipt_scale.tasks import load_backbones
+    from unipt_scale.train_state import seed_everything
     from unipt_scale.trainer import check_backbones, check_output_dir, outcome, train_together
 
     start = time.time()
@@ -149,6 +155,7 @@ def run_sweep(config: Optional[str], overrides: Sequence[str], grid_items: Seque
     if lead.train.num_threads > 0:
         torch.set_num_threads(lead.train.num_threads)
     os.makedirs(output_dir, exist_ok=True)
+    seed_everything(lead.train.seed)  # as `unipt train` seeds before its backbone loads (random_init draws from it)
     shared = share_backbones(lead, load_backbones(lead, trust_remote_code))
     try:
         log.info("sweep: %d variants on one frozen forward per batch", len(variants))

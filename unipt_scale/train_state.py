@@ -6,6 +6,7 @@ RNG stream (Python, NumPy, torch CPU and CUDA).
 """
 from __future__ import annotations
 
+import contextlib
 import random
 from dataclasses import asdict, dataclass, field, fields
 from typing import Dict, List, Optional, Tuple
@@ -79,6 +80,16 @@ def restore_rng(meta: dict, tensors: Dict[str, torch.Tensor]) -> None:
 
         name, pos, has_gauss, gauss = meta["numpy"]
         np.random.set_state((name, tensors["rng.numpy"].numpy().astype(np.uint32), pos, has_gauss, gauss))
+
+
+@contextlib.contextmanager
+def preserved_rng():
+    """Every RNG stream of the process as it was, after the block (building a model to serve it reseeds them)."""
+    meta, tensors = capture_rng()
+    try:
+        yield
+    finally:
+        restore_rng(meta, tensors)
 
 
 def finite_or_none(value: Optional[float]) -> Optional[float]:

@@ -80,8 +80,8 @@ def step_times(args) -> dict:
 
     groups = {k: members(k) for k in ks}
     alone = members(1)  # one UniPT step with a forward of its own (what each separate run pays)
-    view = shared.view()
-    view.tap(range(view.num_hidden_states))
+    view = shared.view()  # the frozen forward alone, tapping what the UniPT models tap
+    view.tap(groups[ks[0]][0][0].encoder.backbone.layer_indices)
 
     def step(group, share: bool):
         if share:

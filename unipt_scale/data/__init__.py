@@ -1,7 +1,8 @@
 """Data for the trainer: every source ends as iterables of batches that follow one contract.
 
 A batch is a dict: `input_ids`/`attention_mask` (B, N) for text, `pixel_values` (B, C, H, W) for images,
-`labels` (B,) when samples have a class.
+`frames` (B, T, C, H, W) for clips, `labels` (B,) when samples have a class, and the task's numbers from KEY.json
+(`box` (B, 4), `answer_ids` (B, A) padded with -1, ...).
 
 Every train loader `build_data` returns (RecordLoader for a CSV in memory, StreamLoader for shards,
 LimitedLoader around either) has `set_epoch(e)`, `len()` (batches per epoch for this rank), `state_dict()`
@@ -158,9 +159,12 @@ def load_records(cfg: DataConfig):
 
 
 def build_data(cfg: DataConfig, tokenizer=None, rank: int = 0, world_size: int = 1, needs_image: bool = False,
-               needs_labels: bool = True, image_transform: Optional[Callable] = None) -> DataBundle:
+               needs_labels: bool = True, image_transform: Optional[Callable] = None, needs_frames: bool = False,
+               meta: Optional[Mapping[str, str]] = None) -> DataBundle:
     """Loaders for train/val/test: shards (written on first use for the packaged sources) or a CSV in memory.
 
+    What the batches carry is what the task reads (its module's DATA): images, a clip's frames (`frames`,
+    B x T x C x H x W), labels, and numbers from each sample's KEY.json (`meta`: {key: "float" | "long"}).
     `image_transform` (PIL image -> float tensor C,H,W) replaces the ImageTransform the data config describes.
     Bad paths, shard lists and indexes fail here, before any model is built."""
     if cfg.source in ("jsonl", "bbc_headlines"):  # prompt/response records for task.kind=causal_lm
@@ -171,8 +175,9 @@ def build_data(cfg: DataConfig, tokenizer=None, rank: int = 0, world_size: int =
         from unipt_scale.data.pipeline import build_stream_data
 
         return build_stream_data(cfg, tokenizer, rank=rank, world_size=world_size, needs_image=needs_image,
-                                 needs_labels=needs_labels, image_transform=image_transform)
-    if needs_image:
+                                 needs_labels=needs_labels, image_transform=image_transform,
+                                 needs_frames=needs_frames, meta=meta)
+    if needs_image or needs_frames or meta:
         raise ValueError("data.source=csv holds texts only; for images write shards with `unipt shards --source "
                          "csv` and train with data.source=shards")
     from unipt_scale.data.sources import split_records

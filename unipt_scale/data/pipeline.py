@@ -14,9 +14,9 @@ import torch
 
 from unipt_scale.assets import cache_dir
 from unipt_scale.config import DataConfig
+from unipt_scale.data.sources import FASHION_MNIST_DIR
 from unipt_scale.data.stream import INDEX_NAME, ImageTransform, make_loader, read_index, stream_classes
 
-FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 LIMITED_FORMAT = "unipt_scale.limited_position/1"
 _CACHE_VERSION = 2  # bump when the shards a cached source gives change (v2: one split rule for every source)
 
@@ -154,17 +154,22 @@ def check_shard_config(cfg: DataConfig, split: str, spec: Optional[str]) -> bool
     return True
 
 
-def _fields(tokenizer, image: bool):
+def _fields(tokenizer, image: bool, frames: bool, meta) -> list:
     fields = []
     if tokenizer is not None:
         fields.append("text")
-    if image or tokenizer is None:
+    if frames:
+        fields.append("frames")
+    elif image or tokenizer is None:
         fields.append("image")
+    if meta:
+        fields.append("meta")
     return fields
 
 
 def build_stream_data(cfg: DataConfig, tokenizer=None, rank: int = 0, world_size: int = 1, needs_image=False,
-                      needs_labels=True, image_transform: Optional[Callable] = None):
+                      needs_labels=True, image_transform: Optional[Callable] = None, needs_frames: bool = False,
+                      meta: Optional[Mapping[str, str]] = None):
     from unipt_scale.data import DataBundle
 
     specs = {s: _spec(cfg, s, rank) for s in ("train", "val", "test")}
@@ -176,12 +181,13 @@ def build_stream_data(cfg: DataConfig, tokenizer=None, rank: int = 0, world_size
         raise type(err)(f"{_key_of(cfg, 'train')}: {err}") from None
     if needs_labels is None:  # retrieval: labels mark extra positives when the shards have them
         needs_labels = bool(classes)
-    fields = _fields(tokenizer, needs_image) + (["label"] if needs_labels else [])
-    if image_transform is None and "image" in fields:
+    fields = _fields(tokenizer, needs_image, needs_frames, meta) + (["label"] if needs_labels else [])
+    if image_transform is None and ("image" in fields or "frames" in fields):
         image_transform = ImageTransform(cfg.image_size, mean=cfg.image_mean or None, std=cfg.image_std or None)
     common = dict(tokenizer=tokenizer, image_transform=image_transform, fields=fields, rank=rank,
                   world_size=world_size, num_workers=cfg.num_workers, seed=cfg.seed, max_length=cfg.max_length,
-                  image_size=cfg.image_size, max_lost_fraction=getattr(cfg, "max_lost_fraction", 0.01))
+                  image_size=cfg.image_size, max_lost_fraction=getattr(cfg, "max_lost_fraction", 0.01),
+                  num_frames=cfg.num_frames, meta=meta)
     # Several ranks sample shards with replacement (seeded by epoch and rank): every rank then takes the same
     # number of steps, which collective training needs. One process reads every sample once per epoch.
     train = make_loader(train_spec, split="train", batch_size=cfg.batch_size, shuffle=True, resampled=world_size > 1,

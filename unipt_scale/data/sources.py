@@ -33,6 +33,7 @@ FASHION_MNIST_CLASSES = (
     "sandal", "shirt", "sneaker", "bag", "ankle boot",
 )
 DEFAULT_TEMPLATE = "a photo of {a} {label}"
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist
 CLI_OPTIONS = {"image": "--image-key", "text": "--text-key", "caption": "--caption-key", "label": "--label-key"}
 CONFIG_OPTIONS = {"image": "(none)", "text": "data.text_column", "caption": "(none)", "label": "data.label_column"}
 

@@ -60,14 +60,17 @@ import torch
 
 from unipt_scale.data.sources import IMAGE_EXTS, INDEX_NAME
 from unipt_scale.data.tario import ShardReader, is_remote, tar_problem
+from unipt_scale.data.video import FRAME_MEMBER, VIDEO_EXTS, VideoDecodeError, decode_video, frame_members
 
 log = logging.getLogger(__name__)
 
-FIELDS = ("image", "text", "label")
+FIELDS = ("image", "frames", "text", "label", "meta")
 COUNTS_KEY = "__unipt_counts__"
 STATE_KEY = "__unipt_position__"
 STATE_FORMAT = "unipt_scale.stream_position/1"
-_FIELD_EXTS = {"image": IMAGE_EXTS, "text": ("txt",), "label": ("cls",)}
+_FIELD_EXTS = {"image": IMAGE_EXTS, "frames": VIDEO_EXTS, "text": ("txt",), "label": ("cls",), "meta": ("json",)}
+META_DTYPES = {"float": torch.float32, "long": torch.long}  # "long?" / "float?": optional, missing -> META_PAD
+META_PAD = -1  # lists of different lengths (a question's answers) are padded with it
 _M64 = (1 << 64) - 1
 
 
@@ -482,6 +485,8 @@ class _Config:
     split_modes: list[str]  # per source: "shards" | "samples" | "resampled"
     batches_per_worker: int | None  # resampled mode
     max_consecutive_bad: int
+    num_frames: int = 8  # frames per clip (field "frames")
+    meta: tuple[tuple[str, str], ...] = ()  # (KEY.json key, "float" | "long") for field "meta"
     resume: list[dict] | None = None  # per logical worker: the position to start from
     start_worker: int = 0  # the logical worker that physical worker 0 plays
 
@@ -510,6 +515,7 @@ class StreamDataset(torch.utils.data.IterableDataset):
         super().__init__()
         self.cfg, self.tokenizer, self.image_transform = cfg, tokenizer, image_transform
         self._exts = tuple(e for f in cfg.fields for e in _FIELD_EXTS[f])
+        self._match = FRAME_MEMBER if "frames" in cfg.fields else None
 
     # -- the slot sequence of one source for one worker
 
@@ -577,7 +583,7 @@ class StreamDataset(torch.utils.data.IterableDataset):
                         self._report_shard(r, src.sizes[u], counts)
                     if i < len(r):
                         try:
-                            yield "sample", r.read(i, self._exts)
+                            yield "sample", r.read(i, self._exts, self._match)
                         except OSError as exn:
                             counts.bump("shard_errors", str(exn), bad=False)
                             yield "lost", r.url
@@ -636,6 +642,11 @@ class StreamDataset(torch.utils.data.IterableDataset):
             except Exception as exn:
                 counts.bump("skipped_transform_error", f"{where}: {type(exn).__name__}: {exn}")
                 return None
+        if "frames" in cfg.fields:
+            frames = self._decode_frames(sample, where, counts)
+            if frames is None:
+                return None
+            out["frames"] = frames
         if "text" in cfg.fields:
             raw = sample.get("txt")
             try:
@@ -660,7 +671,79 @@ class StreamDataset(torch.utils.data.IterableDataset):
                 counts.bump("skipped_bad_label", f"{where}: {exn}")
                 return None
             out["label"] = label
+        if "meta" in cfg.fields:
+            meta = self._decode_meta(sample, where, counts)
+            if meta is None:
+                return None
+            out["meta"] = meta
         counts.good()
+        return out
+
+    def _decode_frames(self, sample: dict, where: str, counts: _Counts):
+        """cfg.num_frames transformed frames (T, C, H, W) of the sample's clip: its frame files, else its video."""
+        from PIL import Image
+
+        cfg = self.cfg
+        try:
+            names = frame_members([e for e in sample if isinstance(sample[e], bytes)])
+            if names:
+                from unipt_scale.data.video import uniform_indices
+
+                images = []
+                for i in uniform_indices(len(names), cfg.num_frames):
+                    img = Image.open(io.BytesIO(sample[names[i]]))
+                    img.load()
+                    images.append(img)
+            else:
+                ext = next((e for e in VIDEO_EXTS if e in sample), None)
+                if ext is None:
+                    counts.bump("skipped_missing_frames", where)
+                    return None
+                images = decode_video(sample[ext], cfg.num_frames)
+            images = [to_mode(img, cfg.image_mode)[0] for img in images]
+        except VideoDecodeError as exn:
+            counts.bump("skipped_bad_video", f"{where}: {exn}")
+            return None
+        except Exception as exn:  # PIL raises many types for bad bytes
+            counts.bump("skipped_bad_frame", f"{where}: {type(exn).__name__}: {exn}")
+            return None
+        try:
+            if self.image_transform is None:
+                return images
+            return torch.stack([self.image_transform(img) for img in images])
+        except Exception as exn:
+            counts.bump("skipped_transform_error", f"{where}: {type(exn).__name__}: {exn}")
+            return None
+
+    def _decode_meta(self, sample: dict, where: str, counts: _Counts):
+        """The KEY.json values the task reads (numbers, or lists of numbers), checked."""
+        raw = sample.get("json")
+        if raw is None and all(kind.endswith("?") for _, kind in self.cfg.meta):
+            return {key: META_PAD for key, _ in self.cfg.meta}
+        if raw is None:
+            counts.bump("skipped_missing_meta", where)
+            return None
+        try:
+            obj = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as exn:
+            counts.bump("skipped_bad_meta", f"{where}: {exn}")
+            return None
+        out = {}
+        for key, kind in self.cfg.meta:
+            value = obj.get(key) if isinstance(obj, dict) else None
+            if value is None and kind.endswith("?"):
+                out[key] = META_PAD
+                continue
+            flat = value if isinstance(value, list) else [value]
+            if value is None or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                    and math.isfinite(v) for v in flat):
+                counts.bump(f"skipped_bad_meta_{key}", f"{where}: {key}={value!r} is not a number or a list of "
+                                                       "numbers")
+                return None
+            if kind.startswith("long") and not all(float(v).is_integer() for v in flat):
+                counts.bump(f"skipped_bad_meta_{key}", f"{where}: {key}={value!r} is not a whole number")
+                return None
+            out[key] = value
         return out
 
     def _collate(self, rows: list[dict]) -> dict[str, Any]:
@@ -674,8 +757,13 @@ class StreamDataset(torch.utils.data.IterableDataset):
         if "image" in cfg.fields:
             imgs = [r["image"] for r in rows]
             batch["pixel_values"] = torch.stack(imgs).float() if isinstance(imgs[0], torch.Tensor) else imgs
+        if "frames" in cfg.fields:
+            clips = [r["frames"] for r in rows]
+            batch["frames"] = torch.stack(clips).float() if isinstance(clips[0], torch.Tensor) else clips
         if "label" in cfg.fields:
             batch["labels"] = torch.tensor([r["label"] for r in rows], dtype=torch.long)
+        for key, kind in cfg.meta if "meta" in cfg.fields else ():
+            batch[key] = meta_tensor([r["meta"][key] for r in rows], META_DTYPES[kind.rstrip("?")])
         if cfg.return_keys:
             batch["keys"] = [r["__key__"] for r in rows]
         return batch
@@ -740,6 +828,16 @@ class StreamDataset(torch.utils.data.IterableDataset):
         finally:
             for c in cursors:
                 c.close()
+
+
+def meta_tensor(values: list, dtype: torch.dtype) -> torch.Tensor:
+    """(B,) from numbers, (B, L) from lists (shorter lists padded with META_PAD)."""
+    if not any(isinstance(v, list) for v in values):
+        return torch.tensor(values, dtype=dtype)
+    rows = [v if isinstance(v, list) else [v] for v in values]
+    width = max(1, max(len(r) for r in rows))  # at least one column: a batch of questions none of whose answers
+    # is in the vocabulary is all padding
+    return torch.tensor([r + [META_PAD] * (width - len(r)) for r in rows], dtype=dtype)
 
 
 def _groups(seq: Iterator[int], size_of: Callable[[int], int], min_samples: int,
@@ -977,6 +1075,8 @@ def make_loader(
     return_keys: bool = False,
     max_consecutive_bad: int = 10_000,
     max_lost_fraction: float | None = 0.01,
+    num_frames: int = 8,
+    meta: Mapping[str, str] | None = None,
     **loader_kwargs: Any,
 ) -> StreamLoader:
     """Batches from WebDataset shards for this rank (see the module docstring for the modes).
@@ -985,6 +1085,8 @@ def make_loader(
     sample has). Without a tokenizer, text comes back as `text` (list of str); without an image_transform
     the default ImageTransform(image_size) is used. `shuffle_buffer`: samples per shuffle group (at least).
     `max_lost_fraction`: share of a pass's samples that may be lost before DataLossError (None: no limit).
+    Field `frames` gives `num_frames` frames per clip (B, T, C, H, W); field `meta` gives, for each KEY.json key
+    of `meta` ({key: "float" | "long"}), a tensor of that name.
     `loader_kwargs` go to torch's DataLoader (pin_memory, prefetch_factor, multiprocessing_context)."""
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
@@ -1017,6 +1119,16 @@ def make_loader(
         fields = tuple(x for x in FIELDS if x in fields)
     if not fields:
         raise ValueError("the samples share no usable field (image/text/label)")
+    meta = dict(meta or {})
+    if "meta" in fields and not meta:
+        raise ValueError("field 'meta' needs meta={json key: 'float' | 'long'}: the values the task reads")
+    bad = {k: v for k, v in meta.items() if v.rstrip("?") not in META_DTYPES}
+    if bad:
+        raise ValueError(f"meta types must be 'float' or 'long' (with '?': optional), got {bad}")
+    if num_frames < 1:
+        raise ValueError("num_frames must be >= 1")
+    if "frames" in fields and image_transform is None:
+        image_transform = ImageTransform(image_size)
     if "image" in fields and image_transform is None:
         image_transform = ImageTransform(image_size)
     if "text" in fields:
@@ -1054,7 +1166,7 @@ def make_loader(
                   num_workers=nw, shuffle=shuffle, shuffle_buffer=shuffle_buffer, resampled=resampled, seed=seed,
                   epoch=epoch, drop_last=drop_last, max_length=max_length, image_mode=image_mode,
                   return_keys=return_keys, split_modes=split_modes, batches_per_worker=batches_per_worker,
-                  max_consecutive_bad=max_consecutive_bad)
+                  max_consecutive_bad=max_consecutive_bad, num_frames=num_frames, meta=tuple(meta.items()))
     return StreamLoader(StreamDataset(cfg, tokenizer, image_transform), num_workers, loader_kwargs,
                         max_lost_fraction=max_lost_fraction)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import gzip
 import io
 import os
+import re
 import tarfile
 from dataclasses import dataclass, field
 
@@ -166,11 +167,15 @@ class ShardReader:
     def __len__(self) -> int:
         return len(self.scan.samples)
 
-    def read(self, i: int, exts) -> dict:
-        """Sample `i` with the payloads of the members named in `exts` (the others are not read)."""
+    def read(self, i: int, exts, match: "re.Pattern[str] | None" = None) -> dict:
+        """Sample `i` with the payloads of the members named in `exts` or whose extension `match` matches in full
+        (a video's frame files, f000.png, f001.png, ...); the others are not read."""
         s = self.scan.samples[i]
         out = {"__key__": s.key, "__url__": self.url, "__members__": tuple(s.members)}
-        for ext in exts:
+        wanted = list(exts)
+        if match is not None:
+            wanted += [e for e in s.members if e not in wanted and match.fullmatch(e)]
+        for ext in wanted:
             loc = s.members.get(ext)
             if loc is None:
                 continue

@@ -1,6 +1,6 @@
-"""Task kinds, one module each (its model: head, loss, eval metrics; the batch fields it reads; `build`), and the one
-way a config becomes a task model: `build_model`. Adding a task is a module here, its entry in TASKS, and its
-name among task.kind's choices (unipt_scale.config.TASK_KINDS).
+"""Task kinds, one module each (its model: head, loss, eval metrics; the batch fields it reads, DATA; the metric a
+sweep selects by, SELECTION; `build`), and the one way a config becomes a task model: `build_model`. Adding a task
+is a module here, its entry in TASKS, and its name among task.kind's choices (unipt_scale.config.TASK_KINDS).
 """
 from __future__ import annotations
 
@@ -12,11 +12,17 @@ import torch.nn as nn
 from unipt_scale.backbone import FrozenBackbone, load_backbone
 from unipt_scale.config import ConfigError, RunConfig
 from unipt_scale.encoders import build_encoder
-from unipt_scale.tasks import causal_lm, classification, retrieval
+from unipt_scale.tasks import causal_lm, classification, grounding, retrieval, video_retrieval, vqa
 from unipt_scale.train_state import seed_everything
 from unipt_scale.trained import check_trained_rule
 
-TASKS: Dict[str, ModuleType] = {"classification": classification, "retrieval": retrieval, "causal_lm": causal_lm}
+TASKS: Dict[str, ModuleType] = {"classification": classification, "retrieval": retrieval, "causal_lm": causal_lm,
+                                 "video_retrieval": video_retrieval, "vqa": vqa, "grounding": grounding}
+
+
+def data_fields(kind: str) -> dict:
+    """What a task's batches carry: keyword arguments of unipt_scale.data.build_data."""
+    return dict(TASKS[kind].DATA)
 
 
 BACKBONE_FIELDS = ("backbone", "image_backbone")

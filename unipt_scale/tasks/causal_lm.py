@@ -74,6 +74,7 @@ def load_lm_head(backbone, path: str) -> Optional[torch.Tensor]:
 
 # The validation metric a sweep chooses its variant by, and whether higher or lower is better.
 SELECTION = ("loss", "min")
+DATA = {"needs_labels": None}  # prompt/response records: data.source=jsonl | bbc_headlines build their own batches
 
 
 class _ChunkedLMLoss(torch.autograd.Function):

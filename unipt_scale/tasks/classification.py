@@ -14,6 +14,7 @@ from unipt_scale.trained import task_trained_keys
 
 # The validation metric a sweep chooses its variant by, and whether higher or lower is better.
 SELECTION = ("accuracy", "max")
+DATA = {"needs_labels": True}  # the backbone's inputs and the class of each sample
 
 
 class ClassificationModel(nn.Module):

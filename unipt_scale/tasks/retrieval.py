@@ -23,8 +23,34 @@ def recall_at_k(sim: torch.Tensor, positives: torch.Tensor, ks=(1, 5, 10)) -> Di
         out[k] = positives.gather(1, top).any(1).float().mean().item()
     return out
 
+def median_rank(sim: torch.Tensor, positives: torch.Tensor) -> float:
+    """Median over queries of the rank (1 = first) of the best-ranked positive."""
+    order = sim.argsort(dim=1, descending=True)
+    first = positives.gather(1, order).float().argmax(1) + 1
+    return first.float().median().item()
+
+
+def positives_of(n: int, labels, device=None) -> torch.Tensor:
+    """(n, n) bool: the pair's own match, and every pair with the same label (templated captions repeat)."""
+    if labels is None:
+        return torch.eye(n, dtype=torch.bool, device=device)
+    return labels[:, None] == labels[None, :]
+
+
+def info_nce(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor, labels=None) -> torch.Tensor:
+    """Symmetric InfoNCE of normalised embeddings a, b (B, E), every same-label pair a positive."""
+    scale = logit_scale.clamp(max=math.log(100.0)).exp()
+    logits = scale * a @ b.t()
+    pos = positives_of(len(a), labels, a.device).float()
+    target = pos / pos.sum(1, keepdim=True)
+    return 0.5 * (torch.sum(-target * F.log_softmax(logits, 1), 1).mean()
+                  + torch.sum(-target.t() * F.log_softmax(logits.t(), 1), 1).mean())
+
+
 # The validation metric a sweep chooses its variant by, and whether higher or lower is better.
 SELECTION = ("rsum", "max")
+# What a batch carries (unipt_scale.data.build_data): both towers' inputs, the labels where the shards have them.
+DATA = {"needs_image": True, "needs_labels": None}
 
 
 class RetrievalModel(nn.Module):
@@ -51,17 +77,8 @@ class RetrievalModel(nn.Module):
 
     def training_loss(self, batch):
         img, txt = self.embed_images(batch), self.embed_texts(batch)
-        scale = self.logit_scale.clamp(max=math.log(100.0)).exp()
-        logits = scale * img @ txt.t()
-        if "labels" in batch:
-            # Templated captions repeat: every pair with the same label is a positive.
-            pos = (batch["labels"][:, None] == batch["labels"][None, :]).float()
-        else:
-            pos = torch.eye(len(img), device=img.device)
-        target = pos / pos.sum(1, keepdim=True)
-        loss = 0.5 * (torch.sum(-target * F.log_softmax(logits, 1), 1).mean()
-                      + torch.sum(-target.t() * F.log_softmax(logits.t(), 1), 1).mean())
-        return loss, {"temperature": (1.0 / scale).detach()}
+        loss = info_nce(img, txt, self.logit_scale, batch.get("labels"))
+        return loss, {"temperature": (1.0 / self.logit_scale.clamp(max=math.log(100.0)).exp()).detach()}
 
     @torch.no_grad()
     def eval_step(self, batch):
@@ -74,11 +91,7 @@ class RetrievalModel(nn.Module):
     def eval_metrics(outputs):
         img = torch.cat([o["image"] for o in outputs])
         txt = torch.cat([o["text"] for o in outputs])
-        if "labels" in outputs[0]:
-            labels = torch.cat([o["labels"] for o in outputs])
-            pos = labels[:, None] == labels[None, :]
-        else:
-            pos = torch.eye(len(img), dtype=torch.bool)
+        pos = positives_of(len(img), torch.cat([o["labels"] for o in outputs]) if "labels" in outputs[0] else None)
         sim = img @ txt.t()
         i2t, t2i = recall_at_k(sim, pos), recall_at_k(sim.t(), pos.t())
         metrics = {f"i2t_r{k}": v for k, v in i2t.items()}

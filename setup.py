@@ -41,8 +41,8 @@ setup(
         "numpy>=1.26,<=2.4.6",
     ],
     extras_require={
-        "test": ["pytest>=7,<=9.2.0", "av>=12"],
-        "video": ["av>=12"],  # decoding KEY.mp4 clips (video_retrieval); frame files need nothing more
+        "test": ["pytest>=7,<=9.2.0", "av>=12,<=18.1.0"],
+        "video": ["av>=12,<=18.1.0"],  # decoding KEY.mp4 clips (video_retrieval); frame files need nothing more
     },
     entry_points={"console_scripts": ["unipt=unipt_scale.cli:main"]},
 )

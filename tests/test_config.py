@@ -76,7 +76,9 @@ def test_shipped_configs_load():
     root = os.path.join(os.path.dirname(__file__), "..", "configs")
     paths = sorted(glob.glob(os.path.join(root, "*.yaml")))
     assert len(paths) >= 2
-    for p in paths:
+    launch = sorted(glob.glob(os.path.join(root, "..", "launch", "configs", "*.yaml")))
+    assert len(launch) >= 4
+    for p in paths + launch:
         load_config(p)
     assert load_config(os.path.join(root, "tweets_minilm.yaml")).to_dict() == load_config(
         overrides=[]).to_dict(), "the written-out demo config is the embedded default"

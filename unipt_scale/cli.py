@@ -131,6 +131,11 @@ def cmd_eval(args) -> int:
     model, cfg, meta = load_trained(args.checkpoint, args.overrides, device=device,
                                     trust_remote_code=args.trust_remote_code)
     data = build_run_data(cfg, trust_remote_code=args.trust_remote_code)
+    saved = meta.get("label_names") or []
+    if saved and data.label_names and list(data.label_names) != list(saved):
+        raise ConfigError(f"the data's classes ({len(data.label_names)}: {', '.join(data.label_names[:4])}, ...) are "
+                          f"not the ones the checkpoint was trained on ({len(saved)}: {', '.join(saved[:4])}, ...); "
+                          "evaluate on shards written with the same classes (the same training split)")
     loader = {"val": data.val, "test": data.test, "train": data.train}[args.split]
     if loader is None:
         raise ConfigError(f"the {args.split} split is empty for this data config")

@@ -59,31 +59,44 @@ class ProcessorImageTransform:
     """PIL image → float (C, size, size) tensor through a backbone's own image processor.
 
     The processor's resize, rescale and normalisation (its mean/std) are kept; only the output size is set, to
-    the data's image size. A class, not a closure, so it pickles into spawned data workers.
+    the data's image size. `resize="stretch"` resizes the whole image to the square itself and lets the processor
+    only rescale and normalise: nothing is cropped (a task whose labels are positions in the image needs that).
+    A class, not a closure, so it pickles into spawned data workers.
     """
 
-    def __init__(self, processor, image_size: int):
+    def __init__(self, processor, image_size: int, resize: str = "crop"):
+        if resize not in ("crop", "stretch"):
+            raise ValueError("resize must be 'crop' or 'stretch'")
         self.processor = processor
         self.image_size = int(image_size)
+        self.resize = resize
         mean = getattr(processor, "image_mean", None)
         self.mode = "L" if isinstance(mean, (list, tuple)) and len(mean) == 1 else "RGB"
         s = self.image_size
-        if getattr(processor, "do_center_crop", False) and getattr(processor, "crop_size", None) is not None:
+        if resize == "stretch":
+            self.kwargs = dict(do_resize=False, do_center_crop=False)
+        elif getattr(processor, "do_center_crop", False) and getattr(processor, "crop_size", None) is not None:
             self.kwargs = dict(size={"shortest_edge": s}, crop_size={"height": s, "width": s})
+        elif getattr(processor, "crop_pct", None) is not None:  # ConvNeXt-style: shortest edge, then crop_pct
+            self.kwargs = dict(size={"shortest_edge": s})
         else:
             self.kwargs = dict(size={"height": s, "width": s})
 
     def __call__(self, img) -> torch.Tensor:
         if img.mode != self.mode:
             img = img.convert(self.mode)
+        if self.resize == "stretch":
+            from PIL import Image
+
+            img = img.resize((self.image_size, self.image_size), Image.BICUBIC)
         out = self.processor(images=img, return_tensors="pt", **self.kwargs)["pixel_values"]
         return out[0].float()
 
 
-def load_image_transform(cfg: BackboneConfig, image_size: int,
-                         trust_remote_code: bool = False) -> Optional[Callable]:
+def load_image_transform(cfg: BackboneConfig, image_size: int, trust_remote_code: bool = False,
+                         resize: str = "crop") -> Optional[Callable]:
     """The backbone's own image preprocessing where its directory has preprocessor_config.json, else None
-    (the data layer then uses its default). Loads no weights."""
+    (the data layer then uses its default). Loads no weights. `resize`: see ProcessorImageTransform."""
     from transformers import AutoImageProcessor
 
     if image_size < 1:
@@ -101,7 +114,7 @@ def load_image_transform(cfg: BackboneConfig, image_size: int,
             raise _custom_code_error(path, f"its image processor: {first}") from None
         raise BackboneLoadError(f"{path!r} has {PROCESSOR_FILE} but no image processor could be built from it "
                                 f"({first}); fix or remove that file") from None
-    transform = ProcessorImageTransform(processor, image_size)
+    transform = ProcessorImageTransform(processor, image_size, resize)
     from PIL import Image
 
     probe = transform(Image.new("RGB", (2 * image_size + 3, 2 * image_size + 1)))

@@ -119,13 +119,14 @@ def build_run_data(cfg: RunConfig, dist: Optional[DistContext] = None, trust_rem
     from unipt_scale.preprocessors import load_image_transform, load_tokenizer
     from unipt_scale.tasks import data_fields
 
+    fields = data_fields(cfg.task.kind)
     tokenizer = load_tokenizer(cfg.backbone, trust_remote_code=trust_remote_code)
     vision = cfg.image_backbone or (cfg.backbone if tokenizer is None else None)
-    image_transform = load_image_transform(vision, cfg.data.image_size, trust_remote_code=trust_remote_code) \
-        if vision is not None else None
+    image_transform = load_image_transform(vision, cfg.data.image_size, trust_remote_code=trust_remote_code,
+                                           resize=fields.get("image_resize", "crop")) if vision is not None else None
     rank, world_size = (dist.rank, dist.world_size) if dist is not None else (0, 1)
     return build_data(cfg.data, tokenizer, rank=rank, world_size=world_size, image_transform=image_transform,
-                      **data_fields(cfg.task.kind))
+                      **fields)
 
 
 class Trainer:

@@ -394,8 +394,10 @@ def generated_shards(folder: str, source: str, samples: int, image_size: int, fr
                      fashion_mnist: Optional[str] = None, fractions: str = "0.8,0.1,0.1") -> str:
     """Shards of a seeded `unipt shards` generator, written once into `folder` (same arguments, same shards)."""
     from unipt_scale.data.shards import ShardSpec, write_shards
+    from unipt_scale.data.synthetic import GENERATOR_VERSION
 
-    out = os.path.join(folder, f"{source}-n{samples}-px{image_size}-f{frames}-{fractions.replace(',', '_')}")
+    out = os.path.join(folder, f"{source}-v{GENERATOR_VERSION}-n{samples}-px{image_size}-f{frames}-"
+                               f"{fractions.replace(',', '_')}")
     if not os.path.isfile(os.path.join(out, "sizes.json")):
         write_shards(ShardSpec(source=source, out=out, input=fashion_mnist, samples=samples, image_size=image_size,
                                frames=frames, samples_per_shard=1000, fractions=fractions))

@@ -160,12 +160,13 @@ def load_records(cfg: DataConfig):
 
 def build_data(cfg: DataConfig, tokenizer=None, rank: int = 0, world_size: int = 1, needs_image: bool = False,
                needs_labels: bool = True, image_transform: Optional[Callable] = None, needs_frames: bool = False,
-               meta: Optional[Mapping[str, str]] = None) -> DataBundle:
+               meta: Optional[Mapping[str, str]] = None, image_resize: str = "crop") -> DataBundle:
     """Loaders for train/val/test: shards (written on first use for the packaged sources) or a CSV in memory.
 
     What the batches carry is what the task reads (its module's DATA): images, a clip's frames (`frames`,
     B x T x C x H x W), labels, and numbers from each sample's KEY.json (`meta`: {key: "float" | "long"}).
-    `image_transform` (PIL image -> float tensor C,H,W) replaces the ImageTransform the data config describes.
+    `image_transform` (PIL image -> float tensor C,H,W) replaces the ImageTransform the data config describes;
+    `image_resize` is that default's resize (crop: shorter side and centre crop; stretch: the whole image).
     Bad paths, shard lists and indexes fail here, before any model is built."""
     if cfg.source in ("jsonl", "bbc_headlines"):  # prompt/response records for task.kind=causal_lm
         from unipt_scale.data.lm import build_lm_data
@@ -176,7 +177,7 @@ def build_data(cfg: DataConfig, tokenizer=None, rank: int = 0, world_size: int =
 
         return build_stream_data(cfg, tokenizer, rank=rank, world_size=world_size, needs_image=needs_image,
                                  needs_labels=needs_labels, image_transform=image_transform,
-                                 needs_frames=needs_frames, meta=meta)
+                                 needs_frames=needs_frames, meta=meta, image_resize=image_resize)
     if needs_image or needs_frames or meta:
         raise ValueError("data.source=csv holds texts only; for images write shards with `unipt shards --source "
                          "csv` and train with data.source=shards")

@@ -169,7 +169,7 @@ def _fields(tokenizer, image: bool, frames: bool, meta) -> list:
 
 def build_stream_data(cfg: DataConfig, tokenizer=None, rank: int = 0, world_size: int = 1, needs_image=False,
                       needs_labels=True, image_transform: Optional[Callable] = None, needs_frames: bool = False,
-                      meta: Optional[Mapping[str, str]] = None):
+                      meta: Optional[Mapping[str, str]] = None, image_resize: str = "crop"):
     from unipt_scale.data import DataBundle
 
     specs = {s: _spec(cfg, s, rank) for s in ("train", "val", "test")}
@@ -182,8 +182,10 @@ def build_stream_data(cfg: DataConfig, tokenizer=None, rank: int = 0, world_size
     if needs_labels is None:  # retrieval: labels mark extra positives when the shards have them
         needs_labels = bool(classes)
     fields = _fields(tokenizer, needs_image, needs_frames, meta) + (["label"] if needs_labels else [])
+    check_task_fields(cfg, train_spec, needs_frames, meta)
     if image_transform is None and ("image" in fields or "frames" in fields):
-        image_transform = ImageTransform(cfg.image_size, mean=cfg.image_mean or None, std=cfg.image_std or None)
+        image_transform = ImageTransform(cfg.image_size, mean=cfg.image_mean or None, std=cfg.image_std or None,
+                                         resize=image_resize)
     common = dict(tokenizer=tokenizer, image_transform=image_transform, fields=fields, rank=rank,
                   world_size=world_size, num_workers=cfg.num_workers, seed=cfg.seed, max_length=cfg.max_length,
                   image_size=cfg.image_size, max_lost_fraction=getattr(cfg, "max_lost_fraction", 0.01),
@@ -213,6 +215,25 @@ def build_stream_data(cfg: DataConfig, tokenizer=None, rank: int = 0, world_size
     return DataBundle(train, val, test, len(names), names, len(train),
                       stats={"train_batches_per_epoch": len(train)},
                       skip_counts=lambda: merged_counts(train, val, test))
+
+
+def check_task_fields(cfg: DataConfig, spec, needs_frames: bool, meta: Optional[Mapping[str, str]]) -> None:
+    """The training shards carry what the task reads (clips; the KEY.json numbers it needs), as far as their index
+    says: a mismatch fails here in one line, not as every sample skipped later."""
+    from unipt_scale.data.stream import parse_meta_kind, resolve_sources
+
+    key = _key_of(cfg, "train")
+    for src in resolve_sources(spec, "train"):
+        if needs_frames and src.fields is not None and "frames" not in src.fields:
+            raise ValueError(f"{key}={spec!r}: the shards hold no clips (KEY.mp4 or frame files KEY.f000.png ...) "
+                             f"but hold {', '.join(src.fields)}; write them with `unipt shards --source video-folder` "
+                             "or a clip generator")
+        if src.meta_keys is None:
+            continue
+        missing = [k for k, kind in (meta or {}).items() if not parse_meta_kind(kind)[2] and not src.meta_keys.get(k)]
+        if missing:
+            raise ValueError(f"{key}={spec!r}: no sample's KEY.json has {', '.join(missing)}, which this task reads "
+                             "(the shards were written for another task?)")
 
 
 def merged_counts(*loaders) -> Dict[str, Any]:

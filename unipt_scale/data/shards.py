@@ -79,6 +79,7 @@ class ShardSpec:
     samples: int = 0  # generated sources: how many samples (0: the source's default)
     frames: int = 8  # moving-fashion: frames per clip
     image_size: int = 64  # generated sources: image side in pixels
+    min_answer_count: int = 1  # question answering: an answer becomes a class when given this often in train
 
 
 # --------------------------------------------------------------------------- validation
@@ -156,6 +157,8 @@ def _validate(spec: ShardSpec) -> tuple[dict[str, float], Path | None, Path, str
         raise ShardInputError("--limit must be >= 1")
     if spec.samples < 0:
         raise ShardInputError("--samples must be >= 0")
+    if spec.min_answer_count < 1:
+        raise ShardInputError("--min-answer-count must be >= 1")
     if spec.source in GENERATED and spec.limit is not None:
         raise ShardInputError(f"--source {spec.source} is generated: give its size with --samples, not --limit")
     try:
@@ -235,15 +238,16 @@ def _own_splits(records: Sequence[Record], splits: dict[str, list[int]]) -> dict
     return out
 
 
-def _answer_classes(records: Sequence[Record], train: Sequence[int]) -> list[str]:
+def _answer_classes(records: Sequence[Record], train: Sequence[int], min_count: int = 1) -> list[str]:
     """A question-answering source's classes: the training split's answers (the answer head's vocabulary);
     each record gets `answer_ids` (the class indices of its answers inside the vocabulary) and `num_answers`
     (how many were given, those outside the vocabulary included: the VQA score divides by them)."""
     from unipt_scale.data.synthetic import answer_vocabulary
 
-    vocab = answer_vocabulary([records[i].meta["answers"] for i in train])
+    vocab = answer_vocabulary([records[i].meta["answers"] for i in train], min_count)
     if not vocab:
-        raise ShardInputError("no answers in the training split: an answer vocabulary needs training questions")
+        raise ShardInputError(f"no answer is given {min_count} time(s) in the training split: an answer vocabulary "
+                              "needs training questions (lower --min-answer-count)")
     ids = {a: i for i, a in enumerate(vocab)}
     for r in records:
         given = r.meta.get("answers", [])
@@ -482,7 +486,7 @@ def write_shards(spec: ShardSpec, log: Callable[[str], None] = lambda m: None) -
         splits = _own_splits(records, splits)
         log("kept the splits the dataset gives its records (--fractions applies to the others)")
     if any("answers" in r.meta for r in records):
-        classes = _answer_classes(records, splits["train"])
+        classes = _answer_classes(records, splits["train"], spec.min_answer_count)
     if inp is not None:
         src_path = str(Path(inp).resolve())
     else:
@@ -520,6 +524,7 @@ def _write_generation(records: Sequence[Record], gen: Path, spec: ShardSpec, sou
     shards: dict[str, int] = {}
     split_info: dict[str, Any] = {}
     key_counts: dict[str, int] = {}
+    meta_counts: dict[str, int] = {}  # KEY.json keys: a task can check up front that the numbers it reads are there
     per = spec.samples_per_shard
     for split in SPLITS:
         idx = splits.get(split, [])
@@ -536,6 +541,10 @@ def _write_generation(records: Sequence[Record], gen: Path, spec: ShardSpec, sou
                 key_counts[k] = key_counts.get(k, 0) + v
             log(f"wrote {name}: {n} samples")
         split_info[split] = {"shards": names, "samples": len(idx)}
+        for i in idx:
+            for k in records[i].meta:
+                if not k.startswith("_"):
+                    meta_counts[k] = meta_counts.get(k, 0) + 1
     total = sum(shards.values())
     # A field most samples have is one the loader requires by default: the few samples without it
     # (a missing caption) are then skipped and counted, instead of the field silently vanishing.
@@ -562,6 +571,7 @@ def _write_generation(records: Sequence[Record], gen: Path, spec: ShardSpec, sou
         "keys": sorted(key_counts),
         "key_counts": dict(sorted(key_counts.items())),
         "classes": classes,
+        "meta_keys": dict(sorted(meta_counts.items())),
         "splits": split_info,
         "shards": shards,
     }
@@ -602,6 +612,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="generated sources: samples to write (default moving-fashion 4000, sort-of-clevr 12000)")
     p.add_argument("--frames", type=int, default=8, help="moving-fashion: frames per clip")
     p.add_argument("--image-size", type=int, default=64, help="generated sources: image side in pixels")
+    p.add_argument("--min-answer-count", type=int, default=1,
+                   help="vqa: an answer is a class when the training split gives it this often (VQAv2 models keep "
+                        "those given at least 9 times, about 3,129 answers)")
     p.add_argument("--quiet", action="store_true")
     return p
 
@@ -612,7 +625,7 @@ def spec_from_args(args: argparse.Namespace) -> ShardSpec:
                      image_key=args.image_key, text_key=args.text_key, caption_key=args.caption_key,
                      label_key=args.label_key, caption_template=args.caption_template, encoding=args.encoding,
                      skip_missing=args.skip_missing, samples=args.samples, frames=args.frames,
-                     image_size=args.image_size)
+                     image_size=args.image_size, min_answer_count=args.min_answer_count)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -69,8 +69,37 @@ COUNTS_KEY = "__unipt_counts__"
 STATE_KEY = "__unipt_position__"
 STATE_FORMAT = "unipt_scale.stream_position/1"
 _FIELD_EXTS = {"image": IMAGE_EXTS, "frames": VIDEO_EXTS, "text": ("txt",), "label": ("cls",), "meta": ("json",)}
-META_DTYPES = {"float": torch.float32, "long": torch.long}  # "long?" / "float?": optional, missing -> META_PAD
-META_PAD = -1  # lists of different lengths (a question's answers) are padded with it
+META_DTYPES = {"float": torch.float32, "long": torch.long}
+META_PAD = -1  # lists of different lengths (a question's answers) are padded with it; an absent optional value
+_META_KIND = re.compile(r"(float|long)(?:\[(\d*)\])?(\?)?")
+
+
+def parse_meta_kind(kind: str) -> tuple[str, int | None, bool]:
+    """'float' (a number) | 'float[4]' (a list of exactly 4) | 'long[]' (a list of any length), each with '?'
+    for optional (absent: META_PAD) -> (dtype name, list length: None for a number / -1 for any, optional)."""
+    m = _META_KIND.fullmatch(str(kind))
+    if m is None:
+        raise ValueError(f"meta type {kind!r} is not float|long, optionally [N] or [] (a list), optionally ? "
+                         "(optional)")
+    size = None if m.group(2) is None and "[" not in kind else (int(m.group(2)) if m.group(2) else -1)
+    return m.group(1), size, bool(m.group(3))
+
+
+def _meta_problem(value: Any, kind: str) -> str | None:
+    """Why `value` is not of the meta type `kind` (None when it is)."""
+    dtype, size, _ = parse_meta_kind(kind)
+    if size is None and isinstance(value, list):
+        return "is a list, not a number"
+    if size is not None and not isinstance(value, list):
+        return "is not a list"
+    if size is not None and size >= 0 and len(value) != size:
+        return f"has {len(value)} values, not {size}"
+    flat = value if isinstance(value, list) else [value]
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in flat):
+        return "is not made of finite numbers"
+    if dtype == "long" and not all(float(v).is_integer() for v in flat):
+        return "is not made of whole numbers"
+    return None
 _M64 = (1 << 64) - 1
 
 
@@ -90,6 +119,7 @@ class Source:
     sizes: list[int | None] = field(default_factory=list)
     fields: tuple[str, ...] | None = None
     classes: list[str] | None = None
+    meta_keys: dict[str, int] | None = None  # KEY.json keys and how many samples have each (None: not indexed)
 
     @property
     def total(self) -> int | None:
@@ -214,10 +244,11 @@ def _expand_item(item: str, split: str, cache: dict) -> list[str]:
     return urls
 
 
-def _local_sizes(urls: Sequence[str], cache: dict) -> tuple[list[int | None], tuple[str, ...] | None, list[str] | None]:
+def _local_sizes(urls: Sequence[str], cache: dict):
     sizes: list[int | None] = []
     fields: set[str] | None = None
     classes = None
+    meta_keys: dict[str, int] | None = None
     for u in urls:
         d, name = os.path.split(u)
         index = read_index(d or ".", cache) if not is_remote(u) else None
@@ -226,7 +257,9 @@ def _local_sizes(urls: Sequence[str], cache: dict) -> tuple[list[int | None], tu
             f = set(index["fields"])
             fields = f if fields is None else fields & f
             classes = classes or index.get("classes")
-    return sizes, (tuple(x for x in FIELDS if x in fields) if fields is not None else None), classes
+        if index is not None and isinstance(index.get("meta_keys"), dict) and meta_keys is None:
+            meta_keys = dict(index["meta_keys"])
+    return sizes, (tuple(x for x in FIELDS if x in fields) if fields is not None else None), classes, meta_keys
 
 
 def resolve_sources(spec: Any, split: str = "train") -> list[Source]:
@@ -268,8 +301,8 @@ def resolve_sources(spec: Any, split: str = "train") -> list[Source]:
             raise ValueError(f"shard spec {spec!r} names no shards")
         if w <= 0 or not math.isfinite(w):
             raise ValueError(f"source weights must be > 0, got {w}")
-        sizes, fields, classes = _local_sizes(urls, cache)
-        sources.append(Source(urls=urls, weight=w, sizes=sizes, fields=fields, classes=classes))
+        sizes, fields, classes, meta_keys = _local_sizes(urls, cache)
+        sources.append(Source(urls=urls, weight=w, sizes=sizes, fields=fields, classes=classes, meta_keys=meta_keys))
     return sources
 
 
@@ -718,7 +751,7 @@ class StreamDataset(torch.utils.data.IterableDataset):
     def _decode_meta(self, sample: dict, where: str, counts: _Counts):
         """The KEY.json values the task reads (numbers, or lists of numbers), checked."""
         raw = sample.get("json")
-        if raw is None and all(kind.endswith("?") for _, kind in self.cfg.meta):
+        if raw is None and all(parse_meta_kind(kind)[2] for _, kind in self.cfg.meta):
             return {key: META_PAD for key, _ in self.cfg.meta}
         if raw is None:
             counts.bump("skipped_missing_meta", where)
@@ -731,17 +764,12 @@ class StreamDataset(torch.utils.data.IterableDataset):
         out = {}
         for key, kind in self.cfg.meta:
             value = obj.get(key) if isinstance(obj, dict) else None
-            if value is None and kind.endswith("?"):
+            if value is None and parse_meta_kind(kind)[2]:
                 out[key] = META_PAD
                 continue
-            flat = value if isinstance(value, list) else [value]
-            if value is None or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                                    and math.isfinite(v) for v in flat):
-                counts.bump(f"skipped_bad_meta_{key}", f"{where}: {key}={value!r} is not a number or a list of "
-                                                       "numbers")
-                return None
-            if kind.startswith("long") and not all(float(v).is_integer() for v in flat):
-                counts.bump(f"skipped_bad_meta_{key}", f"{where}: {key}={value!r} is not a whole number")
+            problem = "is missing" if value is None else _meta_problem(value, kind)
+            if problem:
+                counts.bump(f"skipped_bad_meta_{key}", f"{where}: {key}={value!r} {problem} (expected {kind})")
                 return None
             out[key] = value
         return out
@@ -763,7 +791,7 @@ class StreamDataset(torch.utils.data.IterableDataset):
         if "label" in cfg.fields:
             batch["labels"] = torch.tensor([r["label"] for r in rows], dtype=torch.long)
         for key, kind in cfg.meta if "meta" in cfg.fields else ():
-            batch[key] = meta_tensor([r["meta"][key] for r in rows], META_DTYPES[kind.rstrip("?")])
+            batch[key] = meta_tensor([r["meta"][key] for r in rows], META_DTYPES[parse_meta_kind(kind)[0]])
         if cfg.return_keys:
             batch["keys"] = [r["__key__"] for r in rows]
         return batch
@@ -1122,9 +1150,8 @@ def make_loader(
     meta = dict(meta or {})
     if "meta" in fields and not meta:
         raise ValueError("field 'meta' needs meta={json key: 'float' | 'long'}: the values the task reads")
-    bad = {k: v for k, v in meta.items() if v.rstrip("?") not in META_DTYPES}
-    if bad:
-        raise ValueError(f"meta types must be 'float' or 'long' (with '?': optional), got {bad}")
+    for kind in meta.values():
+        parse_meta_kind(kind)
     if num_frames < 1:
         raise ValueError("num_frames must be >= 1")
     if "frames" in fields and image_transform is None:

@@ -27,6 +27,7 @@ from typing import List, Optional, Sequence, Tuple
 from unipt_scale.data.sources import (FASHION_MNIST_CLASSES, Record, ShardInputError, _find_idx, _read_idx,
                                       _article)
 
+GENERATOR_VERSION = 1  # bump when a generator's output for the same arguments changes (cached shards are keyed by it)
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 220), "orange": (240, 140, 20),
            "gray": (128, 128, 128), "yellow": (235, 215, 40)}
 SHAPES = ("circle", "square")
@@ -234,7 +235,7 @@ def sort_of_clevr_records(samples: int, seed: int, size: int = 64, per_scene: in
 
 def answer_vocabulary(answers: Sequence[Sequence[str]], min_count: int = 1) -> List[str]:
     """The answer classes: every answer given at least `min_count` times in the training split, most frequent
-    first (ties by name), as VQA models build their answer heads."""
+    first (ties by name). VQAv2 models keep the answers given at least 9 times (`--min-answer-count 9`)."""
     counts: dict = {}
     for given in answers:
         for a in given:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import re
 from typing import List, Sequence
 
@@ -17,12 +18,21 @@ class VideoDecodeError(ValueError):
 
 def uniform_indices(available: int, wanted: int) -> List[int]:
     """`wanted` indices spread evenly over `available` frames, first and last included; a clip shorter than
-    `wanted` repeats frames rather than padding, so every clip yields exactly `wanted`."""
+    `wanted` repeats frames rather than padding, so every clip yields exactly `wanted`. Mirror-symmetric
+    (index i of the clip played backwards is the mirror of index wanted-1-i), so a clip and its reversal give the
+    same set of frames — but for the middle frame of an odd `wanted` from an even-length clip, which has no
+    middle."""
     if available < 1:
         raise VideoDecodeError("the clip has no frames")
     if wanted == 1:
-        return [available // 2]
-    return [round(i * (available - 1) / (wanted - 1)) for i in range(wanted)]
+        return [(available - 1) // 2]
+    out = [0] * wanted
+    for i in range((wanted + 1) // 2):
+        v = math.floor(i * (available - 1) / (wanted - 1) + 0.5)
+        out[i], out[wanted - 1 - i] = v, available - 1 - v
+    if wanted % 2:
+        out[wanted // 2] = (available - 1) // 2
+    return out
 
 
 def frame_members(members: Sequence[str]) -> List[str]:
@@ -32,8 +42,9 @@ def frame_members(members: Sequence[str]) -> List[str]:
 
 
 def decode_video(data: bytes, wanted: int):
-    """`wanted` PIL images sampled uniformly from an encoded video. Every frame is decoded (clips are short)
-    and only the sampled ones kept as images."""
+    """`wanted` PIL images sampled uniformly from an encoded video. Where the container states its frame count,
+    only the sampled frames are converted to images as they are decoded; otherwise the decoded frames are kept
+    (in their own YUV format, half an RGB image's bytes) and the sampled ones converted at the end."""
     try:
         import av
     except ImportError:
@@ -43,10 +54,23 @@ def decode_video(data: bytes, wanted: int):
         with av.open(io.BytesIO(data)) as container:
             if not container.streams.video:
                 raise VideoDecodeError("the file holds no video stream")
-            frames = [f.to_image() for f in container.decode(video=0)]
+            stated = container.streams.video[0].frames
+            if stated > 0:
+                picks = uniform_indices(stated, wanted)
+                chosen = {}
+                for n, frame in enumerate(container.decode(video=0)):
+                    if n in picks:
+                        chosen[n] = frame.to_image()
+                if len(chosen) == len(set(picks)):
+                    return [chosen[i] for i in picks]
+                # The stated count was wrong (fewer frames decoded): decode again, keeping every frame.
+                container.seek(0)
+            frames = list(container.decode(video=0))
     except av.FFmpegError as exn:
         raise VideoDecodeError(f"cannot decode the clip: {exn}") from None
-    return [frames[i] for i in uniform_indices(len(frames), wanted)]
+    if not frames:
+        raise VideoDecodeError("the clip has no frames")
+    return [frames[i].to_image() for i in uniform_indices(len(frames), wanted)]
 
 
 def encode_video(frames, fps: int = 8, codec: str = "mpeg4") -> bytes:

@@ -21,6 +21,11 @@ def sinusoid_positions(n: int, dim: int, device=None) -> torch.Tensor:
     return out
 
 
+def head_count(dim: int) -> int:
+    """Attention heads of width about 64 that divide `dim` (any width builds)."""
+    return max(h for h in range(1, max(1, dim // 64) + 1) if dim % h == 0)
+
+
 class TokenFusion(nn.Module):
     def __init__(self, text_dim: int, image_dim: int, dim: int = 256, layers: int = 2, dropout: float = 0.1):
         super().__init__()
@@ -28,7 +33,7 @@ class TokenFusion(nn.Module):
         self.image_in = nn.Linear(image_dim, dim)
         self.types = nn.Embedding(2, dim)
         self.cls = nn.Parameter(torch.zeros(1, 1, dim))
-        layer = nn.TransformerEncoderLayer(dim, max(1, dim // 64), 4 * dim, dropout=dropout, activation="gelu",
+        layer = nn.TransformerEncoderLayer(dim, head_count(dim), 4 * dim, dropout=dropout, activation="gelu",
                                            batch_first=True, norm_first=True)
         self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(dim)

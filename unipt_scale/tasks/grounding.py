@@ -2,7 +2,9 @@
 tower's tokens (a CNN feature map or a ViT's patches, each its own encoder of the method) are read together by
 the light fusion (tasks/fusion.py); a box head predicts (cx, cy, w, h) in [0, 1]. Loss: L1 on (cx, cy, w, h) plus
 generalised IoU (DETR's box loss, weights task.box_l1_weight and task.box_giou_weight). Metric: accuracy at IoU
-≥ 0.5 (the RefCOCO protocol), mean IoU, and by expression kind where KEY.json marks it `relational`.
+≥ 0.5 (the RefCOCO protocol; predicted boxes clipped to the image for scoring), mean IoU, and by expression kind
+where KEY.json marks it `relational`. Images are resized to the square input without cropping (data.image_size),
+so a box in [0, 1] of the image stays the same box.
 
 Batch fields: both towers' inputs; `box` (B, 4): [x0, y0, x1, y1] in [0, 1] of the image; `relational` (-1 where
 absent)."""
@@ -19,7 +21,9 @@ from unipt_scale.tasks.fusion import TokenFusion
 from unipt_scale.trained import task_trained_keys
 
 SELECTION = ("accuracy", "max")
-DATA = {"needs_image": True, "needs_labels": False, "meta": {"box": "float", "relational": "long?"}}
+# Images are stretched to the square input, never cropped: a crop would cut the boxes' coordinates loose.
+DATA = {"needs_image": True, "needs_labels": False, "meta": {"box": "float[4]", "relational": "long?"},
+        "image_resize": "stretch"}
 
 
 def cxcywh_to_xyxy(b: torch.Tensor) -> torch.Tensor:
@@ -68,7 +72,8 @@ class GroundingModel(nn.Module):
         return task_trained_keys(self, {"image_encoder": self.image_encoder, "text_encoder": self.text_encoder})
 
     def forward(self, batch) -> torch.Tensor:
-        """(B, 4) predicted boxes, xyxy in [0, 1]."""
+        """(B, 4) predicted boxes, xyxy in image units ((cx, cy, w, h) each in [0, 1]; corners may pass the
+        image's edge, and are clipped for scoring)."""
         text, text_mask = self.text_encoder(batch)
         image, image_mask = self.image_encoder(batch)
         return cxcywh_to_xyxy(self.head(self.fusion(text, text_mask, image, image_mask)).float().sigmoid())
@@ -84,7 +89,7 @@ class GroundingModel(nn.Module):
     @torch.no_grad()
     def eval_step(self, batch):
         check_boxes(batch["box"])
-        iou, _ = box_iou(self(batch), batch["box"].float())
+        iou, _ = box_iou(self(batch).clamp(0.0, 1.0), batch["box"].float())
         out = {"iou": iou.cpu()}
         if "relational" in batch:
             out["relational"] = batch["relational"].cpu()

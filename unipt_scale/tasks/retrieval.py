@@ -24,10 +24,11 @@ def recall_at_k(sim: torch.Tensor, positives: torch.Tensor, ks=(1, 5, 10)) -> Di
     return out
 
 def median_rank(sim: torch.Tensor, positives: torch.Tensor) -> float:
-    """Median over queries of the rank (1 = first) of the best-ranked positive."""
+    """Median over queries of the rank (1 = first) of the best-ranked positive (the mean of the two middle ranks
+    for an even count, as numpy's median and CLIP4Clip's MdR)."""
     order = sim.argsort(dim=1, descending=True)
     first = positives.gather(1, order).float().argmax(1) + 1
-    return first.float().median().item()
+    return first.float().quantile(0.5).item()
 
 
 def positives_of(n: int, labels, device=None) -> torch.Tensor:

@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from unipt_scale.config import ConfigError, RunConfig
+from unipt_scale.tasks.fusion import head_count
 from unipt_scale.tasks.retrieval import info_nce, median_rank, positives_of, recall_at_k
 from unipt_scale.trained import task_trained_keys
 
@@ -59,7 +60,7 @@ class VideoRetrievalModel(nn.Module):
         self.text_encoder = text_encoder
         self.frame_proj = nn.Linear(image_encoder.out_dim, embed_dim)
         self.text_proj = nn.Linear(text_encoder.out_dim, embed_dim)
-        self.temporal = TemporalTransformer(embed_dim, max_frames, temporal_layers, max(1, embed_dim // 64)) \
+        self.temporal = TemporalTransformer(embed_dim, max_frames, temporal_layers, head_count(embed_dim)) \
             if temporal == "seq_transformer" else None
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
 

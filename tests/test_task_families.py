@@ -460,3 +460,21 @@ def test_a_generated_source_is_written_on_first_use_and_reused(root, monkeypatch
     assert index["source"]["image_size"] == 32
     a, b = (json.load(open(root / f"gen-run-{n}" / "metrics.json"))["test"] for n in (1, 2))
     assert a == b, "the second run read the same shards"
+
+
+def test_a_video_sweep_shares_the_frame_forward_and_equals_the_runs_alone(root, moving):
+    """Mean pooling against the temporal transformer on one frozen forward per batch (B·T frames once)."""
+    bert, vit = tiny_bert_dir(str(root)), tiny_vit_dir(str(root), image_size=16, channels=3)
+    common = [f"backbone.path={bert}", f"image_backbone.path={vit}", "task.kind=video_retrieval",
+              "data.source=shards", f"data.path={moving}", "data.num_frames=4", "data.image_size=16",
+              "data.batch_size=4", "task.embed_dim=16", "unipt.mapping_dim=8", "train.max_steps=3",
+              "train.tensorboard=false"]
+    out = root / "video-sweep"
+    assert main(["sweep", "--output-dir", str(out), "--grid", "task.temporal=mean,seq_transformer", *common]) == 0
+    sweep = json.load(open(out / "sweep.json"))
+    assert [v["status"] for v in sweep["variants"]] == ["completed", "completed"]
+    alone = root / "video-alone"
+    assert main(["train", "--output-dir", str(alone), "task.temporal=seq_transformer", *common]) == 0
+    together = json.load(open(out / "temporal=seq_transformer" / "metrics.json"))
+    by_itself = json.load(open(alone / "metrics.json"))
+    assert together["test"] == by_itself["test"] and together["train_loss"] == by_itself["train_loss"]

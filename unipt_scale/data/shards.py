@@ -80,6 +80,7 @@ class ShardSpec:
     frames: int = 8  # moving-fashion: frames per clip
     image_size: int = 64  # generated sources: image side in pixels
     min_answer_count: int = 1  # question answering: an answer becomes a class when given this often in train
+    classes: int = 4  # moving-fashion: the Fashion-MNIST classes its items come from
 
 
 # --------------------------------------------------------------------------- validation
@@ -221,7 +222,8 @@ def load_records(spec: ShardSpec, inp: Path | None) -> tuple[list[Record], list[
     from unipt_scale.data import converters, synthetic
 
     if spec.source == "moving-fashion":
-        return synthetic.moving_fashion_records(inp, spec.samples or 4000, spec.seed, spec.frames, spec.image_size)
+        return synthetic.moving_fashion_records(inp, spec.samples or 4000, spec.seed, spec.frames, spec.image_size,
+                                                spec.classes)
     if spec.source in ("sort-of-clevr", "sort-of-clevr-refs"):
         return synthetic.sort_of_clevr_records(spec.samples or 12000, spec.seed, spec.image_size,
                                                referring=spec.source == "sort-of-clevr-refs")
@@ -494,7 +496,7 @@ def write_shards(spec: ShardSpec, log: Callable[[str], None] = lambda m: None) -
     source = {"kind": spec.source, "input": src_path, "records": len(records)}
     if spec.source in GENERATED:
         source.update(samples=len(records), image_size=spec.image_size,
-                      **({"frames": spec.frames} if spec.source == "moving-fashion" else {}))
+                      **({"frames": spec.frames, "classes": spec.classes} if spec.source == "moving-fashion" else {}))
     out.parent.mkdir(parents=True, exist_ok=True)
     _collect_garbage(out)
     versions = _versions(out)
@@ -611,6 +613,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=0,
                    help="generated sources: samples to write (default moving-fashion 4000, sort-of-clevr 12000)")
     p.add_argument("--frames", type=int, default=8, help="moving-fashion: frames per clip")
+    p.add_argument("--classes", type=int, default=4,
+                   help="moving-fashion: how many Fashion-MNIST classes the items come from (fewer: more clips of "
+                        "the same items in other orders in a batch)")
     p.add_argument("--image-size", type=int, default=64, help="generated sources: image side in pixels")
     p.add_argument("--min-answer-count", type=int, default=1,
                    help="vqa: an answer is a class when the training split gives it this often (VQAv2 models keep "
@@ -625,7 +630,7 @@ def spec_from_args(args: argparse.Namespace) -> ShardSpec:
                      image_key=args.image_key, text_key=args.text_key, caption_key=args.caption_key,
                      label_key=args.label_key, caption_template=args.caption_template, encoding=args.encoding,
                      skip_missing=args.skip_missing, samples=args.samples, frames=args.frames,
-                     image_size=args.image_size, min_answer_count=args.min_answer_count)
+                     image_size=args.image_size, min_answer_count=args.min_answer_count, classes=args.classes)
 
 
 def main(argv: list[str] | None = None) -> int:

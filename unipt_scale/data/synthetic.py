@@ -2,10 +2,11 @@
 
 - moving-fashion (video-text retrieval): clips of `frames` frames in which 2 or 3 Fashion-MNIST items (real
   images, distinct classes) appear one after another, each drifting across the canvas while it is shown; the
-  caption names them in order ("a sneaker, then a bag"). Every clip comes with its twin: the same item images
-  in the reverse order, under the reversed caption, in the same split (they share a key). A video embedding that
-  ignores frame order (mean pooling) gives both twins the same score for either caption, so only the temporal
-  order tells them apart.
+  caption names them in order ("a sneaker, then a bag"). Every clip comes with its twin: the same frames played
+  backwards, under the reversed caption, in the same split (they share a key). The items come from a few
+  classes (`classes`, default 4: trouser, bag, sneaker, dress), so a batch holds many clips of the same items in
+  other orders: the captions can only be told apart by the order, and a video embedding that ignores frame order
+  (mean pooling) gives both twins the same score for either caption.
 - sort-of-clevr (visual question answering; Santoro et al. 2017): scenes of six objects, one per colour, each a
   circle or a square, on a grey canvas; per scene, non-relational questions (shape of X; is X on the left or the
   right; top or bottom) and relational ones (shape of the object closest to / furthest from X; how many objects
@@ -27,7 +28,10 @@ from typing import List, Optional, Sequence, Tuple
 from unipt_scale.data.sources import (FASHION_MNIST_CLASSES, Record, ShardInputError, _find_idx, _read_idx,
                                       _article)
 
-GENERATOR_VERSION = 1  # bump when a generator's output for the same arguments changes (cached shards are keyed by it)
+GENERATOR_VERSION = 2  # bump when a generator's output for the same arguments changes (cached shards are keyed by it)
+# moving-fashion's classes, most distinct-looking first: `classes` N takes the first N.
+MOVING_FASHION_CLASSES = ("trouser", "bag", "sneaker", "dress", "pullover", "sandal", "ankle boot", "shirt", "coat",
+                          "t-shirt/top")
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 220), "orange": (240, 140, 20),
            "gray": (128, 128, 128), "yellow": (235, 215, 40)}
 SHAPES = ("circle", "square")
@@ -97,15 +101,19 @@ class _Clip:
         return out
 
 
-def moving_fashion_records(root: Path, samples: int, seed: int, frames: int = 8, size: int = 64
-                           ) -> Tuple[List[Record], List[str]]:
-    """`samples` clips (rounded up to whole twins). Label = the caption's index among the captions that occur."""
+def moving_fashion_records(root: Path, samples: int, seed: int, frames: int = 8, size: int = 64,
+                           classes: int = 4) -> Tuple[List[Record], List[str]]:
+    """`samples` clips (rounded up to whole twins) of items from `classes` classes. Label = the caption's index
+    among the captions that occur."""
     if frames < 3:
         raise ShardInputError("--frames must be >= 3 for moving-fashion (three items need a frame each)")
     if size < 16:
         raise ShardInputError("--image-size must be >= 16 for moving-fashion")
+    if not 2 <= classes <= len(FASHION_MNIST_CLASSES):
+        raise ShardInputError(f"--classes must be 2..{len(FASHION_MNIST_CLASSES)} for moving-fashion")
     items = _FashionItems(root)
-    present = [c for c, refs in enumerate(items.by_class) if refs]
+    wanted = [FASHION_MNIST_CLASSES.index(n) for n in MOVING_FASHION_CLASSES]
+    present = [c for c in wanted if items.by_class[c]][:classes]
     if len(present) < 2:
         raise ShardInputError(f"{root}: moving-fashion needs images of at least 2 classes")
     side = size // 2

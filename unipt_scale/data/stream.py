@@ -60,7 +60,8 @@ import torch
 
 from unipt_scale.data.sources import IMAGE_EXTS, INDEX_NAME
 from unipt_scale.data.tario import ShardReader, is_remote, tar_problem
-from unipt_scale.data.video import FRAME_MEMBER, VIDEO_EXTS, VideoDecodeError, decode_video, frame_members
+from unipt_scale.data.video import (FRAME_MEMBER, VIDEO_EXTS, VideoDecodeError, decode_video, frame_members,
+                                    uniform_indices)
 
 log = logging.getLogger(__name__)
 
@@ -720,8 +721,6 @@ class StreamDataset(torch.utils.data.IterableDataset):
         try:
             names = frame_members([e for e in sample if isinstance(sample[e], bytes)])
             if names:
-                from unipt_scale.data.video import uniform_indices
-
                 images = []
                 for i in uniform_indices(len(names), cfg.num_frames):
                     img = Image.open(io.BytesIO(sample[names[i]]))

@@ -1,11 +1,12 @@
-"""The light fusion the question-answering and grounding tasks share (not a task of its own): the text tower's
-tokens and the image tower's tokens, each projected to one width and marked by type (image tokens also by their
-position: a CNN's flattened feature map carries none), read together with a learned [CLS] token by a small
-transformer; the [CLS] output is the joint feature the task's head reads."""
+"""What the question-answering and grounding tasks share (not a task of its own): the light fusion — the text
+tower's tokens and the image tower's tokens, each projected to one width and marked by type (image tokens also by
+their position: a CNN's flattened feature map carries none), read together with a learned [CLS] token by a small
+transformer, whose [CLS] output is the joint feature the task's head reads — and the per-kind breakdown of their
+metrics where KEY.json marks questions or expressions `relational`."""
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn as nn
@@ -19,6 +20,25 @@ def sinusoid_positions(n: int, dim: int, device=None) -> torch.Tensor:
     out[:, 0::2] = torch.sin(pos * freq)
     out[:, 1::2] = torch.cos(pos * freq)[:, : dim // 2]
     return out
+
+
+def kept_for_eval(batch, out: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """An eval step's outputs with the batch's `relational` marks, where it has them."""
+    if "relational" in batch:
+        out["relational"] = batch["relational"].cpu()
+    return out
+
+
+def by_relational(metric: str, values: torch.Tensor, outputs: List[Dict[str, torch.Tensor]],
+                  keep: Optional[torch.Tensor] = None) -> Dict[str, float]:
+    """`metric`_relational / _nonrelational: the mean of per-sample `values` over each kind (absent kinds left
+    out); `keep` selects the samples `values` was taken from."""
+    if "relational" not in outputs[0]:
+        return {}
+    rel = torch.cat([o["relational"] for o in outputs])
+    rel = rel[keep] if keep is not None else rel
+    return {f"{metric}_{name}": values[rel == value].float().mean().item()
+            for name, value in (("relational", 1), ("nonrelational", 0)) if (rel == value).any()}
 
 
 def head_count(dim: int) -> int:

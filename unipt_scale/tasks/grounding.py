@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from unipt_scale.config import RunConfig
-from unipt_scale.tasks.fusion import TokenFusion
+from unipt_scale.tasks.fusion import TokenFusion, by_relational, kept_for_eval
 from unipt_scale.trained import task_trained_keys
 
 SELECTION = ("accuracy", "max")
@@ -90,21 +90,14 @@ class GroundingModel(nn.Module):
     def eval_step(self, batch):
         check_boxes(batch["box"])
         iou, _ = box_iou(self(batch).clamp(0.0, 1.0), batch["box"].float())
-        out = {"iou": iou.cpu()}
-        if "relational" in batch:
-            out["relational"] = batch["relational"].cpu()
-        return out
+        return kept_for_eval(batch, {"iou": iou.cpu()})
 
     @staticmethod
     def eval_metrics(outputs: List[Dict[str, torch.Tensor]]) -> Dict[str, float]:
         iou = torch.cat([o["iou"] for o in outputs])
         hit = (iou >= 0.5).float()
         metrics = {"accuracy": hit.mean().item(), "mean_iou": iou.mean().item(), "num_samples": int(iou.numel())}
-        if "relational" in outputs[0]:
-            rel = torch.cat([o["relational"] for o in outputs])
-            for name, value in (("relational", 1), ("nonrelational", 0)):
-                if (rel == value).any():
-                    metrics[f"accuracy_{name}"] = hit[rel == value].mean().item()
+        metrics.update(by_relational("accuracy", hit, outputs))
         return metrics
 
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from unipt_scale.config import ConfigError, RunConfig
-from unipt_scale.tasks.fusion import TokenFusion
+from unipt_scale.tasks.fusion import TokenFusion, by_relational, kept_for_eval
 from unipt_scale.trained import task_trained_keys
 
 SELECTION = ("accuracy", "max")
@@ -75,11 +75,8 @@ class VQAModel(nn.Module):
     @torch.no_grad()
     def eval_step(self, batch):
         pred = self(batch).argmax(-1)
-        out = {"score": vqa_scores(pred, batch["answer_ids"], batch["num_answers"]).cpu(), "pred": pred.cpu(),
-               "answered": (batch["num_answers"] > 0).cpu()}
-        if "relational" in batch:
-            out["relational"] = batch["relational"].cpu()
-        return out
+        return kept_for_eval(batch, {"score": vqa_scores(pred, batch["answer_ids"], batch["num_answers"]).cpu(),
+                                     "pred": pred.cpu(), "answered": (batch["num_answers"] > 0).cpu()})
 
     @staticmethod
     def eval_metrics(outputs: List[Dict[str, torch.Tensor]]) -> Dict[str, float]:
@@ -88,12 +85,7 @@ class VQAModel(nn.Module):
         score = torch.cat([o["score"] for o in outputs])[answered]
         metrics = {"accuracy": score.mean().item() if score.numel() else float("nan"),
                    "num_samples": int(score.numel()), "unanswered": int((~answered).sum())}
-        if "relational" in outputs[0]:
-            rel = torch.cat([o["relational"] for o in outputs])[answered]
-            for name, value in (("relational", 1), ("nonrelational", 0)):
-                chosen = rel == value
-                if chosen.any():
-                    metrics[f"accuracy_{name}"] = score[chosen].mean().item()
+        metrics.update(by_relational("accuracy", score, outputs, answered))
         return metrics
 
 

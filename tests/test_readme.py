@@ -267,6 +267,8 @@ SMOLLM2 = dict(model_type="llama", num_hidden_layers=30, hidden_size=576, interm
                num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192, tie_word_embeddings=True)
 EFFICIENTNET_CHANNELS = [16, 24, 40, 112, 320]  # the hooked stages of builtin:efficientnet-lite0 (unipt_scale.assets)
 TWEET_CLASSES, FMNIST_CLASSES = 3, 10
+# Sort-of-CLEVR's answers: circle, square, left, right, top, bottom, 1-6 (the generator's, all in its training split)
+SORT_OF_CLEVR_ANSWERS = 12
 
 
 def linear(n_in: int, n_out: int) -> int:
@@ -313,12 +315,43 @@ def suite_counts(suite: str, **form) -> dict:
         heads = linear(EFFICIENTNET_CHANNELS[-1], embed) + linear(MINILM["hidden_size"], embed) + 1  # + logit scale
         text = token_counts(MINILM, 0)["unipt"]
         return {"unipt": cnn + text + heads, "linear_probe": heads, "lora": None, "full": None}
+    if suite in ("video-moving-fashion", "vqa-sort-of-clevr", "grounding-sort-of-clevr"):
+        return family_counts(suite, cnn)
     raise AssertionError(f"suite {suite!r}: the test does not know its backbone; add it to suite_counts")
+
+
+def encoder_layer(d: int, ff: int) -> int:
+    """torch's TransformerEncoderLayer: qkv and out projections, two feed-forward linears, two LayerNorms."""
+    return linear(d, 3 * d) + linear(d, d) + linear(d, ff) + linear(ff, d) + 4 * d
+
+
+def family_counts(suite: str, cnn: int) -> dict:
+    """The task-family suites (EfficientNet-Lite0 image tower, MiniLM text tower), from their configs."""
+    config = {"video-moving-fashion": "video_moving_fashion.yaml", "vqa-sort-of-clevr": "vqa_sort_of_clevr.yaml",
+              "grounding-sort-of-clevr": "grounding_sort_of_clevr.yaml"}[suite]
+    from unipt_scale.config import load_config
+
+    cfg = load_config(os.path.join(ROOT, "configs", config))  # the values the runs had, defaults included
+    task, image, text = cfg.task, EFFICIENTNET_CHANNELS[-1], MINILM["hidden_size"]
+    towers = cnn + token_counts(MINILM, 0)["unipt"]
+    if suite == "video-moving-fashion":
+        e = task.embed_dim
+        mean = linear(image, e) + linear(text, e) + 1  # frame and text projections, logit scale
+        temporal = cfg.data.num_frames * e + task.temporal_layers * encoder_layer(e, 4 * e)
+        return {"unipt": towers + mean + temporal, "unipt_mean": towers + mean, "linear_probe": mean + temporal,
+                "lora": None, "full": None}
+    d = task.fusion_dim
+    fusion = linear(text, d) + linear(image, d) + 2 * d + d + task.fusion_layers * encoder_layer(d, 4 * d) + 2 * d
+    if suite == "vqa-sort-of-clevr":
+        head = linear(d, 2 * d) + linear(2 * d, SORT_OF_CLEVR_ANSWERS)
+    else:
+        head = linear(d, d) + linear(d, 4)
+    return {"unipt": towers + fusion + head, "linear_probe": fusion + head, "lora": None, "full": None}
 
 
 def method_of(label: str) -> str:
     low = label.replace("**", "").strip().lower()
-    for prefix, method in (("unipt", "unipt"), ("full", "full"), ("lora", "lora"), ("qlora", "lora"),
+    for prefix, method in (("unipt, mean", "unipt_mean"), ("unipt", "unipt"), ("full", "full"), ("lora", "lora"), ("qlora", "lora"),
                            ("linear probe", "linear_probe"), ("frozen model", "zero_shot"), ("ladder", "ladder")):
         if low.startswith(prefix):
             return method

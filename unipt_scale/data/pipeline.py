@@ -200,7 +200,6 @@ def build_stream_data(cfg: DataConfig, tokenizer=None, rank: int = 0, world_size
     if needs_labels is None:  # retrieval: labels mark extra positives when the shards have them
         needs_labels = bool(classes)
     fields = _fields(tokenizer, needs_image, needs_frames, meta) + (["label"] if needs_labels else [])
-    check_task_fields(cfg, train_spec, needs_frames, meta)
     if image_transform is None and ("image" in fields or "frames" in fields):
         image_transform = ImageTransform(cfg.image_size, mean=cfg.image_mean or None, std=cfg.image_std or None,
                                          resize=image_resize)
@@ -216,6 +215,7 @@ def build_stream_data(cfg: DataConfig, tokenizer=None, rank: int = 0, world_size
         raise ValueError(f"{_key_of(cfg, 'train')}={train_spec!r}: the shards have no {INDEX_NAME} beside them, so "
                          "an epoch cannot be sized; write them with `unipt shards`, or put a sizes.json "
                          "({\"NAME.tar\": samples, ...}) beside them")
+    check_task_fields(cfg, train_spec, train.dataset.cfg.sources, needs_frames, meta)
     if cfg.limit_train:
         train = LimitedLoader(train, max(1, cfg.limit_train // (cfg.batch_size * world_size)))
 
@@ -235,13 +235,14 @@ def build_stream_data(cfg: DataConfig, tokenizer=None, rank: int = 0, world_size
                       skip_counts=lambda: merged_counts(train, val, test))
 
 
-def check_task_fields(cfg: DataConfig, spec, needs_frames: bool, meta: Optional[Mapping[str, str]]) -> None:
-    """The training shards carry what the task reads (clips; the KEY.json numbers it needs), as far as their index
-    says: a mismatch fails here in one line, not as every sample skipped later."""
-    from unipt_scale.data.stream import parse_meta_kind, resolve_sources
+def check_task_fields(cfg: DataConfig, spec, sources, needs_frames: bool, meta: Optional[Mapping[str, str]]) -> None:
+    """The training shards (`sources`, as the train loader resolved them) carry what the task reads (clips; the
+    KEY.json numbers it needs), as far as their index says: a mismatch fails here in one line, before any model
+    loads, not as every sample skipped later."""
+    from unipt_scale.data.stream import parse_meta_kind
 
     key = _key_of(cfg, "train")
-    for src in resolve_sources(spec, "train"):
+    for src in sources:
         if needs_frames and src.fields is not None and "frames" not in src.fields:
             raise ValueError(f"{key}={spec!r}: the shards hold no clips (KEY.mp4 or frame files KEY.f000.png ...) "
                              f"but hold {', '.join(src.fields)}; write them with `unipt shards --source video-folder` "

@@ -86,9 +86,8 @@ def parse_meta_kind(kind: str) -> tuple[str, int | None, bool]:
     return m.group(1), size, bool(m.group(3))
 
 
-def _meta_problem(value: Any, kind: str) -> str | None:
-    """Why `value` is not of the meta type `kind` (None when it is)."""
-    dtype, size, _ = parse_meta_kind(kind)
+def _meta_problem(value: Any, dtype: str, size: int | None) -> str | None:
+    """Why `value` is not of the meta type (dtype, size) that parse_meta_kind gives (None when it is)."""
     if size is None and isinstance(value, list):
         return "is a list, not a number"
     if size is not None and not isinstance(value, list):
@@ -550,6 +549,8 @@ class StreamDataset(torch.utils.data.IterableDataset):
         self.cfg, self.tokenizer, self.image_transform = cfg, tokenizer, image_transform
         self._exts = tuple(e for f in cfg.fields for e in _FIELD_EXTS[f])
         self._match = FRAME_MEMBER if "frames" in cfg.fields else None
+        # (key, written type, dtype, list size, optional) per KEY.json value read: parsed once, not per sample
+        self._meta = [(key, kind, *parse_meta_kind(kind)) for key, kind in cfg.meta]
 
     # -- the slot sequence of one source for one worker
 
@@ -750,8 +751,8 @@ class StreamDataset(torch.utils.data.IterableDataset):
     def _decode_meta(self, sample: dict, where: str, counts: _Counts):
         """The KEY.json values the task reads (numbers, or lists of numbers), checked."""
         raw = sample.get("json")
-        if raw is None and all(parse_meta_kind(kind)[2] for _, kind in self.cfg.meta):
-            return {key: META_PAD for key, _ in self.cfg.meta}
+        if raw is None and all(optional for *_, optional in self._meta):
+            return {key: META_PAD for key, *_ in self._meta}
         if raw is None:
             counts.bump("skipped_missing_meta", where)
             return None
@@ -761,12 +762,12 @@ class StreamDataset(torch.utils.data.IterableDataset):
             counts.bump("skipped_bad_meta", f"{where}: {exn}")
             return None
         out = {}
-        for key, kind in self.cfg.meta:
+        for key, kind, dtype, size, optional in self._meta:
             value = obj.get(key) if isinstance(obj, dict) else None
-            if value is None and parse_meta_kind(kind)[2]:
+            if value is None and optional:
                 out[key] = META_PAD
                 continue
-            problem = "is missing" if value is None else _meta_problem(value, kind)
+            problem = "is missing" if value is None else _meta_problem(value, dtype, size)
             if problem:
                 counts.bump(f"skipped_bad_meta_{key}", f"{where}: {key}={value!r} {problem} (expected {kind})")
                 return None
@@ -789,8 +790,8 @@ class StreamDataset(torch.utils.data.IterableDataset):
             batch["frames"] = torch.stack(clips).float() if isinstance(clips[0], torch.Tensor) else clips
         if "label" in cfg.fields:
             batch["labels"] = torch.tensor([r["label"] for r in rows], dtype=torch.long)
-        for key, kind in cfg.meta if "meta" in cfg.fields else ():
-            batch[key] = meta_tensor([r["meta"][key] for r in rows], META_DTYPES[parse_meta_kind(kind)[0]])
+        for key, _, dtype, _, _ in self._meta if "meta" in cfg.fields else ():
+            batch[key] = meta_tensor([r["meta"][key] for r in rows], META_DTYPES[dtype])
         if cfg.return_keys:
             batch["keys"] = [r["__key__"] for r in rows]
         return batch

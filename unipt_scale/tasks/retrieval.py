@@ -38,9 +38,23 @@ def positives_of(n: int, labels, device=None) -> torch.Tensor:
     return labels[:, None] == labels[None, :]
 
 
+def two_way_recalls(sim: torch.Tensor, positives: torch.Tensor, forward: str, backward: str) -> Dict[str, float]:
+    """`forward`_r1/5/10 over sim's rows, `backward`_r1/5/10 over its columns, and rsum (their sum)."""
+    there, back = recall_at_k(sim, positives), recall_at_k(sim.t(), positives.t())
+    metrics = {f"{forward}_r{k}": v for k, v in there.items()}
+    metrics.update({f"{backward}_r{k}": v for k, v in back.items()})
+    metrics["rsum"] = sum(there.values()) + sum(back.values())
+    return metrics
+
+
+def logit_scale_value(logit_scale: torch.Tensor) -> torch.Tensor:
+    """exp(logit_scale), capped at 100 (CLIP's cap): the InfoNCE logits' scale, 1 / temperature."""
+    return logit_scale.clamp(max=math.log(100.0)).exp()
+
+
 def info_nce(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor, labels=None) -> torch.Tensor:
     """Symmetric InfoNCE of normalised embeddings a, b (B, E), every same-label pair a positive."""
-    scale = logit_scale.clamp(max=math.log(100.0)).exp()
+    scale = logit_scale_value(logit_scale)
     logits = scale * a @ b.t()
     pos = positives_of(len(a), labels, a.device).float()
     target = pos / pos.sum(1, keepdim=True)
@@ -79,7 +93,7 @@ class RetrievalModel(nn.Module):
     def training_loss(self, batch):
         img, txt = self.embed_images(batch), self.embed_texts(batch)
         loss = info_nce(img, txt, self.logit_scale, batch.get("labels"))
-        return loss, {"temperature": (1.0 / self.logit_scale.clamp(max=math.log(100.0)).exp()).detach()}
+        return loss, {"temperature": (1.0 / logit_scale_value(self.logit_scale)).detach()}
 
     @torch.no_grad()
     def eval_step(self, batch):
@@ -93,11 +107,7 @@ class RetrievalModel(nn.Module):
         img = torch.cat([o["image"] for o in outputs])
         txt = torch.cat([o["text"] for o in outputs])
         pos = positives_of(len(img), torch.cat([o["labels"] for o in outputs]) if "labels" in outputs[0] else None)
-        sim = img @ txt.t()
-        i2t, t2i = recall_at_k(sim, pos), recall_at_k(sim.t(), pos.t())
-        metrics = {f"i2t_r{k}": v for k, v in i2t.items()}
-        metrics.update({f"t2i_r{k}": v for k, v in t2i.items()})
-        metrics["rsum"] = sum(i2t.values()) + sum(t2i.values())
+        metrics = two_way_recalls(img @ txt.t(), pos, "i2t", "t2i")
         metrics["num_samples"] = len(img)
         return metrics
 

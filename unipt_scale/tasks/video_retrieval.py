@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from unipt_scale.config import ConfigError, RunConfig
 from unipt_scale.tasks.fusion import head_count
-from unipt_scale.tasks.retrieval import info_nce, median_rank, positives_of, recall_at_k
+from unipt_scale.tasks.retrieval import info_nce, logit_scale_value, median_rank, positives_of, two_way_recalls
 from unipt_scale.trained import task_trained_keys
 
 SELECTION = ("rsum", "max")
@@ -83,7 +83,7 @@ class VideoRetrievalModel(nn.Module):
     def training_loss(self, batch):
         video, text = self.embed_videos(batch), self.embed_texts(batch)
         loss = info_nce(video, text, self.logit_scale, batch.get("labels"))
-        return loss, {"temperature": (1.0 / self.logit_scale.clamp(max=math.log(100.0)).exp()).detach()}
+        return loss, {"temperature": (1.0 / logit_scale_value(self.logit_scale)).detach()}
 
     @torch.no_grad()
     def eval_step(self, batch):
@@ -100,12 +100,9 @@ class VideoRetrievalModel(nn.Module):
         labels = torch.cat([o["labels"] for o in outputs]) if "labels" in outputs[0] else None
         pos = positives_of(len(video), labels)
         sim = text @ video.t()  # (captions, clips)
-        t2v, v2t = recall_at_k(sim, pos), recall_at_k(sim.t(), pos.t())
-        metrics = {f"t2v_r{k}": v for k, v in t2v.items()}
-        metrics.update({f"v2t_r{k}": v for k, v in v2t.items()})
+        metrics = two_way_recalls(sim, pos, "t2v", "v2t")
         metrics["t2v_median_rank"] = median_rank(sim, pos)
         metrics["v2t_median_rank"] = median_rank(sim.t(), pos.t())
-        metrics["rsum"] = sum(t2v.values()) + sum(v2t.values())
         metrics["num_samples"] = len(video)
         if "pair" in outputs[0]:
             acc = order_accuracy(sim, torch.cat([o["pair"] for o in outputs]),

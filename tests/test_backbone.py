@@ -126,6 +126,20 @@ def test_hooked_cnn_backbone_feature_map_variant():
     assert all(p.grad is None for p in cnn.parameters())
 
 
+def test_feature_map_unipt_can_stop_before_the_last_stage():
+    """Tapping finer stages only (grounding's choice): the side network works at the last tapped stage, and the
+    encoder's width is that stage's channels, not the network's last."""
+    cnn = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 6, 3, stride=2, padding=1),
+                        nn.ReLU(), nn.Conv2d(6, 8, 3, stride=2, padding=1))
+    bb = wrap_module(cnn, ["1", "3", "4"], torch.zeros(1, 3, 16, 16))
+    enc = UniPTEncoder(bb, UniPTConfig(layers=[0, 1], mapping_dim=4))
+    tokens, _ = enc({"pixel_values": torch.randn(2, 3, 16, 16)})
+    assert enc.out_dim == 6 and tokens.shape == (2, 8 * 8, 6)
+    loss, _ = ClassificationModel(enc, 3).training_loss({"pixel_values": torch.randn(2, 3, 16, 16),
+                                                         "labels": torch.tensor([0, 1])})
+    loss.backward()
+
+
 def test_unreachable_hub_id_says_how_to_use_a_local_directory(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path))

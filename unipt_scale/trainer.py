@@ -728,11 +728,12 @@ def check_backbones(cfg: RunConfig, trust_remote_code: bool) -> None:
     load."""
     from unipt_scale.backbone import inspect_backbone, validate_side_network
 
-    for backbone in (cfg.backbone, cfg.image_backbone):
+    for name in ("backbone", "image_backbone"):
+        backbone = getattr(cfg, name)
         if backbone is not None:
             spec = inspect_backbone(backbone, trust_remote_code)
             if cfg.method == "unipt":
-                validate_side_network(spec, cfg.unipt)
+                validate_side_network(spec, cfg.unipt_for(name))
 
 
 def _strict(obj):

@@ -42,7 +42,7 @@ training samples) and evaluates at most limit_eval val and test samples (the sam
     headlines-smollm2            60      4            240                40  192 (20 new tokens)
     video-moving-fashion         60     16            960               256  24 / 8 frames x 64 px
     vqa-sort-of-clevr           120     32           3840              1024  24 / 64 px
-    grounding-sort-of-clevr     120     32           3840              1024  24 / 64 px
+    grounding-sort-of-clevr     300     32           9600              1024  24 / 64 px
 
 (tweets-minilm: about 15 minutes for 4 methods x (3 sweep values + 2 more seeds) on an idle 2-core machine.
 The headline suite has the budget of README's `bench headlines` run, whose 40 test articles are these; from its step
@@ -466,10 +466,10 @@ SUITES: Dict[str, Suite] = {s.name: s for s in (
             {"max_steps": 120, "batch_size": 32, "eval_batch_size": 128, "limit_eval": 1024},
             ["task.fusion_dim=16", "task.fusion_layers=1"]),
     _family("grounding-sort-of-clevr", "grounding_sort_of_clevr.yaml", "sort-of-clevr-refs", "accuracy",
-            "visual grounding, configs/grounding_sort_of_clevr.yaml: EfficientNet-Lite0 (64 px) and "
-            "all-MiniLM-L6-v2 towers, a 2-layer fusion, a box head (L1 + GIoU); Sort-of-CLEVR referring "
-            "expressions; accuracy at IoU >= 0.5",
-            {"max_steps": 120, "batch_size": 32, "eval_batch_size": 128, "limit_eval": 1024},
+            "visual grounding, configs/grounding_sort_of_clevr.yaml: EfficientNet-Lite0 (64 px; UniPT taps "
+            "stages 0-2, stride 8; the other methods read its last stage) and all-MiniLM-L6-v2 towers, a 2-layer "
+            "fusion, a spatial box head (L1 + GIoU); Sort-of-CLEVR referring expressions; accuracy at IoU >= 0.5",
+            {"max_steps": 300, "batch_size": 32, "eval_batch_size": 128, "limit_eval": 1024},
             ["task.fusion_dim=16", "task.fusion_layers=1"]),
 )}
 

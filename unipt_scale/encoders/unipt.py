@@ -26,7 +26,7 @@ class UniPTEncoder(nn.Module):
             self.side = UniPTFeatureMapSideNetwork(cfg, backbone.hidden_sizes, sizes)
         else:
             self.side = UniPTSideNetwork(cfg, backbone.hidden_sizes, backbone.out_dim, causal=causal)
-        self.out_dim = backbone.out_dim
+        self.out_dim = self.side.out_dim  # a CNN's: the last tapped stage's channels, not the network's last
         self.pooling = resolve_pooling(cfg.pooling, backbone)
 
     def forward(self, batch: Dict[str, torch.Tensor]):

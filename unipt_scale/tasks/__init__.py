@@ -30,12 +30,12 @@ BACKBONE_FIELDS = ("backbone", "image_backbone")
 
 def load_backbones(cfg: RunConfig, trust_remote_code: bool = False) -> Dict[str, FrozenBackbone]:
     """Every backbone a config names, by its field (backbone, image_backbone), loaded once."""
-    side_cfg = cfg.unipt if cfg.method == "unipt" else None  # checked against config.json where a side network is built
     out = {}
     for name in BACKBONE_FIELDS:
         bb_cfg = getattr(cfg, name)
         if bb_cfg is not None:
-            out[name] = load_backbone(bb_cfg, trust_remote_code, side_cfg)
+            # checked against config.json where a side network is built
+            out[name] = load_backbone(bb_cfg, trust_remote_code, cfg.unipt_for(name) if cfg.method == "unipt" else None)
     return out
 
 
@@ -53,15 +53,15 @@ def build_model(cfg: RunConfig, num_classes: int = 0, trust_remote_code: bool = 
         raise ConfigError(f"unknown task.kind {cfg.task.kind!r}; choose one of {', '.join(TASKS)}")
     if backbones is None:
         backbones = load_backbones(cfg, trust_remote_code)
-    by_config = {id(getattr(cfg, name)): bb for name, bb in backbones.items()}
+    by_config = {id(getattr(cfg, name)): (name, bb) for name, bb in backbones.items()}
     causal = cfg.unipt.causal == "true" or cfg.task.kind == "causal_lm"
     seed_everything(cfg.train.seed)
 
     def encoder(bb_cfg, what):
-        bb = by_config.get(id(bb_cfg))
-        if bb is None:
+        if id(bb_cfg) not in by_config:
             raise ConfigError(f"{what} ({bb_cfg.path}) is not one of the config's backbones")
-        return build_encoder(bb, cfg.method, cfg.unipt, cfg.lora, what=f"{what} ({bb_cfg.path})", causal=causal,
+        name, bb = by_config[id(bb_cfg)]
+        return build_encoder(bb, cfg.method, cfg.unipt_for(name), cfg.lora, what=f"{what} ({bb_cfg.path})", causal=causal,
                              ladder=cfg.ladder)
 
     model = task.build(cfg, encoder, num_classes)

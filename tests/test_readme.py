@@ -332,21 +332,35 @@ def family_counts(suite: str, cnn: int) -> dict:
     from unipt_scale.config import load_config
 
     cfg = load_config(os.path.join(ROOT, "configs", config))  # the values the runs had, defaults included
-    task, image, text = cfg.task, EFFICIENTNET_CHANNELS[-1], MINILM["hidden_size"]
-    towers = cnn + token_counts(MINILM, 0)["unipt"]
+    task, text = cfg.task, MINILM["hidden_size"]
+    # UniPT's image tower ends at its last tapped stage (unipt.image_layers); the other methods read the last one.
+    taps = cfg.unipt.image_layers if cfg.unipt.image_layers is not None else list(range(len(EFFICIENTNET_CHANNELS)))
+    tapped = [EFFICIENTNET_CHANNELS[i] for i in taps]
+    unipt_image, image = tapped[-1], EFFICIENTNET_CHANNELS[-1]
+    text_side = token_counts(MINILM, 0)["unipt"]
+    towers = (side_spec.feature_map_side_params(tapped) if tapped != EFFICIENTNET_CHANNELS else cnn) + text_side
     if suite == "video-moving-fashion":
         e = task.embed_dim
         mean = linear(image, e) + linear(text, e) + 1  # frame and text projections, logit scale
         temporal = cfg.data.num_frames * e + task.temporal_layers * encoder_layer(e, 4 * e)
-        return {"unipt": towers + mean + temporal, "unipt_mean": towers + mean, "linear_probe": mean + temporal,
-                "lora": None, "full": None}
+        mixer = cfg.data.max_length * e + task.text_layers * encoder_layer(e, 4 * e) if task.text_layers else 0
+        return {"unipt": towers + mean + temporal + mixer, "unipt_mean": towers + mean + mixer,
+                "linear_probe": mean + temporal + mixer, "lora": None, "full": None}
     d = task.fusion_dim
-    fusion = linear(text, d) + linear(image, d) + 2 * d + d + task.fusion_layers * encoder_layer(d, 4 * d) + 2 * d
-    if suite == "vqa-sort-of-clevr":
-        head = linear(d, 2 * d) + linear(2 * d, SORT_OF_CLEVR_ANSWERS)
-    else:
-        head = linear(d, d) + linear(d, 4)
-    return {"unipt": towers + fusion + head, "linear_probe": fusion + head, "lora": None, "full": None}
+
+    def fusion(image_width: int) -> int:  # projections with their LayerNorms, type marks, [CLS], layers, norm
+        return (linear(text, d) + 2 * d + linear(image_width, d) + 2 * d + 2 * d + d
+                + task.fusion_layers * encoder_layer(d, 4 * d) + 2 * d)
+
+    def head(image_width: int) -> int:
+        if suite == "vqa-sort-of-clevr":
+            return linear(d, 2 * d) + linear(2 * d, SORT_OF_CLEVR_ANSWERS)
+        # SpatialBoxHead: query, query from the text tower, key, key from the image tower (2 layers), edges.
+        return (linear(d, d) + linear(text, d) + linear(d, d) + linear(image_width, d) + linear(d, d)
+                + linear(d, d) + linear(d, 4))
+
+    return {"unipt": towers + fusion(unipt_image) + head(unipt_image), "linear_probe": fusion(image) + head(image),
+            "lora": None, "full": None}
 
 
 def method_of(label: str) -> str:

@@ -331,6 +331,23 @@ def test_mean_pooling_cannot_see_order_and_the_temporal_transformer_can():
         seq(torch.randn(1, 9, 16))
 
 
+def test_the_text_mixer_sees_word_order_and_ignores_padding():
+    """task.text_layers: a caption's tokens mixed with their positions, then the mean over the kept tokens."""
+    from unipt_scale.tasks.video_retrieval import TemporalTransformer
+
+    torch.manual_seed(0)
+    mixer = TemporalTransformer(16, 12, layers=1, heads=2, what="tokens per caption").eval()
+    words = torch.randn(1, 4, 16)
+    padded = torch.cat([words, torch.randn(1, 3, 16)], 1)
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0, 0]])
+    torch.testing.assert_close(mixer(padded, mask), mixer(words), rtol=1e-5, atol=1e-6)
+    swapped = words[:, [0, 2, 1, 3]]  # "a bag, then a dress" / "a dress, then a bag"
+    assert (mixer(words) - mixer(swapped)).abs().max() > 1e-3
+    assert torch.allclose(words.mean(1), swapped.mean(1), atol=1e-6), "plain mean pooling cannot tell them apart"
+    with pytest.raises(ValueError, match="tokens per caption"):
+        mixer(torch.randn(1, 13, 16))
+
+
 # ----------------------------------------------------------------------------------------------- end to end
 
 
@@ -342,7 +359,8 @@ def _train_task(root, moving, kind) -> str:
     bert = tiny_bert_dir(str(root))
     vit = tiny_vit_dir(str(root), image_size=16, channels=3)
     if kind == "video_retrieval":
-        data, extra = moving, ["data.num_frames=4", "task.temporal=seq_transformer", "task.embed_dim=16"]
+        data, extra = moving, ["data.num_frames=4", "task.temporal=seq_transformer", "task.embed_dim=16",
+                               "task.text_layers=1"]
     else:
         data = str(root / f"{kind}-shards")
         write_shards(ShardSpec(source="sort-of-clevr" if kind == "vqa" else "sort-of-clevr-refs", out=data,

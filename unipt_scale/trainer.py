@@ -727,8 +727,9 @@ def check_backbones(cfg: RunConfig, trust_remote_code: bool) -> None:
     """Backbone shapes from config.json alone (and, for UniPT, the side network against them) before any weights
     load."""
     from unipt_scale.backbone import inspect_backbone, validate_side_network
+    from unipt_scale.tasks import BACKBONE_FIELDS
 
-    for name in ("backbone", "image_backbone"):
+    for name in BACKBONE_FIELDS:
         backbone = getattr(cfg, name)
         if backbone is not None:
             spec = inspect_backbone(backbone, trust_remote_code)

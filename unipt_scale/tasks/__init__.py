@@ -34,8 +34,8 @@ def load_backbones(cfg: RunConfig, trust_remote_code: bool = False) -> Dict[str,
     for name in BACKBONE_FIELDS:
         bb_cfg = getattr(cfg, name)
         if bb_cfg is not None:
-            # checked against config.json where a side network is built
-            out[name] = load_backbone(bb_cfg, trust_remote_code, cfg.unipt_for(name) if cfg.method == "unipt" else None)
+            side_cfg = cfg.unipt_for(name) if cfg.method == "unipt" else None  # checked where a side network is built
+            out[name] = load_backbone(bb_cfg, trust_remote_code, side_cfg)
     return out
 
 
@@ -61,8 +61,8 @@ def build_model(cfg: RunConfig, num_classes: int = 0, trust_remote_code: bool = 
         if id(bb_cfg) not in by_config:
             raise ConfigError(f"{what} ({bb_cfg.path}) is not one of the config's backbones")
         name, bb = by_config[id(bb_cfg)]
-        return build_encoder(bb, cfg.method, cfg.unipt_for(name), cfg.lora, what=f"{what} ({bb_cfg.path})", causal=causal,
-                             ladder=cfg.ladder)
+        return build_encoder(bb, cfg.method, cfg.unipt_for(name), cfg.lora, what=f"{what} ({bb_cfg.path})",
+                             causal=causal, ladder=cfg.ladder)
 
     model = task.build(cfg, encoder, num_classes)
     check_trained_rule(model)

@@ -1,8 +1,8 @@
 """What the question-answering and grounding tasks share (not a task of its own): the light fusion — the text
 tower's tokens and the image tower's tokens, each projected to one width and marked by type (image tokens also by
-their column and row on the token grid: a CNN's flattened feature map carries none), read together with a learned [CLS] token by a small
-transformer, whose [CLS] output is the joint feature the task's head reads — and the per-kind breakdown of their
-metrics where KEY.json marks questions or expressions `relational`."""
+their column and row on the token grid: a CNN's flattened feature map carries none), read together with a learned
+[CLS] token by a small transformer, whose [CLS] output is the joint feature the task's head reads — and the
+per-kind breakdown of their metrics where KEY.json marks questions or expressions `relational`."""
 from __future__ import annotations
 
 import math

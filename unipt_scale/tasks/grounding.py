@@ -2,10 +2,10 @@
 tower's tokens (a CNN feature map or a ViT's patches, each its own encoder of the method) are read together by
 the light fusion (tasks/fusion.py); a spatial box head (below) reads the image tokens where they lie on their
 grid, so the tower's resolution bounds the precision: a CNN tower is tapped at stride 8 or 16 (unipt.image_layers)
-rather than 32. Loss: L1 on (cx, cy, w, h) plus generalised IoU (DETR's box loss, weights task.box_l1_weight and task.box_giou_weight). Metric: accuracy at IoU
-≥ 0.5 (the RefCOCO protocol; predicted boxes clipped to the image for scoring), mean IoU, and by expression kind
-where KEY.json marks it `relational`. Images are resized to the square input without cropping (data.image_size),
-so a box in [0, 1] of the image stays the same box.
+rather than 32. Loss: L1 on (cx, cy, w, h) plus generalised IoU (DETR's box loss, weights task.box_l1_weight and
+task.box_giou_weight). Metric: accuracy at IoU ≥ 0.5 (the RefCOCO protocol; predicted boxes clipped to the image
+for scoring), mean IoU, and by expression kind where KEY.json marks it `relational`. Images are resized to the
+square input without cropping (data.image_size), so a box in [0, 1] of the image stays the same box.
 
 Batch fields: both towers' inputs; `box` (B, 4): [x0, y0, x1, y1] in [0, 1] of the image; `relational` (-1 where
 absent)."""
@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from unipt_scale.config import RunConfig
+from unipt_scale.side_network import masked_mean
 from unipt_scale.tasks.fusion import TokenFusion, by_relational, kept_for_eval, token_grid
 from unipt_scale.trained import task_trained_keys
 
@@ -114,9 +115,8 @@ class GroundingModel(nn.Module):
         text, text_mask = self.text_encoder(batch)
         image, image_mask = self.image_encoder(batch)
         fused = self.fusion.sequence(text, text_mask, image, image_mask)
-        keep = (torch.ones(text.shape[:2], device=text.device) if text_mask is None else text_mask.float()).unsqueeze(-1)
-        expression = (text.float() * keep).sum(1) / keep.sum(1).clamp(min=1.0)
-        return self.head(fused[:, 0], expression, fused[:, fused.shape[1] - image.shape[1]:], image)
+        image_part = fused[:, fused.shape[1] - image.shape[1]:]
+        return self.head(fused[:, 0], masked_mean(text.float(), text_mask), image_part, image)
 
     def training_loss(self, batch):
         check_boxes(batch["box"])

@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from unipt_scale.config import ConfigError, RunConfig
+from unipt_scale.side_network import masked_mean
 from unipt_scale.tasks.fusion import head_count
 from unipt_scale.tasks.retrieval import info_nce, logit_scale_value, median_rank, positives_of, two_way_recalls
 from unipt_scale.trained import task_trained_keys
@@ -50,12 +51,8 @@ class TemporalTransformer(nn.Module):
             raise ValueError(f"{t} {self.what}, but the transformer was built for at most "
                              f"{self.positions.num_embeddings} ({self.limit_key})")
         x = frames + self.positions.weight[:t]
-        if mask is None:
-            return (frames + self.encoder(x)).mean(1)
-        keep = mask.bool()
-        out = frames + self.encoder(x, src_key_padding_mask=~keep)
-        weights = keep.unsqueeze(-1).to(out.dtype)
-        return (out * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        out = frames + self.encoder(x, src_key_padding_mask=None if mask is None else ~mask.bool())
+        return masked_mean(out, mask)
 
 
 class VideoRetrievalModel(nn.Module):

@@ -342,8 +342,9 @@ def family_counts(suite: str, cnn: int) -> dict:
     if suite == "video-moving-fashion":
         e = task.embed_dim
         mean = linear(image, e) + linear(text, e) + 1  # frame and text projections, logit scale
-        temporal = cfg.data.num_frames * e + task.temporal_layers * encoder_layer(e, 4 * e)
-        mixer = cfg.data.max_length * e + task.text_layers * encoder_layer(e, 4 * e) if task.text_layers else 0
+        # TemporalTransformer: the input LayerNorm, positions, layers
+        temporal = 2 * e + cfg.data.num_frames * e + task.temporal_layers * encoder_layer(e, 4 * e)
+        mixer = 2 * e + cfg.data.max_length * e + task.text_layers * encoder_layer(e, 4 * e) if task.text_layers else 0
         return {"unipt": towers + mean + temporal + mixer, "unipt_mean": towers + mean + mixer,
                 "linear_probe": mean + temporal + mixer, "lora": None, "full": None}
     d = task.fusion_dim

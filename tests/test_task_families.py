@@ -338,6 +338,66 @@ def test_mean_pooling_cannot_see_order_and_the_temporal_transformer_can():
         seq(torch.randn(1, 9, 16))
 
 
+def test_info_nce_hard_negatives_against_the_loss_written_plainly():
+    """Each caption's extra negative (its own clip reversed) joins that caption's softmax over clips only."""
+    from unipt_scale.tasks.retrieval import info_nce
+
+    torch.manual_seed(0)
+    a, b, hard = (F.normalize(torch.randn(5, 8, dtype=torch.float64), dim=-1) for _ in range(3))
+    labels, scale = torch.tensor([0, 1, 0, 2, 1]), torch.tensor(math.log(1 / 0.07), dtype=torch.float64)
+    s = 1 / 0.07
+
+    def row_loss(scores, positives):
+        log_p = scores - torch.logsumexp(scores, 0)
+        return -sum(log_p[j] for j in positives) / len(positives)
+
+    a_to_b = sum(row_loss(s * b @ a[i], [j for j in range(5) if labels[j] == labels[i]]) for i in range(5)) / 5
+    b_to_a = sum(row_loss(torch.cat([s * a @ b[i], (s * hard[i] @ b[i]).view(1)]),
+                          [j for j in range(5) if labels[j] == labels[i]]) for i in range(5)) / 5
+    torch.testing.assert_close(info_nce(a, b, scale, labels, hard_negatives=hard), (a_to_b + b_to_a) / 2)
+    assert info_nce(a, b, scale, labels, hard_negatives=hard) > info_nce(a, b, scale, labels)
+
+
+class _FrameTower(torch.nn.Module):
+    """An image tower stand-in: one linear map of each frame's pixels."""
+
+    out_dim = 6
+
+    def __init__(self):
+        super().__init__()
+        self.map = torch.nn.Linear(3 * 4 * 4, self.out_dim)
+
+    def embed(self, batch):
+        return self.map(batch["pixel_values"].flatten(1))
+
+
+def test_reversed_negatives_are_the_clips_played_backwards():
+    """task.reversed_negatives reuses the frame embeddings; the negative equals embedding the reversed clip."""
+    from unipt_scale.tasks.retrieval import info_nce
+    from unipt_scale.tasks.video_retrieval import VideoRetrievalModel
+
+    class _TextTower(torch.nn.Module):
+        out_dim = 5
+
+        def embed(self, batch):
+            return batch["text_features"]
+
+    torch.manual_seed(0)
+    batch = {"frames": torch.randn(3, 4, 3, 4, 4), "text_features": torch.randn(3, 5),
+             "labels": torch.tensor([0, 1, 2])}
+    for temporal in ("mean", "seq_transformer"):
+        model = VideoRetrievalModel(_FrameTower(), _TextTower(), 8, temporal, max_frames=4, temporal_layers=1,
+                                    reversed_negatives=True).eval()
+        backwards = model.embed_videos({"frames": batch["frames"].flip(1)})
+        expected = info_nce(model.embed_videos(batch), model.embed_texts(batch), model.logit_scale,
+                            batch["labels"], hard_negatives=backwards)
+        torch.testing.assert_close(model.training_loss(batch)[0], expected)
+        if temporal == "mean":  # order-blind: the reversal is the clip itself, so no gradient can tell them apart
+            torch.testing.assert_close(backwards, model.embed_videos(batch))
+        else:
+            assert (backwards - model.embed_videos(batch)).abs().max() > 1e-4
+
+
 def test_the_text_mixer_sees_word_order_and_ignores_padding():
     """task.text_layers: a caption's tokens mixed with their positions, then the mean over the kept tokens."""
     from unipt_scale.tasks.video_retrieval import TemporalTransformer
@@ -358,6 +418,15 @@ def test_the_text_mixer_sees_word_order_and_ignores_padding():
 # ----------------------------------------------------------------------------------------------- end to end
 
 
+def _scene_shards(root, kind) -> str:
+    """Sort-of-CLEVR shards for `kind` (questions for vqa, referring expressions for grounding), once per module."""
+    data = str(root / f"scenes-{kind}")
+    if not os.path.isfile(os.path.join(data, "sizes.json")):
+        write_shards(ShardSpec(source="sort-of-clevr" if kind == "vqa" else "sort-of-clevr-refs", out=data,
+                               samples=96, image_size=32, fractions="0.4,0.3,0.3"))
+    return data
+
+
 def _train_task(root, moving, kind) -> str:
     """A 2-step `unipt train` of `kind` on tiny towers (once per module); its output directory."""
     run = str(root / f"run-{kind}")
@@ -367,12 +436,9 @@ def _train_task(root, moving, kind) -> str:
     vit = tiny_vit_dir(str(root), image_size=16, channels=3)
     if kind == "video_retrieval":
         data, extra = moving, ["data.num_frames=4", "task.temporal=seq_transformer", "task.embed_dim=16",
-                               "task.text_layers=1"]
+                               "task.text_layers=1", "task.reversed_negatives=true"]
     else:
-        data = str(root / f"{kind}-shards")
-        write_shards(ShardSpec(source="sort-of-clevr" if kind == "vqa" else "sort-of-clevr-refs", out=data,
-                               samples=96, image_size=32, fractions="0.4,0.3,0.3"))
-        extra = ["task.fusion_dim=16", "task.fusion_layers=1"]
+        data, extra = _scene_shards(root, kind), ["task.fusion_dim=16", "task.fusion_layers=1"]
     assert main(["train", "--output-dir", run, f"backbone.path={bert}", f"image_backbone.path={vit}",
                  f"task.kind={kind}", "data.source=shards", f"data.path={data}", "data.image_size=16",
                  "data.batch_size=4", "data.eval_batch_size=8", "unipt.mapping_dim=8", "train.max_steps=2",
@@ -415,6 +481,43 @@ def test_clip_towers_carry_the_video_task(root, moving):
                  "data.image_size=16", "data.batch_size=4", "task.embed_dim=16", "unipt.mapping_dim=8",
                  "train.max_steps=1", "train.tensorboard=false"]) == 0
     assert math.isfinite(json.load(open(os.path.join(run, "metrics.json")))["test"]["rsum"])
+
+
+def _tiny_resnet_dir(root) -> str:
+    from transformers import ResNetConfig, ResNetModel
+
+    path = str(root / "resnet")
+    if not os.path.isdir(path):
+        torch.manual_seed(0)
+        ResNetModel(ResNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[8, 16, 16, 32], depths=[1, 1, 1, 1],
+                                 layer_type="basic")).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["vqa"])
+def test_the_papers_tower_families_carry_vqa_and_grounding(root, kind):
+    """VQA on a CLIP vision tower and a BERT question tower (CLIP-ViL's family); grounding on a ResNet feature map
+    tapped short of its last stage and a RoBERTa expression tower (MDETR's two encoders)."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from tiny_models import tiny_roberta_dir
+
+    data = _scene_shards(root, kind)
+    if kind == "vqa":
+        image = str(root / "clip-vision-32")
+        torch.manual_seed(0)
+        CLIPVisionModel(CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                         num_attention_heads=2, image_size=32, patch_size=8)).save_pretrained(image)
+        text, extra = tiny_bert_dir(str(root)), []
+    else:
+        image, text, extra = _tiny_resnet_dir(root), tiny_roberta_dir(str(root)), ["unipt.image_layers=[0,1,2,3]"]
+    run = str(root / f"run-{kind}-family")
+    assert main(["train", "--output-dir", run, f"backbone.path={text}", f"image_backbone.path={image}",
+                 f"task.kind={kind}", "data.source=shards", f"data.path={data}", "data.image_size=32",
+                 "data.batch_size=4", "data.eval_batch_size=8", "task.fusion_dim=16", "task.fusion_layers=1",
+                 "unipt.mapping_dim=8", "train.max_steps=1", "train.tensorboard=false", *extra]) == 0
+    m = json.load(open(os.path.join(run, "metrics.json")))
+    assert m["status"] == "completed" and math.isfinite(m["test"]["accuracy"])
 
 
 def test_the_image_tower_can_tap_other_layers_than_the_text_tower(root):

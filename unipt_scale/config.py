@@ -132,6 +132,9 @@ class TaskConfig:
     text_layers: int = _f(0, "video_retrieval: layers of a small transformer (learned positions) over the text "
                              "tower's tokens before they are pooled; 0: the tower's pooled feature. Captions that "
                              "differ only in word order need it where the frozen text tower embeds them alike.")
+    reversed_negatives: bool = _f(False, "video_retrieval: score each caption also against its own clip played "
+                                         "backwards, as a negative (time-reversed hard negatives); the frames' "
+                                         "embeddings are reused, so it costs one more temporal aggregation.")
     fusion_dim: int = _f(256, "vqa, grounding: width of the fusion transformer over question and image tokens.")
     fusion_layers: int = _f(2, "vqa, grounding: layers of the fusion transformer.")
     box_l1_weight: float = _f(5.0, "grounding: weight of the L1 box loss (DETR's).")

@@ -52,14 +52,21 @@ def logit_scale_value(logit_scale: torch.Tensor) -> torch.Tensor:
     return logit_scale.clamp(max=math.log(100.0)).exp()
 
 
-def info_nce(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor, labels=None) -> torch.Tensor:
-    """Symmetric InfoNCE of normalised embeddings a, b (B, E), every same-label pair a positive."""
+def info_nce(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor, labels=None,
+             hard_negatives: torch.Tensor | None = None) -> torch.Tensor:
+    """Symmetric InfoNCE of normalised embeddings a, b (B, E), every same-label pair a positive.
+    `hard_negatives` (B, E), in a's space: row i is one more negative for b_i alone (its own a_i altered, e.g. a
+    clip played backwards), so it cannot be a false negative of another row that shares i's label."""
     scale = logit_scale_value(logit_scale)
     logits = scale * a @ b.t()
     pos = positives_of(len(a), labels, a.device).float()
     target = pos / pos.sum(1, keepdim=True)
+    b_to_a, target_b = logits.t(), target.t()
+    if hard_negatives is not None:
+        b_to_a = torch.cat([b_to_a, scale * (b * hard_negatives).sum(-1, keepdim=True)], 1)
+        target_b = F.pad(target_b, (0, 1))
     return 0.5 * (torch.sum(-target * F.log_softmax(logits, 1), 1).mean()
-                  + torch.sum(-target.t() * F.log_softmax(logits.t(), 1), 1).mean())
+                  + torch.sum(-target_b * F.log_softmax(b_to_a, 1), 1).mean())
 
 
 # The validation metric a sweep chooses its variant by, and whether higher or lower is better.

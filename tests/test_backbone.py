@@ -140,6 +140,52 @@ def test_feature_map_unipt_can_stop_before_the_last_stage():
     loss.backward()
 
 
+def _tiny_conv_tower(arch: str):
+    from transformers import ConvNextConfig, ConvNextModel, ResNetConfig, ResNetModel
+
+    torch.manual_seed(0)
+    if arch == "resnet":
+        return ResNetModel(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 16, 32], depths=[1, 1, 1, 1],
+                                        layer_type="basic"))
+    return ConvNextModel(ConvNextConfig(hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1]))
+
+
+@pytest.mark.parametrize("arch", ["resnet", "convnext"])
+def test_transformers_conv_towers_load_as_feature_maps(tmp_path, arch):
+    """ResNet / ConvNeXt directories (MDETR's ResNet-101 among them) load as feature-map backbones: the shape
+    read from config.json alone matches a real forward, and the tapped states are the model's own hidden_states."""
+    from unipt_scale.backbone import FEATURE_MAP_PROBE_SIZE, inspect_backbone
+    from unipt_scale.encoders.backbone_tuning import BackboneEncoder
+
+    model = _tiny_conv_tower(arch).eval()
+    model.save_pretrained(str(tmp_path / arch))
+    cfg = BackboneConfig(path=str(tmp_path / arch))
+    probe = model(pixel_values=torch.zeros(1, 3, FEATURE_MAP_PROBE_SIZE, FEATURE_MAP_PROBE_SIZE),
+                  output_hidden_states=True).hidden_states
+    spec = inspect_backbone(cfg)
+    assert spec.is_feature_map and spec.kind == "vision"
+    assert spec.hidden_sizes == [h.shape[1] for h in probe] and spec.stage_sizes == [tuple(h.shape[2:]) for h in probe]
+
+    bb = load_backbone(cfg)
+    x = torch.randn(2, 3, 64, 64)
+    bb.tap([1, 3])
+    out = bb({"pixel_values": x})
+    with torch.no_grad():
+        ref = model(pixel_values=x, output_hidden_states=True).hidden_states
+    assert torch.equal(out.hidden_states[0], ref[1]) and torch.equal(out.hidden_states[1], ref[3])
+    assert out.final is out.hidden_states[-1] and out.mask is None
+
+    enc = UniPTEncoder(bb, UniPTConfig(layers=[1, 2, 3], mapping_dim=4))
+    tokens, _ = enc({"pixel_values": x})
+    assert enc.out_dim == spec.hidden_sizes[3] and tokens.shape == (2, 4 * 4, spec.hidden_sizes[3])
+    full = BackboneEncoder(load_backbone(cfg), trainable="all")
+    tokens, _ = full({"pixel_values": x})
+    torch.testing.assert_close(tokens, ref[-1].flatten(2).transpose(1, 2))
+    tokens.sum().backward()
+    stem = next(full.backbone.model.parameters())  # full fine-tuning reaches the first convolution
+    assert stem.requires_grad and stem.grad is not None and stem.grad.abs().sum() > 0
+
+
 def test_unreachable_hub_id_says_how_to_use_a_local_directory(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path))

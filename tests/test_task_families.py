@@ -494,7 +494,7 @@ def _tiny_resnet_dir(root) -> str:
     return path
 
 
-@pytest.mark.parametrize("kind", ["vqa"])
+@pytest.mark.parametrize("kind", ["vqa", "grounding"])
 def test_the_papers_tower_families_carry_vqa_and_grounding(root, kind):
     """VQA on a CLIP vision tower and a BERT question tower (CLIP-ViL's family); grounding on a ResNet feature map
     tapped short of its last stage and a RoBERTa expression tower (MDETR's two encoders)."""

@@ -28,6 +28,10 @@ DECODER_TYPES = {"llama", "mistral", "mixtral", "qwen2", "qwen3", "gpt2", "gpt_n
 # ViT-like towers: every hidden state is (B, tokens, hidden_size). Hierarchical ones (Swin, ConvNeXt) change width
 # per stage; wrap them with wrap_module and the feature-map variant instead.
 VISION_TYPES = {"vit", "clip_vision_model", "siglip_vision_model", "dinov2", "deit", "beit"}
+# Convolutional towers whose hidden_states are (B, C, H, W) stage outputs (the stem's, then each stage's): loaded
+# as feature-map backbones for the feature-map UniPT, as the builtin EfficientNet-Lite0 is.
+FEATURE_MAP_TYPES = {"resnet", "convnext", "convnextv2", "regnet", "bit"}
+FEATURE_MAP_PROBE_SIZE = 224  # the input size stage_sizes are given at (their ratios hold at any multiple of 32)
 # Vision towers whose stages change token count and width: token UniPT cannot read them (see _check_not_hierarchical).
 HIERARCHICAL_VISION_TYPES = {"swin", "swinv2", "donut-swin", "maskformer-swin", "convnext", "convnextv2", "focalnet",
                              "hiera", "pvt", "pvt_v2", "nat", "dinat", "resnet", "regnet", "bit", "efficientnet",
@@ -355,7 +359,70 @@ class HookedBackbone(FrozenBackbone):
         return BackboneOutput(outs, None, outs[-1])
 
 
+class HFFeatureMapBackbone(FrozenBackbone):
+    """A transformers convolutional tower (ResNet, ConvNeXt, RegNet, BiT): its hidden_states are the stem's and
+    every stage's (B, C, H, W) maps, tapped by the feature-map UniPT. `final` is the last tapped stage, as for a
+    wrapped module: the feature-map side network ends there (unipt.image_layers may stop short of the last)."""
+
+    is_feature_map = True
+    kind = "vision"
+    final_is_last_tapped = True
+
+    def __init__(self, model: nn.Module, channels: Sequence[int], stage_sizes: Sequence[Tuple[int, int]],
+                 name: str = ""):
+        super().__init__(model)
+        self.name = name
+        self._sizes = list(channels)
+        self.stage_sizes = [tuple(s) for s in stage_sizes]
+        self.tap(range(len(self._sizes)))
+
+    @property
+    def num_hidden_states(self) -> int:
+        return len(self._sizes)
+
+    def all_hidden_sizes(self) -> List[int]:
+        return list(self._sizes)
+
+    @property
+    def out_dim(self) -> int:
+        return self._sizes[-1]
+
+    def _inputs(self, batch):
+        if "pixel_values" not in batch:
+            raise ValueError("a vision backbone needs batch['pixel_values']")
+        return dict(pixel_values=batch["pixel_values"].to(next(self.model.parameters()).dtype)), None
+
+    def _forward(self, batch) -> BackboneOutput:
+        kwargs, _ = self._inputs(batch)
+        states = self.model(**kwargs, output_hidden_states=True).hidden_states
+        if len(states) != self.num_hidden_states:
+            raise RuntimeError(f"backbone returned {len(states)} hidden states, expected {self.num_hidden_states}")
+        tapped = [states[i] for i in self.layer_indices]
+        return BackboneOutput(tapped, None, tapped[-1])
+
+
 # --------------------------------------------------------------------------- reading config.json alone
+
+
+def _feature_map_stages(hf_config, path: str) -> Tuple[List[int], List[Tuple[int, int]]]:
+    """(channels, (H, W)) of every hidden state of a convolutional tower, from a forward on the meta device at
+    FEATURE_MAP_PROBE_SIZE: config.json alone, nothing allocated, whatever the model's size."""
+    from transformers import AutoModel
+
+    size = FEATURE_MAP_PROBE_SIZE
+    channels = getattr(hf_config, "num_channels", 3)
+    try:
+        with torch.device("meta"):
+            model = AutoModel.from_config(hf_config)
+            states = model(pixel_values=torch.zeros(1, channels, size, size), output_hidden_states=True).hidden_states
+    except Exception as err:  # a config transformers cannot build: say which, in one line
+        raise BackboneLoadError(f"{path!r}: could not trace the stages of its {hf_config.model_type} config "
+                                f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+    if not states or any(h.dim() != 4 for h in states):
+        raise BackboneLoadError(f"{path!r}: its {hf_config.model_type} hidden states are not (B, C, H, W) maps; "
+                                "wrap it with unipt_scale.backbone.wrap_module and stages that are")
+    return [int(h.shape[1]) for h in states], [(int(h.shape[2]), int(h.shape[3])) for h in states]
+
 
 def _is_hierarchical_vision(config) -> bool:
     """Stages of different width/token count: Swin, ConvNeXt, ResNet, … (their configs carry per-stage lists)."""
@@ -539,9 +606,11 @@ def _resolve_path(cfg: BackboneConfig) -> Tuple[str, Optional[str]]:
 def _check_not_hierarchical(config, path: str) -> None:
     if _is_hierarchical_vision(config):
         raise ConfigError(f"backbone.path={path!r} is a hierarchical vision tower ({config.model_type}: its stages "
-                          "change token count and width), which token UniPT cannot read; load it yourself and pass "
-                          "it through unipt_scale.backbone.wrap_module(model, stage_names, example_input) with "
-                          "stages whose outputs are (B, C, H, W) feature maps, for the feature-map UniPT")
+                          "change token count and width), which token UniPT cannot read and which is not one of "
+                          f"the convolutional towers loaded as feature maps ({', '.join(sorted(FEATURE_MAP_TYPES))});"
+                          " load it yourself and pass it through unipt_scale.backbone.wrap_module(model, "
+                          "stage_names, example_input) with stages whose outputs are (B, C, H, W) feature maps, "
+                          "for the feature-map UniPT")
 
 
 def _check_padding_side(padding_side: str, kind: str, model_type: str, model_or_class, path: str) -> None:
@@ -599,6 +668,14 @@ def inspect_backbone(cfg: BackboneConfig, trust_remote_code: bool = False) -> Ba
                             stage_sizes=[tuple(s) for s in table["stage_sizes"]], model_type=builtin)
     hf_config = _read_hf_config(path, trust_remote_code)
     model_type = getattr(hf_config, "model_type", "")
+    if model_type in FEATURE_MAP_TYPES:
+        channels, sizes = _feature_map_stages(hf_config, path)
+        model_dir = None if cfg.random_init else _model_directory(path)
+        if model_dir is not None:
+            check_weight_files(model_dir, hf_config)
+        return BackboneSpec(kind="vision", num_hidden_states=len(channels), hidden_sizes=channels,
+                            out_dim=channels[-1], is_feature_map=True, stage_sizes=sizes, model_type=model_type,
+                            path=path, hf_config=hf_config)
     _check_not_hierarchical(hf_config, path)
     kind = cfg.kind if cfg.kind != "auto" else detect_kind(hf_config)
     width, depth = _width_and_depth(hf_config, kind, path)
@@ -700,7 +777,7 @@ def _from_pretrained(cls, path: str, hf_config, dtype, trust_remote_code: bool, 
     return model
 
 
-def _load_hf(cfg: BackboneConfig, spec: BackboneSpec, trust_remote_code: bool) -> "HFBackbone":
+def _load_hf(cfg: BackboneConfig, spec: BackboneSpec, trust_remote_code: bool) -> FrozenBackbone:
     from transformers import AutoModel
 
     from unipt_scale.preprocessors import load_tokenizer
@@ -708,6 +785,10 @@ def _load_hf(cfg: BackboneConfig, spec: BackboneSpec, trust_remote_code: bool) -
     path, hf_config, kind = spec.path, spec.hf_config, spec.kind
     dtype = DTYPES[cfg.dtype]
     remote = dict(trust_remote_code=True) if trust_remote_code else {}
+    if spec.is_feature_map:
+        model = AutoModel.from_config(hf_config, dtype=dtype) if cfg.random_init else \
+            _from_pretrained(AutoModel, path, hf_config, dtype, False, quantization=cfg.quantization)
+        return HFFeatureMapBackbone(model, spec.hidden_sizes, spec.stage_sizes, name=path)
     encoder_cls, key_mapping = _encoder_class(hf_config) if kind == "encoder_decoder" else (None, None)
     if encoder_cls is not None:
         # Only the encoder is built and read; it keeps its own config (attention implementation included).

@@ -17,7 +17,7 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn as nn
 
-from unipt_scale.backbone import FrozenBackbone, HFBackbone, HookedBackbone
+from unipt_scale.backbone import FrozenBackbone, HFBackbone, HFFeatureMapBackbone, HookedBackbone
 from unipt_scale.config import ConfigError, LoRAConfig
 from unipt_scale.quantization import is_quantized
 from unipt_scale.encoders.pooling import resolve_pooling
@@ -162,7 +162,7 @@ class BackboneEncoder(nn.Module):
             # hook sits on the inner base layer and would miss the adapter's contribution.
             last = dict(backbone.model.named_modules())[backbone.layer_names[-1]]
             last.register_forward_hook(self._keep)
-        elif trainable != "none" and not isinstance(backbone, HFBackbone):
+        elif trainable != "none" and not isinstance(backbone, (HFBackbone, HFFeatureMapBackbone)):
             raise ConfigError(f"BackboneEncoder takes an HFBackbone or a wrapped module, got {type(backbone).__name__}")
 
     def _keep(self, _module, _inputs, output):
@@ -179,7 +179,7 @@ class BackboneEncoder(nn.Module):
         if self.trainable == "none":  # the frozen forward itself (shareable: unipt_scale.shared_forward)
             out = bb(batch)
             return out.final, out.mask
-        if isinstance(bb, HFBackbone):
+        if isinstance(bb, (HFBackbone, HFFeatureMapBackbone)):
             kwargs, mask = bb._inputs(batch)
             return bb.model(**kwargs).last_hidden_state, mask
         self._kept = None

@@ -186,6 +186,42 @@ def test_transformers_conv_towers_load_as_feature_maps(tmp_path, arch):
     assert stem.requires_grad and stem.grad is not None and stem.grad.abs().sum() > 0
 
 
+def test_vilt_reads_question_and_image_in_one_backbone(tmp_path):
+    """ViLT's tapped states are its own hidden_states (text tokens, then image tokens), the mask covers the
+    question's padding and every image token, and its patch shuffle leaves the global RNG where it was."""
+    from transformers import ViltModel
+
+    from tiny_models import tiny_tokenizer, tiny_vilt_dir
+
+    path = tiny_vilt_dir(str(tmp_path))
+    bb = load_backbone(BackboneConfig(path=path))
+    assert bb.kind == "vision_language"
+    batch = _text_batch(tiny_tokenizer(), ["the photo of a bag", "a dress"])
+    batch["pixel_values"] = torch.randn(2, 3, 32, 32)
+    bb.tap([0, 2])
+    before = torch.get_rng_state()
+    out = bb(batch)
+    assert torch.equal(torch.get_rng_state(), before)
+    again = bb(batch)
+    assert all(torch.equal(a, b) for a, b in zip(out.hidden_states, again.hidden_states)), "one fixed patch order"
+    model = ViltModel.from_pretrained(path).eval()
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        ref = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    pixel_values=batch["pixel_values"], output_hidden_states=True).hidden_states
+    assert torch.equal(out.hidden_states[0], ref[0]) and torch.equal(out.hidden_states[1], ref[2])
+    text = batch["attention_mask"].shape[1]
+    image_tokens = 1 + (32 // 8) ** 2  # the image [CLS] and the patches
+    assert out.mask.shape == (2, text + image_tokens)
+    assert torch.equal(out.mask[:, :text], batch["attention_mask"].bool()) and out.mask[:, text:].all()
+
+    enc = UniPTEncoder(bb, UniPTConfig(mapping_dim=4))
+    assert enc.pooling == "first"
+    loss = enc.embed(batch).sum()
+    loss.backward()  # the side network trains; nothing of ViLT does
+    assert all(p.grad is None for p in bb.model.parameters())
+
+
 def test_unreachable_hub_id_says_how_to_use_a_local_directory(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path))

@@ -520,6 +520,23 @@ def test_the_papers_tower_families_carry_vqa_and_grounding(root, kind):
     assert m["status"] == "completed" and math.isfinite(m["test"]["accuracy"])
 
 
+@pytest.mark.parametrize("method", ["unipt", "linear_probe"])
+def test_vqa_on_one_vision_language_backbone(root, method, capsys):
+    """ViLT as the whole VQA model (no image_backbone): trains, evaluates and reloads to the same scores."""
+    from tiny_models import tiny_vilt_dir
+
+    vilt, run = tiny_vilt_dir(str(root)), str(root / f"run-vilt-{method}")
+    assert main(["train", "--output-dir", run, f"backbone.path={vilt}", "task.kind=vqa", f"method={method}",
+                 "data.source=shards", f"data.path={_scene_shards(root, 'vqa')}", "data.image_size=32",
+                 "data.batch_size=4", "data.eval_batch_size=8", "unipt.mapping_dim=8", "train.max_steps=1",
+                 "train.tensorboard=false"]) == 0
+    m = json.load(open(os.path.join(run, "metrics.json")))
+    assert m["status"] == "completed" and math.isfinite(m["test"]["accuracy"])
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", os.path.join(run, "checkpoint"), "--json", str(root / "vilt.json")]) == 0
+    assert json.load(open(root / "vilt.json"))["test"] == pytest.approx(m["test"], abs=1e-6)
+
+
 def test_the_image_tower_can_tap_other_layers_than_the_text_tower(root):
     from unipt_scale.config import load_config
     from unipt_scale.tasks import build_model
@@ -531,6 +548,27 @@ def test_the_image_tower_can_tap_other_layers_than_the_text_tower(root):
     model = build_model(cfg)
     assert model.image_encoder.backbone.layer_indices == [0, 1]
     assert model.text_encoder.backbone.layer_indices == list(range(model.text_encoder.backbone.num_hidden_states))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["task.kind=video_retrieval", "backbone.path=VILT", "image_backbone.path=VIT"],
+     "is a vision-language model (vilt), which reads question and image together: use it as backbone.path with "
+     "task.kind=vqa and no image_backbone"),
+    (["task.kind=vqa", "backbone.path=VILT", "data.feature_cache=/tmp/fc"], "data.feature_cache keys a sample"),
+    (["task.kind=vqa", "backbone.path=BERT"], "task.kind=vqa needs image_backbone (the image tower), e.g. "
+                                             "image_backbone.path=... or, for vqa, a vision-language backbone.path "
+                                             "(ViLT)"),
+])
+def test_a_vision_language_backbone_is_a_vqa_model_alone(root, args, message, capsys):
+    from tiny_models import tiny_vilt_dir
+
+    paths = {"VILT": tiny_vilt_dir(str(root)), "BERT": tiny_bert_dir(str(root)),
+             "VIT": tiny_vit_dir(str(root), image_size=16, channels=3)}
+    args = [a.split("=")[0] + "=" + paths.get(a.split("=")[1], a.split("=")[1]) for a in args]
+    assert main(["train", "--output-dir", str(root / "refused"), "data.source=shards",
+                 f"data.path={_scene_shards(root, 'vqa')}", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("args, message", [

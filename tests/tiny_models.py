@@ -127,6 +127,19 @@ def tiny_roberta_dir(root: str, hidden: int = 32, layers: int = 2, seed: int = 0
     return _save_dir(root, f"tiny-roberta-{hidden}-{layers}", build, tok)
 
 
+def tiny_vilt_dir(root: str, hidden: int = 16, layers: int = 2, image_size: int = 32) -> str:
+    """A vision-language backbone (ViLT): question tokens and image patches through the same layers."""
+    from transformers import ViltConfig, ViltModel
+
+    def build():
+        torch.manual_seed(0)
+        return ViltModel(ViltConfig(vocab_size=len(VOCAB), hidden_size=hidden, num_hidden_layers=layers,
+                                    num_attention_heads=2, intermediate_size=2 * hidden, image_size=image_size,
+                                    patch_size=8, max_position_embeddings=40))
+
+    return _save_dir(root, f"tiny-vilt-{hidden}-{layers}-{image_size}", build, tiny_tokenizer())
+
+
 def tiny_swin_dir(root: str, embed_dim: int = 8, image_size: int = 32) -> str:
     """A hierarchical vision tower: every stage halves the tokens and doubles the width."""
     from transformers import SwinConfig, SwinModel

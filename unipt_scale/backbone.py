@@ -28,6 +28,9 @@ DECODER_TYPES = {"llama", "mistral", "mixtral", "qwen2", "qwen3", "gpt2", "gpt_n
 # ViT-like towers: every hidden state is (B, tokens, hidden_size). Hierarchical ones (Swin, ConvNeXt) change width
 # per stage; wrap them with wrap_module and the feature-map variant instead.
 VISION_TYPES = {"vit", "clip_vision_model", "siglip_vision_model", "dinov2", "deit", "beit"}
+# One backbone over a question's tokens and an image's patches together (ViLT): its hidden states are the text
+# tokens followed by the image tokens, and every layer sees both.
+VISION_LANGUAGE_TYPES = {"vilt"}
 # Convolutional towers whose hidden_states are (B, C, H, W) stage outputs (the stem's, then each stage's): loaded
 # as feature-map backbones for the feature-map UniPT, as the builtin EfficientNet-Lite0 is.
 FEATURE_MAP_TYPES = {"resnet", "convnext", "convnextv2", "regnet", "bit"}
@@ -88,6 +91,8 @@ def detect_kind(config) -> str:
     if getattr(config, "is_encoder_decoder", False) or getattr(config, "model_type", "") in ENCODER_DECODER_TYPES:
         return "encoder_decoder"
     mt = getattr(config, "model_type", "")
+    if mt in VISION_LANGUAGE_TYPES:
+        return "vision_language"
     if mt in VISION_TYPES or _is_hierarchical_vision(config):
         return "vision"
     archs = getattr(config, "architectures", None) or []
@@ -169,10 +174,12 @@ class HFBackbone(FrozenBackbone):
         return self.hidden_size
 
     def _inputs(self, batch):
+        if self.kind in ("vision", "vision_language") and "pixel_values" not in batch:
+            raise ValueError(f"a {self.kind.replace('_', '-')} backbone needs batch['pixel_values']")
+        pixels = dict(pixel_values=batch["pixel_values"].to(next(self.model.parameters()).dtype)) \
+            if self.kind in ("vision", "vision_language") else {}
         if self.kind == "vision":
-            if "pixel_values" not in batch:
-                raise ValueError("a vision backbone needs batch['pixel_values']")
-            return dict(pixel_values=batch["pixel_values"].to(next(self.model.parameters()).dtype)), None
+            return pixels, None
         if "input_ids" not in batch:
             raise ValueError("a text backbone needs batch['input_ids'] (and attention_mask)")
         ids = batch["input_ids"]
@@ -188,7 +195,24 @@ class HFBackbone(FrozenBackbone):
             # Positions from the mask make left and right padding give the same states to real tokens.
             kwargs["position_ids"] = (attn.long().cumsum(-1) - 1).clamp(min=0)
             kwargs["use_cache"] = False
-        return kwargs, attn.bool()
+        return {**kwargs, **pixels}, attn.bool()
+
+    def sequence_mask(self, mask: Optional[torch.Tensor], tokens: int) -> Optional[torch.Tensor]:
+        """The mask of the whole output sequence: a vision-language model's text mask, then its image tokens (all
+        real: images are whole, never padded)."""
+        if self.kind != "vision_language" or mask is None:
+            return mask
+        return torch.cat([mask, mask.new_ones(mask.shape[0], tokens - mask.shape[1])], 1)
+
+    def run_model(self, **kwargs):
+        """The model's forward. ViLT shuffles its image patches with torch.multinomial on every call; drawn here
+        from a fixed seed on a forked RNG, the patch order is one fixed function of the input (the output is the
+        same set of tokens either way) and the global RNG streams the trainer owns are left untouched."""
+        if self.kind != "vision_language":
+            return self.model(**kwargs)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return self.model(**kwargs)
 
     def _forward(self, batch) -> BackboneOutput:
         kwargs, mask = self._inputs(batch)
@@ -197,9 +221,9 @@ class HFBackbone(FrozenBackbone):
         if self._capture:
             states, out = self._forward_hooked(kwargs, self.layer_indices, self._last_from)
         else:
-            out = self.model(**kwargs, output_hidden_states=True)
+            out = self.run_model(**kwargs, output_hidden_states=True)
             states = [out.hidden_states[i] for i in self.layer_indices]
-        return BackboneOutput(states, mask, out.last_hidden_state)
+        return BackboneOutput(states, self.sequence_mask(mask, out.last_hidden_state.shape[1]), out.last_hidden_state)
 
     @torch.no_grad()
     def forward_cached(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, past_key_values=None):
@@ -258,7 +282,7 @@ class HFBackbone(FrozenBackbone):
                 handles.append(blocks[i - 1].register_forward_hook(
                     lambda _m, _a, out, i=i: kept.__setitem__(i, first(out))))
         try:
-            out = self.model(**kwargs)
+            out = self.run_model(**kwargs)
         finally:
             for h in handles:
                 h.remove()
@@ -269,7 +293,7 @@ class HFBackbone(FrozenBackbone):
     def _choose_capture(self, kwargs) -> bool:
         if self._blocks() is None:
             return False
-        ref = self.model(**kwargs, output_hidden_states=True).hidden_states
+        ref = self.run_model(**kwargs, output_hidden_states=True).hidden_states
         if len(ref) != self.num_hidden_states:
             raise RuntimeError(f"backbone returned {len(ref)} hidden states, expected {self.num_hidden_states}")
         every = list(range(self.num_hidden_states))

@@ -28,7 +28,9 @@ class BackboneConfig:
                    "Local model directory, hub id (read from the local Hugging Face cache only: the CLI runs offline), "
                    "or builtin:NAME for a model a package ships (builtin:all-MiniLM-L6-v2, builtin:all-mpnet-base-v2, "
                        "builtin:smollm2-135m, builtin:efficientnet-lite0).")
-    kind: str = _f("auto", "auto | encoder | decoder | encoder_decoder (T5: its encoder is used) | vision.")
+    kind: str = _f("auto", "auto | encoder | decoder | encoder_decoder (T5: its encoder is used) | vision | "
+                           "vision_language (ViLT: question and image in one backbone, task.kind=vqa without "
+                           "image_backbone).")
     dtype: str = _f("float32", "Dtype the frozen backbone runs in: float32 | bfloat16 | float16.")
     random_init: bool = _f(False, "Build the backbone from its config.json with random weights (tests, smoke runs).")
     quantization: str = _f("none", "Frozen weights of the backbone's linear layers, quantized as they load (bitsandbytes): "
@@ -75,6 +77,11 @@ class UniPTConfig:
 # The task kinds (one module each in unipt_scale.tasks, whose TASKS lists the same names).
 TASK_KINDS = ("classification", "retrieval", "causal_lm", "video_retrieval", "vqa", "grounding")
 TWO_TOWER_TASKS = ("retrieval", "video_retrieval", "vqa", "grounding")  # an image tower beside the text backbone
+
+
+def missing_image_tower(task_kind: str) -> str:
+    extra = " or, for vqa, a vision-language backbone.path (ViLT)" if task_kind == "vqa" else ""
+    return f"task.kind={task_kind} needs image_backbone (the image tower), e.g. image_backbone.path=...{extra}"
 # The offline benchmarks `unipt shards` generates from a seed; as data.source they are written on first use.
 GENERATED_SOURCES = ("moving_fashion", "sort_of_clevr", "sort_of_clevr_refs")
 # The methods one trainer runs, and each one's learning rate when train.lr is unset (see TrainConfig.lr).
@@ -479,7 +486,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("unipt.reduction_factor must be >= 1")
     if u.mapping_dim is not None and u.mapping_dim < 1:
         raise ConfigError("unipt.mapping_dim must be a positive integer (or null for the reduction factor)")
-    _choice("backbone.kind", cfg.backbone.kind, ("auto", "encoder", "decoder", "encoder_decoder", "vision"))
+    _choice("backbone.kind", cfg.backbone.kind, ("auto", "encoder", "decoder", "encoder_decoder", "vision",
+                                                 "vision_language"))
     _choice("backbone.dtype", cfg.backbone.dtype, ("float32", "bfloat16", "float16"))
     _choice("backbone.padding_side", cfg.backbone.padding_side, ("auto", "left", "right"))
     _choice("task.kind", cfg.task.kind, TASK_KINDS)
@@ -517,9 +525,10 @@ def validate(cfg: RunConfig) -> None:
     if cfg.unipt.image_layers is not None and cfg.image_backbone is None:
         raise ConfigError("unipt.image_layers sets the image tower's taps, and this config has no image_backbone; "
                           "use unipt.layers")
-    if cfg.task.kind in TWO_TOWER_TASKS and cfg.image_backbone is None:
-        raise ConfigError(f"task.kind={cfg.task.kind} needs image_backbone (the image tower), e.g. "
-                          "image_backbone.path=...")
+    # vqa may instead read one vision-language backbone (ViLT); trainer.check_backbones decides from config.json.
+    joint_possible = cfg.task.kind == "vqa" and cfg.backbone.kind in ("auto", "vision_language")
+    if cfg.task.kind in TWO_TOWER_TASKS and cfg.image_backbone is None and not joint_possible:
+        raise ConfigError(missing_image_tower(cfg.task.kind))
     if cfg.task.kind in TWO_TOWER_TASKS[1:] and cfg.data.source not in ("shards",) + GENERATED_SOURCES:
         raise ConfigError(f"task.kind={cfg.task.kind} reads images from shards: data.source=shards data.path=DIR "
                           f"(written by `unipt shards`), not data.source={cfg.data.source}")

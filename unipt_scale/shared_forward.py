@@ -39,6 +39,8 @@ def backbone_inputs(backbone: FrozenBackbone) -> Tuple[str, ...]:
         return (backbone.input_key,)
     if backbone.kind == "vision":
         return ("pixel_values",)
+    if backbone.kind == "vision_language":
+        return ("input_ids", "attention_mask", "pixel_values")
     return ("input_ids", "attention_mask")
 
 

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from unipt_scale.atomic import atomic_write_json, save_tensors_file
 from unipt_scale.checkpoint import CheckpointError, CheckpointManager
-from unipt_scale.config import ConfigError, RunConfig
+from unipt_scale.config import TWO_TOWER_TASKS, ConfigError, RunConfig, missing_image_tower
 from unipt_scale.distributed import DistContext, broadcast_object, init_process_group, shutdown_process_group, \
     single_process
 from unipt_scale.engine import Engine, LocalEngine
@@ -121,7 +121,8 @@ def build_run_data(cfg: RunConfig, dist: Optional[DistContext] = None, trust_rem
 
     fields = data_fields(cfg.task.kind)
     tokenizer = load_tokenizer(cfg.backbone, trust_remote_code=trust_remote_code)
-    vision = cfg.image_backbone or (cfg.backbone if tokenizer is None else None)
+    vision = cfg.image_backbone or (cfg.backbone if tokenizer is None or (
+        cfg.task.kind == "vqa" and reads_images(cfg.backbone, trust_remote_code)) else None)
     image_transform = load_image_transform(vision, cfg.data.image_size, trust_remote_code=trust_remote_code,
                                            resize=fields.get("image_resize", "crop")) if vision is not None else None
     rank, world_size = (dist.rank, dist.world_size) if dist is not None else (0, 1)
@@ -733,8 +734,30 @@ def check_backbones(cfg: RunConfig, trust_remote_code: bool) -> None:
         backbone = getattr(cfg, name)
         if backbone is not None:
             spec = inspect_backbone(backbone, trust_remote_code)
+            if spec.kind == "vision_language":
+                check_vision_language(cfg, name, spec.model_type)
+            elif name == "backbone" and cfg.task.kind in TWO_TOWER_TASKS and cfg.image_backbone is None:
+                raise ConfigError(missing_image_tower(cfg.task.kind))
             if cfg.method == "unipt":
                 validate_side_network(spec, cfg.unipt_for(name))
+
+
+def check_vision_language(cfg: RunConfig, field_name: str, model_type: str) -> None:
+    """A vision-language backbone (ViLT) is the whole model of a vqa run: question and image in one forward."""
+    where = f"{field_name}.path={getattr(cfg, field_name).path!r} is a vision-language model ({model_type})"
+    if field_name != "backbone" or cfg.task.kind != "vqa" or cfg.image_backbone is not None:
+        raise ConfigError(f"{where}, which reads question and image together: use it as backbone.path with "
+                          "task.kind=vqa and no image_backbone")
+    if cfg.data.feature_cache:
+        raise ConfigError(f"{where}: data.feature_cache keys a sample by one input, and this backbone reads two "
+                          "(tokens and pixels); set data.feature_cache=''")
+
+
+def reads_images(bb_cfg, trust_remote_code: bool = False) -> bool:
+    """Whether a text backbone also reads the images (a vision-language model): config.json alone."""
+    from unipt_scale.backbone import inspect_backbone
+
+    return inspect_backbone(bb_cfg, trust_remote_code).kind == "vision_language"
 
 
 def _strict(obj):

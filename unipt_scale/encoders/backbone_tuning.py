@@ -179,9 +179,12 @@ class BackboneEncoder(nn.Module):
         if self.trainable == "none":  # the frozen forward itself (shareable: unipt_scale.shared_forward)
             out = bb(batch)
             return out.final, out.mask
-        if isinstance(bb, (HFBackbone, HFFeatureMapBackbone)):
+        if isinstance(bb, HFFeatureMapBackbone):
+            return bb.model(**bb._inputs(batch)[0]).last_hidden_state, None
+        if isinstance(bb, HFBackbone):
             kwargs, mask = bb._inputs(batch)
-            return bb.model(**kwargs).last_hidden_state, mask
+            final = bb.run_model(**kwargs).last_hidden_state
+            return final, bb.sequence_mask(mask, final.shape[1])
         self._kept = None
         bb._forward(batch)
         final, self._kept = self._kept, None

@@ -1,6 +1,7 @@
 """task.kind=vqa: a question tower and an image tower (each its own encoder of the method), their tokens read
 together by a light fusion (tasks/fusion.py), and a classifier over the answer vocabulary (the answers of the
-training split, which `unipt shards` writes as the shards' classes). Trained with soft cross entropy against
+training split, which `unipt shards` writes as the shards' classes). Or, without image_backbone, one
+vision-language backbone (ViLT) whose layers read question and image together, its pooled feature into the head. Trained with soft cross entropy against
 the distribution of the answers given; metric: VQA accuracy, min(#answers equal to the prediction / min(3, #given),
 1) — the VQAv2 score with ten answers, plain accuracy with one — overall and, where KEY.json marks questions
 `relational` (sort-of-clevr), for relational and non-relational questions apart.
@@ -39,27 +40,17 @@ def vqa_scores(pred: torch.Tensor, answer_ids: torch.Tensor, num_answers: torch.
     return (hits / num_answers.clamp(min=1).clamp(max=3).float()).clamp(max=1.0)
 
 
-class VQAModel(nn.Module):
-    def __init__(self, image_encoder: nn.Module, text_encoder: nn.Module, num_answers: int, dim: int = 256,
-                 layers: int = 2, dropout: float = 0.1):
-        super().__init__()
-        if num_answers < 2:
-            raise ConfigError(f"vqa needs an answer vocabulary of at least 2 answers, got {num_answers}; write the "
-                              "shards with `unipt shards --source vqa|sort-of-clevr` (their classes are the answers)")
-        self.image_encoder = image_encoder
-        self.text_encoder = text_encoder
-        self.fusion = TokenFusion(text_encoder.out_dim, image_encoder.out_dim, dim, layers, dropout)
-        self.head = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Dropout(dropout),
-                                  nn.Linear(2 * dim, num_answers))
-        self.num_classes = num_answers
+def answer_head(dim: int, num_answers: int, dropout: float) -> nn.Sequential:
+    if num_answers < 2:
+        raise ConfigError(f"vqa needs an answer vocabulary of at least 2 answers, got {num_answers}; write the "
+                          "shards with `unipt shards --source vqa|sort-of-clevr` (their classes are the answers)")
+    return nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(2 * dim, num_answers))
 
-    def trained_state_keys(self) -> List[str]:
-        return task_trained_keys(self, {"image_encoder": self.image_encoder, "text_encoder": self.text_encoder})
 
-    def forward(self, batch) -> torch.Tensor:
-        text, text_mask = self.text_encoder(batch)
-        image, image_mask = self.image_encoder(batch)
-        return self.head(self.fusion(text, text_mask, image, image_mask))
+class AnswerScoring(nn.Module):
+    """Loss, eval step and metrics of a model whose forward gives (B, answers) logits."""
+
+    num_classes: int
 
     def training_loss(self, batch):
         logits = self(batch).float()
@@ -89,7 +80,48 @@ class VQAModel(nn.Module):
         return metrics
 
 
-def build(cfg: RunConfig, encoder, num_classes: int = 0) -> VQAModel:
+class VQAModel(AnswerScoring):
+    """Two towers (question, image) read together by the token fusion."""
+
+    def __init__(self, image_encoder: nn.Module, text_encoder: nn.Module, num_answers: int, dim: int = 256,
+                 layers: int = 2, dropout: float = 0.1):
+        super().__init__()
+        self.image_encoder = image_encoder
+        self.text_encoder = text_encoder
+        self.fusion = TokenFusion(text_encoder.out_dim, image_encoder.out_dim, dim, layers, dropout)
+        self.head = answer_head(dim, num_answers, dropout)
+        self.num_classes = num_answers
+
+    def trained_state_keys(self) -> List[str]:
+        return task_trained_keys(self, {"image_encoder": self.image_encoder, "text_encoder": self.text_encoder})
+
+    def forward(self, batch) -> torch.Tensor:
+        text, text_mask = self.text_encoder(batch)
+        image, image_mask = self.image_encoder(batch)
+        return self.head(self.fusion(text, text_mask, image, image_mask))
+
+
+class JointVQAModel(AnswerScoring):
+    """One vision-language backbone (ViLT), whose every layer already reads question and image together: its
+    encoder's pooled feature (the text [CLS], ViLT's own VQA input) straight into the answer head."""
+
+    def __init__(self, encoder: nn.Module, num_answers: int, dropout: float = 0.1):
+        super().__init__()
+        self.encoder = encoder
+        self.head = answer_head(encoder.out_dim, num_answers, dropout)
+        self.num_classes = num_answers
+
+    def trained_state_keys(self) -> List[str]:
+        return task_trained_keys(self, {"encoder": self.encoder})
+
+    def forward(self, batch) -> torch.Tensor:
+        return self.head(self.encoder.embed(batch))
+
+
+def build(cfg: RunConfig, encoder, num_classes: int = 0) -> AnswerScoring:
+    if cfg.image_backbone is None:  # a vision-language backbone (trainer.check_backbones has checked it is one)
+        return JointVQAModel(encoder(cfg.backbone, "the vision-language backbone"), cfg.task.num_classes or num_classes,
+                             cfg.task.dropout)
     image = encoder(cfg.image_backbone, "the image tower")
     text = encoder(cfg.backbone, "the question tower")
     return VQAModel(image, text, cfg.task.num_classes or num_classes, cfg.task.fusion_dim, cfg.task.fusion_layers,

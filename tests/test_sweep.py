@@ -126,13 +126,43 @@ def test_a_variant_that_goes_non_finite_stops_alone(ws, tmp_path):
     assert os.path.isfile(out / ok["name"] / CHECKPOINT / WEIGHTS)
 
 
+def test_a_stopped_sweep_resumes_every_variant_from_their_newest_common_step(ws, tmp_path, monkeypatch):
+    """A crash after step 9 (checkpoints at 4 and 8), with the second variant's step-8 checkpoint lost (a crash
+    between two variants' saves): train.resume=auto takes both from step 4 and they end as the runs alone do."""
+    from unipt_scale.trainer import Trainer
+
+    out = tmp_path / "sweep"
+    grid = ["train.lr=3e-3,1e-3"]
+    real = Trainer._stepped
+
+    def crash(trainer):
+        real(trainer)
+        if trainer.state.step == 9:
+            raise KeyboardInterrupt("stopped")
+
+    monkeypatch.setattr(Trainer, "_stepped", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(None, ws["common"], grid, str(out))
+    monkeypatch.setattr(Trainer, "_stepped", real)
+    second = out / "lr=1e-3" / "checkpoints"
+    assert sorted(n for n in os.listdir(second) if n.startswith("step")) == ["step00000004", "step00000008"]
+    import shutil
+
+    shutil.rmtree(second / "step00000008")
+    result = run_sweep(None, [*ws["common"], "train.resume=auto"], grid, str(out))
+    assert result["resumed_from_step"] == 4 and all(v["status"] == "completed" for v in result["variants"])
+    for name, lr in (("lr=3e-3", "3e-3"), ("lr=1e-3", "1e-3")):
+        got = _same_run(str(out / name), _alone(ws, tmp_path, name, f"train.lr={lr}"))
+        assert got["resumed_from_step"] == 4
+
+
 @pytest.mark.parametrize("grid, overrides, words", [
     (["data.batch_size=8,16"], [], "differ only in what is trained"),
     (["train.lr=1e-3,3e-3"], ["method=lora"], "trains inside the backbone"),
     (["method=unipt,full"], [], "trains inside the backbone"),
     (["train.lr=1e-3"], ["deepspeed.enabled=true"], "one process"),
     (["train.lr=1e-3"], ["train.on_nonfinite=skip"], "lockstep"),
-    (["train.lr=1e-3"], ["train.resume=auto"], "starts fresh"),
+    (["train.lr=1e-3"], ["train.resume=/some/checkpoint"], "resumes with train.resume=auto"),
     (["train.seed=0,1"], ["backbone.random_init=true"], "random_init"),
     (["train.lr"], [], "key=v1,v2"),
     (["train.lr=1e-3,"], [], "empty"),

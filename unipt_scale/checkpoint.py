@@ -167,6 +167,28 @@ def _refused_by_choice(err: CheckpointError) -> bool:
     return "world size" in str(err) or "another config" in str(err)
 
 
+def intact_steps(output_dir: str, config: dict, world_size: int = 1) -> List[int]:
+    """The steps of a run's intact checkpoints of this config, newest first (damaged ones left out; one of
+    another config or world size refused, as a resume would refuse it)."""
+    root = os.path.join(os.path.abspath(output_dir), CHECKPOINTS)
+    if not os.path.isdir(root):
+        return []
+    steps = []
+    for name in sorted((n for n in os.listdir(root) if _step_of(n) is not None), key=_step_of, reverse=True):
+        try:
+            verify(os.path.join(root, name), world_size, config)
+        except CheckpointError as err:
+            if _refused_by_choice(err):
+                raise
+            continue
+        steps.append(_step_of(name))
+    return steps
+
+
+def checkpoint_of(output_dir: str, step: int) -> str:
+    return os.path.join(os.path.abspath(output_dir), CHECKPOINTS, step_name(step))
+
+
 class CheckpointManager:
     """Saves and finds resumable checkpoints. Collective where it takes `barrier`: every rank calls save()."""
 

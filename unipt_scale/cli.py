@@ -317,7 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...", required=True,
                    help="a swept key and its values (repeatable; the variants are every combination), e.g. "
                         "--grid train.lr=1e-4,3e-4 --grid train.seed=0,1,2")
-    w.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides shared by every variant")
+    w.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="overrides shared by every variant; train.resume=auto continues a stopped sweep (every "
+                        "variant from the newest step all of them have a checkpoint of)")
     _remote_code_arg(w)
     w.set_defaults(func=cmd_sweep)
 

@@ -5,6 +5,10 @@ schedule, clipping, seed, and the frozen-backbone method: unipt, ladder or linea
 model, optimizer, schedule, RNG streams, checkpoints and outputs — `D/<variant>/metrics.json` and `checkpoint/`,
 exactly what `unipt train` writes for it (fp32 on one process: the same bits) — and `D/sweep.json` names the
 variant chosen on validation. A variant that goes non-finite stops alone.
+
+Resume: `train.resume=auto` continues every variant from the newest step that all of them have an intact
+checkpoint of (they save in lockstep, but a crash can fall between two variants' saves), so they stay in
+lockstep on one data position; with no such step every variant starts over.
 """
 from __future__ import annotations
 
@@ -107,9 +111,9 @@ def variant_configs(config: Optional[str], overrides: Sequence[str], grid_items:
         if cfg.deepspeed.enabled:
             raise ConfigError("a sweep runs on one process (DeepSpeed: one `unipt train` per variant); set "
                               "deepspeed.enabled=false")
-        if cfg.train.resume:
-            raise ConfigError("train.resume: a sweep starts fresh (each variant still writes checkpoints with "
-                              "train.checkpoint_every); resume one variant with `unipt train`")
+        if cfg.train.resume not in ("", "auto"):
+            raise ConfigError(f"train.resume={cfg.train.resume!r}: a sweep resumes with train.resume=auto (every "
+                              "variant from the newest step all of them have a checkpoint of)")
         if cfg.train.on_nonfinite == "skip":
             raise ConfigError("train.on_nonfinite=skip lets variants take different batches for their steps, and a "
                               "sweep keeps them in lockstep; use train.on_nonfinite=stop (a variant that goes "
@@ -119,6 +123,27 @@ def variant_configs(config: Optional[str], overrides: Sequence[str], grid_items:
         raise ConfigError("backbone.random_init=true draws the frozen backbone from train.seed, so each seed needs a "
                           "backbone (and a forward) of its own; sweep train.seed over a saved backbone")
     return variants
+
+
+def resume_step(cfgs: Sequence[RunConfig]) -> Optional[int]:
+    """With train.resume=auto: point every variant at the newest step all of them have an intact checkpoint of
+    (set in their configs); None, and every variant starts over, where there is none."""
+    from unipt_scale.checkpoint import checkpoint_of, intact_steps
+
+    if not cfgs or cfgs[0].train.resume != "auto":
+        return None
+    common = None
+    for cfg in cfgs:
+        steps = set(intact_steps(cfg.output_dir, cfg.to_dict()))
+        common = steps if common is None else common & steps
+    step = max(common) if common else None
+    for cfg in cfgs:
+        cfg.train.resume = checkpoint_of(cfg.output_dir, step) if step is not None else ""
+    if step is None:
+        log.info("sweep: train.resume=auto, and no step has a checkpoint of every variant; starting over")
+    else:
+        log.info("sweep: every variant resumes from step %d, the newest all of them have", step)
+    return step
 
 
 def _select(variants: List[dict], task_kind: str) -> Tuple[Optional[str], dict]:
@@ -153,6 +178,7 @@ def run_sweep(config: Optional[str], overrides: Sequence[str], grid_items: Seque
     variants = variant_configs(config, overrides, grid_items, output_dir)
     for _, _, cfg in variants:
         check_backbones(cfg, trust_remote_code)
+    resumed = resume_step([cfg for _, _, cfg in variants])
     lead = variants[0][2]
     if lead.train.num_threads > 0:
         torch.set_num_threads(lead.train.num_threads)
@@ -171,6 +197,7 @@ def run_sweep(config: Optional[str], overrides: Sequence[str], grid_items: Seque
                      **outcome(t, finished.get(id(t)))})
     chosen, rule = _select(rows, lead.task.kind)
     result = {"grid": {k: v for k, v in parse_grid(grid_items)}, "selection": rule, "chosen": chosen,
+              "resumed_from_step": resumed,
               "variants": rows, "frozen_forwards": sum(sb.forwards for sb in shared.values()),
               "train_time_s": max((t.state.train_time_s for t in trainers), default=0.0),
               "wall_time_s": time.time() - start}

@@ -134,6 +134,21 @@ def test_image_transform_center_crops_like_clip(tmp_path, no_weights):
     torch.testing.assert_close(got, torch.from_numpy(ref).float(), rtol=0, atol=1e-5)
 
 
+def test_a_shortest_edge_processor_stretches_the_whole_image_to_the_square(tmp_path, no_weights):
+    """ViLT's processor fixes only the shortest edge (the other stays free), which a batch of squares cannot hold:
+    the whole image is stretched to the square, then rescaled and normalised by the processor."""
+    from transformers import ViltImageProcessor
+
+    from tiny_models import tiny_vilt_dir
+
+    d = tiny_vilt_dir(str(tmp_path), image_size=32)
+    got = load_image_transform(BackboneConfig(path=d), 32)(_photo(size=(40, 30)))
+    img = _photo(size=(40, 30)).resize((32, 32), Image.BICUBIC)
+    mean, std = np.array(ViltImageProcessor().image_mean), np.array(ViltImageProcessor().image_std)
+    ref = ((np.asarray(img, dtype=np.float64) / 255.0 - mean) / std).transpose(2, 0, 1)
+    torch.testing.assert_close(got, torch.from_numpy(ref).float(), rtol=0, atol=1e-5)
+
+
 def test_no_processor_file_means_the_data_default(tmp_path, no_weights):
     assert load_image_transform(BackboneConfig(path=tiny_vit_dir(str(tmp_path))), 16) is None
     assert load_image_transform(BackboneConfig(path=tiny_bert_dir(str(tmp_path))), 16) is None

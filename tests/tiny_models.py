@@ -137,7 +137,12 @@ def tiny_vilt_dir(root: str, hidden: int = 16, layers: int = 2, image_size: int 
                                     num_attention_heads=2, intermediate_size=2 * hidden, image_size=image_size,
                                     patch_size=8, max_position_embeddings=40))
 
-    return _save_dir(root, f"tiny-vilt-{hidden}-{layers}-{image_size}", build, tiny_tokenizer())
+    path = _save_dir(root, f"tiny-vilt-{hidden}-{layers}-{image_size}", build, tiny_tokenizer())
+    if not os.path.isfile(os.path.join(path, "preprocessor_config.json")):
+        from transformers import ViltImageProcessor
+
+        ViltImageProcessor(size={"shortest_edge": image_size}).save_pretrained(path)  # resizes the shortest edge
+    return path
 
 
 def tiny_swin_dir(root: str, embed_dim: int = 8, image_size: int = 32) -> str:

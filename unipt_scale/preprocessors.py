@@ -55,6 +55,15 @@ def _processor_file(path: str) -> Optional[str]:
     return found if isinstance(found, str) else None
 
 
+def _shortest_edge_only(processor) -> bool:
+    """Whether a processor's resize fixes only the shortest edge (no height and width to set)."""
+    size = getattr(processor, "size", None)
+    if size is None:
+        return False
+    get = size.get if isinstance(size, dict) else (lambda key: getattr(size, key, None))
+    return get("shortest_edge") is not None and get("height") is None and get("width") is None
+
+
 class ProcessorImageTransform:
     """PIL image → float (C, size, size) tensor through a backbone's own image processor.
 
@@ -73,9 +82,14 @@ class ProcessorImageTransform:
         mean = getattr(processor, "image_mean", None)
         self.mode = "L" if isinstance(mean, (list, tuple)) and len(mean) == 1 else "RGB"
         s = self.image_size
+        crops = getattr(processor, "do_center_crop", False) and getattr(processor, "crop_size", None) is not None
+        if not crops and getattr(processor, "crop_pct", None) is None and _shortest_edge_only(processor):
+            # ViLT's processor: the shortest edge to a size and the other edge free, which a batch of squares
+            # cannot hold; the whole image is stretched to the square instead.
+            self.resize = resize = "stretch"
         if resize == "stretch":
             self.kwargs = dict(do_resize=False, do_center_crop=False)
-        elif getattr(processor, "do_center_crop", False) and getattr(processor, "crop_size", None) is not None:
+        elif crops:
             self.kwargs = dict(size={"shortest_edge": s}, crop_size={"height": s, "width": s})
         elif getattr(processor, "crop_pct", None) is not None:  # ConvNeXt-style: shortest edge, then crop_pct
             self.kwargs = dict(size={"shortest_edge": s})

@@ -28,8 +28,8 @@ log = logging.getLogger("unipt_scale")
 SWEEPABLE_PREFIXES = ("unipt.", "ladder.")
 SWEEPABLE_KEYS = ("method", "task.dropout", "task.embed_dim", "task.init_temperature", "task.temporal",
                   "task.temporal_layers", "task.text_layers", "task.reversed_negatives", "task.fusion_dim",
-                  "task.fusion_layers", "task.box_l1_weight", "task.box_giou_weight", "train.lr", "train.head_lr", "train.weight_decay",
-                  "train.warmup_ratio", "train.clip_norm", "train.seed", "train.log_every")
+                  "task.fusion_layers", "task.box_l1_weight", "task.box_giou_weight", "train.lr", "train.head_lr",
+                  "train.weight_decay", "train.warmup_ratio", "train.clip_norm", "train.seed", "train.log_every")
 SHARED_FORWARD_METHODS = FROZEN_FORWARD_METHODS
 SWEEP_JSON = "sweep.json"
 

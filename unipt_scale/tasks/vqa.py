@@ -1,10 +1,10 @@
-"""task.kind=vqa: a question tower and an image tower (each its own encoder of the method), their tokens read
-together by a light fusion (tasks/fusion.py), and a classifier over the answer vocabulary (the answers of the
-training split, which `unipt shards` writes as the shards' classes). Or, without image_backbone, one
-vision-language backbone (ViLT) whose layers read question and image together, its pooled feature into the head. Trained with soft cross entropy against
-the distribution of the answers given; metric: VQA accuracy, min(#answers equal to the prediction / min(3, #given),
-1) — the VQAv2 score with ten answers, plain accuracy with one — overall and, where KEY.json marks questions
-`relational` (sort-of-clevr), for relational and non-relational questions apart.
+"""task.kind=vqa: a question tower and an image tower (each its own encoder of the method), their tokens read together
+by a light fusion (tasks/fusion.py), and a classifier over the answer vocabulary (the answers of the training split,
+which `unipt shards` writes as the shards' classes). Or, without image_backbone, one vision-language backbone (ViLT)
+whose layers read question and image together, its pooled feature into the head. Trained with soft cross entropy
+against the distribution of the answers given; metric: VQA accuracy, min(#answers equal to the prediction / min(3,
+#given), 1) — the VQAv2 score with ten answers, plain accuracy with one — overall and, where KEY.json marks
+questions `relational` (sort-of-clevr), for relational and non-relational questions apart.
 
 Batch fields: both towers' inputs; `answer_ids` (B, A): the given answers' class indices, -1 padded; `num_answers`
 (B,): how many answers were given (those outside the vocabulary included); `relational` (-1 where absent)."""

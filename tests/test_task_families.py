@@ -555,6 +555,10 @@ def test_the_image_tower_can_tap_other_layers_than_the_text_tower(root):
      "is a vision-language model (vilt), which reads question and image together: use it as backbone.path with "
      "task.kind=vqa and no image_backbone"),
     (["task.kind=vqa", "backbone.path=VILT", "data.feature_cache=/tmp/fc"], "data.feature_cache keys a sample"),
+    (["task.kind=vqa", "backbone.path=BERT", "backbone.kind=vision_language"],
+     "vision_language is for a backbone that reads a question and an image together (vilt); use kind=auto"),
+    (["task.kind=vqa", "backbone.path=VILT", "backbone.kind=encoder", "image_backbone.path=VIT"],
+     "it reads a question and an image together; use kind=vision_language (or auto)"),
     (["task.kind=vqa", "backbone.path=BERT"], "task.kind=vqa needs image_backbone (the image tower), e.g. "
                                              "image_backbone.path=... or, for vqa, a vision-language backbone.path "
                                              "(ViLT)"),
@@ -565,8 +569,10 @@ def test_a_vision_language_backbone_is_a_vqa_model_alone(root, args, message, ca
     paths = {"VILT": tiny_vilt_dir(str(root)), "BERT": tiny_bert_dir(str(root)),
              "VIT": tiny_vit_dir(str(root), image_size=16, channels=3)}
     args = [a.split("=")[0] + "=" + paths.get(a.split("=")[1], a.split("=")[1]) for a in args]
+    data = _scene_shards(root, "vqa")
+    capsys.readouterr()  # what writing the models and shards printed
     assert main(["train", "--output-dir", str(root / "refused"), "data.source=shards",
-                 f"data.path={_scene_shards(root, 'vqa')}", *args]) == 2
+                 f"data.path={data}", *args]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 

@@ -702,6 +702,11 @@ def inspect_backbone(cfg: BackboneConfig, trust_remote_code: bool = False) -> Ba
                             path=path, hf_config=hf_config)
     _check_not_hierarchical(hf_config, path)
     kind = cfg.kind if cfg.kind != "auto" else detect_kind(hf_config)
+    if (kind == "vision_language") != (model_type in VISION_LANGUAGE_TYPES):
+        raise ConfigError(f"kind={kind} for {path!r}, a {model_type} model: " + (
+            "vision_language is for a backbone that reads a question and an image together "
+            f"({', '.join(sorted(VISION_LANGUAGE_TYPES))}); use kind=auto" if kind == "vision_language" else
+            "it reads a question and an image together; use kind=vision_language (or auto)"))
     width, depth = _width_and_depth(hf_config, kind, path)
     _check_padding_side(cfg.padding_side, kind, model_type, _model_class(hf_config, kind), path)
     model_dir = None if cfg.random_init else _model_directory(path)

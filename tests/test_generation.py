@@ -203,6 +203,48 @@ def test_unipt_generate_reads_and_writes_jsonl(llama, tmp_path, capsys):
         model, load_tokenizer(cfg.backbone), [{"prompt": "good movie"}], max_new_tokens=6, trained_length=32)[0]
 
 
+def test_several_checkpoints_decode_together_on_one_forward_per_step(llama, tmp_path, capsys, monkeypatch):
+    """Two causal UniPT checkpoints of one backbone (other seeds, other taps): one backbone pass per decoding step
+    for both, and each checkpoint's greedy completions are the ones it gives alone."""
+    from unipt_scale.backbone import HFBackbone
+    from unipt_scale.cli import main
+    from unipt_scale.export import load_trained
+    from unipt_scale.preprocessors import load_tokenizer
+    from unipt_scale.serving import MultiModel
+
+    pairs = write_pairs(tmp_path / "pairs.jsonl", 32)
+    checkpoints = {}
+    for name, extra in (("a", ["train.seed=0", "train.lr=1e-2"]),
+                        ("b", ["train.seed=1", "unipt.layers=[0,2]", "train.lr=3e-2"])):
+        out = tmp_path / name
+        assert main(["train", "--output-dir", str(out), f"backbone.path={llama}", "task.kind=causal_lm",
+                     "data.source=jsonl", f"data.path={pairs}", "unipt.mapping_dim=8", "data.batch_size=4",
+                     "train.tensorboard=false", "train.max_steps=8", "data.max_length=32", *extra]) == 0
+        checkpoints[name] = str(out / "checkpoint")
+    records = [{"prompt": "good movie"}, {"prompt": "happy night food very"}, {"prompt": "bad"}]
+    alone = {}
+    for name, path in checkpoints.items():
+        model, cfg, _ = load_trained(path)
+        alone[name] = generate_texts(model, load_tokenizer(cfg.backbone), records, max_new_tokens=6,
+                                     trained_length=32)
+    assert alone["a"] != alone["b"], "the two checkpoints should not decode alike"
+
+    calls = []
+    real = HFBackbone.forward_cached
+    monkeypatch.setattr(HFBackbone, "forward_cached", lambda bb, *a, **k: calls.append(1) or real(bb, *a, **k))
+    together = MultiModel.load(checkpoints).generate(records, max_new_tokens=6)
+    assert together == [{"a": a, "b": b} for a, b in zip(alone["a"], alone["b"])]
+    assert len(calls) <= 6, "one backbone pass per step for both checkpoints"
+
+    capsys.readouterr()
+    args = ["generate", "--max-new-tokens", "6", *[f for n, p in checkpoints.items() for f in ("--checkpoint",
+                                                                                                f"{n}={p}")]]
+    assert main([*args, "good movie"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"prompt": "good movie", "completions": together[0]}
+    assert main([*args, "--num-beams", "2", "good movie"]) == 2
+    assert "greedily or by sampling" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("problem", ["bad-json", "no-prompt", "missing-dir", "bad-option", "both"])
 def test_unipt_generate_refuses_bad_input_before_loading(tmp_path, capsys, problem):
     from unipt_scale.cli import main

@@ -170,19 +170,47 @@ def cmd_predict(args) -> int:
     return 0
 
 
-def _predict_many(args) -> int:
-    """Several checkpoints of one backbone, one frozen forward per batch (unipt_scale.serving)."""
-    from unipt_scale.serving import MultiModel, checkpoint_name
+def _named_checkpoints(items) -> dict:
+    """--checkpoint [NAME=]DIR, repeated: {name: directory}."""
+    from unipt_scale.serving import checkpoint_name
 
     named = {}
-    for item in args.checkpoint:
+    for item in items:
         name, sep, path = item.partition("=")
         if not sep or os.path.isdir(item):  # no NAME=: named after its output directory
             name, path = checkpoint_name(item), item
         if name in named:
             raise ConfigError(f"two checkpoints are named {name!r}; name them: --checkpoint NAME=DIR")
         named[name] = path
-    mm = MultiModel.load(named, device=_device(), trust_remote_code=args.trust_remote_code)
+    return named
+
+
+def _generate_many(args, records, options, output) -> int:
+    """Several causal-LM checkpoints of one backbone decoding together, one frozen forward per step."""
+    from unipt_scale.atomic import atomic_write_text
+    from unipt_scale.serving import MultiModel
+
+    if args.stream or options.num_beams > 1:
+        raise ConfigError("several checkpoints decode together greedily or by sampling: drop --stream and "
+                          "--num-beams, or generate with each checkpoint alone")
+    mm = MultiModel.load(_named_checkpoints(args.checkpoint), device=_device(),
+                         trust_remote_code=args.trust_remote_code)
+    texts = mm.generate(records, options, batch_size=args.batch_size)
+    lines = [json.dumps({**record, "completions": done}, ensure_ascii=False) for record, done in zip(records, texts)]
+    if output:
+        atomic_write_text(output, "".join(line + "\n" for line in lines))
+    else:
+        for line in lines:
+            print(line)
+    return 0
+
+
+def _predict_many(args) -> int:
+    """Several checkpoints of one backbone, one frozen forward per batch (unipt_scale.serving)."""
+    from unipt_scale.serving import MultiModel
+
+    mm = MultiModel.load(_named_checkpoints(args.checkpoint), device=_device(),
+                         trust_remote_code=args.trust_remote_code)
     texts = list(args.texts) or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     for start in range(0, len(texts), args.batch_size):
         chunk = texts[start:start + args.batch_size]
@@ -236,7 +264,9 @@ def cmd_generate(args) -> int:
         raise ConfigError("no prompt: give --input FILE.jsonl, prompts as arguments, or one per line on stdin")
     output = _writable_file(args.output, "--output") if args.output else None
     device = _device()
-    model, cfg, _meta = load_trained(args.checkpoint, device=device, trust_remote_code=args.trust_remote_code)
+    if len(args.checkpoint) > 1:
+        return _generate_many(args, records, options, output)
+    model, cfg, _meta = load_trained(args.checkpoint[0], device=device, trust_remote_code=args.trust_remote_code)
     if not isinstance(model, CausalLMModel):
         raise ConfigError("unipt generate serves task.kind=causal_lm checkpoints; this one is "
                           f"task.kind={cfg.task.kind}")
@@ -341,7 +371,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_predict)
 
     g = sub.add_parser("generate", help="complete prompts with a causal_lm checkpoint (JSONL, arguments or stdin)")
-    g.add_argument("--checkpoint", required=True, help="OUTPUT_DIR/checkpoint of a task.kind=causal_lm run")
+    g.add_argument("--checkpoint", required=True, action="append", metavar="[NAME=]DIR",
+                   help="OUTPUT_DIR/checkpoint of a task.kind=causal_lm run; repeat it for several checkpoints of "
+                        "one backbone, decoded together on one frozen forward per step (greedy or sampling; each "
+                        "record then gets `completions`: {name: text})")
     g.add_argument("--input", metavar="FILE.jsonl", help='one {"prompt": ...} or {"messages": [...]} object per line '
                                                           "(rendered with the chat template, as in training)")
     g.add_argument("--output", metavar="FILE.jsonl", help='each input object with its "completion", written '

@@ -124,6 +124,59 @@ class DecodingState:
             self.side_cache = self.side_cache.select(rows)
 
 
+class RoutedModels:
+    """Causal-LM models built on views of one shared frozen backbone (unipt_scale.serving.MultiModel), each row
+    of a batch decoded by the model `owners[row]` names: rows of one batch may belong to different checkpoints."""
+
+    def __init__(self, models: Sequence, owners: torch.Tensor):
+        self.models, self.owners = list(models), owners
+        for m in self.models:
+            if getattr(m.encoder, "side", None) is None or not hasattr(m.encoder.backbone, "_shared"):
+                raise ConfigError("several checkpoints decode on one forward when each is a UniPT or ladder model "
+                                  "built on a shared backbone (serving.MultiModel); generate with the others alone")
+
+    def eval(self) -> "RoutedModels":
+        for m in self.models:
+            m.eval()
+        return self
+
+    def parameters(self):
+        return self.models[0].parameters()
+
+
+class SharedDecodingState:
+    """Decoding for RoutedModels: each step runs the frozen backbone once over every row (one KV cache, the union
+    of the models' tapped layers), then each model's side network and head over its own rows."""
+
+    def __init__(self, routed: RoutedModels, capacity: Optional[int] = None, prefill_chunk: int = 0):
+        self.states = [DecodingState(m, True, capacity, prefill_chunk) for m in routed.models]
+        self.backbone = routed.models[0].encoder.backbone._shared.backbone
+        self.layers = sorted(set().union(*(st.backbone.layer_indices for st in self.states)))
+        self.rows = [torch.nonzero(routed.owners == k).flatten() for k in range(len(routed.models))]
+        self.prefill_chunk = prefill_chunk
+        self.past = None
+
+    def next_logits(self, ids: torch.Tensor, mask: torch.Tensor, new: int) -> torch.Tensor:
+        n = ids.shape[1]
+        chunk = self.prefill_chunk or new
+        where = {layer: i for i, layer in enumerate(self.layers)}
+        for start in range(n - new, n, chunk):
+            end = min(start + chunk, n)
+            self.backbone.tap(self.layers)
+            out, self.past = self.backbone.forward_cached(ids[:, start:end], mask[:, :end], self.past)
+            last = []
+            for st, rows in zip(self.states, self.rows):
+                states = [out.hidden_states[where[i]][rows] for i in st.backbone.layer_indices]
+                y, st.side_cache = st.side.step(states, out.mask[rows], out.final[rows], st.side_cache,
+                                                capacity=st.capacity)
+                last.append(y[:, -1])
+        logits = [F.linear(x.to(st.head.dtype), st.head).float() for x, st in zip(last, self.states)]
+        full = logits[0].new_empty(ids.shape[0], logits[0].shape[-1])
+        for rows, part in zip(self.rows, logits):
+            full[rows] = part
+        return full
+
+
 def _backbone_cached(backbone, step_ids, mask, past):
     """The plain decoder (LoRA, full fine-tuning, the frozen model) over new tokens with its KV cache."""
     from unipt_scale.backbone import cache_argument, cache_of
@@ -169,8 +222,14 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     options = _options(options, option_fields)
     model.eval()
     # The last new token is produced, never fed back: the caches end at prompt + max_new_tokens - 1 positions.
-    state = DecodingState(model, incremental, capacity=input_ids.shape[1] + options.max_new_tokens - 1,
-                          prefill_chunk=options.prefill_chunk)
+    capacity = input_ids.shape[1] + options.max_new_tokens - 1
+    if isinstance(model, RoutedModels):
+        if options.num_beams > 1 or streamer is not None or not incremental:
+            raise ConfigError("several checkpoints decode together greedily or by sampling, with the caches: drop "
+                              "--num-beams / --stream, or generate with each checkpoint alone")
+        state = SharedDecodingState(model, capacity, options.prefill_chunk)
+    else:
+        state = DecodingState(model, incremental, capacity=capacity, prefill_chunk=options.prefill_chunk)
     if options.stop and tokenizer is None:
         raise ValueError("stop strings need the tokenizer")
     stops = StopStrings(tokenizer, options.stop, input_ids.shape[1]) if options.stop else None
@@ -318,17 +377,23 @@ def prompt_budget(trained_length: int, max_new_tokens: int) -> int:
 
 def generate_texts(model, tokenizer, records: Sequence[dict], options: Optional[GenerationOptions] = None, *,
                    batch_size: int = 8, trained_length: Optional[int] = None, stream=None,
-                   **option_fields) -> List[str]:
+                   **option_fields) -> List:
     """Completions of records ({"prompt"} or {"messages"}), rendered with the chat template as in training, batched
     with left padding. With `trained_length` (the checkpoint's data.max_length) a long prompt is shortened as
     training shortens it, to prompt_budget. `stream` (a text file such as sys.stdout) prints each completion as it
-    grows (one prompt at a time)."""
+    grows (one prompt at a time).
+
+    `model` may be a {name: model} of checkpoints on one shared backbone (serving.MultiModel): every prompt then
+    goes to every checkpoint, all of them decoded on one frozen forward per step, and each record's completion is a
+    {name: text}."""
     from unipt_scale.data.lm import prompt_ids, render_prompt
 
     options = _options(options, option_fields)
     if batch_size < 1:
         raise ConfigError("--batch-size must be >= 1")
-    device = next(model.parameters()).device
+    names = list(model) if isinstance(model, dict) else None
+    first = model[names[0]] if names else model
+    device = next(first.parameters()).device
     generator = torch.Generator(device=device).manual_seed(options.seed) if options.sampling else None
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     step = 1 if stream is not None else batch_size
@@ -342,12 +407,21 @@ def generate_texts(model, tokenizer, records: Sequence[dict], options: Optional[
                     for r in records[s:s + step]]
         ids, mask = _left_padded(rows, pad)
         streamer = _TextStream(tokenizer, stream) if stream is not None else None
-        new = generate(model, ids.to(device), mask.to(device), options, eos_token_id=tokenizer.eos_token_id,
+        decoder = model
+        if names:  # every prompt once per checkpoint, the checkpoints' rows side by side in one batch
+            k = len(names)
+            ids, mask = ids.repeat(k, 1), mask.repeat(k, 1)
+            decoder = RoutedModels([model[n] for n in names], torch.arange(k).repeat_interleave(len(rows)))
+        new = generate(decoder, ids.to(device), mask.to(device), options, eos_token_id=tokenizer.eos_token_id,
                        tokenizer=tokenizer, streamer=streamer, generator=generator)
+        done = []
         for row in new.tolist():
             if tokenizer.eos_token_id in row:
                 row = row[:row.index(tokenizer.eos_token_id)]
-            texts.append(cut_at_stop(tokenizer.decode(row, skip_special_tokens=True), options.stop).strip())
+            done.append(cut_at_stop(tokenizer.decode(row, skip_special_tokens=True), options.stop).strip())
+        if names:
+            done = [{n: done[j * len(rows) + i] for j, n in enumerate(names)} for i in range(len(rows))]
+        texts.extend(done)
     return texts
 
 

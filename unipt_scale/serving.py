@@ -9,6 +9,9 @@ serving does).
     mm = MultiModel.load({"sentiment": "runs/a/checkpoint", "topic": "runs/b/checkpoint"})
     mm.classify(["great movie", "stocks fell"])                      # every checkpoint on every text
     mm.classify(["great movie", "stocks fell"], ["sentiment", "topic"])  # one checkpoint per text
+
+Causal-LM checkpoints decode together the same way (`generate`): each step runs the backbone once over every
+checkpoint's rows, with one KV cache, and each checkpoint's side network over its own rows.
 """
 from __future__ import annotations
 
@@ -153,3 +156,19 @@ class MultiModel:
                     for i, pred in zip(rows.tolist(), preds):
                         out[i][name] = pred
         return out
+
+    @torch.no_grad()
+    def generate(self, records: Sequence[dict], options=None, *, batch_size: int = 8,
+                 **option_fields) -> List[Dict[str, str]]:
+        """Per record ({"prompt"} or {"messages"}), {checkpoint name: completion} of every causal-LM checkpoint,
+        decoded on one frozen forward per step (greedy: each checkpoint's own greedy completion; sampling: seeded,
+        drawn for all rows from one generator)."""
+        from unipt_scale.generation import generate_texts
+        from unipt_scale.tasks.causal_lm import CausalLMModel
+
+        names = [n for n, m in self.models.items() if isinstance(m, CausalLMModel)]
+        if not names:
+            raise ConfigError("none of the checkpoints is a causal language model (task.kind=causal_lm)")
+        return generate_texts({n: self.models[n] for n in names}, self.tokenizer, list(records), options,
+                              batch_size=batch_size, trained_length=self.cfgs[names[0]].data.max_length,
+                              **option_fields)

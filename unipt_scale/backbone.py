@@ -322,13 +322,29 @@ def cache_of(output):
     return cache if cache is not None else getattr(output, "past_key_values", None)
 
 
-class HookedBackbone(FrozenBackbone):
+class StagedBackbone(FrozenBackbone):
+    """A backbone whose hidden states are known by their widths (`_sizes`), the last tapped one its `final`."""
+
+    final_is_last_tapped = True
+    _sizes: List[int]
+
+    @property
+    def num_hidden_states(self) -> int:
+        return len(self._sizes)
+
+    def all_hidden_sizes(self) -> List[int]:
+        return list(self._sizes)
+
+    @property
+    def out_dim(self) -> int:
+        return self._sizes[-1]
+
+
+class HookedBackbone(StagedBackbone):
     """Any nn.Module (e.g. a CNN): the outputs of named submodules are taken with forward hooks.
 
     `final` is the last hooked output. `example_input` is run once to learn the stage shapes.
     """
-
-    final_is_last_tapped = True
 
     def __init__(self, model: nn.Module, layer_names: Sequence[str], example_input: torch.Tensor,
                  input_key: str = "pixel_values", preprocess: Optional[Callable] = None):
@@ -364,17 +380,6 @@ class HookedBackbone(FrozenBackbone):
         x = x.to(next(self.model.parameters()).dtype)
         self.model(self.preprocess(x) if self.preprocess else x)
 
-    @property
-    def num_hidden_states(self) -> int:
-        return len(self.layer_names)
-
-    def all_hidden_sizes(self) -> List[int]:
-        return list(self._sizes)
-
-    @property
-    def out_dim(self) -> int:
-        return self._sizes[-1]
-
     def _forward(self, batch) -> BackboneOutput:
         self._captured.clear()
         self._run(batch[self.input_key])
@@ -383,14 +388,13 @@ class HookedBackbone(FrozenBackbone):
         return BackboneOutput(outs, None, outs[-1])
 
 
-class HFFeatureMapBackbone(FrozenBackbone):
+class HFFeatureMapBackbone(StagedBackbone):
     """A transformers convolutional tower (ResNet, ConvNeXt, RegNet, BiT): its hidden_states are the stem's and
     every stage's (B, C, H, W) maps, tapped by the feature-map UniPT. `final` is the last tapped stage, as for a
     wrapped module: the feature-map side network ends there (unipt.image_layers may stop short of the last)."""
 
     is_feature_map = True
     kind = "vision"
-    final_is_last_tapped = True
 
     def __init__(self, model: nn.Module, channels: Sequence[int], stage_sizes: Sequence[Tuple[int, int]],
                  name: str = ""):
@@ -399,17 +403,6 @@ class HFFeatureMapBackbone(FrozenBackbone):
         self._sizes = list(channels)
         self.stage_sizes = [tuple(s) for s in stage_sizes]
         self.tap(range(len(self._sizes)))
-
-    @property
-    def num_hidden_states(self) -> int:
-        return len(self._sizes)
-
-    def all_hidden_sizes(self) -> List[int]:
-        return list(self._sizes)
-
-    @property
-    def out_dim(self) -> int:
-        return self._sizes[-1]
 
     def _inputs(self, batch):
         if "pixel_values" not in batch:

@@ -140,26 +140,19 @@ def test_feature_map_unipt_can_stop_before_the_last_stage():
     loss.backward()
 
 
-def _tiny_conv_tower(arch: str):
-    from transformers import ConvNextConfig, ConvNextModel, ResNetConfig, ResNetModel
-
-    torch.manual_seed(0)
-    if arch == "resnet":
-        return ResNetModel(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 16, 32], depths=[1, 1, 1, 1],
-                                        layer_type="basic"))
-    return ConvNextModel(ConvNextConfig(hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1]))
-
-
 @pytest.mark.parametrize("arch", ["resnet", "convnext"])
 def test_transformers_conv_towers_load_as_feature_maps(tmp_path, arch):
     """ResNet / ConvNeXt directories (MDETR's ResNet-101 among them) load as feature-map backbones: the shape
     read from config.json alone matches a real forward, and the tapped states are the model's own hidden_states."""
+    from transformers import AutoModel
+
+    from tiny_models import tiny_conv_dir
     from unipt_scale.backbone import FEATURE_MAP_PROBE_SIZE, inspect_backbone
     from unipt_scale.encoders.backbone_tuning import BackboneEncoder
 
-    model = _tiny_conv_tower(arch).eval()
-    model.save_pretrained(str(tmp_path / arch))
-    cfg = BackboneConfig(path=str(tmp_path / arch))
+    path = tiny_conv_dir(str(tmp_path), arch)
+    model = AutoModel.from_pretrained(path).eval()  # the saved tower, read back as its own class
+    cfg = BackboneConfig(path=path)
     probe = model(pixel_values=torch.zeros(1, 3, FEATURE_MAP_PROBE_SIZE, FEATURE_MAP_PROBE_SIZE),
                   output_hidden_states=True).hidden_states
     spec = inspect_backbone(cfg)

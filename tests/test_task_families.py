@@ -483,24 +483,13 @@ def test_clip_towers_carry_the_video_task(root, moving):
     assert math.isfinite(json.load(open(os.path.join(run, "metrics.json")))["test"]["rsum"])
 
 
-def _tiny_resnet_dir(root) -> str:
-    from transformers import ResNetConfig, ResNetModel
-
-    path = str(root / "resnet")
-    if not os.path.isdir(path):
-        torch.manual_seed(0)
-        ResNetModel(ResNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[8, 16, 16, 32], depths=[1, 1, 1, 1],
-                                 layer_type="basic")).save_pretrained(path)
-    return path
-
-
 @pytest.mark.parametrize("kind", ["vqa", "grounding"])
 def test_the_papers_tower_families_carry_vqa_and_grounding(root, kind):
     """VQA on a CLIP vision tower and a BERT question tower (CLIP-ViL's family); grounding on a ResNet feature map
     tapped short of its last stage and a RoBERTa expression tower (MDETR's two encoders)."""
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    from tiny_models import tiny_roberta_dir
+    from tiny_models import tiny_conv_dir, tiny_roberta_dir
 
     data = _scene_shards(root, kind)
     if kind == "vqa":
@@ -510,7 +499,8 @@ def test_the_papers_tower_families_carry_vqa_and_grounding(root, kind):
                                          num_attention_heads=2, image_size=32, patch_size=8)).save_pretrained(image)
         text, extra = tiny_bert_dir(str(root)), []
     else:
-        image, text, extra = _tiny_resnet_dir(root), tiny_roberta_dir(str(root)), ["unipt.image_layers=[0,1,2,3]"]
+        image, text = tiny_conv_dir(str(root), "resnet"), tiny_roberta_dir(str(root))
+        extra = ["unipt.image_layers=[0,1,2,3]"]
     run = str(root / f"run-{kind}-family")
     assert main(["train", "--output-dir", run, f"backbone.path={text}", f"image_backbone.path={image}",
                  f"task.kind={kind}", "data.source=shards", f"data.path={data}", "data.image_size=32",

@@ -127,6 +127,20 @@ def tiny_roberta_dir(root: str, hidden: int = 32, layers: int = 2, seed: int = 0
     return _save_dir(root, f"tiny-roberta-{hidden}-{layers}", build, tok)
 
 
+def tiny_conv_dir(root: str, arch: str = "resnet") -> str:
+    """A transformers convolutional tower (ResNet or ConvNeXt, four stages), loaded as a feature-map backbone."""
+    from transformers import ConvNextConfig, ConvNextModel, ResNetConfig, ResNetModel
+
+    def build():
+        torch.manual_seed(0)
+        if arch == "resnet":
+            return ResNetModel(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 16, 32], depths=[1, 1, 1, 1],
+                                            layer_type="basic"))
+        return ConvNextModel(ConvNextConfig(hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1]))
+
+    return _save_dir(root, f"tiny-{arch}", build)
+
+
 def tiny_vilt_dir(root: str, hidden: int = 16, layers: int = 2, image_size: int = 32) -> str:
     """A vision-language backbone (ViLT): question tokens and image patches through the same layers."""
     from transformers import ViltConfig, ViltModel

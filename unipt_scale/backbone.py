@@ -101,6 +101,13 @@ def detect_kind(config) -> str:
     return "encoder"
 
 
+def _pixel_inputs(model: nn.Module, batch, kind: str) -> dict:
+    """The batch's pixels in the model's dtype, for a vision or vision-language backbone."""
+    if "pixel_values" not in batch:
+        raise ValueError(f"a {kind.replace('_', '-')} backbone needs batch['pixel_values']")
+    return dict(pixel_values=batch["pixel_values"].to(next(model.parameters()).dtype))
+
+
 class FrozenBackbone(nn.Module):
     """Base: freezing, eval mode and no-grad; subclasses say how to get hidden states."""
 
@@ -174,10 +181,7 @@ class HFBackbone(FrozenBackbone):
         return self.hidden_size
 
     def _inputs(self, batch):
-        if self.kind in ("vision", "vision_language") and "pixel_values" not in batch:
-            raise ValueError(f"a {self.kind.replace('_', '-')} backbone needs batch['pixel_values']")
-        pixels = dict(pixel_values=batch["pixel_values"].to(next(self.model.parameters()).dtype)) \
-            if self.kind in ("vision", "vision_language") else {}
+        pixels = _pixel_inputs(self.model, batch, self.kind) if self.kind in ("vision", "vision_language") else {}
         if self.kind == "vision":
             return pixels, None
         if "input_ids" not in batch:
@@ -405,9 +409,7 @@ class HFFeatureMapBackbone(StagedBackbone):
         self.tap(range(len(self._sizes)))
 
     def _inputs(self, batch):
-        if "pixel_values" not in batch:
-            raise ValueError("a vision backbone needs batch['pixel_values']")
-        return dict(pixel_values=batch["pixel_values"].to(next(self.model.parameters()).dtype)), None
+        return _pixel_inputs(self.model, batch, self.kind), None
 
     def _forward(self, batch) -> BackboneOutput:
         kwargs, _ = self._inputs(batch)
@@ -673,6 +675,13 @@ def _model_class(hf_config, kind: str):
         return None
 
 
+def _check_weights_unless_random(cfg: BackboneConfig, path: str, hf_config) -> None:
+    """The weight files' headers, where the weights will be read (not for backbone.random_init)."""
+    model_dir = None if cfg.random_init else _model_directory(path)
+    if model_dir is not None:
+        check_weight_files(model_dir, hf_config)
+
+
 def inspect_backbone(cfg: BackboneConfig, trust_remote_code: bool = False) -> BackboneSpec:
     """The backbone's shape from config.json alone (or a builtin's table), and its weight files' headers (unless
     backbone.random_init): fails fast, loads no weights."""
@@ -687,9 +696,7 @@ def inspect_backbone(cfg: BackboneConfig, trust_remote_code: bool = False) -> Ba
     model_type = getattr(hf_config, "model_type", "")
     if model_type in FEATURE_MAP_TYPES:
         channels, sizes = _feature_map_stages(hf_config, path)
-        model_dir = None if cfg.random_init else _model_directory(path)
-        if model_dir is not None:
-            check_weight_files(model_dir, hf_config)
+        _check_weights_unless_random(cfg, path, hf_config)
         return BackboneSpec(kind="vision", num_hidden_states=len(channels), hidden_sizes=channels,
                             out_dim=channels[-1], is_feature_map=True, stage_sizes=sizes, model_type=model_type,
                             path=path, hf_config=hf_config)
@@ -702,9 +709,7 @@ def inspect_backbone(cfg: BackboneConfig, trust_remote_code: bool = False) -> Ba
             "it reads a question and an image together; use kind=vision_language (or auto)"))
     width, depth = _width_and_depth(hf_config, kind, path)
     _check_padding_side(cfg.padding_side, kind, model_type, _model_class(hf_config, kind), path)
-    model_dir = None if cfg.random_init else _model_directory(path)
-    if model_dir is not None:
-        check_weight_files(model_dir, hf_config)
+    _check_weights_unless_random(cfg, path, hf_config)
     return BackboneSpec(kind=kind, num_hidden_states=depth + 1, hidden_sizes=[width] * (depth + 1), out_dim=width,
                         model_type=model_type, path=path, hf_config=hf_config)
 

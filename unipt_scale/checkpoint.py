@@ -25,7 +25,7 @@ import logging
 import os
 import re
 import shutil
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Iterator, List, Optional, Tuple
 
 from unipt_scale.atomic import atomic_write_json, atomic_write_text, fsync_dir
 
@@ -167,22 +167,33 @@ def _refused_by_choice(err: CheckpointError) -> bool:
     return "world size" in str(err) or "another config" in str(err)
 
 
-def intact_steps(output_dir: str, config: dict, world_size: int = 1) -> List[int]:
-    """The steps of a run's intact checkpoints of this config, newest first (damaged ones left out; one of
-    another config or world size refused, as a resume would refuse it)."""
-    root = os.path.join(os.path.abspath(output_dir), CHECKPOINTS)
-    if not os.path.isdir(root):
-        return []
-    steps = []
-    for name in sorted((n for n in os.listdir(root) if _step_of(n) is not None), key=_step_of, reverse=True):
+def _steps_newest_first(root: str) -> List[str]:
+    return sorted((n for n in os.listdir(root) if _step_of(n) is not None), key=_step_of, reverse=True)
+
+
+def _checked(root: str, names: List[str], world_size: int, config: dict
+             ) -> Iterator[Tuple[str, Optional[CheckpointError]]]:
+    """Each checkpoint of `names`, in order, with why it cannot be resumed from (None: intact), verified only as
+    the caller asks for the next one; one of another config or world size is refused outright, as a resume
+    refuses it."""
+    for name in names:
         try:
             verify(os.path.join(root, name), world_size, config)
         except CheckpointError as err:
             if _refused_by_choice(err):
                 raise
+            yield name, err
             continue
-        steps.append(_step_of(name))
-    return steps
+        yield name, None
+
+
+def intact_steps(output_dir: str, config: dict, world_size: int = 1) -> List[int]:
+    """The steps of a run's intact checkpoints of this config, newest first (damaged ones left out)."""
+    root = os.path.join(os.path.abspath(output_dir), CHECKPOINTS)
+    if not os.path.isdir(root):
+        return []
+    return [_step_of(name) for name, err in _checked(root, _steps_newest_first(root), world_size, config)
+            if err is None]
 
 
 def checkpoint_of(output_dir: str, step: int) -> str:
@@ -277,7 +288,7 @@ class CheckpointManager:
             if explicit:
                 raise CheckpointError(f"{root} holds no checkpoint")
             return None, []
-        order = sorted((n for n in os.listdir(root) if _step_of(n) is not None), key=_step_of, reverse=True)
+        order = _steps_newest_first(root)
         notes = []
         hint = None
         try:
@@ -293,18 +304,13 @@ class CheckpointManager:
                 raise CheckpointError(f"{root} holds no checkpoint")
             return None, notes
         reasons = []
-        for n in order:
-            d = os.path.join(root, n)
-            try:
-                verify(d, self.world_size, self.config)
-            except CheckpointError as err:
-                if _refused_by_choice(err):
-                    raise
+        for n, err in _checked(root, order, self.world_size, self.config):
+            if err is not None:
                 reasons.append(str(err))
                 notes.append(f"skipping {n}: {err}")
                 continue
             if reasons:
                 notes.append(f"resuming from {n}, the newest complete checkpoint")
-            return d, notes
+            return os.path.join(root, n), notes
         raise CheckpointError(f"no checkpoint under {root} is intact ({'; '.join(reasons[:3])}); move the damaged "
                               "ones away, or set train.resume='' to start over")

@@ -185,9 +185,9 @@ def _named_checkpoints(items) -> dict:
     return named
 
 
-def _generate_many(args, records, options, output) -> int:
-    """Several causal-LM checkpoints of one backbone decoding together, one frozen forward per step."""
-    from unipt_scale.atomic import atomic_write_text
+def _generate_many(args, records, options) -> list:
+    """Several causal-LM checkpoints of one backbone decoding together, one frozen forward per step: per record,
+    {name: completion}."""
     from unipt_scale.serving import MultiModel
 
     if args.stream or options.num_beams > 1:
@@ -195,14 +195,7 @@ def _generate_many(args, records, options, output) -> int:
                           "--num-beams, or generate with each checkpoint alone")
     mm = MultiModel.load(_named_checkpoints(args.checkpoint), device=_device(),
                          trust_remote_code=args.trust_remote_code)
-    texts = mm.generate(records, options, batch_size=args.batch_size)
-    lines = [json.dumps({**record, "completions": done}, ensure_ascii=False) for record, done in zip(records, texts)]
-    if output:
-        atomic_write_text(output, "".join(line + "\n" for line in lines))
-    else:
-        for line in lines:
-            print(line)
-    return 0
+    return mm.generate(records, options, batch_size=args.batch_size)
 
 
 def _predict_many(args) -> int:
@@ -265,15 +258,16 @@ def cmd_generate(args) -> int:
     output = _writable_file(args.output, "--output") if args.output else None
     device = _device()
     if len(args.checkpoint) > 1:
-        return _generate_many(args, records, options, output)
-    model, cfg, _meta = load_trained(args.checkpoint[0], device=device, trust_remote_code=args.trust_remote_code)
-    if not isinstance(model, CausalLMModel):
-        raise ConfigError("unipt generate serves task.kind=causal_lm checkpoints; this one is "
-                          f"task.kind={cfg.task.kind}")
-    texts = generate_texts(model, _tokenizer(cfg, args.trust_remote_code), records, options,
-                           batch_size=args.batch_size, trained_length=cfg.data.max_length,
-                           stream=sys.stdout if args.stream else None)
-    lines = [json.dumps({**record, "completion": text}, ensure_ascii=False) for record, text in zip(records, texts)]
+        key, texts = "completions", _generate_many(args, records, options)
+    else:
+        model, cfg, _meta = load_trained(args.checkpoint[0], device=device, trust_remote_code=args.trust_remote_code)
+        if not isinstance(model, CausalLMModel):
+            raise ConfigError("unipt generate serves task.kind=causal_lm checkpoints; this one is "
+                              f"task.kind={cfg.task.kind}")
+        key, texts = "completion", generate_texts(model, _tokenizer(cfg, args.trust_remote_code), records, options,
+                                                  batch_size=args.batch_size, trained_length=cfg.data.max_length,
+                                                  stream=sys.stdout if args.stream else None)
+    lines = [json.dumps({**record, key: text}, ensure_ascii=False) for record, text in zip(records, texts)]
     if output:
         atomic_write_text(output, "".join(line + "\n" for line in lines))
         print(f"wrote {len(lines)} completions to {output}", file=sys.stderr)

@@ -78,6 +78,12 @@ def logits_processors(options: GenerationOptions, attention_mask: Optional[torch
     return procs
 
 
+def _spans(n: int, new: int, chunk: int):
+    """(start, end) of the last `new` of n positions, `chunk` at a time (0: all at once)."""
+    step = chunk or new
+    return [(start, min(start + step, n)) for start in range(n - new, n, step)]
+
+
 class DecodingState:
     """The model's view of the sequences decoded so far: `next_logits` runs only the new positions against the
     caches (incremental) or the whole sequence again (the reference); `reorder` follows the beams."""
@@ -100,21 +106,25 @@ class DecodingState:
             tokens, _ = self.encoder({"input_ids": ids, "attention_mask": mask})
             last = tokens[:, -1]
         else:
-            n = ids.shape[1]
-            chunk = self.prefill_chunk or new
-            for start in range(n - new, n, chunk):
-                end = min(start + chunk, n)
+            for start, end in _spans(ids.shape[1], new, self.prefill_chunk):
                 last = self._advance(ids[:, start:end], mask[:, :end])
+        return self.logits(last)
+
+    def logits(self, last: torch.Tensor) -> torch.Tensor:
         return F.linear(last.to(self.head.dtype), self.head).float()
 
     def _advance(self, step_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Run the new positions `step_ids` against the caches (extending them); the last position's output."""
         if self.side is not None:
             states, self.past = self.backbone.forward_cached(step_ids, mask, self.past)
-            y, self.side_cache = self.side.step(states.hidden_states, states.mask, states.final, self.side_cache,
-                                                capacity=self.capacity)
-        else:
-            y, self.past = _backbone_cached(self.backbone, step_ids, mask, self.past)
+            return self.side_last(states)
+        y, self.past = _backbone_cached(self.backbone, step_ids, mask, self.past)
+        return y[:, -1]
+
+    def side_last(self, states) -> torch.Tensor:
+        """The side network over the new positions' tapped states (extending its cache); the last one's output."""
+        y, self.side_cache = self.side.step(states.hidden_states, states.mask, states.final, self.side_cache,
+                                            capacity=self.capacity)
         return y[:, -1]
 
     def reorder(self, rows: torch.Tensor) -> None:
@@ -157,20 +167,16 @@ class SharedDecodingState:
         self.past = None
 
     def next_logits(self, ids: torch.Tensor, mask: torch.Tensor, new: int) -> torch.Tensor:
-        n = ids.shape[1]
-        chunk = self.prefill_chunk or new
+        from unipt_scale.backbone import BackboneOutput
+
         where = {layer: i for i, layer in enumerate(self.layers)}
-        for start in range(n - new, n, chunk):
-            end = min(start + chunk, n)
+        for start, end in _spans(ids.shape[1], new, self.prefill_chunk):
             self.backbone.tap(self.layers)
             out, self.past = self.backbone.forward_cached(ids[:, start:end], mask[:, :end], self.past)
-            last = []
-            for st, rows in zip(self.states, self.rows):
-                states = [out.hidden_states[where[i]][rows] for i in st.backbone.layer_indices]
-                y, st.side_cache = st.side.step(states, out.mask[rows], out.final[rows], st.side_cache,
-                                                capacity=st.capacity)
-                last.append(y[:, -1])
-        logits = [F.linear(x.to(st.head.dtype), st.head).float() for x, st in zip(last, self.states)]
+            last = [st.side_last(BackboneOutput([out.hidden_states[where[i]][rows] for i in st.backbone.layer_indices],
+                                                out.mask[rows], out.final[rows]))
+                    for st, rows in zip(self.states, self.rows)]
+        logits = [st.logits(x) for x, st in zip(last, self.states)]
         full = logits[0].new_empty(ids.shape[0], logits[0].shape[-1])
         for rows, part in zip(self.rows, logits):
             full[rows] = part

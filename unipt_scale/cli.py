@@ -13,6 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from unipt_scale.config import ConfigError, config_help, dump_config, load_config  # noqa: E402
+from unipt_scale.host_memory import retain_freed_memory  # noqa: E402
 
 log = logging.getLogger("unipt_scale")
 BENCHES = ("kernels", "data", "methods", "quality", "headlines", "quantization", "generate", "shared")
@@ -429,6 +430,7 @@ def _main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     _quiet_libraries()
+    retain_freed_memory()
     # Commands that own their argument parsing get their arguments untouched (argparse's REMAINDER would
     # refuse a leading option such as `unipt plan --help`).
     delegated = {"plan": "unipt_scale.plan", "shards": "unipt_scale.data.shards"}

@@ -253,6 +253,9 @@ def _serve() -> None:
     child's pid, then its exit status. Ends when its stdin closes (its parent is gone)."""
     import json
 
+    from unipt_scale.host_memory import retain_freed_memory
+
+    retain_freed_memory()  # inherited by every forked run
     for name in PRELOAD:
         try:
             importlib.import_module(name)

@@ -163,6 +163,9 @@ def test_gradients_reach_every_side_parameter():
     hs, mask, final = _inputs(B=2, N=3, sizes=(6, 6, 6), out=6, lengths=(3, 2))
     net(hs, mask, final).pow(2).sum().backward()
     for name, p in net.named_parameters():
+        if name == "gate.bias":  # one bias shared by every layer's score: the softmax over layers cancels it
+            assert p.grad is not None and p.grad.abs().max() < 1e-6, name
+            continue
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
@@ -290,3 +293,28 @@ def test_reported_confidences_are_the_ones_forward_uses(variant):
 def test_feature_map_refuses_token_only_options():
     with pytest.raises(ConfigError, match="unipt.anchor"):
         UniPTFeatureMapSideNetwork(UniPTConfig(anchor="separate"), [4, 4], [(4, 4), (2, 2)])
+
+
+@pytest.mark.parametrize("kernels", ["efficient", "reference"])
+@pytest.mark.parametrize("how", ["mean", "first", "last"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_pooled_equals_pooling_the_tokens(variant, how, kernels):
+    """pooled() skips the tokens pooling drops (the up-projection before the mean, the other query rows for
+    first/last): the same values and gradients as pooling forward()'s tokens, left or right padding, a row with
+    no real token included."""
+    cfg = UniPTConfig(mapping_dim=6, kernels=kernels, **VARIANTS[variant])
+    net = _randomise(UniPTSideNetwork(cfg, [5, 9, 12], 12)).double()
+    hs, mask, final = _inputs(sizes=(5, 9, 12), lengths=(7, 4, 0))
+    hs, final = [h.double() for h in hs], final.double()
+    for m in (mask, mask.flip(-1)):  # right, then left padding
+        want = pool_tokens(net(hs, m, final), m.bool(), how)
+        got = net.pooled(hs, m, final, how)
+        torch.testing.assert_close(got, want)
+        g = torch.randn_like(want)
+        params = [p for p in net.parameters()]
+        for a, b in zip(torch.autograd.grad(want, params, g, allow_unused=True),
+                        torch.autograd.grad(got, params, g, allow_unused=True)):
+            if a is None or b is None:
+                assert a is None and b is None
+                continue
+            torch.testing.assert_close(b, a)

@@ -51,6 +51,31 @@ def pool_tokens(x: torch.Tensor, mask: Optional[torch.Tensor], how: str) -> torc
     return x[..., torch.arange(b, device=x.device), pos, :]
 
 
+def interact_and_aggregate(cfg: UniPTConfig, gate: nn.Linear, anchor_tokens: torch.Tensor, anchor_vec: torch.Tensor,
+                           targets: torch.Tensor, mask: Optional[torch.Tensor],
+                           rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Parallel interaction and confidence aggregation of the per-sequence form → M (B, N, d), or (B, 1, d) for
+    the one query row per sequence at positions `rows` (B,).
+
+    α reads only pooled means, so it comes first and the attention sums over layers as it goes
+    (kernels.relu_l1_attention_aggregate) instead of keeping every layer's output for a second op."""
+    alpha = kernels.confidence_weights(anchor_vec, masked_mean(targets, mask), gate.weight, gate.bias)  # (B, L')
+    query, identity_in_op = anchor_tokens, cfg.add_identity
+    if rows is not None:
+        batch = torch.arange(anchor_tokens.shape[0], device=anchor_tokens.device)
+        query, identity_in_op = anchor_tokens[batch, rows].unsqueeze(1), False
+    fused = kernels.relu_l1_attention_aggregate(query, targets, mask, alpha, identity=identity_in_op, eps=cfg.eps,
+                                                backend=cfg.kernels)
+    added = []  # (L', B, d) terms that every query row gets, weighted by α
+    if cfg.add_identity and rows is not None:
+        added.append(targets[:, batch, rows])
+    if cfg.add_target_token:
+        added.append(pool_tokens(targets, mask, "last" if cfg.anchor_pooling == "last" else "first"))
+    for term in added:
+        fused = fused + torch.einsum("bl,lbd->bd", alpha, term).unsqueeze(-2)
+    return fused
+
+
 def mapping_width(cfg: UniPTConfig, out_dim: int) -> int:
     return _width(out_dim, cfg.mapping_dim, cfg.reduction_factor)
 
@@ -160,7 +185,10 @@ class UniPTSideNetwork(nn.Module):
         """The anchor tokens A (B, N, d) and the stacked targets T_i (L', B, N, d)."""
         t = self.project_layers(hidden_states)  # (L, B, N, d)
         if self.cfg.anchor == "last_layer":
-            return t[-1], t[:-1]
+            # split, not two slices: backward concatenates the two gradients into one buffer instead of
+            # zero-filling an (L, B, N, d) buffer per slice and adding them
+            targets, anchor = t.split([t.shape[0] - 1, 1])
+            return anchor.squeeze(0), targets
         if final is None:
             raise ValueError("unipt.anchor=separate needs the backbone's final output")
         x = final.to(t.dtype)
@@ -251,15 +279,43 @@ class UniPTSideNetwork(nn.Module):
             mask = mask.bool()
         anchor_tokens, targets = self._anchor_and_targets(hidden_states, final)
         anchor_vec = pool_tokens(anchor_tokens, mask, cfg.anchor_pooling)  # (B, d)
-        merged = kernels.relu_l1_attention(anchor_tokens, targets, mask, eps=cfg.eps, backend=cfg.kernels)
-        if cfg.add_identity:
-            merged = merged + targets
-        if cfg.add_target_token:
-            how = "last" if cfg.anchor_pooling == "last" else "first"
-            merged = merged + pool_tokens(targets, mask, how).unsqueeze(-2)
-        fused = kernels.confidence_aggregate(anchor_vec, masked_mean(targets, mask), merged,
-                                             self.gate.weight, self.gate.bias, backend=cfg.kernels)
+        fused = interact_and_aggregate(cfg, self.gate, anchor_tokens, anchor_vec, targets, mask)
         return self._output(anchor_tokens, fused, final).to(dtype)
+
+    def pooled(self, hidden_states: Sequence[torch.Tensor], mask: Optional[torch.Tensor], final: Optional[torch.Tensor],
+               how: str) -> torch.Tensor:
+        """pool_tokens(forward(...), mask, how) → (B, out_dim), computed without the tokens pooling drops.
+
+        Everything after the aggregation is per token and the up-projection and residual are affine, so the mean
+        of the outputs is the up-projection of the mean of relu(out) (plus the mean of the residual), and the
+        first or last token's output needs only that token's query row of the cross attention."""
+        if self.causal or how not in ("mean", "first", "last"):
+            return pool_tokens(self(hidden_states, mask, final), mask, how)
+        if len(hidden_states) != len(self.hidden_sizes):
+            raise ValueError(f"expected {len(self.hidden_sizes)} tapped hidden states, got {len(hidden_states)}")
+        cfg = self.cfg
+        dtype = self.gate.weight.dtype
+        if mask is not None:
+            mask = mask.bool()
+        anchor_tokens, targets = self._anchor_and_targets(hidden_states, final)
+        anchor_vec = pool_tokens(anchor_tokens, mask, cfg.anchor_pooling)
+        if how != "mean":
+            b, n = anchor_tokens.shape[:2]
+            rows = token_positions(mask, how, b, n, anchor_tokens.device)
+            fused = interact_and_aggregate(cfg, self.gate, anchor_tokens, anchor_vec, targets, mask, rows)
+            batch = torch.arange(b, device=anchor_tokens.device)
+            row_final = final[batch, rows].unsqueeze(1) if final is not None else None
+            return self._output(anchor_tokens[batch, rows].unsqueeze(1), fused, row_final).squeeze(1).to(dtype)
+        fused = interact_and_aggregate(cfg, self.gate, anchor_tokens, anchor_vec, targets, mask)
+        x = masked_mean(F.relu(self._project(anchor_tokens, fused)), mask)  # (B, d)
+        # the bias counts once per sequence with a real token (masked_mean of no tokens is 0)
+        real = mask.any(-1, keepdim=True).to(x.dtype) if mask is not None else 1.0
+        y = F.linear(x, self.up.weight) + self.up.bias * real
+        if cfg.residual:
+            if final is None:
+                raise ValueError("unipt.residual=true needs the backbone's final output")
+            y = y + masked_mean(final.to(y.dtype), mask)
+        return y.to(dtype)
 
     @torch.no_grad()
     def layer_confidences(self, hidden_states, mask=None, final=None) -> torch.Tensor:
@@ -357,11 +413,7 @@ class UniPTFeatureMapSideNetwork(nn.Module):
         anchor_vec = anchor_tokens.mean(1)
         targets = torch.stack([_flat(self.down[i](self.select_target(i, s, last)))
                                for i, s in enumerate(stages[:-1])], 0)  # (L', B, HW, d)
-        merged = kernels.relu_l1_attention(anchor_tokens, targets, None, eps=cfg.eps, backend=cfg.kernels)
-        if cfg.add_identity:
-            merged = merged + targets
-        fused = kernels.confidence_aggregate(anchor_vec, targets.mean(-2), merged, self.gate.weight, self.gate.bias,
-                                             backend=cfg.kernels)
+        fused = interact_and_aggregate(cfg, self.gate, anchor_tokens, anchor_vec, targets, None)
         out = anchor_map + self.proj(_roll(fused, hl, wl))
         y = _flat(self.up(F.relu(out)))
         if cfg.residual:

@@ -20,13 +20,14 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import aggregation, cross_attention, projection
+from . import aggregation, attention_aggregate, cross_attention, projection
 from ._utils import check_triton_device
 from .naive import (
     confidence_aggregate_reference,
     confidence_weights_reference,
     grouped_projection_reference,
     prefix_mean_reference,
+    relu_l1_attention_aggregate_reference,
     relu_l1_attention_reference,
 )
 
@@ -103,6 +104,27 @@ def relu_l1_attention(query: torch.Tensor, keys: torch.Tensor, key_mask: Optiona
     return cross_attention.relu_l1_attention_efficient(query, keys, mask, eps, causal)
 
 
+def relu_l1_attention_aggregate(query: torch.Tensor, keys: torch.Tensor, key_mask: Optional[torch.Tensor],
+                                alpha: torch.Tensor, identity: bool = True, eps: float = 1e-6,
+                                backend: str = "auto") -> torch.Tensor:
+    """Σ_l α_l (relu_l1_attention(query, keys)_l + keys_l) → (B, Nq, d): the cross attention and the confidence
+    aggregation of the per-sequence form in one op (the identity term with identity=True).
+
+    alpha (B, L) are the layer confidences (`confidence_weights`), computed before the attention: they depend
+    only on pooled means. The CPU path runs every layer's keys in one product per group of sequences and never
+    forms the (L, B, Nq, d) per-layer outputs; on CUDA it is the fused cross attention and a weighted sum.
+    """
+    _check_backend(backend)
+    query, keys, mask, alpha = attention_aggregate.validate(query, keys, key_mask, alpha, identity, eps)
+    impl = resolve_backend(backend, query, width=query.shape[-1])
+    if impl == "reference":
+        return relu_l1_attention_aggregate_reference(query, keys, mask, alpha, identity, eps)
+    if impl == "triton":
+        check_triton_device(query, keys)
+        return attention_aggregate.relu_l1_attention_aggregate_triton(query, keys, mask, alpha, identity, eps)
+    return attention_aggregate.relu_l1_attention_aggregate_efficient(query, keys, mask, alpha, identity, eps)
+
+
 def confidence_aggregate(anchor, layer_means, merged, gate_weight, gate_bias, backend: str = "auto") -> torch.Tensor:
     """Σ_i softmax_i(g(a ⊙ mean_i)) M_i → (B, N, d).
 
@@ -147,4 +169,4 @@ def prefix_mean(x: torch.Tensor, mask: Optional[torch.Tensor] = None, backend: s
 
 
 __all__ = ["BACKENDS", "MAX_FUSED_ATTENTION_DIM", "resolve_backend", "grouped_projection", "relu_l1_attention",
-           "confidence_aggregate", "confidence_weights", "prefix_mean"]
+           "relu_l1_attention_aggregate", "confidence_aggregate", "confidence_weights", "prefix_mean"]

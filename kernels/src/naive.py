@@ -65,6 +65,22 @@ def relu_l1_attention_reference(
     return torch.einsum("lbqk,lbkd->lbqd", weights, keys)
 
 
+def relu_l1_attention_aggregate_reference(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    key_mask: Optional[torch.Tensor],
+    alpha: torch.Tensor,
+    identity: bool = True,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """M = Σ_l α_l (o_l + T_l): the cross attention of every layer (plus its keys with identity=True), weighted
+    by the (B, L) layer confidences α and summed over layers → (B, Nq, d)."""
+    merged = relu_l1_attention_reference(query, keys, key_mask, eps)
+    if identity:
+        merged = merged + keys
+    return torch.einsum("bl,lbqd->bqd", alpha, merged)
+
+
 def _gate_softmax(anchor, layer_means, gate_weight, gate_bias) -> torch.Tensor:
     scores = F.linear(anchor[None] * layer_means, gate_weight.reshape(1, -1), gate_bias.reshape(1))
     return torch.softmax(scores.squeeze(-1), dim=0)  # (L, B) per sequence or (L, B, N) per position

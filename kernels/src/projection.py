@@ -537,6 +537,10 @@ class GroupedProjectionEfficient(torch.autograd.Function):
                 y = _pre_norm(x[r0:r1], ws[g], b, meta.relu, at, out=into)
                 if keep is not None and into is None:
                     keep[g, r0:r1] = y.to(out_dtype)
+                if out_dtype == at:  # straight into their buffers
+                    torch.ops.aten.native_layer_norm.out(y, (N,), gamma[g], beta[g], meta.eps, out0=out[g, r0:r1],
+                                                         out1=mean[g, r0:r1, None], out2=rstd[g, r0:r1, None])
+                    continue
                 normed, mu, rs = torch.native_layer_norm(y, (N,), gamma[g], beta[g], meta.eps)
                 mean[g, r0:r1], rstd[g, r0:r1] = mu.view(-1), rs.view(-1)
                 out[g, r0:r1] = normed

@@ -36,6 +36,9 @@ class UniPTEncoder(nn.Module):
         return tokens, mask
 
     def embed(self, batch) -> torch.Tensor:
+        if isinstance(self.side, UniPTSideNetwork):  # pooled without the per-token work pooling would drop
+            out = self.backbone(batch)
+            return self.side.pooled(out.hidden_states, out.mask, out.final, self.pooling)
         tokens, mask = self(batch)
         return pool_tokens(tokens, mask, self.pooling)
 

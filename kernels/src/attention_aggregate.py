@@ -14,8 +14,9 @@ Backward, with G_l = dM T_lᵀ (the same product as the forward scores, dM in pl
 e_l,i = c_l,i Σ_j P_l,ij G_l,ij (= dM_i · attn_l,i), dα_l = Σ_i e_l,i (+ Σ_i G_l,ii for the identity),
 ds_l,ij = [S_l,ij > 0] α_l c_l,i (G_l,ij − [z_l,i ≥ eps] e_l,i), dA = Σ_l ds_l T_l (one product over all layers),
 dT_l = ds_lᵀ A + (α_l (c_l ⊙ P_l + I))ᵀ dM.
-Saved for backward: A, the keys (batch-major), z and α — the cross attention's own contract, and none of the
-(L, B, N, d) per-layer outputs that attention + aggregation as two ops keep between them.
+Saved for backward: A, the keys, z and α — the cross attention's own contract, and none of the (L, B, N, d)
+per-layer outputs that attention + aggregation as two ops keep between them (the batch-major copy of the keys is
+made again in backward rather than kept).
 
 On the CPU this replaces 2 + 5 products per layer group (each (B·L) small ones against a query broadcast over
 the layers) by the same FLOPs in a few products L times wider, and drops the per-layer outputs and their passes.
@@ -99,18 +100,19 @@ class ReLUL1AttentionAggregateEfficient(torch.autograd.Function):
             if identity:  # + α_l on the diagonal: Σ_l α_l T_l,i comes out of the same product
                 s4.diagonal(dim1=1, dim2=3).add_(al[b0:b1, :, None])
             torch.bmm(s, kg, out=out[b0:b1])
-        ctx.save_for_backward(query, kb, z, alpha, mask_u8)
+        ctx.save_for_backward(query, keys, z, alpha, mask_u8)  # the keys as given (their caller holds them), not kb
         ctx.eps, ctx.identity, ctx.rows, ctx.L = eps, identity, rows, L
         return out.to(query.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dout):
-        q, kb, z, alpha, m = ctx.saved_tensors
+        q, keys, z, alpha, m = ctx.saved_tensors
         need_dq, need_dk, need_da = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[3]
         L, eps = ctx.L, ctx.eps
         B, NQ, D = q.shape
-        NK = kb.shape[1] // L
+        NK = keys.shape[2]
+        kb = keys.permute(1, 0, 2, 3).reshape(B, L * NK, D)
         at = z.dtype
         keep = m.to(at) if m is not None else None
         al = alpha.to(at)

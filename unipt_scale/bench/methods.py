@@ -67,7 +67,7 @@ from unipt_scale.bench.memory import IsolatedRunError, PeakMeter, is_refusal, on
 from unipt_scale.atomic import atomic_write_json
 from unipt_scale.config import (DEFAULT_LR, BackboneConfig, ConfigError, LoRAConfig, RunConfig, TaskConfig,
                                 TrainConfig, validate)
-from unipt_scale.engine import autocast_dtype, param_groups
+from unipt_scale.engine import adamw, autocast_dtype, param_groups
 from unipt_scale.encoders.backbone_tuning import resolve_lora_targets
 from unipt_scale.bench.schemes import SCHEMES, label, parse_schemes
 from unipt_scale.quantization import frozen_weight_bytes
@@ -196,7 +196,7 @@ class Runner:
         groups = param_groups(model, TrainConfig.weight_decay, lr)
         for g in groups:
             g.pop("names")
-        self.optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8)
+        self.optimizer = adamw(groups, lr)  # the trainer's
         self.times: List[float] = []
         self.cuda_peaks: List[int] = []
         self.losses: List[float] = []

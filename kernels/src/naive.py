@@ -1,4 +1,4 @@
-"""Plain torch references for the three side-network ops.
+"""Plain torch references for the side-network ops.
 
 These are the paper's equations written directly (materialising every intermediate); every fused or
 memory-efficient path in this package is tested against them.

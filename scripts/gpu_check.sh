@@ -174,7 +174,7 @@ kernel_tests() {
         "ca_tiles|$ca|default_tiles or unequal_tiles"
         "ca_saved|$ca|saved or shared_storage or only_one"
         "ca_rest|$ca|not ($heavy)"
-        "aggregation|tests/test_kernel_aggregation.py|"
+        "aggregation|tests/test_kernel_aggregation.py tests/test_kernel_attention_aggregate.py|"
         "projection|tests/test_kernel_projection.py|"
         "side_network_bench|tests/test_side_network_kernels.py tests/test_bench_kernels.py|"
     )

@@ -82,10 +82,12 @@ def test_hand_computed_small_bert_zero2(tmp_path, capsys):
     assert b("unipt", "gradients") == 0 and b("unipt", "optimizer") == 0
     assert b("unipt", "side_network") == pytest.approx(9697 * 5.5)
     # Stored hidden states 3 * 2 * 64 = 384 per token; the side network keeps (fused kernels) per tap 2*2*32 + 8,
-    # merged 2*2*32, output 3*2*32 + 8, row sums 2*4, mask 1 = 408 + 128 + 200 + 8 + 1 = 745 per token, less than
-    # the frozen forward's one-layer working set (2512): (384 + 2512) * 32 = 92672.
+    # output 3*2*32 + 8, row sums 2*4, mask 1 = 408 + 200 + 8 + 1 = 617 per token (no merged M_i: the fused
+    # attention-aggregation never forms them), and per sample the gate's anchor, layer means, their product and α:
+    # (2*2 + 1)*2*32 + 2*2 = 324. Less than the frozen forward's one-layer working set (2512):
+    # (384 + 2512) * 32 = 92672.
     assert b("unipt", "activations") == pytest.approx(92672)
-    assert p["unipt"]["activation_detail_gib"]["side_network"] * GIB == pytest.approx(745 * 32)
+    assert p["unipt"]["activation_detail_gib"]["side_network"] * GIB == pytest.approx(617 * 32 + 2 * 324)
     assert all(b(m, "zero3_gather") == 0 for m in pl.METHODS)
     assert "unipt" in capsys.readouterr().out
 
@@ -335,15 +337,18 @@ def test_causal_lm_training_bytes_match_measured(tmp_path, method, kernels):
 
 
 def test_causal_side_network_terms_are_the_bidirectional_ones_plus_prefix_means():
-    """The causal form keeps what the bidirectional one keeps plus the per-position gate's prefix means."""
+    """The causal form keeps what the bidirectional one keeps plus the per-position gate's prefix means and, with
+    the fused kernels, the merged M_i its aggregation keeps (the bidirectional form's fused op never forms them)."""
     m = pl.model_from_config(TINY_LM, "tiny-lm")
     t = m.towers[0]
     side = lambda task, k: pl.tower_activations(t, "unipt", pl.Options(seq_len=64, task=task, side_kernels=k))[  # noqa
         "detail"]["side_network"]
     L, d = t.layers + 1, 32
-    assert side("causal_lm", "efficient") - side("classification", "efficient") == 64 * (L * 2 * d + 4 + 3 * 2)
+    gate = (2 * (L - 1) + 1) * 2 * d + (L - 1) * 2  # the per-sequence gate's, once per sample: not in the causal form
+    assert side("causal_lm", "efficient") - side("classification", "efficient") == 64 * (
+        L * 2 * d + 4 + 3 * 2 + (L - 1) * 2 * d) - gate
     assert side("causal_lm", "reference") - side("classification", "reference") == 64 * (
-        (2 * (L - 1) + 1) * 2 * d + (L - 1) * 2 + 3 * 2 + 2 * 64)
+        (2 * (L - 1) + 1) * 2 * d + (L - 1) * 2 + 3 * 2 + 2 * 64) - gate
 
 
 # Generation's live-byte peaks against the plan: alone the prompt's forward measures 2 % above the plan, after the
@@ -621,12 +626,14 @@ def test_hand_computed_small_llama_causal_lm(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "LM head (frozen)" in out and "LM loss" in out and "the default: chunked for UniPT" in out
     # The causal side network: per token the bidirectional set plus (3 + 1) * 2 * 32 prefix means, a 4-byte
-    # log-sum-exp and 3 * 2 B of mask and counts = 266.
+    # log-sum-exp and 3 * 2 B of mask and counts = 266, and the 3 * 2 * 32 = 192 B of merged M_i its aggregation
+    # keeps (the bidirectional form's fused attention-aggregation does not): 458; less, per sample, the
+    # bidirectional gate's anchor, layer means, their product and α: (2*3 + 1)*2*32 + 3*2 = 454.
     cls = _run_json(tmp_path, [cfg, "--gpus-per-node", "1", "--zero-stage", "0", "--batch-size", "2",
                                "--seq-len", "16"])
     extra = (p["unipt"]["activation_detail_gib"]["side_network"]
              - cls["unipt"]["activation_detail_gib"]["side_network"]) * GIB
-    assert extra == pytest.approx(2 * 16 * 266)
+    assert extra == pytest.approx(2 * 16 * 458 - 2 * 454)
     assert "lm_head" not in cls["unipt"]["parts"] and "task" not in cls["inputs"]
     # --lm-loss chunked puts LoRA and full on UniPT's loss.
     c = _run_json(tmp_path, [cfg, "--task", "causal_lm", "--gpus-per-node", "1", "--zero-stage", "0",

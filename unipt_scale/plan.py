@@ -34,9 +34,10 @@ not tapped), and then the larger of two phases that do not overlap: (2) the side
 blocks, HFBackbone._forward_hooked), so beside them are the running block's input and output when they are not
 tapped (0-2 x P.D per token) and one layer's working set, counted as that layer's full-fine-tuning saved set (an
 upper bound). So activations = stored + max(side network, backbone forward).
-The side network (d = mapping width, L' = L - 1 interacting layers) keeps per token:
-per interacting layer the merged features M_i (P.d, kept by the confidence aggregation) and the output path
-(3.P.d: the fused features, the projection's LayerNorm input and the ReLU output). With the fused/efficient
+The side network (d = mapping width, L' = L - 1 interacting layers) keeps per token the output path (3.P.d:
+the fused features, the projection's LayerNorm input and the ReLU output) and, in the causal form (and with the
+reference kernels), per interacting layer the merged features M_i (P.d, kept by the confidence aggregation; the
+per-sequence form's fused attention-aggregation never forms them). With the fused/efficient
 kernels (unipt.kernels auto|triton|efficient) that is all besides, per tapped layer, T_i and the pre-norm
 rows (2.P.d; P.d when the projection kernel recomputes the rows, --side-recompute) with fp32 LayerNorm
 statistics and, per interacting layer, one fp32 row sum z: O(N) per row. The reference kernels keep per
@@ -639,7 +640,11 @@ def tower_activations(t: Tower, method: str, o: Options) -> dict:
         L, Li = len(taps), len(taps) - 1
         d = side_width(t, o)
         st = o.profile.ln_stats_bytes
-        side = Li * P * d + 3 * P * d + st  # merged M_i (kept by the aggregation); fused, projection, ReLU output
+        # the output path: fused, the projection's LayerNorm input, the ReLU output; the merged M_i only where an
+        # aggregation keeps them (the causal form's, and the reference kernels' weighted sum): the per-sequence
+        # form's fused attention-aggregation never forms them
+        merged = Li * P * d if (o.causal_lm or o.side_kernels == "reference") else 0
+        side = merged + 3 * P * d + st
         if o.side_kernels == "reference":
             # per tap the LayerNorm input and T_i; per interacting layer einsum's key copy, relu(S), the weights and
             # the row sums
@@ -663,8 +668,11 @@ def tower_activations(t: Tower, method: str, o: Options) -> dict:
         if o.quantization == "int8":
             work += int8_forward_bytes(t)
         forward = n * (stream * P * t.hidden + work)
-        detail = {"stored_hidden_states": stored, "side_network": n * side, "backbone_forward": forward}
-        return {"detail": detail, "per_sample": stored + max(n * side, forward), "constant": 0}
+        # The per-sequence gate, once per sample: the pooled anchor, the layer means, their product (the gate's
+        # input) and α. (The causal gate is per position, inside its aggregation's per-token terms.)
+        gate = 0 if o.causal_lm else (2 * Li + 1) * P * d + Li * P
+        detail = {"stored_hidden_states": stored, "side_network": n * side + gate, "backbone_forward": forward}
+        return {"detail": detail, "per_sample": stored + max(n * side + gate, forward), "constant": 0}
     if method == "full":
         layer = layer_saved(t, n, roles, True, P, o.attention, o.profile)
         first_fix = 0

@@ -10,6 +10,10 @@ reference (triton.testing.do_bench). Without a GPU this says so: the efficient t
 shapes small enough for CPU, the Triton kernels run in Triton's CPU interpreter on the tiny shape, and every
 shape gets the analytic columns.
 
+`attention_aggregate` is the cross attention and the per-sequence aggregation as one op (its CPU path one product
+over all layers' keys; on CUDA the fused attention kernels and a weighted sum, so its roofline is the two ops'
+added).
+
 Causal ops (decoder LLMs): `cross_attention_causal` (keys j ≤ i only) and `aggregation_causal` (one softmax
 over layers per position, prefix-mean gate). Their roofline counts the tiles the causal kernels visit (key
 blocks above the diagonal are skipped) and reports causal_flop_ratio = causal / non-causal fused FLOPs; the
@@ -100,7 +104,7 @@ SHAPES: Dict[str, tuple] = {
 }
 QUICK_SHAPES = ("tiny", "dec-proxy", "llm-n4096", "dec-n4096-d128")
 OPS = ("projection", "projection_relu", "cross_attention", "cross_attention_causal", "aggregation",
-       "aggregation_causal")
+       "aggregation_causal", "attention_aggregate")
 CAUSAL_OPS = ("cross_attention_causal", "aggregation_causal")
 # CPU measures a shape only if its largest reference tensor stays under this many elements.
 CPU_MAX_ELEMENTS = 1 << 25
@@ -174,6 +178,10 @@ def cost_model(op: str, L: int, B: int, N: int, D: int, d: int, elem: int,
                     flops_bwd_fused=3.0 * X / elem, flops_bwd_eager=3.0 * X / elem,
                     bytes_fwd_fused=X + Y, bytes_fwd_eager=3 * X + Y,
                     bytes_bwd_fused=2 * X + Y, bytes_bwd_eager=4 * X + Y)
+    if op == "attention_aggregate":
+        # on CUDA the fused attention kernels and the weighted sum over layers: the two ops' costs added
+        attn, agg = (cost_model(o, L, B, N, D, d, elem, dtype) for o in ("cross_attention", "aggregation"))
+        return {key: attn[key] + agg[key] for key in attn}
     if op == "aggregation_causal":
         # per position: the gate reads the (L, B, N, d) prefix means as well as the merged features.
         # Fused forward: scores (2 flops/elem) + weighted sum (2); backward: scores twice (4), dα (2), dM (1),
@@ -222,7 +230,7 @@ def roofline(op: str, L, B, N, D, d, dtype: torch.dtype) -> Dict[str, float]:
 # Problems: inputs, the call under test and the reference
 # --------------------------------------------------------------------------------------------------------------
 def _largest_reference_tensor(op, L, B, N, D, d) -> int:
-    if op.startswith("cross_attention"):
+    if op.startswith("cross_attention") or op == "attention_aggregate":
         return L * B * N * N
     if op.startswith("projection"):
         return B * N * L * D
@@ -284,6 +292,21 @@ def make_problem(op: str, L, B, N, D, d, dtype, device, seed: int = 0):
             return naive.relu_l1_attention_reference(ts[0], ts[1], mask, causal=causal)
 
         return [q, k], call, ref, torch.randn(L, B, N, d, generator=g).to(device=device, dtype=dtype), [q, k, mask]
+    if op == "attention_aggregate":
+        K, naive = _kernels(), _naive()
+        q, k = rnd(B, N, d), rnd(L, B, N, d)
+        alpha = torch.softmax(torch.randn(B, L, generator=g), -1).to(device=device, dtype=dtype).requires_grad_()
+        lengths = torch.randint(max(1, N // 2), N + 1, (B,), generator=g)
+        mask = (torch.arange(N)[None, :] < lengths[:, None]).to(device)
+
+        def call(backend, ts):
+            return K.relu_l1_attention_aggregate(ts[0], ts[1], mask, ts[2], backend=backend)
+
+        def ref(ts):
+            return naive.relu_l1_attention_aggregate_reference(ts[0], ts[1], mask, ts[2])
+
+        ts = [q, k, alpha]
+        return ts, call, ref, torch.randn(B, N, d, generator=g).to(device=device, dtype=dtype), ts + [mask]
     if op in ("aggregation", "aggregation_causal"):
         K, naive = _kernels(), _naive()
         if op == "aggregation":

@@ -4,7 +4,7 @@ glibc's malloc serves blocks from 128 KiB up with fresh mmap calls and trims the
 every step's large temporaries (a side network's (L, B, N, d) activations and gradients, a backbone's FFN rows)
 come back as untouched pages: each first write takes a page fault. Measured on a 2-core CPU (MiniLM, batch 32 × 64
 tokens): a pass over a 9.4 MB tensor costs about 0.4 ms on reused pages and 2.5 ms on fresh ones, and a UniPT
-step dropped from 1.32× to 1.24× the frozen forward with the thresholds below. jemalloc or tcmalloc preloaded
+step dropped from 1.30–1.32× to 1.26× the frozen forward with the thresholds below. jemalloc or tcmalloc preloaded
 (what torch's CPU launcher recommends) does the same where they are installed.
 
 Called by the explicit entry points (the `unipt` command, the benchmark fork server), never on import. The

@@ -162,6 +162,8 @@ class SharedDecodingState:
         self.states = [DecodingState(m, True, capacity, prefill_chunk) for m in routed.models]
         self.backbone = routed.models[0].encoder.backbone._shared.backbone
         self.layers = sorted(set().union(*(st.backbone.layer_indices for st in self.states)))
+        where = {layer: i for i, layer in enumerate(self.layers)}
+        self.slots = [[where[i] for i in st.backbone.layer_indices] for st in self.states]  # each model's taps
         self.rows = [torch.nonzero(routed.owners == k).flatten() for k in range(len(routed.models))]
         self.prefill_chunk = prefill_chunk
         self.past = None
@@ -169,13 +171,12 @@ class SharedDecodingState:
     def next_logits(self, ids: torch.Tensor, mask: torch.Tensor, new: int) -> torch.Tensor:
         from unipt_scale.backbone import BackboneOutput
 
-        where = {layer: i for i, layer in enumerate(self.layers)}
+        self.backbone.tap(self.layers)
         for start, end in _spans(ids.shape[1], new, self.prefill_chunk):
-            self.backbone.tap(self.layers)
             out, self.past = self.backbone.forward_cached(ids[:, start:end], mask[:, :end], self.past)
-            last = [st.side_last(BackboneOutput([out.hidden_states[where[i]][rows] for i in st.backbone.layer_indices],
-                                                out.mask[rows], out.final[rows]))
-                    for st, rows in zip(self.states, self.rows)]
+            last = [st.side_last(BackboneOutput([out.hidden_states[j][rows] for j in slots], out.mask[rows],
+                                                out.final[rows]))
+                    for st, rows, slots in zip(self.states, self.rows, self.slots)]
         logits = [st.logits(x) for x, st in zip(last, self.states)]
         full = logits[0].new_empty(ids.shape[0], logits[0].shape[-1])
         for rows, part in zip(self.rows, logits):

@@ -51,6 +51,12 @@ def pool_tokens(x: torch.Tensor, mask: Optional[torch.Tensor], how: str) -> torc
     return x[..., torch.arange(b, device=x.device), pos, :]
 
 
+def sequence_confidences(gate: nn.Linear, anchor_vec: torch.Tensor, targets: torch.Tensor,
+                         mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """The per-sequence layer confidences α (B, L'): the gate over the pooled anchor and each layer's masked mean."""
+    return kernels.confidence_weights(anchor_vec, masked_mean(targets, mask), gate.weight, gate.bias)
+
+
 def interact_and_aggregate(cfg: UniPTConfig, gate: nn.Linear, anchor_tokens: torch.Tensor, anchor_vec: torch.Tensor,
                            targets: torch.Tensor, mask: Optional[torch.Tensor],
                            rows: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -59,7 +65,7 @@ def interact_and_aggregate(cfg: UniPTConfig, gate: nn.Linear, anchor_tokens: tor
 
     α reads only pooled means, so it comes first and the attention sums over layers as it goes
     (kernels.relu_l1_attention_aggregate) instead of keeping every layer's output for a second op."""
-    alpha = kernels.confidence_weights(anchor_vec, masked_mean(targets, mask), gate.weight, gate.bias)  # (B, L')
+    alpha = sequence_confidences(gate, anchor_vec, targets, mask)
     query, identity_in_op = anchor_tokens, cfg.add_identity
     if rows is not None:
         batch = torch.arange(anchor_tokens.shape[0], device=anchor_tokens.device)
@@ -183,6 +189,8 @@ class UniPTSideNetwork(nn.Module):
 
     def _anchor_and_targets(self, hidden_states, final):
         """The anchor tokens A (B, N, d) and the stacked targets T_i (L', B, N, d)."""
+        if len(hidden_states) != len(self.hidden_sizes):
+            raise ValueError(f"expected {len(self.hidden_sizes)} tapped hidden states, got {len(hidden_states)}")
         t = self.project_layers(hidden_states)  # (L, B, N, d)
         if self.cfg.anchor == "last_layer":
             # split, not two slices: backward concatenates the two gradients into one buffer instead of
@@ -267,20 +275,21 @@ class UniPTSideNetwork(nn.Module):
 
     def forward(self, hidden_states: Sequence[torch.Tensor], mask: Optional[torch.Tensor] = None,
                 final: Optional[torch.Tensor] = None) -> torch.Tensor:
-        cfg = self.cfg
-        if len(hidden_states) != len(self.hidden_sizes):
-            raise ValueError(f"expected {len(self.hidden_sizes)} tapped hidden states, got {len(hidden_states)}")
         if self.causal:
             return self._causal_forward(hidden_states, mask.bool() if mask is not None else None, final)[0]
-        dtype = self.gate.weight.dtype
-        # No up-front cast of the tapped states: the projection reads a bf16 backbone's states as they are
-        # (L fp32 copies of every hidden state would cost more than the side network itself).
+        mask, anchor_tokens, targets, anchor_vec = self._sequence_inputs(hidden_states, mask, final)
+        fused = interact_and_aggregate(self.cfg, self.gate, anchor_tokens, anchor_vec, targets, mask)
+        return self._output(anchor_tokens, fused, final).to(self.gate.weight.dtype)
+
+    def _sequence_inputs(self, hidden_states, mask, final):
+        """The per-sequence form's inputs: (bool mask, anchor tokens A, targets T_i, pooled anchor a (B, d)).
+
+        No up-front cast of the tapped states: the projection reads a bf16 backbone's states as they are (L fp32
+        copies of every hidden state would cost more than the side network itself)."""
         if mask is not None:
             mask = mask.bool()
         anchor_tokens, targets = self._anchor_and_targets(hidden_states, final)
-        anchor_vec = pool_tokens(anchor_tokens, mask, cfg.anchor_pooling)  # (B, d)
-        fused = interact_and_aggregate(cfg, self.gate, anchor_tokens, anchor_vec, targets, mask)
-        return self._output(anchor_tokens, fused, final).to(dtype)
+        return mask, anchor_tokens, targets, pool_tokens(anchor_tokens, mask, self.cfg.anchor_pooling)
 
     def pooled(self, hidden_states: Sequence[torch.Tensor], mask: Optional[torch.Tensor], final: Optional[torch.Tensor],
                how: str) -> torch.Tensor:
@@ -291,14 +300,9 @@ class UniPTSideNetwork(nn.Module):
         first or last token's output needs only that token's query row of the cross attention."""
         if self.causal or how not in ("mean", "first", "last"):
             return pool_tokens(self(hidden_states, mask, final), mask, how)
-        if len(hidden_states) != len(self.hidden_sizes):
-            raise ValueError(f"expected {len(self.hidden_sizes)} tapped hidden states, got {len(hidden_states)}")
         cfg = self.cfg
         dtype = self.gate.weight.dtype
-        if mask is not None:
-            mask = mask.bool()
-        anchor_tokens, targets = self._anchor_and_targets(hidden_states, final)
-        anchor_vec = pool_tokens(anchor_tokens, mask, cfg.anchor_pooling)
+        mask, anchor_tokens, targets, anchor_vec = self._sequence_inputs(hidden_states, mask, final)
         if how != "mean":
             b, n = anchor_tokens.shape[:2]
             rows = token_positions(mask, how, b, n, anchor_tokens.device)
@@ -328,8 +332,8 @@ class UniPTSideNetwork(nn.Module):
             a = kernels.prefix_mean(anchor_tokens, mask, backend=self.cfg.kernels)
             mu = kernels.prefix_mean(targets, mask, backend=self.cfg.kernels)
             return kernels.confidence_weights(a, mu, self.gate.weight, self.gate.bias)
-        a = pool_tokens(anchor_tokens, mask, self.cfg.anchor_pooling)
-        return kernels.confidence_weights(a, masked_mean(targets, mask), self.gate.weight, self.gate.bias)
+        return sequence_confidences(self.gate, pool_tokens(anchor_tokens, mask, self.cfg.anchor_pooling), targets,
+                                    mask)
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:

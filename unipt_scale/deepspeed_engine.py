@@ -19,7 +19,7 @@ import torch.nn as nn
 from unipt_scale.config import ConfigError, RunConfig
 from unipt_scale.distributed import DistContext, pick_accelerator
 from unipt_scale.ds_config import offloads_optimizer
-from unipt_scale.engine import Engine, param_groups, trained_names, warmup_cosine
+from unipt_scale.engine import Engine, adamw, param_groups, trained_names, warmup_cosine
 from unipt_scale.trained import count_parameters
 
 log = logging.getLogger("unipt_scale")
@@ -127,8 +127,8 @@ class DeepSpeedEngine(Engine):
 
                 optimizer = DeepSpeedCPUAdam(groups, lr=t.lr, betas=(0.9, 0.999), eps=1e-8,
                                              weight_decay=t.weight_decay, adamw_mode=True)
-            else:
-                optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=(0.9, 0.999), eps=1e-8)
+            else:  # ZeRO steps it on this rank's fp32 partitions: the fused kernel where they allow it
+                optimizer = adamw(groups, t.lr)
         factor = warmup_cosine(total_steps, t.warmup_ratio)
         self._ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=_TaskForward(model), optimizer=optimizer,

@@ -40,8 +40,7 @@ reference kernels), per interacting layer the merged features M_i (P.d, kept by 
 per-sequence form's fused attention-aggregation never forms them). With the fused/efficient
 kernels (unipt.kernels auto|triton|efficient) that is all besides, per tapped layer, T_i and the pre-norm
 rows (2.P.d; P.d when the projection kernel recomputes the rows, --side-recompute) with fp32 LayerNorm
-statistics and, per interacting layer, one fp32 row sum z: O(N) per row (on the CPU also the rows' fp32 scores,
-4.N per interacting layer, where they are no larger than the keys: short sequences). The reference kernels keep per
+statistics and, per interacting layer, one fp32 row sum z: O(N) per row. The reference kernels keep per
 tapped layer the LayerNorm input and T_i (2.P.d) and, per interacting layer, einsum's copy of the keys
 (P.d), relu(S) and the L1-normalised weights (2.P.N: the N x N part) and the row sums.
 
@@ -490,16 +489,13 @@ class SavedProfile:
     """Bytes of the small tensors autograd keeps; they differ between CUDA and the CPU kernels."""
     mask_bytes: int = 1          # CUDA dropout keeps a bool mask; CPU keeps the mask in the input dtype
     ln_stats_bytes: int = 8      # LayerNorm mean + rstd per token: fp32 on CUDA, input dtype on CPU
-    # The side network's fused attention-aggregation keeps its fp32 scores where they are no larger than the keys
-    # (kernels.attention_aggregate.keeps_scores) on the CPU; the CUDA kernels compute them again in backward.
-    keeps_side_scores: bool = False
 
 
 CUDA = SavedProfile()
 
 
 def cpu_profile(P: int) -> SavedProfile:
-    return SavedProfile(mask_bytes=P, ln_stats_bytes=2 * P, keeps_side_scores=True)
+    return SavedProfile(mask_bytes=P, ln_stats_bytes=2 * P)
 
 
 def _norm_saved(t: Tower, P: int, prof: SavedProfile, weight_trained: bool) -> int:
@@ -657,10 +653,6 @@ def tower_activations(t: Tower, method: str, o: Options) -> dict:
             # fused/efficient kernels: per tap T_i, fp32 mean/rstd and (unless the projection recomputes them) the
             # pre-norm rows; per interacting layer the fp32 row sum z; one byte of key mask
             side += L * ((1 if o.side_recompute else 2) * P * d + 8) + Li * 4 + 1
-            from unipt_scale.kernels.attention_aggregate import keeps_scores
-
-            if o.profile.keeps_side_scores and not o.causal_lm and keeps_scores(n, d, P):
-                side += Li * n * 4  # each row's fp32 scores over every interacting layer's keys
         if o.causal_lm:
             side += causal_side_extra(Li, d, n, P, o.side_kernels)
             side += o.side_blocks * side_block_saved(d, n, P, side_block_heads(d, o.side_heads), o.side_mlp_ratio,

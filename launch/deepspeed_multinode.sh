@@ -13,10 +13,12 @@
 #   CONFIG         run config (YAML)                   [launch/configs/llama2-70b-unipt.yaml]
 #   DS_CONFIG      DeepSpeed JSON; overrides the run config's deepspeed.config   [the run config's]
 #   PYTHON_ENV     file the launcher sources on every node (e.g. a venv's bin/activate)   [none]
+#   GRID           a sweep instead of one run: KEY=V1,V2,... items, space-separated, each a --grid of
+#                  `unipt sweep` (every variant on one frozen forward per rank and batch; ZeRO 0-2)   [none]
 #   DRY_RUN=1      print the command instead of running it
 set -euo pipefail
 
-usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 [[ $# -ge 1 && $1 != -h && $1 != --help ]] || usage
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -51,7 +53,15 @@ if [[ -n ${PYTHON_ENV:-} ]]; then
   cmd+=(--venv_script "$PYTHON_ENV")
 fi
 # --module runs `python -m unipt_scale.cli --local_rank=N train ...` on every rank; the CLI accepts --local_rank.
-cmd+=(--module unipt_scale.cli train --config "$CONFIG" --output-dir "$OUTPUT_DIR" deepspeed.enabled=true)
+if [[ -n ${GRID:-} ]]; then
+  cmd+=(--module unipt_scale.cli sweep --config "$CONFIG" --output-dir "$OUTPUT_DIR")
+  for item in $GRID; do
+    cmd+=(--grid "$item")
+  done
+  cmd+=(deepspeed.enabled=true)
+else
+  cmd+=(--module unipt_scale.cli train --config "$CONFIG" --output-dir "$OUTPUT_DIR" deepspeed.enabled=true)
+fi
 if [[ -n $DS_CONFIG ]]; then
   cmd+=("deepspeed.config=$DS_CONFIG")
 fi

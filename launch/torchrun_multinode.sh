@@ -16,7 +16,7 @@
 # HOSTFILE is not used: each node joins by running this script.
 set -euo pipefail
 
-usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 [[ $# -ge 1 && $1 != -h && $1 != --help ]] || usage
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."

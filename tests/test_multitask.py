@@ -91,6 +91,8 @@ def test_tasks_train_as_they_would_alone(ws, tmp_path, monkeypatch):
     ([{"name": "a", "output_dir": "x"}], "output_dir"),
     ([{"name": "a", "task": {"kind": "nope"}}], r"tasks\[0\] \(a\): task.kind"),
     ([{"name": "a", "train": {"resume": "auto"}}], "starts fresh"),
+    ([{"name": "a", "deepspeed": {"enabled": True}}, {"name": "b"}], "differ in deepspeed.enabled"),
+    ([{"name": "a", "deepspeed": {"enabled": True, "zero_stage": 3}}], r"task a: ZeRO-3 .* ZeRO stage 0-2"),
     ([{"name": "a", "backbone": {"random_init": True}},
       {"name": "b", "backbone": {"random_init": True}, "train": {"seed": 1}}], "drawn from the seed"),
 ])

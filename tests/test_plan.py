@@ -897,6 +897,12 @@ def test_launch_scripts_dry_run():
                   "--output-dir /runs/x", "deepspeed.enabled=true", "deepspeed.config=launch/ds_zero3.json",
                   "train.max_steps=10"):
         assert piece in r.stdout, piece
+    r = _script("deepspeed_multinode.sh", ["/runs/x", "launch/ds_zero2.json"], HOSTFILE="launch/hostfile.example",
+                GRID="train.lr=1e-4,3e-4 train.seed=0,1")
+    assert r.returncode == 0, r.stderr
+    printed = r.stdout.replace("\\,", ",")  # printf %q escapes the commas
+    assert ("--module unipt_scale.cli sweep --config launch/configs/llama2-70b-unipt.yaml --output-dir /runs/x "
+            "--grid train.lr=1e-4,3e-4 --grid train.seed=0,1 deepspeed.enabled=true") in printed, r.stdout
     r = _script("torchrun_multinode.sh", ["/runs/x"], NUM_NODES="4", GPUS_PER_NODE="4", MASTER_ADDR="10.0.0.1",
                 CONFIG="launch/configs/t5-3b-unipt.yaml")
     assert r.returncode == 0, r.stderr

@@ -81,6 +81,8 @@ def _train_tasks(cfg, args) -> int:
     from unipt_scale.multitask import TASKS_JSON, train_tasks
 
     result = train_tasks(cfg, trust_remote_code=args.trust_remote_code)
+    if int(os.environ.get("RANK", "0")) != 0:  # under DeepSpeed every rank returns the same result; one prints it
+        return 0 if all(r["status"] == "completed" for r in result["tasks"]) else 3
     for row in result["tasks"]:
         test = row.get("test") or {}
         shown = "  ".join(f"{k} {v:.4f}" for k, v in test.items() if isinstance(v, float))
@@ -94,6 +96,8 @@ def cmd_sweep(args) -> int:
     from unipt_scale.sweep import SWEEP_JSON, run_sweep
 
     result = run_sweep(args.config, args.overrides, args.grid, args.output_dir, args.trust_remote_code)
+    if int(os.environ.get("RANK", "0")) != 0:  # under DeepSpeed every rank returns the same result; one prints it
+        return 0 if all(r["status"] == "completed" for r in result["variants"]) else 3
     rule = result["selection"]
     metric = rule["metric"]
     print(f"{'variant':<40} {'status':<9} {'val ' + metric:>14} {'test ' + metric:>14}")

@@ -45,6 +45,22 @@ def load_ds_json(path: str) -> dict:
             raise ConfigError(f"deepspeed.config={path!r} is not valid JSON: {err}") from None
 
 
+def zero_stage(cfg: RunConfig, ds: dict) -> int:
+    """The ZeRO stage a run trains with: deepspeed.zero_stage when >= 0, else the JSON's (`ds`), else 0."""
+    stage = cfg.deepspeed.zero_stage if cfg.deepspeed.zero_stage >= 0 else (ds.get("zero_optimization") or {}).get(
+        "stage", 0)
+    return int(stage or 0)
+
+
+def check_shared_backbone_stage(cfg: RunConfig, runs: str) -> None:
+    """Several engines of one process over one frozen backbone (a sweep's variants, a multi-task run's tasks):
+    ZeRO 0-2 only, since ZeRO-3 would partition the shared backbone into the first engine that wraps it."""
+    if cfg.deepspeed.enabled and zero_stage(cfg, load_ds_json(cfg.deepspeed.config)) == 3:
+        raise ConfigError(f"ZeRO-3 partitions the frozen backbone into the engine that wraps it, and {runs} share "
+                          "one backbone between their engines; use ZeRO stage 0-2 (deepspeed.zero_stage=2: each "
+                          "side network and its optimizer state sharded, the frozen backbone replicated)")
+
+
 def _check_zero3(cfg: RunConfig) -> None:
     """What ZeRO-3's parameter partitioning cannot hold; stages 0-2 shard only what trains, so they take both."""
     for key, bb in (("backbone", cfg.backbone), ("image_backbone", cfg.image_backbone)):
@@ -64,9 +80,7 @@ def resolve_ds_config(cfg: RunConfig, world_size: int, cuda: bool) -> Tuple[RunC
         raise ConfigError(f"{cfg.deepspeed.config}: remove the 'scheduler' section; the learning-rate schedule is "
                           "train.lr with train.warmup_ratio warmup and cosine decay")
     zero = dict(ds.get("zero_optimization") or {})
-    if cfg.deepspeed.zero_stage >= 0:
-        zero["stage"] = cfg.deepspeed.zero_stage
-    zero["stage"] = int(zero.get("stage", 0) or 0)
+    zero["stage"] = zero_stage(cfg, ds)
     if zero["stage"] not in (0, 1, 2, 3):
         raise ConfigError(f"zero_optimization.stage must be 0-3, got {zero['stage']}")
     ds["zero_optimization"] = zero

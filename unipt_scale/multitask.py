@@ -5,7 +5,8 @@ network, learning rate...; a learning rate the run leaves unset is each task's m
 checkpoint/, checkpoints/). The backbone loads once. Tasks that read the same data with the same loop settings
 (steps, evaluation and checkpoint points) train in lockstep on one frozen forward per batch, as a sweep's variants
 do; tasks on other data train one group after another over the same loaded backbone. OUTPUT_DIR/tasks.json lists
-every task's status and metrics.
+every task's status and metrics. Under DeepSpeed (ZeRO 0-2) every group trains on the run's one process group, each
+task with an engine of its own.
 
     tasks:
       - name: sentiment
@@ -28,6 +29,7 @@ from typing import Dict, List
 from unipt_scale.atomic import atomic_write_json
 from unipt_scale.config import FROZEN_FORWARD_METHODS, ConfigError, RunConfig, load_config
 from unipt_scale.config import _merge as merge_trees
+from unipt_scale.ds_config import check_shared_backbone_stage
 from unipt_scale.shared_forward import different_backbone
 
 log = logging.getLogger("unipt_scale")
@@ -70,9 +72,16 @@ def task_configs(cfg: RunConfig) -> Dict[str, RunConfig]:
         if c.method not in FROZEN_FORWARD_METHODS:
             raise ConfigError(f"task {name}: method={c.method} trains inside the backbone, which the tasks share; "
                               f"use {', '.join(FROZEN_FORWARD_METHODS)}, or train it with a config of its own")
-        if c.deepspeed.enabled or c.train.resume or c.train.on_nonfinite == "skip":
-            raise ConfigError(f"task {name}: a multi-task run is one process that starts fresh and keeps its tasks "
-                              "in lockstep; drop deepspeed.enabled, train.resume and train.on_nonfinite=skip")
+        if c.train.resume or c.train.on_nonfinite == "skip":
+            raise ConfigError(f"task {name}: a multi-task run starts fresh and keeps its tasks in lockstep; drop "
+                              "train.resume and train.on_nonfinite=skip")
+        if c.deepspeed.enabled != first.deepspeed.enabled:
+            raise ConfigError(f"tasks {first_name} and {name} differ in deepspeed.enabled; the tasks of a run share "
+                              "its processes: set it once, outside the task entries")
+        try:
+            check_shared_backbone_stage(c, "a run's tasks")
+        except ConfigError as err:
+            raise ConfigError(f"task {name}: {err}") from None
         if c.train.seed != first.train.seed and any(bb is not None and bb.random_init
                                                     for bb in (c.backbone, c.image_backbone)):
             raise ConfigError(f"tasks {first_name} and {name} set different train.seed on a backbone.random_init "
@@ -102,6 +111,7 @@ def train_tasks(cfg: RunConfig, trust_remote_code: bool = False) -> dict:
     from unipt_scale.shared_forward import share_backbones
     from unipt_scale.tasks import load_backbones
     from unipt_scale.train_state import seed_everything
+    from unipt_scale.distributed import shutdown_process_group
     from unipt_scale.trainer import check_backbones, check_output_dir, outcome, train_together
 
     start = time.time()
@@ -117,20 +127,28 @@ def train_tasks(cfg: RunConfig, trust_remote_code: bool = False) -> dict:
     loaded = load_backbones(first, trust_remote_code)
     groups = lockstep_groups(cfgs)
     rows, forwards = {}, 0
-    for names in groups:
-        # Shared backbones of their own per group (their views tap the group's layers), over the loaded modules.
-        shared = share_backbones(cfgs[names[0]], loaded)
-        try:
-            log.info("tasks %s: one frozen forward per batch", ", ".join(names))
-            trainers, finished = train_together([cfgs[n] for n in names], shared, trust_remote_code)
-        finally:
-            for sb in shared.values():
-                sb.close()
-        forwards += sum(sb.forwards for sb in shared.values())
-        for name, t in zip(names, trainers):
-            rows[name] = {"name": name, "kind": cfgs[name].task.kind, "method": cfgs[name].method,
-                          "output_dir": cfgs[name].output_dir, "group": names, **outcome(t, finished.get(id(t)))}
+    main = True
+    try:
+        for names in groups:
+            # Shared backbones of their own per group (their views tap the group's layers), over the loaded modules.
+            shared = share_backbones(cfgs[names[0]], loaded)
+            try:
+                log.info("tasks %s: one frozen forward per batch", ", ".join(names))
+                trainers, finished = train_together([cfgs[n] for n in names], shared, trust_remote_code,
+                                                    keep_process_group=True)  # the next group's engines use it
+            finally:
+                for sb in shared.values():
+                    sb.close()
+            main = main and (not trainers or trainers[0].dist.is_main)
+            forwards += sum(sb.forwards for sb in shared.values())
+            for name, t in zip(names, trainers):
+                rows[name] = {"name": name, "kind": cfgs[name].task.kind, "method": cfgs[name].method,
+                              "output_dir": cfgs[name].output_dir, "group": names, **outcome(t, finished.get(id(t)))}
+    finally:
+        if first.deepspeed.enabled:
+            shutdown_process_group()
     result = {"tasks": [rows[n] for n in cfgs], "groups": groups, "frozen_forwards": forwards,
               "wall_time_s": time.time() - start}
-    atomic_write_json(os.path.join(cfg.output_dir, TASKS_JSON), result)
+    if main:  # under DeepSpeed every rank holds the same result
+        atomic_write_json(os.path.join(cfg.output_dir, TASKS_JSON), result)
     return result

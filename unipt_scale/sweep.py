@@ -6,6 +6,11 @@ model, optimizer, schedule, RNG streams, checkpoints and outputs — `D/<variant
 exactly what `unipt train` writes for it (fp32 on one process: the same bits) — and `D/sweep.json` names the
 variant chosen on validation. A variant that goes non-finite stops alone.
 
+Under DeepSpeed (ZeRO 0-2; launched as `unipt train` is, e.g. `deepspeed --num_gpus 8 --module unipt_scale.cli
+sweep ... deepspeed.enabled=true`) every rank runs the frozen forward once for its shard of each batch and each
+variant has an engine of its own: its side network and optimizer state sharded, its gradients reduced alone.
+ZeRO-3 is refused, since it would partition the shared backbone into one variant's engine.
+
 Resume: `train.resume=auto` continues every variant from the newest step that all of them have an intact
 checkpoint of (they save in lockstep, but a crash can fall between two variants' saves), so they stay in
 lockstep on one data position; with no such step every variant starts over.
@@ -21,6 +26,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 from unipt_scale.atomic import atomic_write_json
 from unipt_scale.config import FROZEN_FORWARD_METHODS, ConfigError, RunConfig, load_config
+from unipt_scale.ds_config import check_shared_backbone_stage
 
 log = logging.getLogger("unipt_scale")
 
@@ -108,9 +114,7 @@ def variant_configs(config: Optional[str], overrides: Sequence[str], grid_items:
         if cfg.method not in SHARED_FORWARD_METHODS:
             raise ConfigError(f"method={cfg.method} trains inside the backbone (its forward cannot be shared); a "
                               f"sweep runs {', '.join(SHARED_FORWARD_METHODS)}: train {cfg.method} with `unipt train`")
-        if cfg.deepspeed.enabled:
-            raise ConfigError("a sweep runs on one process (DeepSpeed: one `unipt train` per variant); set "
-                              "deepspeed.enabled=false")
+        check_shared_backbone_stage(cfg, "a sweep's variants")
         if cfg.train.resume not in ("", "auto"):
             raise ConfigError(f"train.resume={cfg.train.resume!r}: a sweep resumes with train.resume=auto (every "
                               "variant from the newest step all of them have a checkpoint of)")
@@ -201,5 +205,6 @@ def run_sweep(config: Optional[str], overrides: Sequence[str], grid_items: Seque
               "variants": rows, "frozen_forwards": sum(sb.forwards for sb in shared.values()),
               "train_time_s": max((t.state.train_time_s for t in trainers), default=0.0),
               "wall_time_s": time.time() - start}
-    atomic_write_json(os.path.join(output_dir, SWEEP_JSON), result)
+    if not trainers or trainers[0].dist.is_main:  # under DeepSpeed every rank holds the same result
+        atomic_write_json(os.path.join(output_dir, SWEEP_JSON), result)
     return result

@@ -512,9 +512,10 @@ class Trainer:
         has_pair = os.path.isdir(os.path.join(out, CHECKPOINT))
         atomic_write_json(os.path.join(out, "metrics.stopped.json" if has_pair else METRICS), metrics)
 
-    def close(self, failed: bool = False) -> None:
-        """Tear down in a fixed order: writers, the engine, then the process group. A run that failed before it
-        wrote anything of value leaves no output directory it created behind."""
+    def close(self, failed: bool = False, keep_process_group: bool = False) -> None:
+        """Tear down in a fixed order: writers, the engine, then the process group (unless other trainers of this
+        process still hold engines on it). A run that failed before it wrote anything of value leaves no output
+        directory it created behind."""
         if getattr(self, "bar", None) is not None:
             self.bar.close()
         if self.tb:
@@ -524,7 +525,7 @@ class Trainer:
             sb.close()  # the feature cache's last shard
         if self.engine is not None:
             self.engine.close()
-        if self.cfg.deepspeed.enabled and self.dist is not None:
+        if self.cfg.deepspeed.enabled and self.dist is not None and not keep_process_group:
             shutdown_process_group()
         out = self.cfg.output_dir
         valuable = (METRICS, CHECKPOINT, "checkpoints", "metrics.stopped.json")
@@ -668,14 +669,23 @@ def finish_together(trainers: Sequence[Trainer], shared: Sequence = ()) -> List[
 
 
 def train_together(cfgs: Sequence[RunConfig], shared: Dict, trust_remote_code: bool = False,
-                   on_finished=None) -> tuple:
+                   on_finished=None, keep_process_group: bool = False) -> tuple:
     """Runs that differ only in what is trained, on one DataBundle (built from the first config) and views of the
     `shared` backbones (SharedBackbone by config field): set up, fit in lockstep on one frozen forward per batch,
     finish, close. A run that goes non-finite stops alone. Returns (trainers, {id(trainer): metrics} of the
-    completed ones); `on_finished(trainers)` runs after the final evaluation, before they close."""
+    completed ones); `on_finished(trainers)` runs after the final evaluation, before they close. Under DeepSpeed
+    each run has an engine of its own on one process group, which the last one to close ends (unless
+    `keep_process_group`: more runs follow on it)."""
     lead = cfgs[0]
     seed_everything(lead.train.seed)
-    data = build_run_data(lead, single_process(), trust_remote_code)
+    if lead.deepspeed.enabled:  # every rank reads its own shard of each batch, as `unipt train` would
+        from unipt_scale.distributed import use_cuda
+        from unipt_scale.ds_config import resolve_ds_config
+
+        dist = init_process_group()
+        data = build_run_data(resolve_ds_config(lead, dist.world_size, use_cuda())[0], dist, trust_remote_code)
+    else:
+        data = build_run_data(lead, single_process(), trust_remote_code)
     trainers: List[Trainer] = []
     failed = True
     try:
@@ -692,8 +702,8 @@ def train_together(cfgs: Sequence[RunConfig], shared: Dict, trust_remote_code: b
             on_finished(trainers)
         failed = False
     finally:
-        for t in trainers:
-            t.close(failed)
+        for n, t in enumerate(trainers):  # the last one ends the process group its engines share
+            t.close(failed, keep_process_group=keep_process_group or n < len(trainers) - 1)
     return trainers, finished
 
 

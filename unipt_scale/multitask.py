@@ -108,10 +108,10 @@ def train_tasks(cfg: RunConfig, trust_remote_code: bool = False) -> dict:
     """Train every task of `cfg.tasks` over one loaded backbone; returns (and writes) OUTPUT_DIR/tasks.json."""
     import torch
 
+    from unipt_scale.distributed import shutdown_process_group
     from unipt_scale.shared_forward import share_backbones
     from unipt_scale.tasks import load_backbones
     from unipt_scale.train_state import seed_everything
-    from unipt_scale.distributed import shutdown_process_group
     from unipt_scale.trainer import check_backbones, check_output_dir, outcome, train_together
 
     start = time.time()

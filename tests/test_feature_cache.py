@@ -118,6 +118,15 @@ def test_a_sweep_reads_the_cache_too(ws, tmp_path, monkeypatch):
     assert seed0["train_loss"] == ws["plain"]["train_loss"]
 
 
+def test_zero3_is_refused_with_the_cache(ws, tmp_path):
+    """A rank that has a batch cached skips the frozen forward, which ZeRO-3 runs collectively."""
+    with pytest.raises(ConfigError, match="ZeRO-3"):
+        load_config(None, [*ws["common"], f"output_dir={tmp_path / 'o'}", f"data.feature_cache={tmp_path / 'c'}",
+                           "deepspeed.enabled=true", "deepspeed.zero_stage=3"])
+    load_config(None, [*ws["common"], f"output_dir={tmp_path / 'o'}", f"data.feature_cache={tmp_path / 'c'}",
+                       "deepspeed.enabled=true", "deepspeed.zero_stage=2"])
+
+
 def test_methods_that_train_the_backbone_are_refused(ws, tmp_path):
     for method in ("lora", "full"):
         with pytest.raises(ConfigError, match="cannot be cached"):

@@ -513,7 +513,12 @@ def validate(cfg: RunConfig) -> None:
                           "every step and cannot be cached; use it with method=unipt, ladder or linear_probe, or set "
                           "data.feature_cache=''")
     if cfg.data.feature_cache and cfg.deepspeed.enabled:
-        raise ConfigError("data.feature_cache runs on one process; set data.feature_cache='' under DeepSpeed")
+        from unipt_scale.ds_config import load_ds_json, zero_stage
+
+        if zero_stage(cfg, load_ds_json(cfg.deepspeed.config)) == 3:
+            raise ConfigError("data.feature_cache lets a rank skip the frozen forward of a batch it has cached, and "
+                              "under ZeRO-3 that forward is collective (every rank gathers the layers together); "
+                              "use ZeRO stage 0-2 with the cache (deepspeed.zero_stage=2), or data.feature_cache=''")
     if cfg.task.loss_chunk_tokens < 1:
         raise ConfigError("task.loss_chunk_tokens must be >= 1")
     if cfg.unipt.side_blocks < 0 or cfg.unipt.side_heads < 0 or cfg.unipt.side_mlp_ratio < 1:

@@ -13,6 +13,10 @@ with unipt_scale.data.tario and read back by offset; no file is held open), each
 one float32 scale per position of a token sequence (per channel of a feature map; absmax / 127). A shard that
 cannot be read is skipped with a warning; its samples are computed again.
 
+Under DeepSpeed (ZeRO 0-2) every rank writes shards of its own into the directory (their names carry the process
+id) and, at each epoch's end, flushes them and indexes the others' (SharedBackbone.sync_cache), so from the second
+epoch on a rank reads what another rank computed.
+
 float32 hands back exactly what the backbone computed for the row. That equals the uncached run bit for bit where a
 row's states do not depend on which rows share its batch (so on the CPU in the tests); elsewhere the two differ by
 the backbone's own batch-to-batch rounding.
@@ -113,6 +117,7 @@ class TappedStateCache:
         if not os.path.isfile(ident):
             atomic_write_json(ident, self.identity)
         self._index: Dict[str, tuple] = {}  # key -> (shard path, member offset, size); no file is held open
+        self._shards: set = set()  # the shard files indexed so far
         self._pending: Dict[str, bytes] = {}
         self._pending_bytes = 0
         self.hits = self.misses = 0
@@ -122,6 +127,7 @@ class TappedStateCache:
     def _index_shard(self, path: str) -> None:
         from unipt_scale.data.tario import ShardReader
 
+        self._shards.add(path)
         reader = ShardReader(path)
         try:
             if reader.scan.problems:
@@ -135,8 +141,14 @@ class TappedStateCache:
 
     def _load_index(self) -> None:
         for name in sorted(os.listdir(self.dir)):
-            if name.endswith(".tar") and not name.startswith("."):
-                self._index_shard(os.path.join(self.dir, name))
+            path = os.path.join(self.dir, name)
+            if name.endswith(".tar") and not name.startswith(".") and path not in self._shards:
+                self._index_shard(path)
+
+    def refresh(self) -> None:
+        """Index the shards other processes wrote since (the other ranks of a DeepSpeed run, after they flushed):
+        a rank then reads the samples another rank computed instead of computing them again."""
+        self._load_index()
 
     def __len__(self) -> int:
         return len(self._index) + len(self._pending)

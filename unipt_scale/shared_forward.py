@@ -196,6 +196,15 @@ class SharedBackbone:
         widths = [sizes[i] for i in self._union()] + [self.backbone.out_dim]
         return estimate_bytes(num_samples, positions, widths, dtype)
 
+    def sync_cache(self, barrier: Callable[[], None]) -> None:
+        """Every rank's new states on disk, then indexed by every rank (collective; at an epoch's end): the next
+        epoch's batches hold samples another rank computed in this one."""
+        if self.cache is not None:
+            self.cache.flush()
+        barrier()
+        if self.cache is not None:
+            self.cache.refresh()
+
     def close(self) -> None:
         if self.cache is not None:
             self.cache.close()

@@ -642,6 +642,9 @@ def fit_together(trainers: Sequence[Trainer], shared: Sequence = (), isolate: bo
                 t.state.epoch += 1
                 t.state.epoch_batches = 0
                 t.state.data_position = {}
+            if lead.dist.world_size > 1:  # the next epoch's shard of the data holds other ranks' cached samples
+                for sb in shared:
+                    sb.sync_cache(lead.engine.barrier)
             if going() and not cfg.train.eval_every:
                 _validate_together(live, shared, epoch=st.epoch)
     _each(live, isolate, Trainer._close_fit)

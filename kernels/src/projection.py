@@ -502,6 +502,13 @@ def _pre_norm(x, w, b, relu, at, out=None):
     return torch.addmm(b, x, w, out=out)
 
 
+def _write_or_add(into: torch.Tensor, value: torch.Tensor, first: bool) -> None:
+    if first:
+        into.copy_(value)
+    else:
+        into.add_(value)
+
+
 class GroupedProjectionEfficient(torch.autograd.Function):
     """Torch ops, one layer and one chunk of rows at a time; saves what the fused path saves. The GEMM writes the
     pre-norm rows straight into their saved buffer, and LayerNorm runs as torch's one fused op each way."""
@@ -559,16 +566,19 @@ class GroupedProjectionEfficient(torch.autograd.Function):
         dev = dout.device
         need_h, need_w, need_b, _ = meta.needs(ctx.needs_input_grad[2:])
         dout = dout.reshape(L, M, N)
-        dws = [torch.zeros((N, k), dtype=at, device=dev) for k in widths]
-        dbias = torch.zeros((L, N), dtype=at, device=dev)
-        dgamma = torch.zeros((L, N), dtype=at, device=dev)
-        dbeta = torch.zeros((L, N), dtype=at, device=dev)
+        # The first chunk of rows writes each gradient, later ones add to it: no zero-filled buffers (with one
+        # chunk, the common case, nothing is added at all).
+        dws = [torch.empty((N, k), dtype=at, device=dev) for k in widths]
+        dbias = torch.empty((L, N), dtype=at, device=dev)
+        dgamma = torch.empty((L, N), dtype=at, device=dev)
+        dbeta = torch.empty((L, N), dtype=at, device=dev)
         dhs = [torch.empty((B, T, k), dtype=xdt, device=dev) for k in widths] if need_h else None
         for g in range(L):
             x = hs[g].reshape(M, -1) if hs[g] is not None else None
             rc = _row_chunk(max(widths[g], N), ctx.chunk)
             for r0 in range(0, M, rc):
                 r1 = min(M, r0 + rc)
+                first = r0 == 0
                 dt = dout[g, r0:r1].to(at)
                 if meta.layernorm:
                     y = (keep[g, r0:r1].to(at) if keep is not None else
@@ -576,14 +586,18 @@ class GroupedProjectionEfficient(torch.autograd.Function):
                     dy, dg, _ = torch.ops.aten.native_layer_norm_backward(
                         dt, y, (N,), mean[g, r0:r1, None], rstd[g, r0:r1, None], gamma[g], None,
                         [True, True, False])
-                    dgamma[g] += dg
-                    dbeta[g] += dt.sum(0)
+                    _write_or_add(dgamma[g], dg, first)
+                    _write_or_add(dbeta[g], dt.sum(0), first)
                 else:
                     dy = dt
-                dbias[g] += dy.sum(0)
+                _write_or_add(dbias[g], dy.sum(0), first)
                 if need_w:
                     xa = x[r0:r1].to(at)
-                    dws[g].addmm_(dy.t(), torch.relu(xa) if meta.relu else xa)
+                    xa = torch.relu(xa) if meta.relu else xa
+                    if first:
+                        torch.mm(dy.t(), xa, out=dws[g])
+                    else:
+                        dws[g].addmm_(dy.t(), xa)
                 if need_h:
                     dx = dy @ ws[g].to(at)
                     if meta.relu:

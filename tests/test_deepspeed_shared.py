@@ -9,6 +9,7 @@ Six launcher runs on a tiny random-init BERT: about a minute and a half on 2 cor
 """
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -61,7 +62,7 @@ def test_two_rank_sweep_variants_equal_their_runs_alone(ws):
     root = ws["root"]
     sweep_dir = str(root / "sweep")
     proc = run("2 ranks, sweep", deepspeed("--module", "unipt_scale.cli", "sweep", "--output-dir", sweep_dir,
-                                           "--grid", "train.lr=1e-3,3e-3", *ws["common"]))
+                                           "--grid", "train.lr=1e-3,3e-3", *ws["common"], "train.checkpoint_every=2"))
     assert proc.stdout.count("chosen on val") == 1  # one rank prints the table
     with open(os.path.join(sweep_dir, "sweep.json")) as fh:
         result = json.load(fh)
@@ -75,6 +76,22 @@ def test_two_rank_sweep_variants_equal_their_runs_alone(ws):
     other = _weights(os.path.join(sweep_dir, "lr=1e-3"))
     got = _weights(os.path.join(sweep_dir, "lr=3e-3"))
     assert any(not torch.equal(other[n], got[n]) for n in got)
+
+    # A crash between the two variants' step-6 checkpoints, before the end: the sweep resumes both variants from
+    # step 4, the newest both have, on the ranks, and they end as before.
+    for name in ("lr=1e-3", "lr=3e-3"):
+        shutil.rmtree(os.path.join(sweep_dir, name, "checkpoint"))
+        os.unlink(os.path.join(sweep_dir, name, "metrics.json"))
+    shutil.rmtree(os.path.join(sweep_dir, "lr=3e-3", "checkpoints", "step00000006"))
+    os.unlink(os.path.join(sweep_dir, "sweep.json"))
+    run("2 ranks, sweep resumed", deepspeed("--module", "unipt_scale.cli", "sweep", "--output-dir", sweep_dir,
+                                            "--grid", "train.lr=1e-3,3e-3", *ws["common"],
+                                            "train.checkpoint_every=2", "train.resume=auto"))
+    with open(os.path.join(sweep_dir, "sweep.json")) as fh:
+        assert json.load(fh)["resumed_from_step"] == 4
+    assert metrics(os.path.join(sweep_dir, "lr=3e-3"))["resumed_from_step"] == 4
+    _same(os.path.join(sweep_dir, "lr=3e-3"), alone)
+    assert all(torch.equal(_weights(os.path.join(sweep_dir, "lr=1e-3"))[n], other[n]) for n in other)
 
 
 def test_two_rank_task_list_trains_each_task_as_alone(ws):

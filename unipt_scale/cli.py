@@ -348,7 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "--grid train.lr=1e-4,3e-4 --grid train.seed=0,1,2")
     w.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="overrides shared by every variant; train.resume=auto continues a stopped sweep (every "
-                        "variant from the newest step all of them have a checkpoint of)")
+                        "variant from the newest step all of them have a checkpoint of); deepspeed.enabled=true "
+                        "under the deepspeed launcher trains every variant on the ranks (ZeRO 0-2)")
     _remote_code_arg(w)
     w.set_defaults(func=cmd_sweep)
 

@@ -129,16 +129,23 @@ def variant_configs(config: Optional[str], overrides: Sequence[str], grid_items:
     return variants
 
 
-def resume_step(cfgs: Sequence[RunConfig]) -> Optional[int]:
+def resume_step(cfgs: Sequence[RunConfig], world_size: int = 1) -> Optional[int]:
     """With train.resume=auto: point every variant at the newest step all of them have an intact checkpoint of
-    (set in their configs); None, and every variant starts over, where there is none."""
+    (set in their configs); None, and every variant starts over, where there is none. Under DeepSpeed a checkpoint
+    is matched against the config the variant trains with (resolved against the JSON) and the world size."""
     from unipt_scale.checkpoint import checkpoint_of, intact_steps
 
     if not cfgs or cfgs[0].train.resume != "auto":
         return None
     common = None
     for cfg in cfgs:
-        steps = set(intact_steps(cfg.output_dir, cfg.to_dict()))
+        trained_with = cfg
+        if cfg.deepspeed.enabled:
+            from unipt_scale.distributed import use_cuda
+            from unipt_scale.ds_config import resolve_ds_config
+
+            trained_with = resolve_ds_config(cfg, world_size, use_cuda())[0]
+        steps = set(intact_steps(cfg.output_dir, trained_with.to_dict(), world_size))
         common = steps if common is None else common & steps
     step = max(common) if common else None
     for cfg in cfgs:
@@ -171,6 +178,7 @@ def run_sweep(config: Optional[str], overrides: Sequence[str], grid_items: Seque
     after the final evaluation, before they close: e.g. to generate with each trained model."""
     import torch
 
+    from unipt_scale.distributed import init_process_group, shutdown_process_group
     from unipt_scale.shared_forward import share_backbones
     from unipt_scale.tasks import load_backbones
     from unipt_scale.train_state import seed_everything
@@ -182,13 +190,21 @@ def run_sweep(config: Optional[str], overrides: Sequence[str], grid_items: Seque
     variants = variant_configs(config, overrides, grid_items, output_dir)
     for _, _, cfg in variants:
         check_backbones(cfg, trust_remote_code)
-    resumed = resume_step([cfg for _, _, cfg in variants])
     lead = variants[0][2]
-    if lead.train.num_threads > 0:
-        torch.set_num_threads(lead.train.num_threads)
-    os.makedirs(output_dir, exist_ok=True)
-    seed_everything(lead.train.seed)  # as `unipt train` seeds before its backbone loads (random_init draws from it)
-    shared = share_backbones(lead, load_backbones(lead, trust_remote_code))
+    world_size = 1
+    if lead.deepspeed.enabled:  # the checkpoints to resume from are matched against the ranks that will train
+        world_size = init_process_group().world_size
+    try:
+        resumed = resume_step([cfg for _, _, cfg in variants], world_size)
+        if lead.train.num_threads > 0:
+            torch.set_num_threads(lead.train.num_threads)
+        os.makedirs(output_dir, exist_ok=True)
+        seed_everything(lead.train.seed)  # as `unipt train` seeds before its backbone loads (random_init uses it)
+        shared = share_backbones(lead, load_backbones(lead, trust_remote_code))
+    except BaseException:
+        if lead.deepspeed.enabled:  # no trainer exists yet to end the process group
+            shutdown_process_group()
+        raise
     try:
         log.info("sweep: %d variants on one frozen forward per batch", len(variants))
         trainers, finished = train_together([cfg for _, _, cfg in variants], shared, trust_remote_code, on_finished)

@@ -198,8 +198,12 @@ def build_data(cfg: DataConfig, tokenizer=None, rank: int = 0, world_size: int =
             return None
         gen = torch.Generator()
         gen.manual_seed(_seed("records-eval", cfg.seed))
-        return DataLoader(RecordDataset(rows), batch_size=cfg.eval_batch_size, shuffle=False, collate_fn=collate,
-                          num_workers=cfg.num_workers, generator=gen)
+        # Each rank evaluates every world_size-th row and evaluation gathers them: the set is read once over all
+        # ranks, not whole by each (with the tapped-state cache, each row is also stored once).
+        loader = DataLoader(RecordDataset(rows[rank::world_size]), batch_size=cfg.eval_batch_size, shuffle=False,
+                            collate_fn=collate, num_workers=cfg.num_workers, generator=gen)
+        loader.rank_sharded = world_size > 1
+        return loader
 
     return DataBundle(train_loader, eval_loader(val), eval_loader(test), len(names), names, len(train_loader),
                       stats={"train_samples": len(train), "val_samples": len(val), "test_samples": len(test)})

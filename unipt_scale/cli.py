@@ -51,6 +51,11 @@ def _load(args, extra=()) -> "RunConfig":  # noqa: F821
     return load_config(args.config, overrides)
 
 
+def _another_rank() -> bool:
+    """Under DeepSpeed every rank returns the same result, and rank 0 alone prints it."""
+    return int(os.environ.get("RANK", "0")) != 0
+
+
 def cmd_train(args) -> int:
     if args.help_config:
         print(config_help())
@@ -64,7 +69,7 @@ def cmd_train(args) -> int:
     from unipt_scale.trainer import train
 
     metrics = train(cfg, trust_remote_code=args.trust_remote_code)
-    if metrics.get("world_size", 1) > 1 and int(os.environ.get("RANK", "0")) != 0:
+    if metrics.get("world_size", 1) > 1 and _another_rank():
         return 0
     print(f"wrote {os.path.join(cfg.output_dir, 'metrics.json')}")
     test = metrics.get("test") or {}
@@ -81,7 +86,7 @@ def _train_tasks(cfg, args) -> int:
     from unipt_scale.multitask import TASKS_JSON, train_tasks
 
     result = train_tasks(cfg, trust_remote_code=args.trust_remote_code)
-    if int(os.environ.get("RANK", "0")) != 0:  # under DeepSpeed every rank returns the same result; one prints it
+    if _another_rank():
         return 0 if all(r["status"] == "completed" for r in result["tasks"]) else 3
     for row in result["tasks"]:
         test = row.get("test") or {}
@@ -96,7 +101,7 @@ def cmd_sweep(args) -> int:
     from unipt_scale.sweep import SWEEP_JSON, run_sweep
 
     result = run_sweep(args.config, args.overrides, args.grid, args.output_dir, args.trust_remote_code)
-    if int(os.environ.get("RANK", "0")) != 0:  # under DeepSpeed every rank returns the same result; one prints it
+    if _another_rank():
         return 0 if all(r["status"] == "completed" for r in result["variants"]) else 3
     rule = result["selection"]
     metric = rule["metric"]

@@ -61,6 +61,16 @@ def check_shared_backbone_stage(cfg: RunConfig, runs: str) -> None:
                           "side network and its optimizer state sharded, the frozen backbone replicated)")
 
 
+def trained_config(cfg: RunConfig, world_size: int) -> RunConfig:
+    """The run config a run trains with on `world_size` ranks: under DeepSpeed resolved against the JSON (what the
+    data loaders, the step count and the checkpoints' config follow), otherwise `cfg` itself."""
+    if not cfg.deepspeed.enabled:
+        return cfg
+    from unipt_scale.distributed import use_cuda
+
+    return resolve_ds_config(cfg, world_size, use_cuda())[0]
+
+
 def _check_zero3(cfg: RunConfig) -> None:
     """What ZeRO-3's parameter partitioning cannot hold; stages 0-2 shard only what trains, so they take both."""
     for key, bb in (("backbone", cfg.backbone), ("image_backbone", cfg.image_backbone)):

@@ -198,7 +198,9 @@ class SharedBackbone:
 
     def sync_cache(self, barrier: Callable[[], None]) -> None:
         """Every rank's new states on disk, then indexed by every rank (collective; at an epoch's end): the next
-        epoch's batches hold samples another rank computed in this one."""
+        epoch's batches hold samples another rank computed in this one. Nothing to do (no barrier) without one."""
+        if self._cache_factory is None:
+            return
         if self.cache is not None:
             self.cache.flush()
         barrier()

@@ -26,7 +26,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 from unipt_scale.atomic import atomic_write_json
 from unipt_scale.config import FROZEN_FORWARD_METHODS, ConfigError, RunConfig, load_config
-from unipt_scale.ds_config import check_shared_backbone_stage
+from unipt_scale.ds_config import check_shared_backbone_stage, trained_config
 
 log = logging.getLogger("unipt_scale")
 
@@ -139,13 +139,7 @@ def resume_step(cfgs: Sequence[RunConfig], world_size: int = 1) -> Optional[int]
         return None
     common = None
     for cfg in cfgs:
-        trained_with = cfg
-        if cfg.deepspeed.enabled:
-            from unipt_scale.distributed import use_cuda
-            from unipt_scale.ds_config import resolve_ds_config
-
-            trained_with = resolve_ds_config(cfg, world_size, use_cuda())[0]
-        steps = set(intact_steps(cfg.output_dir, trained_with.to_dict(), world_size))
+        steps = set(intact_steps(cfg.output_dir, trained_config(cfg, world_size).to_dict(), world_size))
         common = steps if common is None else common & steps
     step = max(common) if common else None
     for cfg in cfgs:

@@ -681,14 +681,11 @@ def train_together(cfgs: Sequence[RunConfig], shared: Dict, trust_remote_code: b
     `keep_process_group`: more runs follow on it)."""
     lead = cfgs[0]
     seed_everything(lead.train.seed)
-    if lead.deepspeed.enabled:  # every rank reads its own shard of each batch, as `unipt train` would
-        from unipt_scale.distributed import use_cuda
-        from unipt_scale.ds_config import resolve_ds_config
+    from unipt_scale.ds_config import trained_config
 
-        dist = init_process_group()
-        data = build_run_data(resolve_ds_config(lead, dist.world_size, use_cuda())[0], dist, trust_remote_code)
-    else:
-        data = build_run_data(lead, single_process(), trust_remote_code)
+    # under DeepSpeed every rank reads its own shard of each batch, as `unipt train` would
+    dist = init_process_group() if lead.deepspeed.enabled else single_process()
+    data = build_run_data(trained_config(lead, dist.world_size), dist, trust_remote_code)
     trainers: List[Trainer] = []
     failed = True
     try:
